@@ -1,0 +1,405 @@
+"""The one settings object: every knob mf-worker has, read once at the CLI entry point.
+
+Each field carries its environment variable, its parser and its documentation in one place, so
+the README table, the validation and the "unknown variable" warning cannot drift apart. Nothing
+else in the package reads ``os.environ``: the settings object is built here and passed down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import psycopg.conninfo
+
+from .errors import ConfigError
+
+ENV_PREFIX: Final = "MF_"
+
+# Variables that are not settings but are legitimately MF_-prefixed (used by the test harness).
+_KNOWN_NON_SETTINGS: Final = frozenset({"MF_TEST_DATABASE_URL", "MF_TEST_REQUIRE_ALL"})
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an error message."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: each takes the raw text and returns the value or raises ValueError with the reason.
+# ---------------------------------------------------------------------------------------------
+
+Parser = Callable[[str], Any]
+
+
+def _int(minimum: int, maximum: int | None = None) -> Parser:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {maximum}")
+        return value
+
+    return parse
+
+
+def _float(minimum: float, *, exclusive: bool = False) -> Parser:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        if value < minimum or (exclusive and value == minimum):
+            raise ValueError(f"must be {'greater than' if exclusive else 'at least'} {minimum:g}")
+        return value
+
+    return parse
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _bool(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("must be one of on/off, true/false, yes/no, 1/0")
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(raw: str) -> str:
+        text = raw.strip().lower()
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _text(raw: str) -> str:
+    text = raw.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def redact_conninfo(conninfo: str) -> str:
+    """The connection string with any password replaced by ``***``, safe to show."""
+    text = re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", conninfo)
+    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.I)
+    return text
+
+
+def _database_url(raw: str) -> Secret:
+    text = raw.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    is_url = text.startswith(("postgresql://", "postgres://"))
+    if "://" in text and not is_url:
+        raise ValueError("must be a postgresql:// URL or a libpq key=value string")
+    if not is_url and "=" not in text:
+        raise ValueError("must be a postgresql:// URL or a libpq key=value string")
+    try:
+        psycopg.conninfo.conninfo_to_dict(text)
+    except psycopg.ProgrammingError as exc:
+        reason = redact_conninfo(str(exc).strip().splitlines()[0])
+        for secret_part in _password_parts(text):
+            reason = reason.replace(secret_part, "***")
+        raise ValueError(f"cannot be parsed ({reason})") from None
+    return Secret(text)
+
+
+def _password_parts(conninfo: str) -> list[str]:
+    match = re.search(r"://[^:/@?#]*:([^@/?#]*)@", conninfo)
+    parts = [match.group(1)] if match and match.group(1) else []
+    parts += [m.group(1) for m in re.finditer(r"password\s*=\s*(\S+)", conninfo, flags=re.I)]
+    return parts
+
+
+_log_level = _choice("debug", "info", "warning", "error", "critical")
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings
+# ---------------------------------------------------------------------------------------------
+
+
+def _setting(
+    env: str,
+    default: Any,
+    parse: Parser,
+    doc: str,
+    *,
+    flag: str | None = None,
+    secret: bool = False,
+    fallback_env: str | None = None,
+) -> Any:
+    return field(
+        default=default,
+        metadata={
+            "env": env,
+            "parse": parse,
+            "doc": doc,
+            "flag": flag,
+            "secret": secret,
+            "fallback_env": fallback_env,
+        },
+    )
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated configuration. Build it with :func:`load_settings`; never mutate it."""
+
+    database_url: Secret | None = _setting(
+        "MF_DATABASE_URL",
+        None,
+        _database_url,
+        "PostgreSQL connection URL or libpq key=value string (falls back to `DATABASE_URL`). "
+        "Required by every command that touches the database. Never logged.",
+        flag="--database-url",
+        secret=True,
+        fallback_env="DATABASE_URL",
+    )
+    concurrency: int = _setting(
+        "MF_CONCURRENCY", 4, _int(1, 1024), "Queue items generated at once by one process.",
+        flag="--concurrency",
+    )
+    poll_interval: float = _setting(
+        "MF_POLL_INTERVAL",
+        5.0,
+        _float(0.01),
+        "Seconds between claim polls when idle; the fallback behind LISTEN/NOTIFY, and what "
+        "catches items that become due by the clock.",
+        flag="--poll-interval",
+    )
+    listen: bool = _setting(
+        "MF_LISTEN",
+        True,
+        _bool,
+        "LISTEN for new-item notifications. Turn off behind a transaction-mode pooler "
+        "(PgBouncer, Supavisor), which cannot carry LISTEN: the worker then only polls.",
+    )
+    prepared_statements: bool = _setting(
+        "MF_PREPARED_STATEMENTS",
+        True,
+        _bool,
+        "Let psycopg prepare frequent queries. Turn off behind a transaction-mode pooler.",
+    )
+    pool_max_size: int | None = _setting(
+        "MF_POOL_MAX_SIZE",
+        None,
+        _int(2, 1000),
+        "Database connections one process may open (default: concurrency + 4). Count these "
+        "against `max_connections` across all replicas.",
+    )
+    lease_seconds: float = _setting(
+        "MF_LEASE_SECONDS",
+        120.0,
+        _float(2.0),
+        "How long a claimed item belongs to its worker without a heartbeat; the heartbeat "
+        "extends it every third of this. A crashed worker's items return after it expires.",
+    )
+    max_attempts: int = _setting(
+        "MF_MAX_ATTEMPTS", 3, _int(1, 100),
+        "Generator calls per item before it is marked failed.",
+    )
+    generation_timeout: float = _setting(
+        "MF_GENERATION_TIMEOUT",
+        600.0,
+        _float(0.1),
+        "Seconds one generator call may take; a timeout counts as a retryable failure.",
+    )
+    shutdown_grace: float = _setting(
+        "MF_SHUTDOWN_GRACE",
+        30.0,
+        _float(0.0),
+        "Seconds in-flight items may take to finish after SIGTERM before they are handed back "
+        "to the queue (without using up an attempt).",
+    )
+    retention_days: int = _setting(
+        "MF_RETENTION_DAYS",
+        30,
+        _int(1),
+        "Completed and cancelled queue items older than this are deleted (episodes and usage "
+        "stay).",
+    )
+    max_episode_bytes: int = _setting(
+        "MF_MAX_EPISODE_BYTES",
+        1024 * 1024,
+        _int(1024),
+        "Largest episode (title, block contents and reasoning, UTF-8) a generator may return.",
+    )
+    generator: str = _setting(
+        "MF_GENERATOR",
+        "template",
+        _text,
+        "Generator plugin: an entry-point name (`template`, …) or `package.module:attr`.",
+        flag="--generator",
+    )
+    scheduler_interval: float = _setting(
+        "MF_SCHEDULER_INTERVAL",
+        30.0,
+        _float(0.1),
+        "Seconds between scheduler passes (each active project keeps one open queue item).",
+    )
+    worker_id: str = _setting(
+        "MF_WORKER_ID",
+        "",
+        _text,
+        "Name this process claims items under (default: hostname:pid). Must be unique.",
+    )
+    log_format: str = _setting(
+        "MF_LOG_FORMAT",
+        "auto",
+        _choice("auto", "json", "console"),
+        "`json` lines, `console` (readable), or `auto`: console on a terminal, else json.",
+        flag="--log-format",
+    )
+    log_level: str = _setting(
+        "MF_LOG_LEVEL", "info", _log_level, "debug, info, warning, error or critical.",
+        flag="--log-level",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.worker_id:
+            object.__setattr__(self, "worker_id", _default_worker_id())
+
+    @property
+    def pool_size(self) -> int:
+        """Connections for one process: one per in-flight item plus the loops' own."""
+        return self.pool_max_size or self.concurrency + 4
+
+    def require_database_url(self) -> str:
+        """The database URL, or a ConfigError that says how to give one."""
+        if self.database_url is None:
+            raise ConfigError(
+                "MF_DATABASE_URL is not set: give a PostgreSQL URL in MF_DATABASE_URL or "
+                "DATABASE_URL, or pass --database-url"
+            )
+        return self.database_url.reveal()
+
+
+@dataclass(frozen=True, slots=True)
+class SettingInfo:
+    """What an operator needs to know about one setting (for docs and diagnostics)."""
+
+    name: str
+    env: str
+    default: Any
+    doc: str
+    flag: str | None
+    secret: bool
+    fallback_env: str | None
+
+
+def describe_settings() -> list[SettingInfo]:
+    """Every setting with its variable, default and documentation, in declaration order."""
+    return [
+        SettingInfo(
+            name=f.name,
+            env=f.metadata["env"],
+            default=f.default,
+            doc=f.metadata["doc"],
+            flag=f.metadata["flag"],
+            secret=f.metadata["secret"],
+            fallback_env=f.metadata["fallback_env"],
+        )
+        for f in dataclasses.fields(Settings)
+    ]
+
+
+def _flag_or_env(f: dataclasses.Field[Any], from_flag: bool) -> str:
+    name: str = f.metadata["flag"] if from_flag and f.metadata["flag"] else f.metadata["env"]
+    return name
+
+
+def _shown(value: str, secret: bool) -> str:
+    return "'***'" if secret else repr(value)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Settings, list[str]]:
+    """Build the settings from environment variables, then CLI overrides.
+
+    ``overrides`` maps field names to raw strings (from flags) or already-typed values; ``None``
+    values are ignored. Returns the settings and a list of warnings (unknown ``MF_`` variables),
+    which the caller logs once logging is configured. Raises ConfigError naming the variable (or
+    flag) and the bad value; secrets are never shown.
+    """
+    env = dict(os.environ if environ is None else environ)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown_overrides = set(overrides) - set(fields)
+    if unknown_overrides:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown_overrides))}")
+
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        meta = f.metadata
+        if name in overrides:
+            raw, source = overrides[name], _flag_or_env(f, from_flag=True)
+        elif env.get(meta["env"], "") != "":
+            raw, source = env[meta["env"]], meta["env"]
+        elif meta["fallback_env"] and env.get(meta["fallback_env"], "") != "":
+            raw, source = env[meta["fallback_env"]], meta["fallback_env"]
+        else:
+            continue
+        if not isinstance(raw, str):
+            values[name] = raw
+            continue
+        try:
+            values[name] = meta["parse"](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}={_shown(raw, meta['secret'])}: {exc}") from None
+
+    known_env = {f.metadata["env"] for f in fields.values()} | _KNOWN_NON_SETTINGS
+    warnings = [
+        f"unknown variable {key} is ignored (known: see `mf-worker config`)"
+        for key in sorted(env)
+        if key.startswith(ENV_PREFIX) and key not in known_env
+    ]
+    return Settings(**values), warnings
