@@ -1,0 +1,71 @@
+"""Database access: connections, the pool, and transactions that act for one organisation.
+
+Row-level security isolates organisations by ``app.current_org_id``; :func:`as_org` sets it with
+``set_config(..., true)`` (``SET LOCAL``) so it lives exactly as long as the transaction and is
+safe behind a transaction-mode pooler. The organisation always comes from the worker's own data,
+never from a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from ..settings import Settings
+
+Connection = psycopg.AsyncConnection[dict[str, Any]]
+
+__all__ = ["Connection", "as_org", "connect", "connection_kwargs", "open_pool"]
+
+
+def connection_kwargs(settings: Settings) -> dict[str, Any]:
+    """Options every connection gets: dict rows, and no prepared statements if told so."""
+    kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": True}
+    if not settings.prepared_statements:
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
+async def connect(settings: Settings, **extra: Any) -> Connection:
+    """One connection outside the pool (migrations, LISTEN, CLI commands)."""
+    conn: Connection = await psycopg.AsyncConnection.connect(
+        settings.require_database_url(),
+        application_name=f"mf-worker {settings.worker_id}"[:63],
+        **connection_kwargs(settings),
+        **extra,
+    )
+    return conn
+
+
+async def open_pool(settings: Settings, *, max_size: int | None = None) -> AsyncConnectionPool:
+    """The process's connection pool, opened and checked (fails fast if the database is down)."""
+    size = max_size or settings.pool_size
+    pool: AsyncConnectionPool = AsyncConnectionPool(
+        settings.require_database_url(),
+        min_size=min(2, size),
+        max_size=size,
+        kwargs={
+            **connection_kwargs(settings),
+            "application_name": f"mf-worker {settings.worker_id}"[:63],
+        },
+        open=False,
+        name="mf-worker",
+        timeout=30.0,
+    )
+    await pool.open(wait=True, timeout=30.0)
+    return pool
+
+
+@asynccontextmanager
+async def as_org(conn: Connection, organization_id: str) -> AsyncIterator[Connection]:
+    """A transaction in which row-level security admits only ``organization_id``'s rows."""
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT set_config('app.current_org_id', %s, true)", [organization_id]
+        )
+        yield conn
