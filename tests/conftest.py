@@ -1,0 +1,110 @@
+"""Fixtures: every test that needs one gets its own real, freshly migrated PostgreSQL database.
+
+The schema is migrated once per test process into a template database; each test then gets a
+``CREATE DATABASE … TEMPLATE`` copy (milliseconds), so tests run in parallel (pytest-xdist)
+without seeing each other's rows, and a test may do anything to its database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from mf_worker.db import connect
+from mf_worker.db.migrate import apply_migrations
+from mf_worker.settings import Settings, load_settings
+
+from .pg import postgres_server, with_database
+
+REQUIRE_ALL = os.environ.get("MF_TEST_REQUIRE_ALL") == "1"
+
+
+def require_binary(name: str) -> str:
+    """Path of an external tool a test needs; skip without it (fail in CI, which installs it)."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None
+    )
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it)"
+        if REQUIRE_ALL:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _admin(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """URL of a maintenance database on the test server (may create databases and roles)."""
+    with postgres_server() as url:
+        yield url
+
+
+def settings_for(url: str, **overrides: Any) -> Settings:
+    """Settings for a test: only the database URL from the test, defaults for the rest."""
+    settings, _ = load_settings(environ={}, overrides={"database_url": url, **overrides})
+    return settings
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    name = f"mf_tpl_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_admin_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(pg_admin_url, name)
+
+    async def migrate() -> None:
+        conn = await connect(settings_for(url))
+        async with conn:
+            await apply_migrations(conn)
+
+    asyncio.run(migrate())
+    yield name
+    with _admin(pg_admin_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _fresh_database(pg_admin_url: str, template: str) -> Iterator[str]:
+    name = f"mf_t_{uuid.uuid4().hex[:16]}"
+    with _admin(pg_admin_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield with_database(pg_admin_url, name)
+    finally:
+        with _admin(pg_admin_url) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """URL of a freshly migrated database of this test's own."""
+    yield from _fresh_database(pg_admin_url, template_db)
+
+
+@pytest.fixture
+def empty_db_url(pg_admin_url: str) -> Iterator[str]:
+    """URL of an empty database (no migrations applied)."""
+    yield from _fresh_database(pg_admin_url, "template0")
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """An autocommit connection (as the owner, so RLS does not apply) to the test's database."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return settings_for(db_url)

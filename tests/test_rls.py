@@ -1,0 +1,145 @@
+"""Row-level security isolates organisations for every non-owner role, including the worker's."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors, sql
+from psycopg.rows import dict_row
+
+from .factories import make_episode, make_queue_item, make_tenant
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+TENANT_TABLES = [
+    "organizations", "users", "projects", "episodes", "blocks", "episode_schedule_queue",
+    "token_usage", "token_usage_daily", "planning_notes", "agent_memory", "user_events",
+    "audit_log", "chat_sessions", "chat_messages", "highlights",
+]
+
+
+def ensure_cross_org_role(conn: Conn) -> None:
+    """The operator-created capability role (cluster-wide); tolerate a concurrent creator."""
+    with contextlib.suppress(errors.UniqueViolation):
+        conn.execute(
+            "DO $$ BEGIN CREATE ROLE mf_cross_org NOLOGIN;"
+            " EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        )
+
+
+@pytest.fixture
+def app_role(db: Conn) -> Iterator[str]:
+    """A fresh non-owner login role with ordinary table privileges (no BYPASSRLS)."""
+    name = f"mf_test_app_{uuid.uuid4().hex[:10]}"
+    db.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS").format(
+        sql.Identifier(name)))
+    db.execute(sql.SQL(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}"
+    ).format(sql.Identifier(name)))
+    yield name
+    db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+    db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def as_role(db_url: str, role: str) -> Conn:
+    conn = psycopg.connect(db_url, autocommit=True, row_factory=dict_row)
+    conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+    return conn
+
+
+def count_visible(conn: Conn, table: str) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table)))
+    return int(row.fetchone()["n"])  # type: ignore[index]
+
+
+def test_role_sees_only_its_organisations_rows_and_nothing_without_the_setting(
+    db_url: str, db: Conn, app_role: str
+) -> None:
+    a, b = make_tenant(db), make_tenant(db)
+    for tenant in (a, b):
+        make_queue_item(db, tenant["project"])
+        make_episode(db, tenant["project"])
+    with as_role(db_url, app_role) as conn:
+        for table in TENANT_TABLES:
+            assert count_visible(conn, table) == 0, f"{table} visible without app.current_org_id"
+        with conn.transaction():
+            conn.execute("SELECT set_config('app.current_org_id', %s, true)", [a["org"]["id"]])
+            orgs = conn.execute("SELECT id FROM organizations").fetchall()
+            assert orgs == [{"id": a["org"]["id"]}]
+            for table in ("users", "projects", "episodes", "episode_schedule_queue"):
+                rows = conn.execute(
+                    sql.SQL("SELECT DISTINCT organization_id FROM {}").format(
+                        sql.Identifier(table))
+                ).fetchall()
+                assert rows == [{"organization_id": a["org"]["id"]}], table
+        # SET LOCAL: the setting is gone with the transaction.
+        assert count_visible(conn, "projects") == 0
+
+
+def test_role_acting_for_one_org_cannot_write_another_orgs_row(
+    db_url: str, db: Conn, app_role: str
+) -> None:
+    a, b = make_tenant(db), make_tenant(db)
+    with as_role(db_url, app_role) as conn:
+        with (
+            pytest.raises(errors.InsufficientPrivilege, match="row-level security"),
+            conn.transaction(),
+        ):
+            conn.execute("SELECT set_config('app.current_org_id', %s, true)", [a["org"]["id"]])
+            conn.execute(
+                "INSERT INTO episodes (project_id, organization_id, sequence_number)"
+                " VALUES (%s, %s, 1)", [b["project"]["id"], b["org"]["id"]],
+            )
+        with conn.transaction():
+            conn.execute("SELECT set_config('app.current_org_id', %s, true)", [a["org"]["id"]])
+            updated = conn.execute(
+                "UPDATE projects SET title = 'hijacked' WHERE id = %s", [b["project"]["id"]]
+            ).rowcount
+        assert updated == 0
+    assert db.execute("SELECT title FROM projects WHERE id = %s",
+                      [b["project"]["id"]]).fetchone()["title"] != "hijacked"  # type: ignore[index]
+
+
+def test_cross_org_member_reaches_the_queue_but_not_tenant_content(
+    db_url: str, db: Conn, app_role: str
+) -> None:
+    """The worker's role (member of mf_cross_org) claims across orgs; content stays per org."""
+    ensure_cross_org_role(db)
+    db.execute(sql.SQL("GRANT mf_cross_org TO {}").format(sql.Identifier(app_role)))
+    a, b = make_tenant(db), make_tenant(db)
+    for tenant in (a, b):
+        make_queue_item(db, tenant["project"])
+        make_episode(db, tenant["project"])
+    with as_role(db_url, app_role) as conn:
+        assert count_visible(conn, "episode_schedule_queue") == 2
+        assert count_visible(conn, "projects") == 2
+        assert count_visible(conn, "users") == 2
+        assert count_visible(conn, "episodes") == 0
+        assert count_visible(conn, "planning_notes") == 0
+        with pytest.raises(errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute(
+                "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+                " completion_tokens, cost_gbp) VALUES (%s, 'chat', 'm', 1, 1, 0)",
+                [a["org"]["id"]],
+            )
+
+
+def test_usage_insert_as_org_moves_the_aggregate_under_rls(
+    db_url: str, db: Conn, app_role: str
+) -> None:
+    """The aggregate trigger works for a non-owner role acting for its org."""
+    a = make_tenant(db)
+    with as_role(db_url, app_role) as conn, conn.transaction():
+        conn.execute("SELECT set_config('app.current_org_id', %s, true)", [a["org"]["id"]])
+        conn.execute(
+            "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+            " completion_tokens, cost_gbp) VALUES (%s, 'episode_generation', 'm', 7, 3, 0.25)",
+            [a["org"]["id"]],
+        )
+    row = db.execute("SELECT total_tokens, episode_count FROM token_usage_daily").fetchone()
+    assert row == {"total_tokens": 10, "episode_count": 1}
