@@ -1,0 +1,61 @@
+"""The generator plugin API: everything a plugin author or the worker imports lives here.
+
+A generator turns a `GenerationRequest` into a `GenerationResult`; the worker loads one with
+`load_generator`, checks its output with `validate_result`, and tells transient failures
+(`RetryableGenerationError`) from final ones (everything else). See docs/plugins.md.
+"""
+
+from mf_worker.errors import PluginLoadError
+from mf_worker.generation.api import (
+    BlockDraft,
+    GenerationError,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    GeneratorFn,
+    InvalidOutputError,
+    Memory,
+    MemoryDraft,
+    PermanentGenerationError,
+    PlanningNote,
+    PreviousEpisode,
+    ProjectInfo,
+    RetryableGenerationError,
+    TokenUsage,
+    UsageEstimator,
+    estimate_max_usage,
+)
+from mf_worker.generation.loader import (
+    ENTRY_POINT_GROUP,
+    FunctionGenerator,
+    available_generators,
+    load_generator,
+)
+from mf_worker.generation.validate import MAX_TITLE_CHARS, validate_result
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "MAX_TITLE_CHARS",
+    "BlockDraft",
+    "FunctionGenerator",
+    "GenerationError",
+    "GenerationRequest",
+    "GenerationResult",
+    "Generator",
+    "GeneratorFn",
+    "InvalidOutputError",
+    "Memory",
+    "MemoryDraft",
+    "PermanentGenerationError",
+    "PlanningNote",
+    "PluginLoadError",
+    "PreviousEpisode",
+    "ProjectInfo",
+    "RetryableGenerationError",
+    "TokenUsage",
+    "UsageEstimator",
+    "available_generators",
+    "estimate_max_usage",
+    "load_generator",
+    "validate_result",
+]

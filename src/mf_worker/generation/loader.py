@@ -1,0 +1,266 @@
+"""Turning the `MF_GENERATOR` / `--generator` setting into a `Generator` object.
+
+A spec is either a name or a `package.module:attribute` path:
+
+* a name is looked up among the built-in generators first (so `template` works even when
+  mf-worker runs from a source tree without installed metadata), then among the
+  `mf_worker.generators` entry points of installed distributions;
+* a path is imported directly, which needs no packaging at all.
+
+The object found may be a generator (anything with an `async def generate(request)`), a
+zero-argument factory or class that returns one, or a plain function taking the request,
+which is wrapped in `FunctionGenerator`. Loading happens once at startup, so every failure is
+a `PluginLoadError` whose message names the spec and says what went wrong: a bad setting
+should stop the worker before it takes any queue item, not fail every item later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import cast
+
+from mf_worker.errors import PluginLoadError
+from mf_worker.generation.api import GenerationRequest, GenerationResult, Generator, GeneratorFn
+
+__all__ = ["ENTRY_POINT_GROUP", "FunctionGenerator", "available_generators", "load_generator"]
+
+ENTRY_POINT_GROUP = "mf_worker.generators"
+"""The entry-point group other distributions publish generators under."""
+
+_BUILTINS: dict[str, str] = {
+    "template": "mf_worker.generation.template:TemplateGenerator",
+}
+
+
+def available_generators() -> dict[str, str]:
+    """Every name `load_generator` accepts, mapped to its `module:attribute` target, by name.
+
+    Built-ins win over an entry point of the same name, exactly as `load_generator` resolves.
+    """
+    found: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep.value)
+    found.update(_BUILTINS)
+    return dict(sorted(found.items()))
+
+
+def load_generator(spec: str) -> Generator:
+    """Load the generator `spec` names: an entry-point name or `package.module:attribute`.
+
+    Raises `PluginLoadError` naming the spec and the problem (unknown name, with the
+    available ones; module not found; import failed; attribute missing; the object is not a
+    generator, a factory or a function; the factory raised).
+    """
+    spec = spec.strip()
+    if not spec:
+        raise PluginLoadError("generator spec is empty; set MF_GENERATOR or --generator")
+    obj = _import_target(spec, spec) if ":" in spec else _load_named(spec)
+    return _as_generator(spec, obj)
+
+
+class FunctionGenerator:
+    """Adapts a plain function `fn(request) -> GenerationResult` to the `Generator` protocol.
+
+    An `async def` is awaited on the worker's loop. A plain `def` is assumed to block (an
+    HTTP client without asyncio, a local model) and runs in a worker thread through
+    `asyncio.to_thread`, so it cannot stall other generations; if it returns an awaitable,
+    that is awaited too.
+    """
+
+    __slots__ = ("_fn", "_is_async", "name")
+
+    def __init__(self, fn: GeneratorFn, *, name: str | None = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"expected a function, got {type(fn).__name__}")
+        self._fn = fn
+        self._is_async = _is_async_callable(fn)
+        self.name = name or getattr(fn, "__qualname__", None) or repr(fn)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Call the wrapped function with `request` (awaited, or in a thread if synchronous)."""
+        if self._is_async:
+            fn = cast(Callable[[GenerationRequest], Awaitable[GenerationResult]], self._fn)
+            return await fn(request)
+        result: object = await asyncio.to_thread(self._fn, request)
+        if inspect.isawaitable(result):
+            result = await result
+        # Not checked here: validate_result reports a wrong return type with a proper message.
+        return cast(GenerationResult, result)
+
+    def __repr__(self) -> str:
+        return f"FunctionGenerator({self.name})"
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the object
+
+
+def _load_named(name: str) -> object:
+    target = _BUILTINS.get(name)
+    if target is not None:
+        return _import_target(name, target)
+    matches: list[EntryPoint] = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
+    if not matches:
+        names = ", ".join(available_generators()) or "none"
+        raise PluginLoadError(
+            f"generator {name!r}: unknown name (available: {names}); "
+            "use 'package.module:attribute' to load a Python object directly"
+        )
+    ep = matches[0]
+    try:
+        return ep.load()
+    except Exception as exc:
+        raise PluginLoadError(
+            f"generator {name!r}: entry point {ep.value!r} failed to load: {_describe(exc)}"
+        ) from exc
+
+
+def _import_target(spec: str, target: str) -> object:
+    module_name, _, attr_path = (part.strip() for part in target.partition(":"))
+    if not module_name or not attr_path:
+        raise PluginLoadError(
+            f"generator {spec!r}: malformed path {target!r}, expected 'package.module:attribute'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (
+            module_name == exc.name or module_name.startswith(exc.name + ".")
+        ):
+            raise PluginLoadError(f"generator {spec!r}: module {module_name!r} not found") from exc
+        raise PluginLoadError(
+            f"generator {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
+        ) from exc
+    except Exception as exc:
+        raise PluginLoadError(
+            f"generator {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
+        ) from exc
+    obj: object = module
+    owner = f"module {module_name!r}"
+    walked = f"{module_name}:"
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PluginLoadError(
+                f"generator {spec!r}: {owner} has no attribute {part!r}"
+            ) from None
+        walked += part if walked.endswith(":") else f".{part}"
+        owner = repr(walked)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Making a generator of it
+
+
+def _as_generator(spec: str, obj: object) -> Generator:
+    if not inspect.isclass(obj) and _is_generator_object(obj):
+        return cast(Generator, obj)
+    if inspect.isclass(obj):
+        return _call_factory(spec, obj)
+    if not callable(obj):
+        if callable(getattr(obj, "generate", None)):
+            raise PluginLoadError(
+                f"generator {spec!r}: the object is {_kind(obj)}, {_missing_generate(obj)}"
+            )
+        raise PluginLoadError(
+            f"generator {spec!r}: the object is {_kind(obj)}, "
+            "not a generator, a factory or a function"
+        )
+    required = _required_parameters(spec, obj)
+    if required == 0:
+        if _is_async_callable(obj):
+            raise PluginLoadError(
+                f"generator {spec!r}: async function without a required parameter; a generate "
+                "function takes the request, and a factory must be synchronous"
+            )
+        return _call_factory(spec, obj)
+    if required == 1:
+        return FunctionGenerator(cast(GeneratorFn, obj), name=spec)
+    raise PluginLoadError(
+        f"generator {spec!r}: callable takes {required} required parameters; expected none "
+        "(a factory) or one (the request)"
+    )
+
+
+def _call_factory(spec: str, factory: Callable[..., object]) -> Generator:
+    try:
+        made: object = factory()
+    except Exception as exc:
+        raise PluginLoadError(f"generator {spec!r}: factory raised {_describe(exc)}") from exc
+    if inspect.isawaitable(made):
+        if inspect.iscoroutine(made):
+            made.close()
+        raise PluginLoadError(
+            f"generator {spec!r}: factory returned an awaitable; factories must be synchronous"
+        )
+    if inspect.isclass(made) or not _is_generator_object(made):
+        raise PluginLoadError(
+            f"generator {spec!r}: factory returned {_kind(made)}, {_missing_generate(made)}"
+        )
+    return cast(Generator, made)
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _required_parameters(spec: str, fn: Callable[..., object]) -> int:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise PluginLoadError(
+            f"generator {spec!r}: cannot inspect the signature of {_kind(fn)}: {exc}"
+        ) from exc
+    required = 0
+    for param in signature.parameters.values():
+        if param.default is not inspect.Parameter.empty:
+            continue
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            raise PluginLoadError(
+                f"generator {spec!r}: callable has a required keyword-only parameter "
+                f"{param.name!r}; expected none (a factory) or one positional (the request)"
+            )
+        if param.kind in _POSITIONAL:
+            required += 1
+    return required
+
+
+def _missing_generate(obj: object) -> str:
+    if callable(getattr(obj, "generate", None)):
+        return "whose 'generate' method is not 'async def'"
+    return "which has no 'async def generate(request)' method"
+
+
+def _is_generator_object(obj: object) -> bool:
+    generate = getattr(obj, "generate", None)
+    return generate is not None and _is_async_callable(generate)
+
+
+def _is_async_callable(fn: object) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if inspect.isroutine(fn) or inspect.isclass(fn) or not callable(fn):
+        return False
+    # A callable instance whose __call__ is `async def` counts too.
+    return inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _kind(obj: object) -> str:
+    """How a message names an object: "function 'f'", "class 'C'", "an int"."""
+    name = getattr(obj, "__qualname__", None)
+    if isinstance(name, str) and inspect.isclass(obj):
+        return f"class {name!r}"
+    if isinstance(name, str) and inspect.isroutine(obj):
+        return f"function {name!r}"
+    type_name = type(obj).__name__
+    return f"{'an' if type_name[:1].lower() in 'aeiou' else 'a'} {type_name}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
