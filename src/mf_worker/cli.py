@@ -10,17 +10,27 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import psycopg
 import typer
+from psycopg_pool import PoolTimeout
 
 from . import __version__
-from .db import connect
+from .db import Connection, Pool, connect, open_pool
 from .db.migrate import apply_migrations, migration_status
-from .errors import ConfigError, MfWorkerError
+from .demo import run_demo
+from .engine.daemon import Components, build, run_one, serve, shutdown
+from .engine.worker import Outcome
+from .errors import ConfigError, MfWorkerError, describe_error
+from .generation import available_generators
 from .logs import configure_logging, get_logger, register_secret
+from .scheduling.scheduler import Scheduler, SchedulerResult, enqueue_item
 from .settings import Settings, describe_settings, load_settings
+from .status import Snapshot, cancel_queue_item, read_snapshot, render_snapshot, retry_queue_item
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -120,13 +130,7 @@ def migrate(
     settings = build_settings(database_url=database_url, log_format=log_format, log_level=log_level)
 
     async def main() -> None:
-        import psycopg
-
-        try:
-            conn = await connect(settings)
-        except psycopg.OperationalError as exc:
-            raise MfWorkerError(f"cannot connect to the database: {_first_line(exc)}") from None
-        async with conn:
+        async with _database(settings) as conn:
             if status:
                 await _print_migration_status(conn)
                 return
@@ -140,7 +144,7 @@ def migrate(
     run_async(main)
 
 
-async def _print_migration_status(conn: Any) -> None:
+async def _print_migration_status(conn: Connection) -> None:
     st = await migration_status(conn)
     applied_at = {a.version: a.applied_at for a in st.applied}
     from .db.migrate import load_migrations
@@ -154,11 +158,6 @@ async def _print_migration_status(conn: Any) -> None:
     for unknown in st.unknown:
         typer.echo(f"{unknown.version:04d}_{unknown.name:35} applied, unknown to this version")
     typer.echo(f"{len(st.applied)} applied, {len(st.pending)} pending")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @app.command()
@@ -184,6 +183,229 @@ def config(
         return
     for row in rows:
         typer.echo(f"{row['variable']:24} = {row['value']!s:30} {row['doc']}")
+
+
+Concurrency = Annotated[
+    int | None, typer.Option("--concurrency", help="Items in flight ($MF_CONCURRENCY).")
+]
+GeneratorOpt = Annotated[
+    str | None,
+    typer.Option("--generator", help="Generator plugin: entry-point name or module:attr."),
+]
+
+
+def _connect_error(exc: BaseException) -> MfWorkerError:
+    return MfWorkerError(f"cannot connect to the database: {describe_error(exc)}")
+
+
+@asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[Connection]:
+    """One autocommit connection for a CLI command, with a clear error if it cannot connect."""
+    try:
+        conn = await connect(settings)
+    except psycopg.OperationalError as exc:
+        raise _connect_error(exc) from None
+    async with conn:
+        yield conn
+
+
+async def _components(settings: Settings, **kwargs: Any) -> Components:
+    try:
+        return await build(settings, **kwargs)
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise _connect_error(exc) from None
+
+
+@app.command()
+def run(
+    concurrency: Concurrency = None,
+    generator: GeneratorOpt = None,
+    burst: Annotated[
+        bool, typer.Option("--burst", help="Exit once nothing is due and nothing is in flight.")
+    ] = False,
+    poll_interval: Annotated[
+        float | None, typer.Option("--poll-interval", help="Seconds ($MF_POLL_INTERVAL).")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    log_format: LogFormat = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run the daemon: scheduler, workers, heartbeat, reaper and pruner, until SIGTERM."""
+    settings = build_settings(
+        concurrency=concurrency, generator=generator, poll_interval=poll_interval,
+        database_url=database_url, log_format=log_format, log_level=log_level,
+    )
+
+    async def main() -> int:
+        return await serve(await _components(settings), burst=burst)
+
+    raise typer.Exit(run_async(main))
+
+
+@app.command("run-once")
+def run_once(
+    item_id: Annotated[
+        str | None,
+        typer.Option("--id", help="Process this pending item, even if it is not due yet."),
+    ] = None,
+    generator: GeneratorOpt = None,
+    database_url: DatabaseUrl = None,
+    log_format: LogFormat = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Claim one due item and process it in the foreground (exit 0 ok, 1 failed, 3 none due)."""
+    settings = build_settings(
+        generator=generator, database_url=database_url,
+        log_format=log_format or "console", log_level=log_level,
+    )
+
+    async def main() -> Outcome | None:
+        components = await _components(settings, scheduler=False)
+        try:
+            return await run_one(components, item_id)
+        finally:
+            await shutdown(components)
+
+    outcome = run_async(main)
+    if outcome is None:
+        typer.echo("nothing due")
+        raise typer.Exit(EXIT_NOTHING_TO_DO)
+    typer.echo(outcome.value)
+    raise typer.Exit(0 if outcome is Outcome.SUCCESS else EXIT_FAILED)
+
+
+@app.command()
+def schedule(
+    database_url: DatabaseUrl = None,
+    log_format: LogFormat = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run one scheduler pass: give every active project its next item; report invalid ones."""
+    settings = build_settings(database_url=database_url, log_format=log_format,
+                              log_level=log_level)
+
+    async def main() -> SchedulerResult:
+        pool = await _open_pool(settings)
+        try:
+            return await Scheduler(pool, settings.scheduler_interval).run_once()
+        finally:
+            await pool.close()
+
+    result = run_async(main)
+    typer.echo(f"created {result.created}, rescheduled {result.rescheduled}, "
+               f"cancelled {result.cancelled}, invalid {len(result.invalid)}")
+    for project_id, error in sorted(result.invalid.items()):
+        typer.echo(f"  project {project_id}: {error}")
+
+
+async def _open_pool(settings: Settings) -> Pool:
+    try:
+        return await open_pool(settings, max_size=2)
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise _connect_error(exc) from None
+
+
+@app.command()
+def enqueue(
+    project_id: Annotated[str, typer.Argument(help="The project to add an item for.")],
+    at: Annotated[
+        str | None, typer.Option("--at", help="ISO 8601 instant with offset (default: now).")
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Cancel the project's waiting item first.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Add an extra item for a project, now or at a given time (support and debugging)."""
+    settings = build_settings(database_url=database_url)
+    when = _parse_instant(at) if at else None
+
+    async def main() -> tuple[str, datetime]:
+        async with _database(settings) as conn:
+            return await enqueue_item(conn, project_id, at=when, replace=replace,
+                                      now=datetime.now(UTC))
+
+    item_id, due = run_async(main)
+    typer.echo(f"enqueued {item_id} for {project_id}, due {due.isoformat()}")
+
+
+def _parse_instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"--at={text!r}: not an ISO 8601 date-time", EXIT_CONFIG)
+    if value.tzinfo is None:
+        _fail(f"--at={text!r}: give an offset or Z (e.g. 2026-01-05T09:00:00Z)", EXIT_CONFIG)
+    return value
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Queue depth by status, lag, expired leases, failed and blocked items with errors."""
+    settings = build_settings(database_url=database_url)
+
+    async def main() -> Snapshot:
+        async with _database(settings) as conn:
+            return await read_snapshot(conn)
+
+    snapshot = run_async(main)
+    typer.echo(json.dumps(snapshot.to_json(), indent=2) if as_json
+               else render_snapshot(snapshot))
+
+
+@app.command()
+def retry(
+    item_id: Annotated[str, typer.Argument(help="Queue item id (queue_…).")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Make a failed, cancelled or blocked item pending and due now, with fresh attempts."""
+    settings = build_settings(database_url=database_url)
+
+    async def main() -> None:
+        async with _database(settings) as conn:
+            await retry_queue_item(conn, item_id)
+
+    run_async(main)
+    typer.echo(f"{item_id} is pending and due now")
+
+
+@app.command()
+def cancel(
+    item_id: Annotated[str, typer.Argument(help="Queue item id (queue_…).")],
+    reason: Annotated[str, typer.Option("--reason", help="Recorded as last_error.")] = (
+        "cancelled by an operator"
+    ),
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Cancel a pending, blocked or processing item (the project's next one follows)."""
+    settings = build_settings(database_url=database_url)
+
+    async def main() -> None:
+        async with _database(settings) as conn:
+            await cancel_queue_item(conn, item_id, reason)
+
+    run_async(main)
+    typer.echo(f"{item_id} cancelled")
+
+
+@app.command()
+def generators() -> None:
+    """List the installed generator plugins (no database needed)."""
+    for name, target in sorted(available_generators().items()):
+        typer.echo(f"{name:20} {target}")
+
+
+@app.command()
+def demo(
+    log_format: LogFormat = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = "warning",
+) -> None:
+    """Run the whole pipeline on an embedded PostgreSQL and print what happened."""
+    settings = build_settings(log_format=log_format, log_level=log_level)
+    run_async(lambda: run_demo(settings, typer.echo))
 
 
 def settings_markdown_table() -> str:

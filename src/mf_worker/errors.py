@@ -29,3 +29,9 @@ class PluginLoadError(MfWorkerError):
 
 class InvalidItemError(MfWorkerError):
     """A queue item's data in the database is unusable (deleted project, bad zone, bad cadence)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line of the message`` — short enough for a log field or ``last_error``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

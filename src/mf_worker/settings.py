@@ -14,6 +14,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import psycopg.conninfo
@@ -116,8 +117,11 @@ def _text(raw: str) -> str:
     return text
 
 
-def _optional_text(raw: str) -> str | None:
-    return raw.strip() or None
+def _file(raw: str) -> Path:
+    path = Path(raw.strip()).expanduser()
+    if not path.is_file():
+        raise ValueError("no such file")
+    return path
 
 
 def redact_conninfo(conninfo: str) -> str:
@@ -277,6 +281,13 @@ class Settings:
         _text,
         "Generator plugin: an entry-point name (`template`, …) or `package.module:attr`.",
         flag="--generator",
+    )
+    pricing_file: Path | None = _setting(
+        "MF_PRICING_FILE",
+        None,
+        _file,
+        "TOML file of model prices (GBP per million prompt/completion tokens) that overrides "
+        "and extends the shipped table; see docs/operations.md.",
     )
     scheduler_interval: float = _setting(
         "MF_SCHEDULER_INTERVAL",

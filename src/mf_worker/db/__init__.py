@@ -19,8 +19,9 @@ from psycopg_pool import AsyncConnectionPool
 from ..settings import Settings
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
+Pool = AsyncConnectionPool[Connection]
 
-__all__ = ["Connection", "as_org", "connect", "connection_kwargs", "open_pool"]
+__all__ = ["Connection", "Pool", "as_org", "connect", "connection_kwargs", "open_pool"]
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
@@ -42,11 +43,12 @@ async def connect(settings: Settings, **extra: Any) -> Connection:
     return conn
 
 
-async def open_pool(settings: Settings, *, max_size: int | None = None) -> AsyncConnectionPool:
+async def open_pool(settings: Settings, *, max_size: int | None = None) -> Pool:
     """The process's connection pool, opened and checked (fails fast if the database is down)."""
     size = max_size or settings.pool_size
-    pool: AsyncConnectionPool = AsyncConnectionPool(
+    pool = Pool(
         settings.require_database_url(),
+        connection_class=psycopg.AsyncConnection[dict[str, Any]],
         min_size=min(2, size),
         max_size=size,
         kwargs={

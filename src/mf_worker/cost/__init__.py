@@ -1,0 +1,1 @@
+"""Cost control: what each model costs (``pricing``) and the per-organisation daily limit."""

@@ -1,0 +1,173 @@
+"""``mf-worker run``: the worker, its loops and the signal handling, wired together.
+
+Start-up refuses a database with pending migrations. SIGTERM or SIGINT starts a drain: stop
+claiming, let in-flight items finish within ``MF_SHUTDOWN_GRACE``, hand back the rest without
+charging their attempt, close the pool, exit 0. A second signal exits at once (the items it
+abandons come back through the reaper when their leases expire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .. import queue
+from ..cost.pricing import PriceTable, load_price_table
+from ..db import Connection, Pool, open_pool
+from ..db.migrate import ensure_schema_current
+from ..errors import MfWorkerError
+from ..generation import Generator, load_generator
+from ..logs import get_logger
+from ..scheduling.scheduler import Scheduler
+from ..settings import Settings
+from ..status import get_queue_item
+from .lease import Heartbeat, Reaper
+from .loops import PeriodicLoop
+from .retention import Pruner
+from .wakeup import Listener
+from .worker import InFlight, Observer, Outcome, Worker
+
+EXIT_ON_SECOND_SIGNAL = 130
+
+
+@dataclass
+class Components:
+    """Everything one daemon runs; tests build it, drive pieces, and look inside."""
+
+    settings: Settings
+    pool: Pool
+    worker: Worker
+    loops: list[PeriodicLoop]
+    listener: Listener | None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def build(
+    settings: Settings,
+    *,
+    generator: Generator | None = None,
+    prices: PriceTable | None = None,
+    observers: list[Observer] | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    scheduler: bool = True,
+) -> Components:
+    """Open the pool, check the schema, and assemble the worker and its loops (not started)."""
+    generator = generator or load_generator(settings.generator)
+    prices = prices or load_price_table(settings.pricing_file)
+    pool = await open_pool(settings)
+    try:
+        async with pool.connection() as conn:
+            await ensure_schema_current(conn)
+    except BaseException:
+        await pool.close()
+        raise
+    worker = Worker(settings, pool, generator, prices, clock=clock, observers=observers)
+    loops: list[PeriodicLoop] = [
+        Heartbeat(worker),
+        Reaper(pool, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts),
+        Pruner(pool, retention_days=settings.retention_days),
+    ]
+    if scheduler:
+        loops.append(Scheduler(pool, settings.scheduler_interval, clock=clock))
+    listener = Listener(settings, worker.wake) if settings.listen else None
+    return Components(settings, pool, worker, loops, listener)
+
+
+async def serve(components: Components, *, burst: bool = False,
+                install_signals: bool = True) -> int:
+    """Run until a signal (or, with ``burst``, until nothing is due); return the exit code."""
+    log = get_logger("mf_worker.daemon")
+    worker, settings = components.worker, components.settings
+    if install_signals:
+        _install_signal_handlers(worker)
+    for loop in components.loops:
+        components.tasks.append(asyncio.create_task(loop.run(), name=loop.name))
+    if components.listener is not None:
+        components.tasks.append(asyncio.create_task(components.listener.run(), name="listener"))
+    log.info("worker_started", worker_id=worker.worker_id, concurrency=settings.concurrency,
+             generator=settings.generator, listen=settings.listen)
+    try:
+        await worker.run(burst=burst)
+        released = await worker.drain(settings.shutdown_grace)
+        log.info("worker_stopped", released=released)
+    finally:
+        await shutdown(components)
+    return 0
+
+
+async def shutdown(components: Components) -> None:
+    """Stop every loop and the listener, then close the pool (safe to call twice)."""
+    for loop in components.loops:
+        loop.stop()
+    if components.listener is not None:
+        components.listener.stop()
+    for task in components.tasks:
+        task.cancel()
+    await asyncio.gather(*components.tasks, return_exceptions=True)
+    components.tasks.clear()
+    await components.pool.close()
+
+
+def _install_signal_handlers(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    log = get_logger("mf_worker.daemon")
+
+    def on_signal(signum: int) -> None:
+        if worker.stopping:
+            log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            os._exit(EXIT_ON_SECOND_SIGNAL)
+        log.info("shutdown_requested", signal=signal.Signals(signum).name,
+                 in_flight=len(worker.in_flight))
+        worker.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def run_one(components: Components, item_id: str | None = None) -> Outcome | None:
+    """``mf-worker run-once``: claim one due item (or the named one, due or not), process it in
+    the foreground with its lease kept alive, and return how it ended (None: nothing to do)."""
+    worker, settings = components.worker, components.settings
+    log = get_logger("mf_worker.run_once")
+    async with components.pool.connection() as conn:
+        if item_id is None:
+            items = await queue.claim_due_items(
+                conn, worker=worker.worker_id, limit=1, lease_seconds=settings.lease_seconds
+            )
+            item = items[0] if items else None
+        else:
+            item = await queue.claim_item_by_id(
+                conn, item_id, worker=worker.worker_id, lease_seconds=settings.lease_seconds
+            )
+            if item is None:
+                raise MfWorkerError(await _unclaimable_reason(conn, item_id))
+            if item.run_after > datetime.now(UTC):
+                log.warning("item_not_due_yet", queue_id=item.id,
+                            due=item.run_after.isoformat())
+    if item is None:
+        return None
+    heartbeat = Heartbeat(worker)
+    beat = asyncio.create_task(heartbeat.run(), name="heartbeat")
+    entry = InFlight(item=item)
+    worker.in_flight[item.id] = entry
+    try:
+        entry.task = asyncio.create_task(worker.process(entry))
+        return await entry.task
+    finally:
+        worker.in_flight.pop(item.id, None)
+        heartbeat.stop()
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+
+
+async def _unclaimable_reason(conn: Connection, item_id: str) -> str:
+    row = await get_queue_item(conn, item_id)
+    if row is None:
+        return f"no queue item {item_id!r}"
+    if row["status"] == "processing":
+        return f"{item_id} is being processed by {row['locked_by']}"
+    return f"{item_id} is {row['status']}, not pending (use `mf-worker retry` first)"

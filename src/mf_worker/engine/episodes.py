@@ -1,0 +1,324 @@
+"""Reading what a generation needs, and writing what it produced — each in one transaction.
+
+``prepare_generation`` loads the project's context and makes sure the episode row exists (from
+the first attempt, so its history survives retries). ``write_episode`` is the final write: the
+episode, blocks, usage, notes, memories, audit row, user event, the item completed and the
+project's next item, all or nothing, fenced on the claim. ``write_failure`` and ``cancel_item``
+record the other outcomes. All run as the item's organisation, so row-level security rejects a
+row of any other organisation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, time
+from decimal import Decimal
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from .. import queue
+from ..db import Connection, as_org
+from ..db.sql import load_queries
+from ..errors import InvalidItemError
+from ..generation import (
+    GenerationRequest,
+    GenerationResult,
+    Memory,
+    PlanningNote,
+    PreviousEpisode,
+    ProjectInfo,
+    TokenUsage,
+)
+from ..ids import new_id
+from ..queue import ClaimedItem
+from ..scheduling.cadence import CadenceError, zone_for
+from ..scheduling.scheduler import insert_next_item, plan_next_item
+
+_Q = load_queries(__package__ or "mf_worker.engine", "episodes.sql")
+
+MAX_NOTES = 50
+MAX_MEMORIES = 50
+MAX_PREVIOUS_EPISODES = 3
+
+PriceFn = Callable[[TokenUsage], Decimal]
+
+
+class ItemUnavailable(InvalidItemError):
+    """The item's project was deleted, paused or archived: the item is cancelled, not failed."""
+
+
+class LeaseLost(Exception):
+    """The fence no longer holds: another worker (or the reaper) owns this item now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Everything the final write needs besides the generator's result."""
+
+    request: GenerationRequest
+    episode_id: str
+    user_id: str
+    cadence_config: Any
+    delivery_time: time
+    timezone: str
+
+
+async def prepare_generation(
+    conn: Connection, item: ClaimedItem, *, worker: str, now: datetime
+) -> Prepared:
+    """Load the context and ensure the episode row; raises ItemUnavailable, InvalidItemError
+    (bad zone: a permanent failure) or LeaseLost."""
+    if item.project_id is None:
+        raise ItemUnavailable("project deleted")
+    async with as_org(conn, item.organization_id):
+        cur = await conn.execute(
+            _Q["load_generation_context"],
+            {"project_id": item.project_id, "max_notes": MAX_NOTES,
+             "max_memories": MAX_MEMORIES, "max_previous": MAX_PREVIOUS_EPISODES},
+        )
+        project = await cur.fetchone()
+        if project is None:
+            raise ItemUnavailable("project deleted")
+        if project["status"] != "active":
+            raise ItemUnavailable(f"project {project['status']}")
+        try:
+            zone = zone_for(project["timezone"])
+        except CadenceError as exc:
+            raise InvalidItemError(f"project {item.project_id}: owner's {exc}") from None
+
+        episode_id, episode_number = await _ensure_episode(
+            conn, item, worker, project["last_sequence_number"] + 1
+        )
+
+    memories = [*_project_memories(project["memories"]),
+                *(Memory(**m) for m in project["agent_memories"])]
+    request = GenerationRequest(
+        queue_item_id=item.id,
+        attempt=item.attempt,
+        organization_id=item.organization_id,
+        project=ProjectInfo(
+            id=project["id"],
+            title=project["title"],
+            description=project["description"],
+            cadence_config=project["cadence_config"],
+            timezone=project["timezone"],
+        ),
+        episode_number=episode_number,
+        scheduled_for=item.scheduled_for,
+        local_date=item.scheduled_for.astimezone(zone).date(),
+        planning_notes=tuple(PlanningNote(**n) for n in project["notes"]),
+        memories=tuple(memories),
+        previous_episodes=tuple(PreviousEpisode(**e) for e in project["previous_episodes"]),
+        idempotency_key=f"{item.id}:{episode_id}",
+    )
+    return Prepared(
+        request=request,
+        episode_id=episode_id,
+        user_id=project["user_id"],
+        cadence_config=project["cadence_config"],
+        delivery_time=project["delivery_time"],
+        timezone=project["timezone"],
+    )
+
+
+def _project_memories(stored: Any) -> list[Memory]:
+    """``projects.memories`` as the web app keeps them: strings or objects with ``content``."""
+    found: list[Memory] = []
+    for entry in stored if isinstance(stored, list) else []:
+        if isinstance(entry, str) and entry.strip():
+            found.append(Memory(content=entry))
+        elif isinstance(entry, dict) and isinstance(entry.get("content"), str):
+            importance = entry.get("importance", 0.5)
+            found.append(Memory(
+                content=entry["content"],
+                memory_type=str(entry.get("memory_type") or entry.get("type") or "preference"),
+                importance=float(importance) if isinstance(importance, int | float) else 0.5,
+            ))
+    return found
+
+
+async def cancel_item(conn: Connection, item: ClaimedItem, *, reason: str, worker: str) -> bool:
+    """Cancel an item whose project is gone or inactive; False if the fence no longer holds."""
+    async with as_org(conn, item.organization_id):
+        return await queue.finish_item(
+            conn, item, worker=worker, status="cancelled", error=reason
+        )
+
+
+async def _ensure_episode(
+    conn: Connection, item: ClaimedItem, worker: str, next_number: int
+) -> tuple[str, int]:
+    if item.episode_id is not None:
+        cur = await conn.execute(_Q["get_episode"], {"episode_id": item.episode_id})
+        row = await cur.fetchone()
+        if row is not None:
+            return row["id"], row["sequence_number"]
+    episode_id = new_id("ep")
+    await conn.execute(
+        _Q["create_episode"],
+        {"id": episode_id, "project_id": item.project_id,
+         "organization_id": item.organization_id, "sequence_number": next_number},
+    )
+    cur = await conn.execute(
+        _Q["link_episode_to_item"],
+        {"episode_id": episode_id, "id": item.id, "attempt": item.attempt, "worker": worker},
+    )
+    if await cur.fetchone() is None:
+        raise LeaseLost(item.id)
+    return episode_id, next_number
+
+
+async def write_episode(
+    conn: Connection,
+    item: ClaimedItem,
+    prepared: Prepared,
+    result: GenerationResult,
+    *,
+    worker: str,
+    now: datetime,
+    price: PriceFn,
+) -> datetime | None:
+    """The final write, all in one transaction; returns the next item's due time (or None).
+
+    The fenced completion goes first: it takes the item's row lock, so a reaper or another
+    worker cannot act on the item while the rest is written, and if the fence fails nothing
+    else is. Raises LeaseLost (and writes nothing) when the claim is no longer ours.
+    """
+    org, project_id, episode_id = item.organization_id, item.project_id, prepared.episode_id
+    usages = result.usages
+    async with as_org(conn, org):
+        if not await queue.complete_item(conn, item, worker=worker, episode_id=episode_id):
+            raise LeaseLost(item.id)
+        async with conn.pipeline():
+            await conn.execute(
+                _Q["mark_episode_ready"], {"episode_id": episode_id, "title": result.title}
+            )
+            await conn.execute(
+                _Q["insert_blocks"],
+                {
+                    "episode_id": episode_id,
+                    "organization_id": org,
+                    "ids": [new_id("blk") for _ in result.blocks],
+                    "contents": [b.content for b in result.blocks],
+                    "positions": list(range(len(result.blocks))),
+                    "reasonings": [b.reasoning for b in result.blocks],
+                    "confidences": [b.confidence for b in result.blocks],
+                },
+            )
+            await conn.execute(
+                _Q["insert_token_usage"],
+                {
+                    "organization_id": org,
+                    "project_id": project_id,
+                    "episode_id": episode_id,
+                    "ids": [new_id("tok") for _ in usages],
+                    "models": [u.model for u in usages],
+                    "prompt_tokens": [u.prompt_tokens for u in usages],
+                    "completion_tokens": [u.completion_tokens for u in usages],
+                    "costs": [price(u) for u in usages],
+                },
+            )
+            if result.incorporated_note_ids:
+                await conn.execute(
+                    _Q["incorporate_notes"],
+                    {"episode_id": episode_id, "project_id": project_id,
+                     "note_ids": list(result.incorporated_note_ids)},
+                )
+            if result.new_memories:
+                await conn.execute(
+                    _Q["insert_memories"],
+                    {
+                        "project_id": project_id,
+                        "organization_id": org,
+                        "ids": [new_id("mem") for _ in result.new_memories],
+                        "contents": [m.content for m in result.new_memories],
+                        "memory_types": [m.memory_type for m in result.new_memories],
+                        "importances": [m.importance for m in result.new_memories],
+                    },
+                )
+            summary = {
+                "queue_item_id": item.id,
+                "attempt": item.attempt,
+                "sequence_number": prepared.request.episode_number,
+                "blocks": len(result.blocks),
+                "tokens": sum(u.total_tokens for u in usages),
+            }
+            await conn.execute(
+                _Q["insert_audit_entry"],
+                {"id": new_id("aud"), "organization_id": org, "action": "episode.generate",
+                 "resource_id": episode_id, "new_value": json.dumps(summary)},
+            )
+            await conn.execute(
+                _Q["insert_user_event"],
+                {"id": new_id("evt"), "user_id": prepared.user_id, "organization_id": org,
+                 "event_type": "episode_generated",
+                 "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
+                                      "sequence_number": prepared.request.episode_number})},
+            )
+        return await _plan_following_item(conn, item, prepared, now)
+
+
+async def _plan_following_item(
+    conn: Connection, item: ClaimedItem, prepared: Prepared, now: datetime
+) -> datetime | None:
+    # Missed slots are not caught up: the next delivery is after the later of the due time and
+    # now, so an outage never ends in a burst of episodes.
+    after = max(item.scheduled_for, now)
+    try:
+        plan = plan_next_item(
+            prepared.cadence_config, prepared.delivery_time, prepared.timezone, after
+        )
+    except CadenceError:
+        return None  # the scheduler reports the project; the episode itself is fine
+    assert item.project_id is not None
+    return await insert_next_item(
+        conn, project_id=item.project_id, organization_id=item.organization_id, plan=plan
+    )
+
+
+async def write_failure(
+    conn: Connection,
+    item: ClaimedItem,
+    episode_id: str | None,
+    *,
+    error: str,
+    retry_in: float | None,
+    worker: str,
+) -> bool:
+    """Record a failed generator call: retry after ``retry_in`` seconds, or fail for good
+    (``retry_in`` None). False when the fence no longer holds (nothing written)."""
+    async with as_org(conn, item.organization_id):
+        if retry_in is None:
+            held = await queue.finish_item(conn, item, worker=worker, status="failed",
+                                           error=error)
+        else:
+            held = await queue.retry_item(conn, item, worker=worker, delay_seconds=retry_in,
+                                          error=error)
+        if not held:
+            raise LeaseLost(item.id)
+        if episode_id is not None:
+            await conn.execute(
+                _Q["record_episode_error"],
+                {"episode_id": episode_id, "error": f"attempt {item.attempt}: {error}",
+                 "final": retry_in is None},
+            )
+    return True
+
+
+async def record_lost_attempts(conn: Connection, reaped: list[queue.ReapedItem]) -> None:
+    """Add the reaper's verdict to each reaped item's episode history (inside a transaction
+    that acts for each item's organisation in turn)."""
+    for item in reaped:
+        if item.episode_id is None:
+            continue
+        await conn.execute(
+            "SELECT set_config('app.current_org_id', %s, true)", [item.organization_id]
+        )
+        await conn.execute(
+            _Q["record_episode_error"],
+            {"episode_id": item.episode_id, "error": f"attempt {item.attempt}: {item.error}",
+             "final": item.status == "failed"},
+        )

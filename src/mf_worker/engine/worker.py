@@ -1,0 +1,423 @@
+"""The worker: claim due items, run the generator with no database resources held, write once.
+
+One claim loop fills up to ``concurrency`` slots with batched claims and sleeps until a
+notification, a freed slot, the next due time or the poll interval. Each claimed item runs as
+its own task: prepare (one transaction) → generate (no connection, no lock, no transaction) →
+validate → write the outcome (one transaction, fenced). The heartbeat keeps the leases of the
+items in flight; when one is lost, the generation is abandoned because its write would be
+refused anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import PoolTimeout
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from .. import queue
+from ..cost.pricing import PriceTable
+from ..db import Connection, Pool
+from ..errors import InvalidItemError, describe_error
+from ..generation import (
+    GenerationResult,
+    Generator,
+    InvalidOutputError,
+    PermanentGenerationError,
+    RetryableGenerationError,
+    validate_result,
+)
+from ..logs import bind_item, get_logger
+from ..queue import ClaimedItem
+from ..settings import Settings
+from .backoff import retry_delay
+from .episodes import (
+    ItemUnavailable,
+    LeaseLost,
+    Prepared,
+    cancel_item,
+    prepare_generation,
+    write_episode,
+    write_failure,
+)
+
+T = TypeVar("T")
+
+# Errors worth retrying on the database side: a dropped connection, a restart, a failover, a
+# deadlock or serialisation failure (psycopg files those under OperationalError too).
+TRANSIENT_DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
+MAX_ERROR_CHARS = 2000
+
+
+class Outcome(enum.StrEnum):
+    """How one attempt at one item ended (the ``outcome`` label of the attempts metric)."""
+
+    SUCCESS = "success"
+    RETRY = "retry"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    BLOCKED = "blocked"
+    LEASE_LOST = "lease_lost"
+    RELEASED = "released"
+
+
+class FailureReason(enum.StrEnum):
+    """Why an attempt failed (the ``reason`` label of the failures metric)."""
+
+    GENERATOR_RETRYABLE = "generator_retryable"
+    GENERATOR_PERMANENT = "generator_permanent"
+    INVALID_OUTPUT = "invalid_output"
+    TIMEOUT = "timeout"
+    DATABASE = "database"
+    LOST_WORKER = "lost_worker"
+    INVALID_ITEM = "invalid_item"
+
+
+@dataclass
+class InFlight:
+    """An item this process holds, and what its task is doing."""
+
+    item: ClaimedItem
+    task: asyncio.Task[Outcome] | None = None
+    phase: str = "preparing"  # preparing → generating → writing
+    lost: bool = False
+
+
+@dataclass
+class AttemptReport:
+    """What happened to one attempt; observers (metrics, tests) receive it."""
+
+    item: ClaimedItem
+    outcome: Outcome
+    reason: FailureReason | None = None
+    error: str | None = None
+    generation_seconds: float | None = None
+    item_seconds: float = 0.0
+    result: GenerationResult | None = None
+
+
+Observer = Callable[[AttemptReport], None]
+
+
+@dataclass
+class _Failure:
+    reason: FailureReason
+    message: str
+    retryable: bool
+    retry_after: float | None = None
+
+
+@dataclass
+class WorkerState:
+    """Counters for tests, `status` and health checks."""
+
+    claimed: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    last_claim_loop_tick: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Claims and processes items with up to ``settings.concurrency`` in flight."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Pool,
+        generator: Generator,
+        prices: PriceTable,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        observers: list[Observer] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.pool = pool
+        self.generator = generator
+        self.prices = prices
+        self.clock = clock
+        self.observers = list(observers or [])
+        self.in_flight: dict[str, InFlight] = {}
+        self.state = WorkerState()
+        self.wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._log = get_logger("mf_worker.worker")
+
+    # -- the claim loop ------------------------------------------------------------------------
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Claim and dispatch until :meth:`stop` (or, with ``burst``, until nothing is due and
+        nothing is in flight)."""
+        failures = 0
+        while not self._stopping.is_set():
+            self.state.last_claim_loop_tick = time.monotonic()
+            free = self.settings.concurrency - len(self.in_flight)
+            if free <= 0:
+                await self._wait({self._slot_freed}, None)
+                continue
+            self.wake.clear()
+            try:
+                items = await self._claim(free)
+                failures = 0
+            except TRANSIENT_DB_ERRORS as exc:
+                failures += 1
+                delay = min(0.5 * 2 ** min(failures, 6), self.settings.poll_interval * 2, 30.0)
+                self._log.warning("claim_failed", error=describe_error(exc), retry_in=delay)
+                await self._wait(set(), delay)
+                continue
+            for item in items:
+                self._start(item)
+            if len(items) < free:
+                if burst and not items:
+                    if not self.in_flight:
+                        return
+                    await self._wait({self._slot_freed}, None)
+                    continue
+                await self._wait({self.wake, self._slot_freed} if burst else {self.wake},
+                                 await self._idle_timeout())
+
+    async def _claim(self, limit: int) -> list[ClaimedItem]:
+        async with self.pool.connection() as conn:
+            items = await queue.claim_due_items(
+                conn, worker=self.worker_id, limit=limit,
+                lease_seconds=self.settings.lease_seconds,
+            )
+        self.state.claimed += len(items)
+        return items
+
+    async def _idle_timeout(self) -> float:
+        """Sleep until the next item is due, but never longer than the poll interval."""
+        timeout = self.settings.poll_interval
+        try:
+            async with self.pool.connection() as conn:
+                due = await queue.next_due_at(conn)
+        except TRANSIENT_DB_ERRORS:
+            return timeout
+        if due is not None:
+            timeout = min(timeout, max((due - self.clock()).total_seconds(), 0.0) + 0.005)
+        return timeout
+
+    async def _wait(self, events: set[asyncio.Event], timeout: float | None) -> None:  # noqa: ASYNC109
+        waiters = [asyncio.ensure_future(e.wait()) for e in (*events, self._stopping)]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        self._slot_freed.clear()
+
+    def _start(self, item: ClaimedItem) -> None:
+        entry = InFlight(item=item)
+        self.in_flight[item.id] = entry
+        entry.task = asyncio.create_task(self.process(entry), name=f"item {item.id}")
+        entry.task.add_done_callback(partial(self._finished, item.id))
+
+    def _finished(self, item_id: str, _task: object = None) -> None:
+        self.in_flight.pop(item_id, None)
+        self._slot_freed.set()
+
+    def stop(self) -> None:
+        """Stop claiming (safe to call twice); in-flight items carry on until :meth:`drain`."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # -- one item ------------------------------------------------------------------------------
+
+    async def process(self, entry: InFlight) -> Outcome:
+        """Run one claimed item to an outcome and record it; never raises except cancellation
+        for shutdown (the caller then releases the item)."""
+        item = entry.item
+        started = time.monotonic()
+        with bind_item(queue_id=item.id, project_id=item.project_id,
+                       organization_id=item.organization_id, attempt=item.attempt):
+            report = AttemptReport(item=item, outcome=Outcome.FAILED)
+            try:
+                await self._process(entry, report)
+            except asyncio.CancelledError:
+                if not entry.lost:
+                    raise  # shutdown: drain() hands the item back
+                report.outcome, report.reason = Outcome.LEASE_LOST, FailureReason.LOST_WORKER
+            except LeaseLost:
+                report.outcome, report.reason = Outcome.LEASE_LOST, FailureReason.LOST_WORKER
+            except TRANSIENT_DB_ERRORS as exc:
+                # The database stayed away longer than our retries: the lease will expire and
+                # the reaper returns the item, so nothing is lost.
+                report.reason, report.error = FailureReason.DATABASE, describe_error(exc)
+                report.outcome = Outcome.LEASE_LOST
+            except Exception as exc:
+                # A bug of ours, not the generator's: leave the item to the reaper, which returns
+                # it when the lease (no longer renewed) expires, and keep the daemon running.
+                self._log.exception("item_crashed", error=describe_error(exc))
+                report.reason, report.error = FailureReason.LOST_WORKER, describe_error(exc)
+                report.outcome = Outcome.LEASE_LOST
+            report.item_seconds = time.monotonic() - started
+            self._report(report)
+            return report.outcome
+
+    async def _process(self, entry: InFlight, report: AttemptReport) -> None:
+        item = entry.item
+        now = self.clock()
+        try:
+            prepared = await self._db(
+                lambda conn: prepare_generation(conn, item, worker=self.worker_id, now=now)
+            )
+        except ItemUnavailable as exc:
+            reason = str(exc)
+            await self._db(partial(cancel_item, item=item, reason=reason, worker=self.worker_id))
+            report.outcome, report.error = Outcome.CANCELLED, reason
+            return
+        except InvalidItemError as exc:
+            await self._record_failure(
+                entry, None, _Failure(FailureReason.INVALID_ITEM, str(exc), retryable=False),
+                report,
+            )
+            return
+
+        entry.phase = "generating"
+        self._log.debug("generation_started", episode_id=prepared.episode_id)
+        gen_started = time.monotonic()
+        result, failure = await self._generate(prepared)
+        report.generation_seconds = time.monotonic() - gen_started
+        entry.phase = "writing"
+        if failure is not None:
+            await self._record_failure(entry, prepared, failure, report)
+            return
+        assert result is not None
+        await self._db(
+            lambda conn: write_episode(conn, item, prepared, result, worker=self.worker_id,
+                                       now=self.clock(), price=self.prices.cost)
+        )
+        report.outcome, report.result = Outcome.SUCCESS, result
+
+    async def _generate(
+        self, prepared: Prepared
+    ) -> tuple[GenerationResult | None, _Failure | None]:
+        timeout = self.settings.generation_timeout
+        try:
+            raw = await asyncio.wait_for(self.generator.generate(prepared.request), timeout)
+            return validate_result(raw, prepared.request,
+                                   max_episode_bytes=self.settings.max_episode_bytes), None
+        except RetryableGenerationError as exc:
+            return None, _Failure(FailureReason.GENERATOR_RETRYABLE, str(exc), True,
+                                  exc.retry_after)
+        except TimeoutError:
+            return None, _Failure(FailureReason.TIMEOUT,
+                                  f"generation timed out after {timeout:g} s", True)
+        except InvalidOutputError as exc:
+            return None, _Failure(FailureReason.INVALID_OUTPUT, f"invalid output: {exc}", False)
+        except PermanentGenerationError as exc:
+            return None, _Failure(FailureReason.GENERATOR_PERMANENT, str(exc), False)
+        except ConnectionError as exc:
+            return None, _Failure(FailureReason.GENERATOR_RETRYABLE,
+                                  f"generator connection failed: {describe_error(exc)}", True)
+        except Exception as exc:  # a plugin bug: it would very likely repeat
+            return None, _Failure(FailureReason.GENERATOR_PERMANENT,
+                                  f"generator raised {describe_error(exc)}", False)
+
+    async def _record_failure(
+        self, entry: InFlight, prepared: Prepared | None, failure: _Failure,
+        report: AttemptReport,
+    ) -> None:
+        item = entry.item
+        message = failure.message[:MAX_ERROR_CHARS]
+        retry_in: float | None = None
+        if failure.retryable and item.attempt < self.settings.max_attempts:
+            retry_in = retry_delay(item.attempt, failure.retry_after)
+        elif failure.retryable:
+            message = f"gave up after {item.attempt} attempts: {message}"[:MAX_ERROR_CHARS]
+        episode_id = prepared.episode_id if prepared else item.episode_id
+        await self._db(
+            lambda conn: write_failure(conn, item, episode_id, error=message, retry_in=retry_in,
+                                       worker=self.worker_id)
+        )
+        report.outcome = Outcome.RETRY if retry_in is not None else Outcome.FAILED
+        report.reason, report.error = failure.reason, message
+        self._log.warning(
+            "attempt_failed", reason=failure.reason.value, error=message,
+            retry_in=None if retry_in is None else round(retry_in, 3),
+        )
+
+    def _report(self, report: AttemptReport) -> None:
+        key = report.outcome.value
+        self.state.outcomes[key] = self.state.outcomes.get(key, 0) + 1
+        fields: dict[str, Any] = {"outcome": key, "seconds": round(report.item_seconds, 4)}
+        if report.outcome is Outcome.SUCCESS:
+            self._log.info("item_completed", **fields)
+        elif report.outcome is Outcome.LEASE_LOST:
+            self._log.warning("lease_lost", error=report.error, **fields)
+        elif report.outcome is Outcome.CANCELLED:
+            self._log.info("item_cancelled", reason=report.error, **fields)
+        for observer in self.observers:
+            observer(report)
+
+    async def _db(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run one transaction-sized unit of work on a pooled connection, retrying the whole
+        unit (never half a transaction) while the database is unreachable, up to one lease."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+            stop=stop_after_delay(self.settings.lease_seconds),
+            reraise=True,
+        ):
+            with attempt:
+                async with self.pool.connection() as conn:
+                    return await work(conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- leases and shutdown -------------------------------------------------------------------
+
+    def abandon_lost(self, lost_ids: set[str]) -> None:
+        """The heartbeat found these leases gone: stop generating (the write would be refused)."""
+        for item_id in lost_ids:
+            entry = self.in_flight.get(item_id)
+            if entry is None or entry.phase != "generating" or entry.task is None:
+                continue
+            entry.lost = True
+            entry.task.cancel()
+
+    async def drain(self, grace: float) -> int:
+        """After :meth:`stop`: let in-flight items finish for ``grace`` seconds, then hand the
+        rest back to the queue without charging their attempt. Returns how many were released."""
+        tasks = [e.task for e in self.in_flight.values() if e.task is not None]
+        if tasks:
+            self._log.info("draining", in_flight=len(tasks), grace_seconds=grace)
+            await asyncio.wait(tasks, timeout=grace)
+        leftovers = [e for e in self.in_flight.values() if e.task is not None]
+        for entry in leftovers:
+            assert entry.task is not None
+            entry.task.cancel()
+        await asyncio.gather(*(e.task for e in leftovers if e.task), return_exceptions=True)
+        released = 0
+        for entry in leftovers:
+            try:
+                held = await self._db(
+                    partial(queue.release_item, item=entry.item, worker=self.worker_id)
+                )
+            except TRANSIENT_DB_ERRORS as exc:
+                self._log.error("release_failed", queue_id=entry.item.id,
+                                error=describe_error(exc))
+                continue
+            if held:
+                released += 1
+                with bind_item(queue_id=entry.item.id, project_id=entry.item.project_id,
+                               organization_id=entry.item.organization_id,
+                               attempt=entry.item.attempt):
+                    self._log.info("item_released")
+                self._report(AttemptReport(item=entry.item, outcome=Outcome.RELEASED))
+        return released

@@ -1,0 +1,37 @@
+"""The queue layer: claiming, leasing, fenced transitions, reaping and pruning of queue items.
+
+Plain async functions over a connection; the SQL is in ``queries.sql`` beside this file. The
+engine, the CLI and the benchmarks drive the queue only through these functions.
+"""
+
+from .store import (
+    ClaimedItem,
+    ReapedItem,
+    claim_due_items,
+    claim_item_by_id,
+    complete_item,
+    complete_items,
+    extend_leases,
+    finish_item,
+    next_due_at,
+    prune_finished_items,
+    reap_expired_leases,
+    release_item,
+    retry_item,
+)
+
+__all__ = [
+    "ClaimedItem",
+    "ReapedItem",
+    "claim_due_items",
+    "claim_item_by_id",
+    "complete_item",
+    "complete_items",
+    "extend_leases",
+    "finish_item",
+    "next_due_at",
+    "prune_finished_items",
+    "reap_expired_leases",
+    "release_item",
+    "retry_item",
+]

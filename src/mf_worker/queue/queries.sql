@@ -1,0 +1,177 @@
+-- The queue's own state machine (mf_worker.queue.store). Every transition out of 'processing'
+-- is fenced: it only matches the row while this worker still holds this attempt, so a worker
+-- that lost its lease (crashed, frozen, partitioned) can never overwrite a newer attempt.
+--
+--   pending ──claim──▶ processing ──complete──▶ completed
+--      ▲                 │  │ └──fail────────▶ failed
+--      └──retry/release──┘  └──reap (lease expired)──▶ pending | failed
+--
+-- `now` is a parameter (NULL = the database clock) so tests control time; leases always use
+-- the database's clock by default, so hosts with skewed clocks still agree.
+
+-- name: claim_due_items
+-- Batched: one short transaction claims up to `limit` due items in run_after order, skipping
+-- rows other workers have locked. attempt_count counts generator calls (a release gives the
+-- attempt back).
+WITH due AS (
+    SELECT id
+    FROM episode_schedule_queue
+    WHERE status = 'pending'
+      AND run_after <= coalesce(%(now)s, now())
+    ORDER BY run_after, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE episode_schedule_queue AS q
+SET status           = 'processing',
+    attempt_count    = q.attempt_count + 1,
+    picked_up_at     = coalesce(q.picked_up_at, coalesce(%(now)s, now())),
+    last_attempt_at  = coalesce(%(now)s, now()),
+    locked_by        = %(worker)s,
+    lease_expires_at = coalesce(%(now)s, now()) + make_interval(secs => %(lease_seconds)s)
+FROM due
+WHERE q.id = due.id
+RETURNING q.id, q.project_id, q.organization_id, q.scheduled_for, q.run_after,
+          q.attempt_count, q.episode_id, q.metadata, q.lease_expires_at;
+
+-- name: claim_item_by_id
+-- `run-once --id`: claim one named item even if it is not due yet (pending only).
+UPDATE episode_schedule_queue AS q
+SET status           = 'processing',
+    attempt_count    = q.attempt_count + 1,
+    picked_up_at     = coalesce(q.picked_up_at, coalesce(%(now)s, now())),
+    last_attempt_at  = coalesce(%(now)s, now()),
+    locked_by        = %(worker)s,
+    lease_expires_at = coalesce(%(now)s, now()) + make_interval(secs => %(lease_seconds)s)
+WHERE q.id = (SELECT id FROM episode_schedule_queue
+              WHERE id = %(id)s AND status = 'pending' FOR UPDATE SKIP LOCKED)
+RETURNING q.id, q.project_id, q.organization_id, q.scheduled_for, q.run_after,
+          q.attempt_count, q.episode_id, q.metadata, q.lease_expires_at;
+
+-- name: extend_leases
+-- The heartbeat: one statement for all of this worker's in-flight items. Items missing from
+-- the result have lost their lease (reaped, cancelled, or taken over).
+UPDATE episode_schedule_queue AS q
+SET lease_expires_at = coalesce(%(now)s, now()) + make_interval(secs => %(lease_seconds)s)
+FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS held(id, attempt)
+WHERE q.id = held.id
+  AND q.attempt_count = held.attempt
+  AND q.status = 'processing'
+  AND q.locked_by = %(worker)s
+RETURNING q.id;
+
+-- name: complete_items
+-- Fenced completion of a batch (the queue machinery alone; the full pipeline completes inside
+-- the episode's own transaction with complete_item below).
+UPDATE episode_schedule_queue AS q
+SET status           = 'completed',
+    completed_at     = coalesce(%(now)s, now()),
+    locked_by        = NULL,
+    lease_expires_at = NULL,
+    last_error       = NULL
+FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS done(id, attempt)
+WHERE q.id = done.id
+  AND q.attempt_count = done.attempt
+  AND q.status = 'processing'
+  AND q.locked_by = %(worker)s
+RETURNING q.id;
+
+-- name: complete_item
+UPDATE episode_schedule_queue
+SET status           = 'completed',
+    completed_at     = coalesce(%(now)s, now()),
+    episode_id       = %(episode_id)s,
+    locked_by        = NULL,
+    lease_expires_at = NULL,
+    last_error       = NULL
+WHERE id = %(id)s
+  AND attempt_count = %(attempt)s
+  AND status = 'processing'
+  AND locked_by = %(worker)s
+RETURNING id;
+
+-- name: retry_item
+-- A retryable failure: back to pending, claimable again after the backoff.
+UPDATE episode_schedule_queue
+SET status           = 'pending',
+    run_after        = coalesce(%(now)s, now()) + make_interval(secs => %(delay_seconds)s),
+    last_error       = %(error)s,
+    locked_by        = NULL,
+    lease_expires_at = NULL
+WHERE id = %(id)s
+  AND attempt_count = %(attempt)s
+  AND status = 'processing'
+  AND locked_by = %(worker)s
+RETURNING id;
+
+-- name: finish_item
+-- A final outcome other than success: 'failed' (attempts used up, or a permanent error) or
+-- 'cancelled' (the project is gone or paused).
+UPDATE episode_schedule_queue
+SET status           = %(status)s,
+    last_error       = %(error)s,
+    locked_by        = NULL,
+    lease_expires_at = NULL
+WHERE id = %(id)s
+  AND attempt_count = %(attempt)s
+  AND status = 'processing'
+  AND locked_by = %(worker)s
+RETURNING id;
+
+-- name: release_item
+-- Hand an item back untouched (shutdown, cost block): pending again at once, and the attempt
+-- the claim counted is given back, because no generator call was charged for it.
+UPDATE episode_schedule_queue
+SET status           = %(status)s,
+    attempt_count    = greatest(attempt_count - 1, 0),
+    run_after        = coalesce(%(now)s, now()),
+    last_error       = coalesce(%(error)s, last_error),
+    locked_by        = NULL,
+    lease_expires_at = NULL
+WHERE id = %(id)s
+  AND attempt_count = %(attempt)s
+  AND status = 'processing'
+  AND locked_by = %(worker)s
+RETURNING id;
+
+-- name: reap_expired_leases
+-- Items whose worker stopped heartbeating: back to pending, or failed when the attempts are
+-- used up. Safe to run from every daemon at once (SKIP LOCKED; each row reaped once).
+WITH expired AS (
+    SELECT id
+    FROM episode_schedule_queue
+    WHERE status = 'processing'
+      AND lease_expires_at < coalesce(%(now)s, now())
+    ORDER BY lease_expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE episode_schedule_queue AS q
+SET status           = CASE WHEN q.attempt_count >= %(max_attempts)s THEN 'failed'
+                            ELSE 'pending' END,
+    run_after        = coalesce(%(now)s, now()),
+    last_error       = format('worker lost: %%s stopped renewing its lease on attempt %%s '
+                              '(expired %%s)', q.locked_by, q.attempt_count,
+                              to_char(q.lease_expires_at AT TIME ZONE 'UTC',
+                                      'YYYY-MM-DD"T"HH24:MI:SS"Z"')),
+    locked_by        = NULL,
+    lease_expires_at = NULL
+FROM expired
+WHERE q.id = expired.id
+RETURNING q.id, q.organization_id, q.episode_id, q.status, q.attempt_count, q.last_error;
+
+-- name: prune_finished_items
+-- Retention: completed and cancelled items past their time, in small batches so the pruner
+-- never holds many locks or bloats one transaction. Episodes and usage rows are not touched.
+DELETE FROM episode_schedule_queue
+WHERE id IN (
+    SELECT id FROM episode_schedule_queue
+    WHERE status IN ('completed', 'cancelled')
+      AND updated_at < coalesce(%(now)s, now()) - make_interval(days => %(retention_days)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: next_due_at
+-- When the earliest pending item becomes due, so an idle worker can sleep exactly until then.
+SELECT min(run_after) AS due_at FROM episode_schedule_queue WHERE status = 'pending';

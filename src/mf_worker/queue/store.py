@@ -1,0 +1,206 @@
+"""Queue transitions as plain async functions; each is one statement, fenced where it matters.
+
+A claimed item is identified for every later transition by ``(id, attempt)`` plus the worker's
+id: the fence. Functions that change one claimed item return whether the fence still held, so
+the caller learns that it lost the lease instead of silently writing over someone else's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..db import Connection
+from ..db.sql import load_queries
+
+_Q = load_queries(__package__ or "mf_worker.queue", "queries.sql")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedItem:
+    """A queue item this worker holds: the fence is (id, attempt, worker)."""
+
+    id: str
+    project_id: str | None
+    organization_id: str
+    scheduled_for: datetime
+    run_after: datetime
+    attempt: int
+    episode_id: str | None
+    metadata: dict[str, Any]
+    lease_expires_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ClaimedItem:
+        return cls(
+            id=row["id"],
+            project_id=row["project_id"],
+            organization_id=row["organization_id"],
+            scheduled_for=row["scheduled_for"],
+            run_after=row["run_after"],
+            attempt=row["attempt_count"],
+            episode_id=row["episode_id"],
+            metadata=row["metadata"],
+            lease_expires_at=row["lease_expires_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReapedItem:
+    """An item whose lease expired and which the reaper returned (or failed)."""
+
+    id: str
+    organization_id: str
+    episode_id: str | None
+    status: str
+    attempt: int
+    error: str
+
+
+async def claim_due_items(
+    conn: Connection, *, worker: str, limit: int, lease_seconds: float,
+    now: datetime | None = None,
+) -> list[ClaimedItem]:
+    """Claim up to ``limit`` due pending items for ``worker`` in one short transaction."""
+    cur = await conn.execute(
+        _Q["claim_due_items"],
+        {"worker": worker, "limit": limit, "lease_seconds": lease_seconds, "now": now},
+    )
+    return [ClaimedItem.from_row(r) for r in await cur.fetchall()]
+
+
+async def claim_item_by_id(
+    conn: Connection, item_id: str, *, worker: str, lease_seconds: float,
+    now: datetime | None = None,
+) -> ClaimedItem | None:
+    """Claim one pending item by id, due or not (for ``run-once --id``)."""
+    cur = await conn.execute(
+        _Q["claim_item_by_id"],
+        {"id": item_id, "worker": worker, "lease_seconds": lease_seconds, "now": now},
+    )
+    row = await cur.fetchone()
+    return ClaimedItem.from_row(row) if row else None
+
+
+async def extend_leases(
+    conn: Connection, items: Sequence[ClaimedItem], *, worker: str, lease_seconds: float,
+    now: datetime | None = None,
+) -> set[str]:
+    """Heartbeat: extend the leases still held; return the ids that were extended."""
+    if not items:
+        return set()
+    cur = await conn.execute(
+        _Q["extend_leases"],
+        {
+            "ids": [i.id for i in items],
+            "attempts": [i.attempt for i in items],
+            "worker": worker,
+            "lease_seconds": lease_seconds,
+            "now": now,
+        },
+    )
+    return {r["id"] for r in await cur.fetchall()}
+
+
+async def complete_items(
+    conn: Connection, items: Sequence[ClaimedItem], *, worker: str, now: datetime | None = None
+) -> set[str]:
+    """Fenced completion of a batch; returns the ids that completed (others lost the lease)."""
+    if not items:
+        return set()
+    cur = await conn.execute(
+        _Q["complete_items"],
+        {"ids": [i.id for i in items], "attempts": [i.attempt for i in items],
+         "worker": worker, "now": now},
+    )
+    return {r["id"] for r in await cur.fetchall()}
+
+
+def _fence(item: ClaimedItem, worker: str, now: datetime | None) -> dict[str, Any]:
+    return {"id": item.id, "attempt": item.attempt, "worker": worker, "now": now}
+
+
+async def _fenced(conn: Connection, query: str, params: dict[str, Any]) -> bool:
+    cur = await conn.execute(_Q[query], params)
+    return await cur.fetchone() is not None
+
+
+async def complete_item(
+    conn: Connection, item: ClaimedItem, *, worker: str, episode_id: str,
+    now: datetime | None = None,
+) -> bool:
+    """Mark one item completed with its episode; False if the fence no longer holds."""
+    return await _fenced(
+        conn, "complete_item", {**_fence(item, worker, now), "episode_id": episode_id}
+    )
+
+
+async def retry_item(
+    conn: Connection, item: ClaimedItem, *, worker: str, delay_seconds: float, error: str,
+    now: datetime | None = None,
+) -> bool:
+    """Back to pending after ``delay_seconds``; False if the fence no longer holds."""
+    return await _fenced(
+        conn, "retry_item",
+        {**_fence(item, worker, now), "delay_seconds": delay_seconds, "error": error},
+    )
+
+
+async def finish_item(
+    conn: Connection, item: ClaimedItem, *, worker: str, status: str, error: str,
+    now: datetime | None = None,
+) -> bool:
+    """Final 'failed' or 'cancelled' with the reason; False if the fence no longer holds."""
+    if status not in ("failed", "cancelled"):
+        raise ValueError(f"finish_item: status must be failed or cancelled, not {status!r}")
+    return await _fenced(
+        conn, "finish_item", {**_fence(item, worker, now), "status": status, "error": error}
+    )
+
+
+async def release_item(
+    conn: Connection, item: ClaimedItem, *, worker: str, status: str = "pending",
+    error: str | None = None, now: datetime | None = None,
+) -> bool:
+    """Hand the item back without charging its attempt (``status`` pending or blocked)."""
+    if status not in ("pending", "blocked"):
+        raise ValueError(f"release_item: status must be pending or blocked, not {status!r}")
+    return await _fenced(
+        conn, "release_item", {**_fence(item, worker, now), "status": status, "error": error}
+    )
+
+
+async def reap_expired_leases(
+    conn: Connection, *, max_attempts: int, limit: int = 500, now: datetime | None = None
+) -> list[ReapedItem]:
+    """Return expired-lease items to pending (or failed when out of attempts)."""
+    cur = await conn.execute(
+        _Q["reap_expired_leases"], {"max_attempts": max_attempts, "limit": limit, "now": now}
+    )
+    return [
+        ReapedItem(
+            id=r["id"], organization_id=r["organization_id"], episode_id=r["episode_id"],
+            status=r["status"], attempt=r["attempt_count"], error=r["last_error"],
+        )
+        for r in await cur.fetchall()
+    ]
+
+
+async def prune_finished_items(
+    conn: Connection, *, retention_days: int, limit: int = 500, now: datetime | None = None
+) -> int:
+    """Delete up to ``limit`` completed/cancelled items older than the retention."""
+    cur = await conn.execute(
+        _Q["prune_finished_items"],
+        {"retention_days": retention_days, "limit": limit, "now": now},
+    )
+    return cur.rowcount
+
+
+async def next_due_at(conn: Connection) -> datetime | None:
+    """When the earliest pending item becomes due (None when nothing is pending)."""
+    cur = await conn.execute(_Q["next_due_at"])
+    row = await cur.fetchone()
+    return row["due_at"] if row else None

@@ -1,0 +1,123 @@
+-- The scheduler's queries (mf_worker.scheduling.scheduler): keep exactly one correct open
+-- queue item for every active project. The unique index on open items per project is the
+-- guard against concurrent schedulers; a conflict is simply "someone else did it".
+
+-- name: list_projects_without_open_item
+-- Keyset-paginated by project id so 100,000 projects never load at once.
+SELECT p.id, p.organization_id, p.cadence_config, p.delivery_time, u.timezone
+FROM projects p
+JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
+WHERE p.status = 'active'
+  AND p.id > %(after_id)s
+  AND NOT EXISTS (
+      SELECT 1 FROM episode_schedule_queue q
+      WHERE q.project_id = p.id AND q.status IN ('pending', 'processing', 'blocked'))
+ORDER BY p.id
+LIMIT %(limit)s;
+
+-- name: insert_planned_items
+INSERT INTO episode_schedule_queue
+    (id, project_id, organization_id, scheduled_for, run_after, metadata)
+SELECT n.id, n.project_id, n.organization_id, n.scheduled_for, n.scheduled_for, n.metadata
+FROM unnest(%(ids)s::text[], %(project_ids)s::text[], %(organization_ids)s::text[],
+            %(scheduled_for)s::timestamptz[], %(metadata)s::jsonb[])
+     AS n(id, project_id, organization_id, scheduled_for, metadata)
+ON CONFLICT (project_id) WHERE status IN ('pending', 'processing', 'blocked') DO NOTHING
+RETURNING project_id, scheduled_for;
+
+-- name: cache_next_scheduled_at
+-- projects.next_scheduled_at is a cache of the queue for the web app. Rows are locked in id
+-- order so two schedulers updating overlapping batches cannot deadlock.
+WITH locked AS (
+    SELECT p.id FROM projects p
+    WHERE p.id = ANY(%(project_ids)s::text[])
+    ORDER BY p.id
+    FOR NO KEY UPDATE
+)
+UPDATE projects p
+SET next_scheduled_at = n.scheduled_for
+FROM unnest(%(project_ids)s::text[], %(scheduled_for)s::timestamptz[]) AS n(id, scheduled_for),
+     locked
+WHERE p.id = n.id AND locked.id = n.id
+  AND p.next_scheduled_at IS DISTINCT FROM n.scheduled_for;
+
+-- name: list_stale_pending_items
+-- Pending, never-attempted items planned by the scheduler whose project has since changed its
+-- cadence, delivery time or owner's zone. Items enqueued by hand (metadata.manual) or by other
+-- software (no metadata.cadence) are left alone.
+SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone
+FROM episode_schedule_queue q
+JOIN projects p ON p.id = q.project_id
+JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
+WHERE q.status = 'pending'
+  AND q.attempt_count = 0
+  AND q.id > %(after_id)s
+  AND p.status = 'active'
+  AND q.metadata ? 'cadence'
+  AND NOT coalesce((q.metadata ->> 'manual')::boolean, false)
+  AND (q.metadata -> 'cadence' IS DISTINCT FROM p.cadence_config
+       OR q.metadata ->> 'user_timezone' IS DISTINCT FROM u.timezone
+       OR q.metadata ->> 'delivery_time' IS DISTINCT FROM p.delivery_time::text)
+ORDER BY q.id
+LIMIT %(limit)s;
+
+-- name: reschedule_items
+UPDATE episode_schedule_queue q
+SET scheduled_for = n.scheduled_for,
+    run_after     = n.scheduled_for,
+    metadata      = n.metadata
+FROM unnest(%(ids)s::text[], %(scheduled_for)s::timestamptz[], %(metadata)s::jsonb[])
+     AS n(id, scheduled_for, metadata)
+WHERE q.id = n.id AND q.status = 'pending' AND q.attempt_count = 0
+RETURNING q.project_id, q.scheduled_for;
+
+-- name: cancel_items_of_inactive_projects
+-- A paused or archived project gets nothing: its waiting item is cancelled with the reason.
+-- (An item already processing finishes; the worker then plans no next item.)
+UPDATE episode_schedule_queue q
+SET status = 'cancelled',
+    last_error = format('project %%s', p.status)
+FROM projects p
+WHERE q.project_id = p.id
+  AND p.status <> 'active'
+  AND q.status IN ('pending', 'blocked')
+RETURNING q.id, q.project_id;
+
+-- name: cancel_items_of_deleted_projects
+UPDATE episode_schedule_queue
+SET status = 'cancelled', last_error = 'project deleted'
+WHERE project_id IS NULL AND status IN ('pending', 'blocked')
+RETURNING id;
+
+-- name: clear_next_scheduled_at_of_inactive_projects
+UPDATE projects
+SET next_scheduled_at = NULL
+WHERE status <> 'active' AND next_scheduled_at IS NOT NULL;
+
+-- name: get_project_for_enqueue
+SELECT p.id, p.organization_id, p.status, p.cadence_config, p.delivery_time, u.timezone,
+       q.id AS open_item_id, q.status AS open_item_status, q.scheduled_for AS open_item_due
+FROM projects p
+JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
+LEFT JOIN episode_schedule_queue q
+       ON q.project_id = p.id AND q.status IN ('pending', 'processing', 'blocked')
+WHERE p.id = %(project_id)s
+FOR UPDATE OF p;
+
+-- name: cancel_open_pending_item
+UPDATE episode_schedule_queue
+SET status = 'cancelled', last_error = %(reason)s
+WHERE id = %(id)s AND status IN ('pending', 'blocked')
+RETURNING id;
+
+-- name: insert_item
+INSERT INTO episode_schedule_queue
+    (id, project_id, organization_id, scheduled_for, run_after, metadata)
+VALUES (%(id)s, %(project_id)s, %(organization_id)s, %(scheduled_for)s, %(scheduled_for)s,
+        %(metadata)s)
+ON CONFLICT (project_id) WHERE status IN ('pending', 'processing', 'blocked') DO NOTHING
+RETURNING id, scheduled_for;
+
+-- name: set_next_scheduled_at
+UPDATE projects SET next_scheduled_at = %(scheduled_for)s
+WHERE id = %(project_id)s AND next_scheduled_at IS DISTINCT FROM %(scheduled_for)s;

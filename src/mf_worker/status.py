@@ -1,0 +1,124 @@
+"""``mf-worker status``, ``retry`` and ``cancel``: what an operator reads and does by hand.
+
+The snapshot is read from the database, so any replica (or a laptop with the URL) reports the
+same truth: counts by status, the lag of the oldest due item, expired leases (a worker died and
+the reaper has not run yet), failed and blocked items with their errors, and projects that have
+no next item (usually an invalid cadence or zone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from .db import Connection
+from .db.sql import load_queries
+from .errors import MfWorkerError
+
+_Q = load_queries(__package__ or "mf_worker", "status.sql")
+
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled", "blocked")
+
+
+@dataclass
+class Snapshot:
+    counts: dict[str, int]
+    due_items: int
+    oldest_due_lag_seconds: float | None
+    expired_leases: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    blocked: list[dict[str, Any]] = field(default_factory=list)
+    projects_without_item: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def read_snapshot(conn: Connection, *, limit: int = 20,
+                        now: datetime | None = None) -> Snapshot:
+    now = now or datetime.now(UTC)
+    counts = dict.fromkeys(STATUSES, 0)
+    for row in await (await conn.execute(_Q["count_items_by_status"])).fetchall():
+        counts[row["status"]] = row["items"]
+    due = await (await conn.execute(_Q["oldest_due_pending"])).fetchone()
+    assert due is not None
+    lag = (now - due["oldest_due"]).total_seconds() if due["oldest_due"] else None
+
+    async def rows(query: str, **params: Any) -> list[dict[str, Any]]:
+        cur = await conn.execute(_Q[query], {"limit": limit, **params})
+        return [_plain(r) for r in await cur.fetchall()]
+
+    without = await (await conn.execute(_Q["count_active_projects_without_item"])).fetchone()
+    return Snapshot(
+        counts=counts,
+        due_items=due["due_items"],
+        oldest_due_lag_seconds=None if lag is None else max(lag, 0.0),
+        expired_leases=await rows("list_expired_leases"),
+        failed=await rows("list_items_in_status", status="failed"),
+        blocked=await rows("list_items_in_status", status="blocked"),
+        projects_without_item=without["projects"] if without else 0,
+    )
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def render_snapshot(snapshot: Snapshot) -> str:
+    """The human-readable form of :func:`read_snapshot`."""
+    lines = ["queue items by status:"]
+    lines += [f"  {status:11} {snapshot.counts[status]:>8}" for status in STATUSES]
+    lag = snapshot.oldest_due_lag_seconds
+    lines.append(f"due now: {snapshot.due_items} (oldest waiting "
+                 f"{'-' if lag is None else f'{lag:.1f} s'})")
+    lines.append(f"active projects without a next item: {snapshot.projects_without_item}"
+                 + ("  (run `mf-worker schedule` to see why)"
+                    if snapshot.projects_without_item else ""))
+    sections = (("expired leases (worker lost; the reaper will return them)",
+                 snapshot.expired_leases, "locked_by"),
+                ("failed items", snapshot.failed, "last_error"),
+                ("blocked items", snapshot.blocked, "last_error"))
+    for title, items, detail in sections:
+        if items:
+            lines.append(f"{title}:")
+            lines += [f"  {i['id']}  project {i['project_id']}  org {i['organization_id']}  "
+                      f"attempts {i['attempt_count']}  {i.get(detail) or ''}" for i in items]
+    return "\n".join(lines)
+
+
+async def retry_queue_item(conn: Connection, item_id: str) -> None:
+    """Make a failed/cancelled/blocked item pending and due now, with fresh attempts."""
+    try:
+        cur = await conn.execute(_Q["retry_item_now"], {"id": item_id})
+    except psycopg.errors.UniqueViolation:
+        raise MfWorkerError(
+            f"{item_id}: its project already has another open item; cancel that one first"
+        ) from None
+    if await cur.fetchone() is None:
+        raise MfWorkerError(await _why_not(conn, item_id, "retried"))
+
+
+async def cancel_queue_item(conn: Connection, item_id: str, reason: str) -> None:
+    """Cancel a pending, blocked or processing item (a running generation's write is fenced
+    out). The scheduler plans the project's following occurrence on its next pass."""
+    cur = await conn.execute(_Q["cancel_item_now"], {"id": item_id, "reason": reason})
+    if await cur.fetchone() is None:
+        raise MfWorkerError(await _why_not(conn, item_id, "cancelled"))
+
+
+async def get_queue_item(conn: Connection, item_id: str) -> dict[str, Any] | None:
+    """One queue item's row, or None."""
+    row: dict[str, Any] | None = await (
+        await conn.execute(_Q["get_item"], {"id": item_id})
+    ).fetchone()
+    return row
+
+
+async def _why_not(conn: Connection, item_id: str, verb: str) -> str:
+    row = await get_queue_item(conn, item_id)
+    if row is None:
+        return f"no queue item {item_id!r}"
+    return f"{item_id} is {row['status']} and cannot be {verb}"

@@ -1,0 +1,50 @@
+-- What `mf-worker status` (and the queue metrics) read. Cross-organisation, read-only.
+
+-- name: count_items_by_status
+SELECT status, count(*) AS items FROM episode_schedule_queue GROUP BY status;
+
+-- name: oldest_due_pending
+-- Lag: how long the oldest due pending item has been waiting.
+SELECT min(run_after) AS oldest_due,
+       count(*) AS due_items
+FROM episode_schedule_queue
+WHERE status = 'pending' AND run_after <= now();
+
+-- name: list_expired_leases
+SELECT id, project_id, organization_id, locked_by, attempt_count, lease_expires_at
+FROM episode_schedule_queue
+WHERE status = 'processing' AND lease_expires_at < now()
+ORDER BY lease_expires_at
+LIMIT %(limit)s;
+
+-- name: list_items_in_status
+SELECT id, project_id, organization_id, attempt_count, last_error, updated_at
+FROM episode_schedule_queue
+WHERE status = %(status)s
+ORDER BY updated_at DESC
+LIMIT %(limit)s;
+
+-- name: count_active_projects_without_item
+SELECT count(*) AS projects
+FROM projects p
+WHERE p.status = 'active'
+  AND NOT EXISTS (SELECT 1 FROM episode_schedule_queue q
+                  WHERE q.project_id = p.id AND q.status IN ('pending', 'processing', 'blocked'));
+
+-- name: get_item
+SELECT * FROM episode_schedule_queue WHERE id = %(id)s;
+
+-- name: retry_item_now
+-- `mf-worker retry`: a failed, cancelled or blocked item (or a pending one that is backing off)
+-- becomes pending and due now, with a fresh set of attempts.
+UPDATE episode_schedule_queue
+SET status = 'pending', run_after = now(), attempt_count = 0, last_error = NULL,
+    completed_at = NULL
+WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'blocked', 'pending')
+RETURNING id, status;
+
+-- name: cancel_item_now
+UPDATE episode_schedule_queue
+SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL
+WHERE id = %(id)s AND status IN ('pending', 'blocked', 'processing')
+RETURNING id;
