@@ -85,7 +85,7 @@ def test_readme_embeds_the_current_settings_table() -> None:
     from mf_worker.cli import settings_markdown_table
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert settings_markdown_table() in readme, "regenerate with `mf-worker config --markdown`"
+    assert settings_markdown_table() in readme, "regenerate with `make readme`"
     assert all(f"`{s.env}`" in readme for s in describe_settings())
 
 

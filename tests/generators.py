@@ -1,0 +1,83 @@
+"""A scripted generator for engine tests: the project's title says how the generation behaves.
+
+Real worker processes load it as ``tests.generators:scripted``, so one daemon can meet every
+scenario in one run. A fake that really behaves (sleeps, fails, returns garbage), not a mock.
+
+Title prefixes:
+  ``slow:S``        sleep S seconds, then write the template episode
+  ``flaky:N``       retryable failure on attempts 1..N, then success
+  ``rate-limited``  retryable failure with retry_after=0.1 on attempt 1, then success
+  ``fail-always``   retryable failure on every attempt
+  ``permanent``     permanent failure
+  ``raises``        an unexpected exception (a plugin bug)
+  ``invalid:KIND``  an invalid result of KIND (see ``INVALID``)
+  anything else     the template episode at once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import Callable
+
+from mf_worker.generation import (
+    BlockDraft,
+    GenerationRequest,
+    GenerationResult,
+    PermanentGenerationError,
+    RetryableGenerationError,
+    TokenUsage,
+)
+from mf_worker.generation.template import TemplateGenerator
+
+_template = TemplateGenerator()
+
+
+def _good(request: GenerationRequest) -> GenerationResult:
+    return _template.write(request)
+
+
+def _replace(result: GenerationResult, **changes: object) -> GenerationResult:
+    return dataclasses.replace(result, **changes)  # type: ignore[arg-type]
+
+
+INVALID: dict[str, Callable[[GenerationResult], GenerationResult]] = {
+    "empty-title": lambda r: _replace(r, title="   "),
+    "no-blocks": lambda r: _replace(r, blocks=[]),
+    "nul": lambda r: _replace(r, blocks=[BlockDraft(content="bad\x00byte")]),
+    "confidence-7": lambda r: _replace(r, blocks=[BlockDraft(content="x", confidence=7.0)]),
+    "confidence-nan": lambda r: _replace(
+        r, blocks=[BlockDraft(content="x", confidence=float("nan"))]),
+    "negative-tokens": lambda r: _replace(
+        r, usage=TokenUsage(model="template", prompt_tokens=-5, completion_tokens=1)),
+    "huge": lambda r: _replace(r, blocks=[BlockDraft(content="x" * (2 * 1024 * 1024))]),
+    "foreign-note": lambda r: _replace(r, incorporated_note_ids=["note_of_someone_else"]),
+    "not-a-result": lambda r: "just a string",  # type: ignore[return-value,arg-type]
+}
+
+
+async def scripted(request: GenerationRequest) -> GenerationResult:
+    title = request.project.title
+    kind, _, arg = title.partition(":")
+    if kind == "slow":
+        await asyncio.sleep(float(arg.split()[0]))
+    elif kind == "flaky" and request.attempt <= int(arg.split()[0]):
+        raise RetryableGenerationError(f"provider overloaded (attempt {request.attempt})")
+    elif kind == "rate-limited" and request.attempt == 1:
+        raise RetryableGenerationError("429 Too Many Requests", retry_after=0.1)
+    elif kind == "fail-always":
+        raise RetryableGenerationError(f"upstream 503 on attempt {request.attempt}")
+    elif kind == "permanent":
+        raise PermanentGenerationError("400 Bad Request: content refused")
+    elif kind == "raises":
+        raise KeyError("choices")
+    elif kind == "invalid":
+        return INVALID[arg.split()[0]](_good(request))
+    return _good(request)
+
+
+async def sleepy(request: GenerationRequest) -> GenerationResult:
+    """Sleeps TEST_GENERATOR_SLEEP seconds (default 0.2): an LLM call's latency with no CPU."""
+    await asyncio.sleep(float(os.environ.get("TEST_GENERATOR_SLEEP", "0.2")))
+    return _good(request)

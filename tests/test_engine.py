@@ -1,0 +1,291 @@
+"""The engine in one process: the final write, retries, permanent failures, bad output, bad data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from mf_worker.engine.backoff import CAP_SECONDS, retry_delay
+from mf_worker.engine.worker import Outcome
+
+from .factories import make_note, make_project, make_queue_item, make_tenant, make_user
+from .workers import ROOT, run_burst, run_single, worker_env
+
+Conn = psycopg.Connection[dict[str, Any]]
+NOW = datetime.now(UTC)
+
+
+def one(conn: Conn, sql: str, *params: Any) -> dict[str, Any]:
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None, sql
+    return row
+
+
+def item_state(conn: Conn, item_id: str) -> dict[str, Any]:
+    return one(conn, "SELECT * FROM episode_schedule_queue WHERE id = %s", item_id)
+
+
+def make_due(conn: Conn) -> None:
+    conn.execute("UPDATE episode_schedule_queue SET run_after = now() WHERE status = 'pending'")
+
+
+def test_success_writes_everything_in_one_go(db_url: str, db: Conn) -> None:
+    """Episode, blocks, usage, notes, memory, audit, event, completion and the next item."""
+    t = make_tenant(db, cadence={"mode": "weekly", "days": [1]})
+    notes = [make_note(db, t["project"], note=n) for n in ("More on policy", "Less jargon")]
+    item = make_queue_item(db, t["project"], scheduled_for=NOW - timedelta(minutes=5))
+
+    reports = run_burst(db_url)
+
+    assert [r.outcome for r in reports] == [Outcome.SUCCESS]
+    done = item_state(db, item["id"])
+    assert done["status"] == "completed" and done["completed_at"] is not None
+    assert done["locked_by"] is None and done["attempt_count"] == 1
+    episode = one(db, "SELECT * FROM episodes WHERE id = %s", done["episode_id"])
+    assert (episode["status"], episode["sequence_number"], episode["generation_attempts"]) == (
+        "ready", 1, 1)
+    assert episode["title"] == reports[0].result.title  # type: ignore[union-attr]
+    blocks = db.execute("SELECT * FROM blocks WHERE episode_id = %s ORDER BY position",
+                        [episode["id"]]).fetchall()
+    assert [b["position"] for b in blocks] == list(range(len(blocks))) and len(blocks) >= 2
+    usage = one(db, "SELECT * FROM token_usage WHERE episode_id = %s", episode["id"])
+    assert usage["operation"] == "episode_generation" and usage["model"] == "template"
+    assert usage["total_tokens"] > 0 and usage["cost_gbp"] == 0
+    daily = one(db, "SELECT * FROM token_usage_daily WHERE organization_id = %s",
+                t["org"]["id"])
+    assert daily["total_tokens"] == usage["total_tokens"] and daily["episode_count"] == 1
+    for note in notes:
+        row = one(db, "SELECT status, episode_id, processed_at FROM planning_notes WHERE id = %s",
+                  note["id"])
+        assert row["status"] == "incorporated" and row["episode_id"] == episode["id"]
+    assert one(db, "SELECT count(*) AS n FROM agent_memory")["n"] >= 1
+    audit = one(db, "SELECT * FROM audit_log WHERE action = 'episode.generate'")
+    assert audit["resource_id"] == episode["id"] and json.loads(audit["new_value"])["blocks"]
+    event = one(db, "SELECT * FROM user_events WHERE event_type = 'episode_generated'")
+    assert event["user_id"] == t["user"]["id"]
+    nxt = one(db, "SELECT * FROM episode_schedule_queue WHERE status = 'pending'")
+    assert nxt["project_id"] == t["project"]["id"] and nxt["scheduled_for"] > NOW
+    assert nxt["scheduled_for"].astimezone(UTC).weekday() == 0  # Monday (London, 09:00)
+    project = one(db, "SELECT next_scheduled_at FROM projects WHERE id = %s", t["project"]["id"])
+    assert project["next_scheduled_at"] == nxt["scheduled_for"]
+
+
+def test_missed_slots_are_not_caught_up_after_an_outage(db_url: str, db: Conn) -> None:
+    """An item due ten days ago (daily cadence) is followed by one in the future, not ten."""
+    t = make_tenant(db, cadence={"mode": "daily"})
+    make_queue_item(db, t["project"], scheduled_for=NOW - timedelta(days=10))
+    run_burst(db_url)
+    pending = db.execute(
+        "SELECT scheduled_for FROM episode_schedule_queue WHERE status = 'pending'").fetchall()
+    assert len(pending) == 1 and NOW < pending[0]["scheduled_for"] <= NOW + timedelta(days=1)
+
+
+def test_retry_then_success_keeps_the_first_error_in_the_episode_history(
+    db_url: str, db: Conn
+) -> None:
+    t = make_tenant(db, title="flaky:1")
+    item = make_queue_item(db, t["project"])
+
+    first = run_burst(db_url)
+    assert [r.outcome for r in first] == [Outcome.RETRY]
+    state = item_state(db, item["id"])
+    assert state["status"] == "pending" and state["attempt_count"] == 1
+    assert "provider overloaded" in state["last_error"]
+    assert state["run_after"] > state["last_attempt_at"]  # backing off
+
+    make_due(db)
+    second = run_burst(db_url)
+    assert [r.outcome for r in second] == [Outcome.SUCCESS]
+    state = item_state(db, item["id"])
+    assert (state["status"], state["attempt_count"]) == ("completed", 2)
+    episode = one(db, "SELECT * FROM episodes WHERE id = %s", state["episode_id"])
+    assert episode["status"] == "ready" and episode["generation_attempts"] == 2
+    assert len(episode["generation_errors"]) == 1
+    assert episode["generation_errors"][0].startswith("attempt 1: provider overloaded")
+    assert one(db, "SELECT count(*) AS n FROM episodes")["n"] == 1
+
+
+def test_retry_after_from_the_provider_is_honoured(db_url: str, db: Conn) -> None:
+    """A provider's retry_after that is shorter than the backoff does not shorten it; the item
+    comes back once due and succeeds."""
+    t = make_tenant(db, title="rate-limited")
+    item = make_queue_item(db, t["project"])
+    reports = run_burst(db_url)
+    assert [r.outcome for r in reports] == [Outcome.RETRY]
+    state = item_state(db, item["id"])
+    delay = (state["run_after"] - state["last_attempt_at"]).total_seconds()
+    assert 0.7 <= delay <= 1.3  # the 1 s backoff (±20 %) is longer than retry_after=0.1
+
+
+def test_always_failing_item_fails_after_max_attempts(db_url: str, db: Conn) -> None:
+    t = make_tenant(db, title="fail-always")
+    item = make_queue_item(db, t["project"])
+    outcomes = []
+    for _ in range(3):
+        outcomes += [r.outcome for r in run_burst(db_url, max_attempts=3)]
+        make_due(db)
+    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    state = item_state(db, item["id"])
+    assert state["status"] == "failed" and state["attempt_count"] == 3
+    assert state["last_error"].startswith("gave up after 3 attempts: upstream 503 on attempt 3")
+    episode = one(db, "SELECT * FROM episodes WHERE id = %s", state["episode_id"])
+    assert episode["status"] == "failed" and episode["generation_attempts"] == 3
+    assert len(episode["generation_errors"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("title", "expected"),
+    [("permanent", "400 Bad Request: content refused"),
+     ("raises", "generator raised KeyError: 'choices'")],
+)
+def test_permanent_errors_fail_after_one_attempt(
+    db_url: str, db: Conn, title: str, expected: str
+) -> None:
+    t = make_tenant(db, title=title)
+    item = make_queue_item(db, t["project"])
+    assert [r.outcome for r in run_burst(db_url)] == [Outcome.FAILED]
+    state = item_state(db, item["id"])
+    assert (state["status"], state["attempt_count"]) == ("failed", 1)
+    assert expected in state["last_error"]
+
+
+INVALID_CASES = {
+    "empty-title": "title",
+    "no-blocks": "blocks",
+    "nul": "NUL",
+    "confidence-7": "confidence",
+    "confidence-nan": "confidence",
+    "negative-tokens": "prompt_tokens",
+    "huge": "MF_MAX_EPISODE_BYTES",
+    "foreign-note": "note_of_someone_else",
+    "not-a-result": "GenerationResult",
+}
+
+
+def test_every_invalid_output_fails_its_item_only(db_url: str, db: Conn) -> None:
+    """Each kind of garbage fails its own item with a clear error; a good item still completes
+    in the same run, and nothing of the bad ones is written."""
+    org_user = make_tenant(db)
+    items = {}
+    for kind in INVALID_CASES:
+        project = make_project(db, org_user["user"], title=f"invalid:{kind}")
+        items[kind] = make_queue_item(db, project)["id"]
+    good = make_queue_item(db, org_user["project"])["id"]
+
+    run_burst(db_url, concurrency=4)
+
+    for kind, needle in INVALID_CASES.items():
+        state = item_state(db, items[kind])
+        assert state["status"] == "failed", kind
+        assert state["attempt_count"] == 1, kind
+        assert state["last_error"].startswith("invalid output: "), state["last_error"]
+        assert needle in state["last_error"], (kind, state["last_error"])
+    assert item_state(db, good)["status"] == "completed"
+    assert one(db, "SELECT count(*) AS n FROM episodes WHERE status = 'ready'")["n"] == 1
+    assert one(db, "SELECT count(*) AS n FROM token_usage")["n"] == 1
+
+
+def test_item_of_paused_or_deleted_project_is_cancelled_with_a_reason(
+    db_url: str, db: Conn
+) -> None:
+    t = make_tenant(db)
+    paused = make_project(db, t["user"], title="paused")
+    gone = make_project(db, t["user"], title="gone")
+    paused_item = make_queue_item(db, paused)
+    gone_item = make_queue_item(db, gone)
+    db.execute("UPDATE projects SET status = 'paused' WHERE id = %s", [paused["id"]])
+    db.execute("DELETE FROM projects WHERE id = %s", [gone["id"]])
+
+    reports = run_burst(db_url)
+
+    assert sorted(r.outcome for r in reports) == [Outcome.CANCELLED, Outcome.CANCELLED]
+    assert item_state(db, paused_item["id"])["last_error"] == "project paused"
+    assert item_state(db, gone_item["id"])["last_error"] == "project deleted"
+    assert one(db, "SELECT count(*) AS n FROM episodes")["n"] == 0
+
+
+def test_unknown_owner_timezone_fails_that_item_with_a_clear_error(
+    db_url: str, db: Conn
+) -> None:
+    t = make_tenant(db)
+    bad_user = make_user(db, t["org"], timezone="Mars/Olympus")
+    bad = make_queue_item(db, make_project(db, bad_user))
+    good = make_queue_item(db, t["project"])
+    run_burst(db_url)
+    state = item_state(db, bad["id"])
+    assert state["status"] == "failed"
+    assert "timezone" in state["last_error"] and "Mars/Olympus" in state["last_error"]
+    assert item_state(db, good["id"])["status"] == "completed"
+
+
+def test_run_once_processes_one_named_item_even_if_not_due(db_url: str, db: Conn) -> None:
+    t = make_tenant(db)
+    later = make_queue_item(db, t["project"], scheduled_for=NOW + timedelta(days=3))
+    assert run_single(db_url) is None  # nothing due
+    assert run_single(db_url, later["id"]) is Outcome.SUCCESS
+    assert item_state(db, later["id"])["status"] == "completed"
+
+
+def cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mf_worker", *args], capture_output=True,
+                          text=True, env=worker_env(url), cwd=ROOT, timeout=120, check=False)
+
+
+def test_cli_run_once_exit_codes_status_retry_and_cancel(db_url: str, db: Conn) -> None:
+    assert cli("run-once", url=db_url).returncode == 3
+    t = make_tenant(db, title="permanent")
+    item = make_queue_item(db, t["project"])
+    failed = cli("run-once", url=db_url)
+    assert failed.returncode == 1 and failed.stdout.strip() == "failed"
+
+    status = cli("status", "--json", url=db_url)
+    assert status.returncode == 0, status.stderr
+    snapshot = json.loads(status.stdout)
+    assert snapshot["counts"]["failed"] == 1
+    assert snapshot["failed"][0]["id"] == item["id"]
+    assert "content refused" in snapshot["failed"][0]["last_error"]
+    human = cli("status", url=db_url)
+    assert item["id"] in human.stdout and "failed" in human.stdout
+
+    db.execute("UPDATE projects SET title = 'fine now'")
+    assert cli("retry", item["id"], url=db_url).returncode == 0
+    state = item_state(db, item["id"])
+    assert (state["status"], state["attempt_count"]) == ("pending", 0)
+    ok = cli("run-once", "--id", item["id"], url=db_url)
+    assert ok.returncode == 0 and ok.stdout.strip() == "success", ok.stderr
+
+    nxt = one(db, "SELECT id FROM episode_schedule_queue WHERE status = 'pending'")
+    assert cli("cancel", nxt["id"], url=db_url).returncode == 0
+    assert item_state(db, nxt["id"])["status"] == "cancelled"
+    again = cli("cancel", nxt["id"], url=db_url)
+    assert again.returncode == 1 and "is cancelled and cannot be cancelled" in again.stderr
+    assert "no queue item" in cli("retry", "queue_nope", url=db_url).stderr
+
+
+def test_cli_commands_without_database_need_no_url() -> None:
+    env = {k: v for k, v in worker_env("x").items() if k not in ("MF_DATABASE_URL",)}
+    for args in (["--help"], ["--version"], ["generators"], ["run", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "mf_worker", *args], capture_output=True,
+                                text=True, env=env, cwd=ROOT, timeout=60, check=False)
+        assert result.returncode == 0, (args, result.stderr)
+    listed = subprocess.run([sys.executable, "-m", "mf_worker", "generators"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert "template" in listed.stdout
+
+
+def test_backoff_doubles_from_one_second_with_jitter_and_a_five_minute_cap() -> None:
+    import random
+
+    rng = random.Random(7)
+    for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 8), (9, 256)]:
+        delay = retry_delay(attempt, rng=rng)
+        assert 0.8 * base <= delay <= 1.2 * base
+    assert all(retry_delay(n, rng=rng) <= CAP_SECONDS for n in range(10, 60))
+    assert retry_delay(1, retry_after=42.0, rng=rng) == 42.0  # the provider's wish wins
+    assert retry_delay(1, retry_after=10**9, rng=rng) == 3600.0  # but not forever

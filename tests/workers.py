@@ -1,0 +1,86 @@
+"""Helpers to run the engine for real: in this process (asyncio) or as `mf-worker` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mf_worker.engine.daemon import build, run_one, serve, shutdown
+from mf_worker.engine.worker import AttemptReport, Outcome
+from mf_worker.generation import Generator, load_generator
+
+from .conftest import settings_for
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTED = "tests.generators:scripted"
+
+
+def run_burst(db_url: str, generator: str | Generator = SCRIPTED, **overrides: Any
+              ) -> list[AttemptReport]:
+    """Run a worker in this process until nothing is due; return every attempt's report."""
+    reports: list[AttemptReport] = []
+    gen = load_generator(generator) if isinstance(generator, str) else generator
+    settings = settings_for(db_url, **{"poll_interval": 0.05, **overrides})
+
+    async def main() -> None:
+        components = await build(settings, generator=gen, observers=[reports.append],
+                                 scheduler=False)
+        await serve(components, burst=True, install_signals=False)
+
+    asyncio.run(main())
+    return reports
+
+
+def run_single(db_url: str, item_id: str | None = None, generator: str = SCRIPTED,
+               **overrides: Any) -> Outcome | None:
+    """`run-once` in this process."""
+    settings = settings_for(db_url, **overrides)
+
+    async def main() -> Outcome | None:
+        components = await build(settings, generator=load_generator(generator), scheduler=False)
+        try:
+            return await run_one(components, item_id)
+        finally:
+            await shutdown(components)
+
+    return asyncio.run(main())
+
+
+def worker_env(db_url: str, **env: str) -> dict[str, str]:
+    """A clean environment for an `mf-worker` process against the test database."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MF_")}
+    base.pop("DATABASE_URL", None)
+    base.update({
+        "MF_DATABASE_URL": db_url,
+        "MF_LOG_FORMAT": "json",
+        "MF_GENERATOR": SCRIPTED,
+        "MF_POLL_INTERVAL": "0.2",
+        "PYTHONPATH": str(ROOT),
+        **env,
+    })
+    return base
+
+
+def start_worker(db_url: str, *args: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Start `mf-worker run ARGS` as a real process, logging to ``log``."""
+    handle = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mf_worker", "run", *args],
+        stdout=handle, stderr=subprocess.STDOUT, env=worker_env(db_url, **env), cwd=ROOT,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
