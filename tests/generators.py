@@ -5,6 +5,7 @@ scenario in one run. A fake that really behaves (sleeps, fails, returns garbage)
 
 Title prefixes:
   ``slow:S``        sleep S seconds, then write the template episode
+  ``slow-once:S``   sleep S seconds on attempt 1 only (a crashed or frozen first attempt)
   ``flaky:N``       retryable failure on attempts 1..N, then success
   ``rate-limited``  retryable failure with retry_after=0.1 on attempt 1, then success
   ``fail-always``   retryable failure on every attempt
@@ -60,7 +61,7 @@ INVALID: dict[str, Callable[[GenerationResult], GenerationResult]] = {
 async def scripted(request: GenerationRequest) -> GenerationResult:
     title = request.project.title
     kind, _, arg = title.partition(":")
-    if kind == "slow":
+    if kind == "slow" or (kind == "slow-once" and request.attempt == 1):
         await asyncio.sleep(float(arg.split()[0]))
     elif kind == "flaky" and request.attempt <= int(arg.split()[0]):
         raise RetryableGenerationError(f"provider overloaded (attempt {request.attempt})")

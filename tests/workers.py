@@ -69,11 +69,11 @@ def worker_env(db_url: str, **env: str) -> dict[str, str]:
 
 def start_worker(db_url: str, *args: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
     """Start `mf-worker run ARGS` as a real process, logging to ``log``."""
-    handle = log.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "mf_worker", "run", *args],
-        stdout=handle, stderr=subprocess.STDOUT, env=worker_env(db_url, **env), cwd=ROOT,
-    )
+    with log.open("ab") as handle:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "mf_worker", "run", *args],
+            stdout=handle, stderr=subprocess.STDOUT, env=worker_env(db_url, **env), cwd=ROOT,
+        )
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -1,0 +1,317 @@
+"""The engine as real `mf-worker` processes: raced, killed, frozen, stopped, cut off, pooled.
+
+These tests start real daemons against the test's database and act on them the way production
+does: SIGKILL, SIGSTOP/SIGCONT, SIGTERM, terminated database backends, a real PgBouncer. They
+share one xdist group so they never compete with each other for the server's connections.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .conftest import require_binary
+from .factories import make_queue_item, make_tenant
+from .workers import start_worker, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def scalar(conn: Conn, sql: str, *params: Any) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return next(iter(row.values()))
+
+
+def status_of(conn: Conn, item_id: str) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM episode_schedule_queue WHERE id = %s", [item_id]).fetchone()
+    assert row is not None
+    return row
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
+
+
+SEED_STATEMENTS = [
+    """
+    INSERT INTO organizations (id, name) SELECT 'org_' || g, 'Org ' || g
+    FROM generate_series(1, %(orgs)s) g
+    """,
+    """
+    INSERT INTO users (id, organization_id, email, timezone)
+    SELECT 'usr_' || g, 'org_' || g, 'u' || g || '@example.com',
+           (ARRAY['Europe/London', 'America/New_York', 'Asia/Tokyo', 'UTC'])[1 + g %% 4]
+    FROM generate_series(1, %(orgs)s) g
+    """,
+    """
+    INSERT INTO projects (id, organization_id, user_id, title, cadence_config)
+    SELECT 'prj_' || g, 'org_' || (1 + g %% %(orgs)s), 'usr_' || (1 + g %% %(orgs)s),
+           %(title)s, '{"mode": "daily"}'
+    FROM generate_series(1, %(items)s) g
+    """,
+    """
+    INSERT INTO planning_notes (id, project_id, organization_id, user_id, note)
+    SELECT 'note_' || g, 'prj_' || g, 'org_' || (1 + g %% %(orgs)s),
+           'usr_' || (1 + g %% %(orgs)s), 'Note for project ' || g
+    FROM generate_series(1, %(items)s) g
+    """,
+    """
+    INSERT INTO episode_schedule_queue (id, project_id, organization_id, scheduled_for)
+    SELECT 'queue_' || g, 'prj_' || g, 'org_' || (1 + g %% %(orgs)s), now() - interval '1 s'
+    FROM generate_series(1, %(items)s) g
+    """,
+]
+
+
+def seed_many(conn: Conn, *, orgs: int, items: int, title: str = "fast") -> None:
+    """``items`` projects (one due item and one planning note each) across ``orgs`` orgs."""
+    params = {"orgs": orgs, "items": items, "title": title}
+    for statement in SEED_STATEMENTS:
+        conn.execute(statement, params)
+
+
+def test_exactly_once_with_four_racing_worker_processes(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    """4 processes × concurrency 8 over 2,000 due items in 50 orgs: every item completes once,
+    one episode each, every note incorporated once, aggregates equal the raw rows."""
+    seed_many(db, orgs=50, items=2000)
+    workers = [
+        start_worker(db_url, "--burst", log=tmp_path / f"w{i}.log",
+                     MF_CONCURRENCY="8", MF_POOL_MAX_SIZE="10", MF_WORKER_ID=f"racer-{i}")
+        for i in range(4)
+    ]
+    codes = [w.wait(timeout=300) for w in workers]
+    assert codes == [0, 0, 0, 0], [(tmp_path / f"w{i}.log").read_text()[-2000:] for i in range(4)]
+
+    assert scalar(db, "SELECT count(*) FROM episode_schedule_queue"
+                      " WHERE status = 'completed' AND attempt_count = 1") == 2000
+    assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE status NOT IN"
+                      " ('completed', 'pending')") == 0
+    assert scalar(db, "SELECT count(*) FROM episodes WHERE status = 'ready'") == 2000
+    assert scalar(db, "SELECT count(DISTINCT project_id) FROM episodes") == 2000
+    assert scalar(db, "SELECT max(sequence_number) FROM episodes") == 1
+    assert scalar(db, "SELECT count(*) FROM planning_notes WHERE status = 'incorporated'"
+                      " AND episode_id IS NOT NULL") == 2000
+    assert scalar(db, "SELECT count(*) FROM token_usage") == 2000
+    assert scalar(db, "SELECT count(*) FROM audit_log WHERE action = 'episode.generate'") == 2000
+    assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE status = 'pending'"
+                      " AND scheduled_for > now()") == 2000  # each project's next item
+    mismatched = db.execute(
+        """
+        SELECT d.organization_id FROM token_usage_daily d
+        JOIN (SELECT organization_id, sum(total_tokens) AS tokens, sum(cost_gbp) AS cost,
+                     count(*) AS episodes
+              FROM token_usage GROUP BY organization_id) r USING (organization_id)
+        WHERE d.total_tokens <> r.tokens OR d.total_cost_gbp <> r.cost
+           OR d.episode_count <> r.episodes
+        """
+    ).fetchall()
+    assert mismatched == []
+    assert scalar(db, "SELECT count(*) FROM token_usage_daily") == 50
+    per_worker = [(tmp_path / f"w{i}.log").read_text().count('"item_completed"')
+                  for i in range(4)]
+    assert sum(per_worker) == 2000 and all(n > 0 for n in per_worker), per_worker
+
+
+def test_sigkilled_worker_is_recovered_after_its_lease_expires(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    t = make_tenant(db, title="slow-once:60")
+    item = make_queue_item(db, t["project"])
+    a = start_worker(db_url, log=tmp_path / "a.log", MF_LEASE_SECONDS="2", MF_WORKER_ID="a")
+    wait_until(lambda: status_of(db, item["id"])["locked_by"] == "a", 30, "a to claim")
+    time.sleep(0.5)  # inside the generation
+    a.send_signal(signal.SIGKILL)
+    a.wait(timeout=10)
+    assert status_of(db, item["id"])["status"] == "processing"  # nobody released it
+
+    b = start_worker(db_url, log=tmp_path / "b.log", MF_LEASE_SECONDS="2", MF_WORKER_ID="b")
+    try:
+        wait_until(lambda: status_of(db, item["id"])["status"] == "completed", 30,
+                   "b to reap and complete the item")
+    finally:
+        assert stop(b) == 0
+    state = status_of(db, item["id"])
+    assert state["attempt_count"] == 2
+    assert scalar(db, "SELECT count(*) FROM episodes") == 1
+    episode = db.execute("SELECT * FROM episodes").fetchone()
+    assert episode is not None and episode["status"] == "ready"
+    assert episode["generation_attempts"] == 2
+    assert "worker lost: a stopped renewing its lease" in episode["generation_errors"][0]
+    assert '"item_reaped"' in (tmp_path / "b.log").read_text()
+
+
+def test_frozen_worker_loses_its_lease_and_writes_nothing_when_it_resumes(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    """SIGSTOP mid-generation; another worker completes the item; SIGCONT: the frozen worker's
+    write is fenced out and exactly one episode (one set of blocks, one usage row) exists."""
+    t = make_tenant(db, title="slow-once:3")
+    item = make_queue_item(db, t["project"])
+    a = start_worker(db_url, log=tmp_path / "a.log", MF_LEASE_SECONDS="2", MF_WORKER_ID="a")
+    wait_until(lambda: status_of(db, item["id"])["locked_by"] == "a", 30, "a to claim")
+    time.sleep(0.3)
+    a.send_signal(signal.SIGSTOP)
+    b = start_worker(db_url, log=tmp_path / "b.log", MF_LEASE_SECONDS="2", MF_WORKER_ID="b")
+    try:
+        wait_until(lambda: status_of(db, item["id"])["status"] == "completed", 30,
+                   "b to take over and complete")
+        a.send_signal(signal.SIGCONT)
+        wait_until(lambda: '"lease_lost"' in (tmp_path / "a.log").read_text(), 30,
+                   "a to notice it lost the lease")
+        time.sleep(1.0)  # give a any chance to write, which it must not
+    finally:
+        a.send_signal(signal.SIGCONT)
+        assert stop(a) == 0
+        assert stop(b) == 0
+    assert status_of(db, item["id"])["attempt_count"] == 2
+    assert scalar(db, "SELECT count(*) FROM episodes") == 1
+    assert scalar(db, "SELECT count(*) FROM token_usage") == 1
+    assert scalar(db, "SELECT count(DISTINCT episode_id) FROM blocks") == 1
+    assert scalar(db, "SELECT count(*) FROM audit_log") == 1
+    assert '"item_completed"' not in (tmp_path / "a.log").read_text()
+
+
+def test_heartbeat_keeps_a_long_generation_and_other_workers_leave_it_alone(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    t = make_tenant(db, title="slow:6")  # three lease periods
+    item = make_queue_item(db, t["project"])
+    a = start_worker(db_url, log=tmp_path / "a.log", MF_LEASE_SECONDS="2", MF_WORKER_ID="a")
+    wait_until(lambda: status_of(db, item["id"])["locked_by"] == "a", 30, "a to claim")
+    b = start_worker(db_url, log=tmp_path / "b.log", MF_LEASE_SECONDS="2", MF_WORKER_ID="b")
+    try:
+        wait_until(lambda: status_of(db, item["id"])["status"] == "completed", 30, "completion")
+    finally:
+        assert stop(a) == 0 and stop(b) == 0
+    assert status_of(db, item["id"])["attempt_count"] == 1
+    assert '"item_reaped"' not in (tmp_path / "b.log").read_text()
+    assert '"item_completed"' in (tmp_path / "a.log").read_text()
+
+
+def test_sigterm_drains_within_the_grace_and_hands_back_the_rest(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    quick = make_queue_item(db, make_tenant(db, title="slow:1")["project"])
+    stuck = make_queue_item(db, make_tenant(db, title="slow:120")["project"])
+    a = start_worker(db_url, log=tmp_path / "a.log", MF_SHUTDOWN_GRACE="3", MF_WORKER_ID="a")
+    wait_until(lambda: all(status_of(db, i["id"])["status"] == "processing"
+                           for i in (quick, stuck)), 30, "both items in flight")
+    started = time.monotonic()
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=20) == 0
+    assert time.monotonic() - started < 10
+    assert status_of(db, quick["id"])["status"] == "completed"
+    back = status_of(db, stuck["id"])
+    assert (back["status"], back["attempt_count"], back["locked_by"]) == ("pending", 0, None)
+    assert scalar(db, "SELECT count(*) FROM episode_schedule_queue"
+                      " WHERE status = 'processing'") == 0
+    assert '"item_released"' in (tmp_path / "a.log").read_text()
+
+
+def test_daemon_recovers_when_its_database_connections_are_killed(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    seed_many(db, orgs=4, items=40, title="slow:0.3")
+    a = start_worker(db_url, log=tmp_path / "a.log", MF_CONCURRENCY="4",
+                     MF_LEASE_SECONDS="3", MF_WORKER_ID="a")
+    try:
+        completed = ("SELECT count(*) FROM episode_schedule_queue WHERE status = 'completed'")
+        for threshold in (5, 15):
+            wait_until(lambda t=threshold: scalar(db, completed) >= t, 60, f"{threshold} done")
+            killed = scalar(db, """
+                SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                WHERE datname = current_database() AND application_name LIKE 'mf-worker%%'""")
+            assert killed > 0
+        wait_until(lambda: scalar(db, completed) == 40, 90, "all 40 items to complete")
+    finally:
+        assert stop(a) == 0
+    assert scalar(db, "SELECT count(*) FROM episodes WHERE status = 'ready'") == 40
+    assert scalar(db, "SELECT count(DISTINCT project_id) FROM episodes") == 40
+    assert a.returncode == 0
+
+
+def test_poll_only_mode_through_pgbouncer_in_transaction_mode(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    """No LISTEN, no prepared statements, no session state: items complete exactly once."""
+    pgbouncer = require_binary("pgbouncer")
+    params = conninfo_to_dict(db_url)
+    port = _free_port()
+    # Its own world-readable directory: PgBouncer runs as another user when we are root.
+    home = Path(tempfile.mkdtemp(prefix="mf-pgbouncer-"))
+    os.chmod(home, 0o755)
+    conf = home / "pgbouncer.ini"
+    (home / "users.txt").write_text('"root" ""\n')
+    target = " ".join(f"{k}={v}" for k, v in {
+        "host": params.get("host", "/var/run/postgresql"), "port": params.get("port", 5432),
+        "dbname": params["dbname"]}.items())
+    conf.write_text(
+        "[databases]\n"
+        f"* = {target}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\n"
+        f"unix_socket_dir =\nauth_type = trust\nauth_file = {home / 'users.txt'}\n"
+        "pool_mode = transaction\nmax_client_conn = 200\ndefault_pool_size = 10\n"
+        f"logfile = {home / 'pgbouncer.log'}\npidfile = {home / 'pgbouncer.pid'}\n"
+    )
+    os.chmod(home, 0o777)
+    for path in home.iterdir():
+        os.chmod(path, 0o666)
+    command = [pgbouncer, str(conf)]
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root
+        command = ["runuser", "-u", "postgres", "--", *command]
+    bouncer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        via = make_conninfo("", host="127.0.0.1", port=port, dbname=params["dbname"],
+                            user=params.get("user", os.environ.get("USER", "root")))
+        wait_until(lambda: _accepts(via), 20, "pgbouncer to accept connections")
+        seed_many(db, orgs=5, items=200)
+        env = {"MF_LISTEN": "off", "MF_PREPARED_STATEMENTS": "off", "MF_CONCURRENCY": "8"}
+        workers = [start_worker(via, "--burst", log=tmp_path / f"w{i}.log",
+                                MF_WORKER_ID=f"pooled-{i}", **env) for i in range(2)]
+        codes = [w.wait(timeout=180) for w in workers]
+        assert codes == [0, 0], (tmp_path / "w0.log").read_text()[-3000:]
+    finally:
+        bouncer.terminate()
+        bouncer.wait(timeout=10)
+        shutil.rmtree(home, ignore_errors=True)
+    assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE status = 'completed'"
+                      " AND attempt_count = 1") == 200
+    assert scalar(db, "SELECT count(*) FROM episodes WHERE status = 'ready'") == 200
+    assert scalar(db, "SELECT count(DISTINCT project_id) FROM episodes") == 200
+    assert scalar(db, "SELECT count(*) FROM planning_notes WHERE status = 'incorporated'") == 200
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _accepts(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=2, prepare_threshold=None) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
