@@ -71,6 +71,8 @@ def test_defaults_without_environment() -> None:
     assert (settings.concurrency, settings.max_attempts, settings.lease_seconds) == (4, 3, 120.0)
     assert settings.database_url is None and warnings == []
     assert settings.pool_size == settings.concurrency + 4
+    many, _ = load_settings(environ={"MF_CONCURRENCY": "256"})
+    assert many.pool_size == 20
     with pytest.raises(ConfigError, match="MF_DATABASE_URL is not set"):
         settings.require_database_url()
 

@@ -235,8 +235,9 @@ class Settings:
         "MF_POOL_MAX_SIZE",
         None,
         _int(2, 1000),
-        "Database connections one process may open (default: concurrency + 4). Count these "
-        "against `max_connections` across all replicas.",
+        "Database connections one process may open (default: min(concurrency, 16) + 4; "
+        "connections are held only while reading or writing, never during a generation). "
+        "Count them against `max_connections` across all replicas.",
     )
     lease_seconds: float = _setting(
         "MF_LEASE_SECONDS",
@@ -319,8 +320,9 @@ class Settings:
 
     @property
     def pool_size(self) -> int:
-        """Connections for one process: one per in-flight item plus the loops' own."""
-        return self.pool_max_size or self.concurrency + 4
+        """Connections for one process. Items hold one only to prepare and to write (never
+        while generating), so far fewer than ``concurrency`` suffice; +4 for the loops."""
+        return self.pool_max_size or min(self.concurrency, 16) + 4
 
     def require_database_url(self) -> str:
         """The database URL, or a ConfigError that says how to give one."""

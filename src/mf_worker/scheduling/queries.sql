@@ -44,7 +44,9 @@ WHERE p.id = n.id AND locked.id = n.id
 -- name: list_stale_pending_items
 -- Pending, never-attempted items planned by the scheduler whose project has since changed its
 -- cadence, delivery time or owner's zone. Items enqueued by hand (metadata.manual) or by other
--- software (no metadata.cadence) are left alone.
+-- software (no metadata.cadence) are left alone. metadata.delivery_time is Python's isoformat
+-- (HH:MM:SS, or HH:MM:SS.ffffff with microseconds), which time::text does not reproduce for
+-- fractional seconds ('09:00:00.5'), so both spellings are compared (no cast that could fail).
 SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone
 FROM episode_schedule_queue q
 JOIN projects p ON p.id = q.project_id
@@ -57,7 +59,9 @@ WHERE q.status = 'pending'
   AND NOT coalesce((q.metadata ->> 'manual')::boolean, false)
   AND (q.metadata -> 'cadence' IS DISTINCT FROM p.cadence_config
        OR q.metadata ->> 'user_timezone' IS DISTINCT FROM u.timezone
-       OR q.metadata ->> 'delivery_time' IS DISTINCT FROM p.delivery_time::text)
+       OR NOT coalesce(q.metadata ->> 'delivery_time'
+                       IN (p.delivery_time::text, to_char(p.delivery_time, 'HH24:MI:SS.US')),
+                       false))
 ORDER BY q.id
 LIMIT %(limit)s;
 
@@ -74,9 +78,10 @@ RETURNING q.project_id, q.scheduled_for;
 -- name: cancel_items_of_inactive_projects
 -- A paused or archived project gets nothing: its waiting item is cancelled with the reason.
 -- (An item already processing finishes; the worker then plans no next item.)
+-- Runs without parameters, so psycopg sends it verbatim: no %-escapes in here.
 UPDATE episode_schedule_queue q
 SET status = 'cancelled',
-    last_error = format('project %%s', p.status)
+    last_error = 'project ' || p.status
 FROM projects p
 WHERE q.project_id = p.id
   AND p.status <> 'active'

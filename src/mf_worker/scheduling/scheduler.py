@@ -261,7 +261,7 @@ async def enqueue_item(
         if project["open_item_id"] is not None:
             open_desc = (
                 f"{project['open_item_id']} ({project['open_item_status']}, due "
-                f"{project['open_item_due']:%Y-%m-%dT%H:%M:%SZ})"
+                f"{project['open_item_due'].astimezone(UTC):%Y-%m-%dT%H:%M:%SZ})"
             )
             if not replace:
                 raise ProjectNotSchedulable(
