@@ -56,7 +56,7 @@ WHERE q.status = 'pending'
   AND q.id > %(after_id)s
   AND p.status = 'active'
   AND q.metadata ? 'cadence'
-  AND NOT coalesce((q.metadata ->> 'manual')::boolean, false)
+  AND (q.metadata ->> 'manual') IS DISTINCT FROM 'true'
   AND (q.metadata -> 'cadence' IS DISTINCT FROM p.cadence_config
        OR q.metadata ->> 'user_timezone' IS DISTINCT FROM u.timezone
        OR NOT coalesce(q.metadata ->> 'delivery_time'
