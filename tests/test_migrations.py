@@ -16,6 +16,7 @@ EXPECTED_TABLES = {
     "organizations", "users", "projects", "episodes", "blocks", "episode_schedule_queue",
     "token_usage", "token_usage_daily", "planning_notes", "agent_memory", "user_events",
     "audit_log", "chat_sessions", "chat_messages", "highlights", "mf_schema_migrations",
+    "cost_limit_trips",
 }
 
 
@@ -40,7 +41,8 @@ def tables(url: str) -> set[str]:
 def test_migrate_creates_every_table_then_reports_nothing_pending(empty_db_url: str) -> None:
     first = cli("migrate", url=empty_db_url)
     assert first.returncode == 0, first.stderr
-    assert "applied 0001_initial_schema" in first.stdout
+    assert [line for line in first.stdout.splitlines()] == [
+        f"applied {m.label}" for m in load_migrations()]
     assert tables(empty_db_url) == EXPECTED_TABLES
 
     second = cli("migrate", url=empty_db_url)

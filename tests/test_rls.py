@@ -19,7 +19,7 @@ Conn = psycopg.Connection[dict[str, Any]]
 TENANT_TABLES = [
     "organizations", "users", "projects", "episodes", "blocks", "episode_schedule_queue",
     "token_usage", "token_usage_daily", "planning_notes", "agent_memory", "user_events",
-    "audit_log", "chat_sessions", "chat_messages", "highlights",
+    "audit_log", "chat_sessions", "chat_messages", "highlights", "cost_limit_trips",
 ]
 
 

@@ -125,6 +125,13 @@ BAD_VALUES: dict[str, Any] = {
     "daily negative tokens": lambda c, t: _daily(c, t, total_tokens=-1),
     "daily negative cost": lambda c, t: _daily(c, t, total_cost_gbp=-1),
     "daily negative episodes": lambda c, t: _daily(c, t, episode_count=-1),
+    "daily negative reservation": lambda c, t: c.execute(
+        "INSERT INTO token_usage_daily (organization_id, date, reserved_gbp)"
+        " VALUES (%s, current_date, -1)", [t["org"]["id"]]),
+    "queue negative reservation": lambda c, t: make_queue_item(
+        c, t["project"], reserved_cost_gbp=-1, reserved_on=NOW.date()),
+    "queue reservation without day": lambda c, t: make_queue_item(
+        c, t["project"], reserved_cost_gbp=1),
     "note blank": lambda c, t: make_note(c, t["project"], note=" "),
     "note unknown status": lambda c, t: make_note(c, t["project"], status="done"),
     "note incorporated without time": lambda c, t: make_note(

@@ -97,6 +97,8 @@ def run_async(main: Callable[[], Awaitable[T]]) -> T:
         _fail(str(exc), EXIT_CONFIG)
     except MfWorkerError as exc:
         _fail(str(exc), EXIT_FAILED)
+    except (psycopg.Error, PoolTimeout) as exc:
+        _fail(f"database error: {describe_error(exc)}", EXIT_FAILED)
     except OSError as exc:
         _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
 
@@ -349,7 +351,7 @@ def status(
 
     async def main() -> Snapshot:
         async with _database(settings) as conn:
-            return await read_snapshot(conn)
+            return await read_snapshot(conn, default_limit_gbp=settings.daily_cost_limit_gbp)
 
     snapshot = run_async(main)
     typer.echo(json.dumps(snapshot.to_json(), indent=2) if as_json

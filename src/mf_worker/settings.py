@@ -14,6 +14,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
 
@@ -89,6 +90,23 @@ def _float(minimum: float, *, exclusive: bool = False) -> Parser:
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _gbp(raw: str) -> Decimal:
+    try:
+        value = Decimal(raw.strip())
+    except InvalidOperation:
+        raise ValueError("must be an amount in pounds, e.g. 50 or 0.50") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError("must be a non-negative amount in pounds")
+    return value
+
+
+def _url(raw: str) -> Secret:
+    text = raw.strip()
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return Secret(text)
 
 
 def _bool(raw: str) -> bool:
@@ -289,6 +307,42 @@ class Settings:
         _file,
         "TOML file of model prices (GBP per million prompt/completion tokens) that overrides "
         "and extends the shipped table; see docs/operations.md.",
+    )
+    daily_cost_limit_gbp: Decimal = _setting(
+        "MF_DAILY_COST_LIMIT_GBP",
+        Decimal("50"),
+        _gbp,
+        "Daily (UTC) spend limit per organisation in GBP, for organisations whose own "
+        "`daily_cost_limit_gbp` is NULL.",
+    )
+    cost_reserve_gbp: Decimal = _setting(
+        "MF_COST_RESERVE_GBP",
+        Decimal("0.50"),
+        _gbp,
+        "Worst-case cost reserved per generation when the generator gives no estimate "
+        "(`estimate_max_usage`).",
+    )
+    cost_limit_policy: str = _setting(
+        "MF_COST_LIMIT_POLICY",
+        "resume",
+        _choice("resume", "skip"),
+        "What happens to items blocked by the cost limit at the next UTC day: `resume` (run "
+        "them as soon as possible) or `skip` (cancel them; each project gets its next regular "
+        "occurrence).",
+    )
+    notifier: str = _setting(
+        "MF_NOTIFIER",
+        "log",
+        _text,
+        "How operators hear of a cost-limit trip (once per organisation per day): `log`, "
+        "`webhook`, or `package.module:attr`.",
+    )
+    notify_webhook_url: Secret | None = _setting(
+        "MF_NOTIFY_WEBHOOK_URL",
+        None,
+        _url,
+        "Where the `webhook` notifier POSTs its JSON (retried, 5 s timeout). Never logged.",
+        secret=True,
     )
     scheduler_interval: float = _setting(
         "MF_SCHEDULER_INTERVAL",

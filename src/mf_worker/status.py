@@ -9,11 +9,13 @@ no next item (usually an invalid cadence or zone).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 import psycopg
 
+from .cost.budget import list_blocked_orgs
 from .db import Connection
 from .db.sql import load_queries
 from .errors import MfWorkerError
@@ -32,12 +34,13 @@ class Snapshot:
     failed: list[dict[str, Any]] = field(default_factory=list)
     blocked: list[dict[str, Any]] = field(default_factory=list)
     projects_without_item: int = 0
+    blocked_orgs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-async def read_snapshot(conn: Connection, *, limit: int = 20,
+async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: int = 20,
                         now: datetime | None = None) -> Snapshot:
     now = now or datetime.now(UTC)
     counts = dict.fromkeys(STATUSES, 0)
@@ -60,11 +63,15 @@ async def read_snapshot(conn: Connection, *, limit: int = 20,
         failed=await rows("list_items_in_status", status="failed"),
         blocked=await rows("list_items_in_status", status="blocked"),
         projects_without_item=without["projects"] if without else 0,
+        blocked_orgs=[_plain(r) for r in await list_blocked_orgs(
+            conn, day=now.astimezone(UTC).date(), default_limit=default_limit_gbp)],
     )
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+    """JSON-ready values: instants and dates as ISO 8601, money as exact decimal strings."""
+    return {k: v.isoformat() if isinstance(v, datetime | date)
+            else str(v) if isinstance(v, Decimal) else v for k, v in row.items()}
 
 
 def render_snapshot(snapshot: Snapshot) -> str:
@@ -77,6 +84,11 @@ def render_snapshot(snapshot: Snapshot) -> str:
     lines.append(f"active projects without a next item: {snapshot.projects_without_item}"
                  + ("  (run `mf-worker schedule` to see why)"
                     if snapshot.projects_without_item else ""))
+    if snapshot.blocked_orgs:
+        lines.append("organisations over their daily cost limit:")
+        lines += [f"  {o['organization_id']}  spent £{Decimal(o['spent_gbp']):.2f} of "
+                  f"£{Decimal(o['limit_gbp']):.2f} today  ({o['items']} items blocked since "
+                  f"{o['blocked_on']})" for o in snapshot.blocked_orgs]
     sections = (("expired leases (worker lost; the reaper will return them)",
                  snapshot.expired_leases, "locked_by"),
                 ("failed items", snapshot.failed, "last_error"),

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from .. import queue
+from ..cost.budget import Budget, BudgetLoop
+from ..cost.notify import load_notifier
 from ..cost.pricing import PriceTable, load_price_table
 from ..db import Connection, Pool, open_pool
 from ..db.migrate import ensure_schema_current
@@ -58,6 +60,10 @@ async def build(
     """Open the pool, check the schema, and assemble the worker and its loops (not started)."""
     generator = generator or load_generator(settings.generator)
     prices = prices or load_price_table(settings.pricing_file)
+    budget = Budget(prices=prices, default_limit=settings.daily_cost_limit_gbp,
+                    reserve_per_item=settings.cost_reserve_gbp)
+    webhook = settings.notify_webhook_url.reveal() if settings.notify_webhook_url else None
+    notifier = load_notifier(settings.notifier, webhook)
     pool = await open_pool(settings)
     try:
         async with pool.connection() as conn:
@@ -65,7 +71,8 @@ async def build(
     except BaseException:
         await pool.close()
         raise
-    worker = Worker(settings, pool, generator, prices, clock=clock, observers=observers)
+    worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
+                    observers=observers)
     loops: list[PeriodicLoop] = [
         Heartbeat(worker),
         Reaper(pool, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts),
@@ -73,6 +80,10 @@ async def build(
     ]
     if scheduler:
         loops.append(Scheduler(pool, settings.scheduler_interval, clock=clock))
+        loops.append(BudgetLoop(pool, settings.scheduler_interval,
+                                policy=settings.cost_limit_policy,
+                                default_limit=settings.daily_cost_limit_gbp,
+                                reserve_per_item=settings.cost_reserve_gbp, clock=clock))
     listener = Listener(settings, worker.wake) if settings.listen else None
     return Components(settings, pool, worker, loops, listener)
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import UTC, datetime, time, tzinfo
 from decimal import Decimal
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
 from .. import queue
+from ..cost.budget import reserve_budget
 from ..db import Connection, as_org
 from ..db.sql import load_queries
 from ..errors import InvalidItemError
@@ -67,10 +68,20 @@ class Prepared:
 
 
 async def prepare_generation(
-    conn: Connection, item: ClaimedItem, *, worker: str, now: datetime
+    conn: Connection,
+    item: ClaimedItem,
+    *,
+    worker: str,
+    now: datetime,
+    worst_case: Callable[[GenerationRequest], Decimal],
+    default_limit: Decimal,
 ) -> Prepared:
-    """Load the context and ensure the episode row; raises ItemUnavailable, InvalidItemError
-    (bad zone: a permanent failure) or LeaseLost."""
+    """Load the context, reserve the worst-case cost, and ensure the episode row — one
+    transaction, so a refused reservation leaves nothing behind.
+
+    Raises ItemUnavailable (cancel), InvalidItemError (a permanent failure, e.g. a bad zone),
+    CostLimitReached (block) or LeaseLost.
+    """
     if item.project_id is None:
         raise ItemUnavailable("project deleted")
     async with as_org(conn, item.organization_id):
@@ -89,13 +100,33 @@ async def prepare_generation(
         except CadenceError as exc:
             raise InvalidItemError(f"project {item.project_id}: owner's {exc}") from None
 
-        episode_id, episode_number = await _ensure_episode(
-            conn, item, worker, project["last_sequence_number"] + 1
+        existing = await _existing_episode(conn, item)
+        request = _request(item, project, zone,
+                           existing[1] if existing else project["last_sequence_number"] + 1)
+        if not await reserve_budget(
+            conn, item, worker=worker, amount=worst_case(request), day=now.astimezone(UTC).date(),
+            default_limit=default_limit,
+        ):
+            raise LeaseLost(item.id)
+        episode_id = existing[0] if existing else await _create_episode(
+            conn, item, worker, request.episode_number
         )
+    return Prepared(
+        request=request,
+        episode_id=episode_id,
+        user_id=project["user_id"],
+        cadence_config=project["cadence_config"],
+        delivery_time=project["delivery_time"],
+        timezone=project["timezone"],
+    )
 
+
+def _request(
+    item: ClaimedItem, project: dict[str, Any], zone: tzinfo, episode_number: int
+) -> GenerationRequest:
     memories = [*_project_memories(project["memories"]),
                 *(Memory(**m) for m in project["agent_memories"])]
-    request = GenerationRequest(
+    return GenerationRequest(
         queue_item_id=item.id,
         attempt=item.attempt,
         organization_id=item.organization_id,
@@ -107,20 +138,13 @@ async def prepare_generation(
             timezone=project["timezone"],
         ),
         episode_number=episode_number,
-        scheduled_for=item.scheduled_for,
+        scheduled_for=item.scheduled_for.astimezone(UTC),
         local_date=item.scheduled_for.astimezone(zone).date(),
         planning_notes=tuple(PlanningNote(**n) for n in project["notes"]),
         memories=tuple(memories),
         previous_episodes=tuple(PreviousEpisode(**e) for e in project["previous_episodes"]),
-        idempotency_key=f"{item.id}:{episode_id}",
-    )
-    return Prepared(
-        request=request,
-        episode_id=episode_id,
-        user_id=project["user_id"],
-        cadence_config=project["cadence_config"],
-        delivery_time=project["delivery_time"],
-        timezone=project["timezone"],
+        # Stable across retries of the item, so a provider can recognise a repeated call.
+        idempotency_key=item.id,
     )
 
 
@@ -148,19 +172,23 @@ async def cancel_item(conn: Connection, item: ClaimedItem, *, reason: str, worke
         )
 
 
-async def _ensure_episode(
-    conn: Connection, item: ClaimedItem, worker: str, next_number: int
-) -> tuple[str, int]:
-    if item.episode_id is not None:
-        cur = await conn.execute(_Q["get_episode"], {"episode_id": item.episode_id})
-        row = await cur.fetchone()
-        if row is not None:
-            return row["id"], row["sequence_number"]
+async def _existing_episode(conn: Connection, item: ClaimedItem) -> tuple[str, int] | None:
+    """The episode an earlier attempt of this item created, if any."""
+    if item.episode_id is None:
+        return None
+    cur = await conn.execute(_Q["get_episode"], {"episode_id": item.episode_id})
+    row = await cur.fetchone()
+    return (row["id"], row["sequence_number"]) if row else None
+
+
+async def _create_episode(
+    conn: Connection, item: ClaimedItem, worker: str, number: int
+) -> str:
     episode_id = new_id("ep")
     await conn.execute(
         _Q["create_episode"],
         {"id": episode_id, "project_id": item.project_id,
-         "organization_id": item.organization_id, "sequence_number": next_number},
+         "organization_id": item.organization_id, "sequence_number": number},
     )
     cur = await conn.execute(
         _Q["link_episode_to_item"],
@@ -168,7 +196,7 @@ async def _ensure_episode(
     )
     if await cur.fetchone() is None:
         raise LeaseLost(item.id)
-    return episode_id, next_number
+    return episode_id
 
 
 async def write_episode(

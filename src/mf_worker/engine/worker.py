@@ -29,7 +29,8 @@ from tenacity import (
 )
 
 from .. import queue
-from ..cost.pricing import PriceTable
+from ..cost.budget import Budget, CostLimitReached, mark_notified, trip_breaker
+from ..cost.notify import LogNotifier, Notifier
 from ..db import Connection, Pool
 from ..errors import InvalidItemError, describe_error
 from ..generation import (
@@ -137,8 +138,9 @@ class Worker:
         settings: Settings,
         pool: Pool,
         generator: Generator,
-        prices: PriceTable,
+        budget: Budget,
         *,
+        notifier: Notifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         observers: list[Observer] | None = None,
     ) -> None:
@@ -146,7 +148,8 @@ class Worker:
         self.worker_id = settings.worker_id
         self.pool = pool
         self.generator = generator
-        self.prices = prices
+        self.budget = budget
+        self.notifier: Notifier = notifier or LogNotifier()
         self.clock = clock
         self.observers = list(observers or [])
         self.in_flight: dict[str, InFlight] = {}
@@ -274,9 +277,14 @@ class Worker:
         item = entry.item
         now = self.clock()
         try:
-            prepared = await self._db(
-                lambda conn: prepare_generation(conn, item, worker=self.worker_id, now=now)
-            )
+            prepared = await self._db(partial(
+                prepare_generation, item=item, worker=self.worker_id, now=now,
+                worst_case=partial(self.budget.worst_case, self.generator),
+                default_limit=self.budget.default_limit,
+            ))
+        except CostLimitReached as exc:
+            await self._trip(item, exc, report)
+            return
         except ItemUnavailable as exc:
             reason = str(exc)
             await self._db(partial(cancel_item, item=item, reason=reason, worker=self.worker_id))
@@ -301,7 +309,7 @@ class Worker:
         assert result is not None
         await self._db(
             lambda conn: write_episode(conn, item, prepared, result, worker=self.worker_id,
-                                       now=self.clock(), price=self.prices.cost)
+                                       now=self.clock(), price=self.budget.prices.cost)
         )
         report.outcome, report.result = Outcome.SUCCESS, result
 
@@ -352,6 +360,23 @@ class Worker:
             "attempt_failed", reason=failure.reason.value, error=message,
             retry_in=None if retry_in is None else round(retry_in, 3),
         )
+
+    async def _trip(self, item: ClaimedItem, reached: CostLimitReached,
+                    report: AttemptReport) -> None:
+        """The budget cannot cover this item: block it and its organisation's pending items
+        (no attempt charged); the day's first trip notifies the operator."""
+        trip = await self._db(partial(trip_breaker, item=item, reached=reached,
+                                      worker=self.worker_id))
+        report.outcome, report.error = Outcome.BLOCKED, str(reached)
+        self._log.warning("cost_limit_reached", error=str(reached), first_today=trip is not None)
+        if trip is None:
+            return
+        try:
+            await self.notifier.notify(trip)
+            await self._db(partial(mark_notified, trip=trip))
+        except Exception as exc:  # the items are blocked either way; say so loudly
+            self._log.error("notification_failed", error=describe_error(exc),
+                            organization_id=trip.organization_id)
 
     def _report(self, report: AttemptReport) -> None:
         key = report.outcome.value

@@ -58,7 +58,7 @@ def load_generator(spec: str) -> Generator:
     spec = spec.strip()
     if not spec:
         raise PluginLoadError("generator spec is empty; set MF_GENERATOR or --generator")
-    obj = _import_target(spec, spec) if ":" in spec else _load_named(spec)
+    obj = import_target(spec, spec) if ":" in spec else _load_named(spec)
     return _as_generator(spec, obj)
 
 
@@ -102,7 +102,7 @@ class FunctionGenerator:
 def _load_named(name: str) -> object:
     target = _BUILTINS.get(name)
     if target is not None:
-        return _import_target(name, target)
+        return import_target(name, target)
     matches: list[EntryPoint] = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
     if not matches:
         names = ", ".join(available_generators()) or "none"
@@ -119,11 +119,12 @@ def _load_named(name: str) -> object:
         ) from exc
 
 
-def _import_target(spec: str, target: str) -> object:
+def import_target(spec: str, target: str, *, kind: str = "generator") -> object:
+    """Import ``package.module:attr.path``; PluginLoadError names the ``kind`` and the spec."""
     module_name, _, attr_path = (part.strip() for part in target.partition(":"))
     if not module_name or not attr_path:
         raise PluginLoadError(
-            f"generator {spec!r}: malformed path {target!r}, expected 'package.module:attribute'"
+            f"{kind} {spec!r}: malformed path {target!r}, expected 'package.module:attribute'"
         )
     try:
         module = importlib.import_module(module_name)
@@ -131,13 +132,13 @@ def _import_target(spec: str, target: str) -> object:
         if exc.name is not None and (
             module_name == exc.name or module_name.startswith(exc.name + ".")
         ):
-            raise PluginLoadError(f"generator {spec!r}: module {module_name!r} not found") from exc
+            raise PluginLoadError(f"{kind} {spec!r}: module {module_name!r} not found") from exc
         raise PluginLoadError(
-            f"generator {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
+            f"{kind} {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
         ) from exc
     except Exception as exc:
         raise PluginLoadError(
-            f"generator {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
+            f"{kind} {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
         ) from exc
     obj: object = module
     owner = f"module {module_name!r}"
@@ -147,7 +148,7 @@ def _import_target(spec: str, target: str) -> object:
             obj = getattr(obj, part)
         except AttributeError:
             raise PluginLoadError(
-                f"generator {spec!r}: {owner} has no attribute {part!r}"
+                f"{kind} {spec!r}: {owner} has no attribute {part!r}"
             ) from None
         walked += part if walked.endswith(":") else f".{part}"
         owner = repr(walked)

@@ -126,6 +126,7 @@ SET status           = %(status)s,
     attempt_count    = greatest(attempt_count - 1, 0),
     run_after        = coalesce(%(now)s, now()),
     last_error       = coalesce(%(error)s, last_error),
+    blocked_on       = %(blocked_on)s,
     locked_by        = NULL,
     lease_expires_at = NULL
 WHERE id = %(id)s

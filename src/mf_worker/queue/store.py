@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from ..db import Connection
@@ -162,13 +162,16 @@ async def finish_item(
 
 async def release_item(
     conn: Connection, item: ClaimedItem, *, worker: str, status: str = "pending",
-    error: str | None = None, now: datetime | None = None,
+    error: str | None = None, blocked_on: date | None = None, now: datetime | None = None,
 ) -> bool:
-    """Hand the item back without charging its attempt (``status`` pending or blocked)."""
+    """Hand the item back without charging its attempt: ``pending`` (shutdown) or ``blocked``
+    by the cost breaker on ``blocked_on``."""
     if status not in ("pending", "blocked"):
         raise ValueError(f"release_item: status must be pending or blocked, not {status!r}")
     return await _fenced(
-        conn, "release_item", {**_fence(item, worker, now), "status": status, "error": error}
+        conn, "release_item",
+        {**_fence(item, worker, now), "status": status, "error": error,
+         "blocked_on": blocked_on if status == "blocked" else None},
     )
 
 

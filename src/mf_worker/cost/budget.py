@@ -1,0 +1,209 @@
+"""The hard daily cost limit per organisation: reserve before generating, trip, and recover.
+
+Before a generation the worker reserves the item's worst-case cost on the organisation's row of
+``token_usage_daily`` in one conditional UPDATE (``spent + reserved + amount <= limit``): the
+row lock makes it atomic, so N workers racing for one organisation cannot together start more
+than the budget allows. Releasing is the database's job: a trigger gives the reservation back
+whenever the item leaves ``processing`` (see migration 0002). When the budget cannot cover an
+item, the breaker blocks it and the organisation's other pending items without charging an
+attempt, records the trip once per organisation and UTC day (user event, audit row, operator
+notification), and :class:`BudgetLoop` releases the blocked items when the day turns (policy
+``resume`` or ``skip``) or as soon as the limit is raised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from .. import queue
+from ..db import Connection, Pool, as_org
+from ..db.sql import load_queries
+from ..engine.loops import PeriodicLoop
+from ..errors import MfWorkerError
+from ..generation import GenerationRequest, Generator, estimate_max_usage
+from ..ids import new_id
+from ..queue import ClaimedItem
+from .pricing import PriceTable
+
+_Q = load_queries(__package__ or "mf_worker.cost", "budget.sql")
+
+POLICIES = ("resume", "skip")
+
+
+class CostLimitReached(MfWorkerError):
+    """The organisation's remaining budget today cannot cover this item's worst case."""
+
+    def __init__(self, organization_id: str, day: date, spent: Decimal, reserved: Decimal,
+                 limit: Decimal, needed: Decimal) -> None:
+        self.organization_id, self.day = organization_id, day
+        self.spent, self.reserved, self.limit, self.needed = spent, reserved, limit, needed
+        super().__init__(
+            f"Daily limit exceeded: £{spent:.2f} spent (+£{reserved:.2f} reserved) of "
+            f"£{limit:.2f} on {day.isoformat()} (UTC); the next episode may cost up to "
+            f"£{needed:.2f}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How the worker prices and reserves: the settings that govern the limit."""
+
+    prices: PriceTable
+    default_limit: Decimal
+    reserve_per_item: Decimal
+
+    def worst_case(self, generator: Generator, request: GenerationRequest) -> Decimal:
+        """The generator's own upper bound priced by the table, else the flat reserve."""
+        usage = estimate_max_usage(generator, request)
+        return self.prices.cost(usage) if usage is not None else self.reserve_per_item
+
+
+async def reserve_budget(
+    conn: Connection, item: ClaimedItem, *, worker: str, amount: Decimal, day: date,
+    default_limit: Decimal,
+) -> bool:
+    """Reserve ``amount`` for ``item`` inside the caller's as-org transaction.
+
+    Returns False when the item's fence no longer holds; raises CostLimitReached (the caller's
+    transaction must then roll back) when the budget cannot cover it.
+    """
+    params: dict[str, Any] = {
+        "id": item.id, "attempt": item.attempt, "worker": worker, "amount": amount,
+        "date": day, "organization_id": item.organization_id, "default_limit": default_limit,
+    }
+    cur = await conn.execute(_Q["note_item_reservation"], params)
+    if await cur.fetchone() is None:
+        return False
+    await conn.execute(_Q["ensure_daily_row"], params)
+    cur = await conn.execute(_Q["reserve_budget"], params)
+    if await cur.fetchone() is None:
+        budget = await (await conn.execute(_Q["read_budget"], params)).fetchone()
+        assert budget is not None
+        raise CostLimitReached(item.organization_id, day, budget["spent_gbp"],
+                               budget["reserved_gbp"], budget["limit_gbp"], amount)
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """A cost-limit trip, as the notifier receives it."""
+
+    organization_id: str
+    date: date
+    spent_gbp: Decimal
+    limit_gbp: Decimal
+    blocked_items: int
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "event": "cost_limit_reached",
+            "organization_id": self.organization_id,
+            "date": self.date.isoformat(),
+            "spent_gbp": str(self.spent_gbp),
+            "limit_gbp": str(self.limit_gbp),
+            "blocked_items": self.blocked_items,
+            "message": self.message,
+        }
+
+
+async def trip_breaker(
+    conn: Connection, item: ClaimedItem, reached: CostLimitReached, *, worker: str
+) -> Trip | None:
+    """Block the item (no attempt charged) and the organisation's pending items; record the
+    trip. Returns the Trip when this call was the day's first (the caller then notifies)."""
+    org, day = item.organization_id, reached.day
+    async with as_org(conn, org):
+        await queue.release_item(conn, item, worker=worker, status="blocked",
+                                 error=str(reached), blocked_on=day)
+        cur = await conn.execute(
+            _Q["block_org_pending_items"],
+            {"organization_id": org, "date": day, "reason": str(reached)},
+        )
+        blocked = 1 + len(await cur.fetchall())
+        cur = await conn.execute(
+            _Q["record_trip"],
+            {"organization_id": org, "date": day, "spent_gbp": reached.spent,
+             "limit_gbp": reached.limit},
+        )
+        if await cur.fetchone() is None:
+            return None
+        trip = Trip(org, day, reached.spent, reached.limit, blocked, str(reached))
+        await conn.execute(
+            _Q["insert_trip_event"],
+            {"id": new_id("evt"), "organization_id": org,
+             "data": json.dumps(trip.to_json())},
+        )
+        await conn.execute(
+            _Q["insert_trip_audit"],
+            {"id": new_id("aud"), "organization_id": org, "detail": json.dumps(trip.to_json())},
+        )
+    return trip
+
+
+async def mark_notified(conn: Connection, trip: Trip) -> None:
+    async with as_org(conn, trip.organization_id):
+        await conn.execute(_Q["mark_trip_notified"],
+                           {"organization_id": trip.organization_id, "date": trip.date})
+
+
+async def list_blocked_orgs(
+    conn: Connection, *, day: date, default_limit: Decimal
+) -> list[dict[str, Any]]:
+    """Organisations with cost-blocked items, with the day's spend, reservations and limit."""
+    cur = await conn.execute(_Q["list_cost_blocked_orgs"],
+                             {"date": day, "default_limit": default_limit})
+    return list(await cur.fetchall())
+
+
+@dataclass
+class BudgetResult:
+    resumed: int = 0
+    skipped: int = 0
+
+
+class BudgetLoop(PeriodicLoop):
+    """Releases cost-blocked items: at the next UTC day by policy, or at once when the limit
+    was raised. Runs beside the scheduler, at its interval."""
+
+    name = "budget"
+
+    def __init__(
+        self, pool: Pool, interval: float, *, policy: str, default_limit: Decimal,
+        reserve_per_item: Decimal, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        super().__init__(interval)
+        if policy not in POLICIES:
+            raise ValueError(f"cost limit policy must be one of {POLICIES}, not {policy!r}")
+        self._pool, self._policy, self._clock = pool, policy, clock
+        self._default_limit, self._reserve = default_limit, reserve_per_item
+
+    async def run_once(self, now: datetime | None = None) -> BudgetResult:
+        today = (now or self._clock()).astimezone(UTC).date()
+        result = BudgetResult()
+        async with self._pool.connection() as conn:
+            blocked = await list_blocked_orgs(conn, day=today, default_limit=self._default_limit)
+            for org in blocked:
+                params = {"organization_id": org["organization_id"], "date": today}
+                new_day = org["blocked_on"] < today
+                room = org["spent_gbp"] + org["reserved_gbp"] + self._reserve <= org["limit_gbp"]
+                async with as_org(conn, org["organization_id"]):
+                    if new_day and self._policy == "skip":
+                        skipped = await (await conn.execute(_Q["skip_blocked_items"], params))\
+                            .fetchall()
+                        result.skipped += len(skipped)
+                        self._log.info("cost_block_skipped", organization_id=params[
+                            "organization_id"], items=len(skipped))
+                    elif new_day or room:
+                        resumed = await (await conn.execute(_Q["resume_blocked_items"], params))\
+                            .fetchall()
+                        result.resumed += len(resumed)
+                        self._log.info("cost_block_lifted", organization_id=params[
+                            "organization_id"], items=len(resumed),
+                            reason="new day" if new_day else "limit raised")
+        return result

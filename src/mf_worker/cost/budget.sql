@@ -1,0 +1,87 @@
+-- The daily cost limit (mf_worker.cost.budget). Reads the aggregate, never raw usage rows.
+
+-- name: note_item_reservation
+-- First the item (queue row lock), then the day's aggregate: the same lock order as the final
+-- write, so the two cannot deadlock. Fenced like every change to a claimed item.
+UPDATE episode_schedule_queue
+SET reserved_cost_gbp = %(amount)s, reserved_on = %(date)s
+WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
+  AND locked_by = %(worker)s
+RETURNING id;
+
+-- name: ensure_daily_row
+INSERT INTO token_usage_daily (organization_id, date) VALUES (%(organization_id)s, %(date)s)
+ON CONFLICT (organization_id, date) DO NOTHING;
+
+-- name: reserve_budget
+-- Atomic: the row lock serialises concurrent reservations for one organisation and day, and
+-- the condition is re-checked against the latest row after any wait.
+UPDATE token_usage_daily d
+SET reserved_gbp = d.reserved_gbp + %(amount)s
+FROM organizations o
+WHERE d.organization_id = %(organization_id)s AND d.date = %(date)s
+  AND o.id = d.organization_id
+  AND d.total_cost_gbp + d.reserved_gbp + %(amount)s
+      <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
+RETURNING d.total_cost_gbp, d.reserved_gbp;
+
+-- name: read_budget
+SELECT coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
+       coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
+FROM organizations o
+LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = %(date)s
+WHERE o.id = %(organization_id)s;
+
+-- name: block_org_pending_items
+UPDATE episode_schedule_queue
+SET status = 'blocked', blocked_on = %(date)s, last_error = %(reason)s
+WHERE organization_id = %(organization_id)s AND status = 'pending'
+RETURNING id;
+
+-- name: record_trip
+-- Whoever inserts the day's row writes the event, the audit row and notifies: once per day.
+INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp)
+VALUES (%(organization_id)s, %(date)s, %(spent_gbp)s, %(limit_gbp)s)
+ON CONFLICT (organization_id, date) DO NOTHING
+RETURNING organization_id;
+
+-- name: mark_trip_notified
+UPDATE cost_limit_trips SET notified_at = now()
+WHERE organization_id = %(organization_id)s AND date = %(date)s;
+
+-- name: insert_trip_event
+INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
+VALUES (%(id)s, NULL, %(organization_id)s, 'cost_limit_reached', %(data)s);
+
+-- name: insert_trip_audit
+INSERT INTO audit_log (id, user_id, organization_id, action, resource_id, new_value)
+VALUES (%(id)s, NULL, %(organization_id)s, 'cost_limit.block', %(organization_id)s,
+        %(detail)s);
+
+-- name: list_cost_blocked_orgs
+-- Organisations with items the breaker blocked, with today's spend and their limit.
+SELECT q.organization_id, min(q.blocked_on) AS blocked_on, count(*) AS items,
+       coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
+       coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
+FROM episode_schedule_queue q
+JOIN organizations o ON o.id = q.organization_id
+LEFT JOIN token_usage_daily d ON d.organization_id = q.organization_id AND d.date = %(date)s
+WHERE q.status = 'blocked' AND q.blocked_on IS NOT NULL
+GROUP BY q.organization_id, d.total_cost_gbp, d.reserved_gbp, o.daily_cost_limit_gbp
+ORDER BY q.organization_id;
+
+-- name: resume_blocked_items
+UPDATE episode_schedule_queue
+SET status = 'pending', run_after = now(), blocked_on = NULL, last_error = NULL
+WHERE organization_id = %(organization_id)s AND status = 'blocked' AND blocked_on IS NOT NULL
+RETURNING id;
+
+-- name: skip_blocked_items
+-- Policy `skip`: the blocked occurrences are cancelled; the scheduler then plans each
+-- project's next regular occurrence.
+UPDATE episode_schedule_queue
+SET status = 'cancelled', blocked_on = NULL,
+    last_error = 'skipped: daily cost limit reached on ' || blocked_on::text
+WHERE organization_id = %(organization_id)s AND status = 'blocked'
+  AND blocked_on IS NOT NULL AND blocked_on < %(date)s
+RETURNING id;
