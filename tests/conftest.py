@@ -8,8 +8,10 @@ without seeing each other's rows, and a test may do anything to its database.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -108,3 +110,14 @@ def db(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
 @pytest.fixture
 def settings(db_url: str) -> Settings:
     return settings_for(db_url)
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Route mf-worker's logs (JSON lines) into a buffer for the test; restore afterwards."""
+    from mf_worker.logs import configure_logging
+
+    buffer = io.StringIO()
+    configure_logging("json", "debug", stream=buffer)
+    yield buffer
+    configure_logging("json", "warning", stream=sys.stderr)

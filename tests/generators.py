@@ -12,6 +12,7 @@ Title prefixes:
   ``permanent``     permanent failure
   ``raises``        an unexpected exception (a plugin bug)
   ``invalid:KIND``  an invalid result of KIND (see ``INVALID``)
+  ``costly:S``      sleep S seconds, then report gpt-4o usage costing exactly £0.50
   anything else     the template episode at once
 """
 
@@ -75,6 +76,10 @@ async def scripted(request: GenerationRequest) -> GenerationResult:
         raise KeyError("choices")
     elif kind == "invalid":
         return INVALID[arg.split()[0]](_good(request))
+    elif kind == "costly":
+        await asyncio.sleep(float(arg.split()[0]))
+        # gpt-4o at £2.00 / £8.00 per million: 0.25 + 0.25 = £0.50, the default reserve.
+        return _replace(_good(request), usage=TokenUsage("gpt-4o", 125_000, 31_250))
     return _good(request)
 
 

@@ -189,7 +189,8 @@ class BudgetLoop(PeriodicLoop):
         async with self._pool.connection() as conn:
             blocked = await list_blocked_orgs(conn, day=today, default_limit=self._default_limit)
             for org in blocked:
-                params = {"organization_id": org["organization_id"], "date": today}
+                params = {"organization_id": org["organization_id"], "date": today,
+                          "now": now or self._clock()}
                 new_day = org["blocked_on"] < today
                 room = org["spent_gbp"] + org["reserved_gbp"] + self._reserve <= org["limit_gbp"]
                 async with as_org(conn, org["organization_id"]):
@@ -199,7 +200,7 @@ class BudgetLoop(PeriodicLoop):
                         result.skipped += len(skipped)
                         self._log.info("cost_block_skipped", organization_id=params[
                             "organization_id"], items=len(skipped))
-                    elif new_day or room:
+                    if new_day or room:
                         resumed = await (await conn.execute(_Q["resume_blocked_items"], params))\
                             .fetchall()
                         result.resumed += len(resumed)

@@ -71,17 +71,19 @@ GROUP BY q.organization_id, d.total_cost_gbp, d.reserved_gbp, o.daily_cost_limit
 ORDER BY q.organization_id;
 
 -- name: resume_blocked_items
+-- Back to pending: items already due run as soon as possible, later ones at their own time.
 UPDATE episode_schedule_queue
-SET status = 'pending', run_after = now(), blocked_on = NULL, last_error = NULL
+SET status = 'pending', run_after = greatest(scheduled_for, now()), blocked_on = NULL,
+    last_error = NULL
 WHERE organization_id = %(organization_id)s AND status = 'blocked' AND blocked_on IS NOT NULL
 RETURNING id;
 
 -- name: skip_blocked_items
--- Policy `skip`: the blocked occurrences are cancelled; the scheduler then plans each
--- project's next regular occurrence.
+-- Policy `skip`: the blocked occurrences that fell due are cancelled (the scheduler then plans
+-- each project's next regular occurrence); blocked items not yet due are resumed instead.
 UPDATE episode_schedule_queue
 SET status = 'cancelled', blocked_on = NULL,
     last_error = 'skipped: daily cost limit reached on ' || blocked_on::text
 WHERE organization_id = %(organization_id)s AND status = 'blocked'
-  AND blocked_on IS NOT NULL AND blocked_on < %(date)s
+  AND blocked_on IS NOT NULL AND blocked_on < %(date)s AND scheduled_for <= %(now)s
 RETURNING id;

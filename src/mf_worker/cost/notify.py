@@ -33,7 +33,8 @@ class LogNotifier:
     """Writes the trip as a warning log line (always available, needs nothing)."""
 
     async def notify(self, trip: Trip) -> None:
-        get_logger("mf_worker.notify").warning("cost_limit_reached", **trip.to_json())
+        fields = {k: v for k, v in trip.to_json().items() if k != "event"}
+        get_logger("mf_worker.notify").warning("cost_limit_reached", **fields)
 
 
 class WebhookError(MfWorkerError):

@@ -368,7 +368,8 @@ class Worker:
         trip = await self._db(partial(trip_breaker, item=item, reached=reached,
                                       worker=self.worker_id))
         report.outcome, report.error = Outcome.BLOCKED, str(reached)
-        self._log.warning("cost_limit_reached", error=str(reached), first_today=trip is not None)
+        self._log.warning("item_blocked_by_cost_limit", error=str(reached),
+                          first_today=trip is not None)
         if trip is None:
             return
         try:

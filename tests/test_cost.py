@@ -1,0 +1,308 @@
+"""Cost control: exact prices, an atomic budget under racing workers, the breaker, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from mf_worker import queue
+from mf_worker.cost.budget import BudgetLoop, Trip
+from mf_worker.cost.notify import WebhookNotifier, load_notifier
+from mf_worker.cost.pricing import load_price_table
+from mf_worker.db import open_pool
+from mf_worker.engine.worker import Outcome
+from mf_worker.errors import ConfigError, PluginLoadError
+from mf_worker.generation import TokenUsage
+from mf_worker.scheduling.scheduler import Scheduler
+
+from .conftest import settings_for
+from .factories import make_org, make_project, make_queue_item, make_user
+from .workers import run_burst, start_worker
+
+Conn = psycopg.Connection[dict[str, Any]]
+TODAY = datetime.now(UTC)
+
+
+def scalar(conn: Conn, sql: str, *params: Any) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return next(iter(row.values()))
+
+
+def org_with_items(conn: Conn, n: int, title: str, limit: str | None = "2.50") -> dict[str, Any]:
+    org = make_org(conn, daily_cost_limit_gbp=limit)
+    user = make_user(conn, org)
+    for _ in range(n):
+        make_queue_item(conn, make_project(conn, user, title=title))
+    return org
+
+
+# -- prices ------------------------------------------------------------------------------------
+
+
+def test_cost_is_exact_decimal_and_unknown_models_are_priced_dear_and_logged_once(
+    captured_logs: io.StringIO,
+) -> None:
+    table = load_price_table()
+    assert table.cost(TokenUsage("gpt-4o", 125_000, 31_250)) == Decimal("0.500000")
+    assert table.cost(TokenUsage("gpt-4o-mini", 1, 1)) == Decimal("0.000001")  # rounded up
+    assert table.cost(TokenUsage("template", 10**6, 10**6)) == 0
+    dearest = max(p.completion_gbp_per_million for p in table.models.values())
+    assert table.default.completion_gbp_per_million == dearest
+    assert table.cost(TokenUsage("mystery-70b", 0, 1_000_000)) == dearest
+    table.cost(TokenUsage("mystery-70b", 1, 1))
+    logged = captured_logs.getvalue()
+    assert logged.count('"model_price_unknown"') == 1 and "mystery-70b" in logged
+
+
+def test_pricing_file_overrides_and_a_malformed_entry_is_named(tmp_path: Path) -> None:
+    good = tmp_path / "prices.toml"
+    good.write_text('[models."local-llama"]\nprompt_gbp_per_million = 0\n'
+                    'completion_gbp_per_million = 0.1\n[default]\n'
+                    'prompt_gbp_per_million = 20\ncompletion_gbp_per_million = 80\n')
+    table = load_price_table(good)
+    assert table.cost(TokenUsage("local-llama", 10**6, 10**6)) == Decimal("0.1")
+    assert table.cost(TokenUsage("other", 10**6, 0)) == 20
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[models."x"]\nprompt_gbp_per_million = "cheap"\n'
+                   'completion_gbp_per_million = 1\n')
+    with pytest.raises(ConfigError, match=r'\[models."x"\].prompt_gbp_per_million'):
+        load_price_table(bad)
+    negative = tmp_path / "neg.toml"
+    negative.write_text('[default]\nprompt_gbp_per_million = -1\ncompletion_gbp_per_million = 1\n')
+    with pytest.raises(ConfigError, match="non-negative"):
+        load_price_table(negative)
+
+
+# -- the budget under concurrency -----------------------------------------------------------
+
+
+def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
+    db_url: str, db: Conn, tmp_path: Path
+) -> None:
+    """£2.50 and £0.50 per generation: exactly five start, fifteen are blocked, spend stays
+    within the limit, and the aggregate equals the raw rows."""
+    org = org_with_items(db, 20, "costly:0.5", limit="2.50")
+    workers = [start_worker(db_url, "--burst", log=tmp_path / f"w{i}.log", MF_CONCURRENCY="5",
+                            MF_POOL_MAX_SIZE="8", MF_WORKER_ID=f"w{i}") for i in range(4)]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0, 0, 0]
+
+    assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE status = 'completed'"
+                      " AND organization_id = %s", org["id"]) == 5
+    blocked = db.execute("SELECT * FROM episode_schedule_queue WHERE status = 'blocked'"
+                         ).fetchall()
+    assert len(blocked) == 15
+    assert all(b["attempt_count"] == 0 for b in blocked)  # blocking charges no attempt
+    assert all(b["last_error"].startswith("Daily limit exceeded: £") for b in blocked)
+    assert scalar(db, "SELECT count(*) FROM episodes WHERE status = 'ready'") == 5
+    daily = db.execute("SELECT * FROM token_usage_daily WHERE organization_id = %s",
+                       [org["id"]]).fetchone()
+    assert daily is not None
+    assert daily["total_cost_gbp"] == Decimal("2.5") <= Decimal("2.50")
+    assert daily["total_cost_gbp"] == scalar(db, "SELECT sum(cost_gbp) FROM token_usage")
+    assert daily["reserved_gbp"] == 0  # every reservation was settled or released
+    assert scalar(db, "SELECT count(*) FROM user_events"
+                      " WHERE event_type = 'cost_limit_reached'") == 1
+    assert scalar(db, "SELECT count(*) FROM audit_log WHERE action = 'cost_limit.block'") == 1
+    trip = db.execute("SELECT * FROM cost_limit_trips").fetchone()
+    assert trip is not None and trip["notified_at"] is not None
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(4))
+    assert logs.count('"event": "cost_limit_reached"') == 1  # the log notifier, once
+    # Claimed items that met the limit say so; items still waiting were blocked with them.
+    assert 1 <= logs.count('"event": "item_blocked_by_cost_limit"') <= 15
+
+
+def test_status_shows_blocked_organisations_with_spend_and_limit(
+    db_url: str, db: Conn
+) -> None:
+    org = org_with_items(db, 3, "costly:0", limit="0.60")
+    run_burst(db_url, concurrency=1)
+    from .test_engine import cli
+
+    result = cli("status", url=db_url)
+    assert result.returncode == 0, result.stderr
+    assert "over their daily cost limit" in result.stdout
+    # Two due items and the completed project's next occurrence.
+    assert f"{org['id']}  spent £0.50 of £0.60 today  (3 items blocked" in result.stdout
+
+
+# -- the breaker's recovery ------------------------------------------------------------------
+
+
+def _budget_pass(db_url: str, policy: str, now: datetime) -> Any:
+    async def main() -> Any:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            loop = BudgetLoop(pool, 1.0, policy=policy, default_limit=Decimal(50),
+                              reserve_per_item=Decimal("0.50"))
+            result = await loop.run_once(now=now)
+            await Scheduler(pool, 1.0).run_once(now=now)
+            return result
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+def test_next_utc_day_resumes_blocked_items_under_policy_resume(db_url: str, db: Conn) -> None:
+    org_with_items(db, 3, "costly:0", limit="0.50")
+    reports = run_burst(db_url, concurrency=1)
+    assert sorted(r.outcome for r in reports) == [Outcome.BLOCKED, Outcome.SUCCESS]
+    assert _budget_pass(db_url, "resume", TODAY).resumed == 0  # same day, no room
+    # Blocked: the two items that met the limit and the completed project's next occurrence.
+    result = _budget_pass(db_url, "resume", TODAY + timedelta(days=1))
+    assert result.resumed == 3
+    due = db.execute("SELECT blocked_on FROM episode_schedule_queue WHERE status = 'pending'"
+                     " AND run_after <= now()").fetchall()
+    assert len(due) == 2 and all(r["blocked_on"] is None for r in due)
+    later = db.execute("SELECT run_after, scheduled_for FROM episode_schedule_queue"
+                       " WHERE status = 'pending' AND run_after > now()").fetchall()
+    assert len(later) == 1 and later[0]["run_after"] == later[0]["scheduled_for"]
+
+
+def test_next_utc_day_skips_blocked_items_under_policy_skip(db_url: str, db: Conn) -> None:
+    org = org_with_items(db, 3, "costly:0", limit="0.50")
+    run_burst(db_url, concurrency=1)
+    # The completed project's next occurrence was blocked too; make it one a week away.
+    db.execute("UPDATE episode_schedule_queue SET scheduled_for = now() + interval '7 days'"
+               " WHERE status = 'blocked' AND attempt_count = 0 AND scheduled_for > now()")
+    result = _budget_pass(db_url, "skip", TODAY + timedelta(days=1))
+    assert (result.skipped, result.resumed) == (2, 1)  # the not-yet-due one just resumes
+    cancelled = db.execute("SELECT project_id, last_error FROM episode_schedule_queue"
+                           " WHERE status = 'cancelled'").fetchall()
+    assert len(cancelled) == 2
+    assert all(c["last_error"].startswith("skipped: daily cost limit reached on ")
+               for c in cancelled)
+    # The scheduler pass gave each skipped project its next regular occurrence.
+    for c in cancelled:
+        assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE project_id = %s"
+                          " AND status = 'pending'", c["project_id"]) == 1
+    assert org["id"]
+
+
+def test_raising_the_limit_releases_blocked_items_the_same_day(db_url: str, db: Conn) -> None:
+    org = org_with_items(db, 3, "costly:0", limit="0.50")
+    run_burst(db_url, concurrency=1)
+    db.execute("UPDATE organizations SET daily_cost_limit_gbp = 10 WHERE id = %s", [org["id"]])
+    assert _budget_pass(db_url, "resume", TODAY).resumed == 3
+    reports = run_burst(db_url, concurrency=2)
+    assert [r.outcome for r in reports] == [Outcome.SUCCESS, Outcome.SUCCESS]
+
+
+def test_reservation_is_released_after_a_failed_attempt_and_after_a_reaped_lease(
+    db_url: str, db: Conn
+) -> None:
+    org = org_with_items(db, 1, "permanent", limit="5")
+    assert [r.outcome for r in run_burst(db_url)] == [Outcome.FAILED]
+    assert scalar(db, "SELECT reserved_gbp FROM token_usage_daily WHERE organization_id = %s",
+                  org["id"]) == 0
+
+    # A worker that reserved and then vanished: the reaper's return releases the money.
+    db.execute("UPDATE projects SET title = 'fine'")
+    item = make_queue_item(db, make_project(db, make_user(db, org)))
+
+    async def claim_reserve_and_reap() -> Decimal:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            async with pool.connection() as conn:
+                claimed = await queue.claim_due_items(conn, worker="ghost", limit=1,
+                                                      lease_seconds=0.5)
+                assert [c.id for c in claimed] == [item["id"]]
+                from mf_worker.cost.budget import reserve_budget
+
+                async with conn.transaction():
+                    await conn.execute("SELECT set_config('app.current_org_id', %s, true)",
+                                       [org["id"]])
+                    assert await reserve_budget(conn, claimed[0], worker="ghost",
+                                                amount=Decimal("1.25"), day=TODAY.date(),
+                                                default_limit=Decimal(50))
+                cur = await conn.execute("SELECT reserved_gbp FROM token_usage_daily")
+                held = (await cur.fetchone())["reserved_gbp"]  # type: ignore[index]
+            async with pool.connection() as conn:
+                await queue.reap_expired_leases(conn, max_attempts=3,
+                                                now=datetime.now(UTC) + timedelta(seconds=5))
+            return Decimal(held)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(claim_reserve_and_reap()) == Decimal("1.25")
+    assert scalar(db, "SELECT reserved_gbp FROM token_usage_daily WHERE organization_id = %s",
+                  org["id"]) == 0
+    state = db.execute("SELECT status, reserved_cost_gbp FROM episode_schedule_queue"
+                       " WHERE id = %s", [item["id"]]).fetchone()
+    assert state == {"status": "pending", "reserved_cost_gbp": None}
+
+
+# -- notifiers -------------------------------------------------------------------------------
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+    failures_left = 0
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if _Hook.failures_left > 0:
+            _Hook.failures_left -= 1
+            self.send_response(500)
+            self.end_headers()
+            return
+        _Hook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    _Hook.received, _Hook.failures_left = [], 1
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/cost"
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhook_notifies_once_per_org_per_day_and_retries_a_500(
+    db_url: str, db: Conn, webhook: str
+) -> None:
+    org = org_with_items(db, 4, "costly:0", limit="0.50")
+    run_burst(db_url, concurrency=1, notifier="webhook", notify_webhook_url=webhook)
+    # The same day, again: more items blocked, no second notification.
+    db.execute("UPDATE episode_schedule_queue SET status = 'pending', blocked_on = NULL"
+               " WHERE status = 'blocked'")
+    run_burst(db_url, concurrency=1, notifier="webhook", notify_webhook_url=webhook)
+    assert len(_Hook.received) == 1, "one notification per org per day, after one 500"
+    note = _Hook.received[0]
+    assert note["event"] == "cost_limit_reached" and note["organization_id"] == org["id"]
+    assert note["limit_gbp"] == "0.5000" and note["spent_gbp"] == "0.500000"
+    assert note["date"] == TODAY.date().isoformat()
+
+
+def test_webhook_gives_up_after_its_attempts_and_notifier_specs_are_checked(
+    webhook: str,
+) -> None:
+    _Hook.failures_left = 10
+    notifier = WebhookNotifier(webhook, attempts=3, backoff=0.01)
+    trip = Trip("org_x", TODAY.date(), Decimal(1), Decimal(1), 3, "Daily limit exceeded")
+    with pytest.raises(Exception, match="webhook answered 500"):
+        asyncio.run(notifier.notify(trip))
+    assert _Hook.failures_left == 7
+    with pytest.raises(PluginLoadError, match="needs MF_NOTIFY_WEBHOOK_URL"):
+        load_notifier("webhook", None)
+    with pytest.raises(PluginLoadError, match="notifier 'nope:x'"):
+        load_notifier("nope:x", None)
