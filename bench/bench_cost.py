@@ -23,9 +23,9 @@ from decimal import Decimal
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from mf_worker.db.sql import load_queries
 from mf_worker.db import connect
 from mf_worker.db.migrate import apply_migrations
+from mf_worker.db.sql import load_queries
 from mf_worker.settings import load_settings
 
 RAW_SUM = """
@@ -65,7 +65,8 @@ async def measure(url: str, rows: int, repeat: int) -> tuple[float, float, int]:
     async with conn:
         await apply_migrations(conn)
         for statement in SEED:
-            await conn.execute(statement.replace("%(rows)s", str(int(rows))))  # type: ignore[arg-type]
+            sql = statement.replace("%(rows)s", str(int(rows)))
+            await conn.execute(sql)  # type: ignore[arg-type]
         params = {"organization_id": "org_bench", "date": datetime.now(UTC).date(),
                   "default_limit": Decimal(50),
                   "day_start": datetime.now(UTC).replace(hour=0, minute=0, second=0,
