@@ -85,7 +85,8 @@ async def measure(url: str, rows: int, repeat: int) -> tuple[float, float, int]:
                 samples.append(time.perf_counter() - started)
             return statistics.median(samples)
 
-        return await timed(load_queries("mf_worker.cost", "budget.sql")["read_budget"]), await timed(RAW_SUM), org_rows
+        check = load_queries("mf_worker.cost", "budget.sql")["read_budget"]
+        return await timed(check), await timed(RAW_SUM), org_rows
 
 
 def main() -> None:
