@@ -55,6 +55,7 @@ def pg_admin_url() -> Iterator[str]:
 
 def settings_for(url: str, **overrides: Any) -> Settings:
     """Settings for a test: only the database URL from the test, defaults for the rest."""
+    overrides = {"metrics_addr": "127.0.0.1:0", **overrides}
     settings, _ = load_settings(environ={}, overrides={"database_url": url, **overrides})
     return settings
 

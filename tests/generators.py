@@ -13,6 +13,7 @@ Title prefixes:
   ``raises``        an unexpected exception (a plugin bug)
   ``invalid:KIND``  an invalid result of KIND (see ``INVALID``)
   ``costly:S``      sleep S seconds, then report gpt-4o usage costing exactly £0.50
+  ``wedge:S``       block the whole event loop for S seconds (a plugin calling sync I/O)
   anything else     the template episode at once
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 
 from mf_worker.generation import (
@@ -76,6 +78,8 @@ async def scripted(request: GenerationRequest) -> GenerationResult:
         raise KeyError("choices")
     elif kind == "invalid":
         return INVALID[arg.split()[0]](_good(request))
+    elif kind == "wedge":
+        time.sleep(float(arg.split()[0]))  # deliberately blocks the event loop
     elif kind == "costly":
         await asyncio.sleep(float(arg.split()[0]))
         # gpt-4o at £2.00 / £8.00 per million: 0.25 + 0.25 = £0.50, the default reserve.

@@ -61,6 +61,7 @@ def worker_env(db_url: str, **env: str) -> dict[str, str]:
         "MF_LOG_FORMAT": "json",
         "MF_GENERATOR": SCRIPTED,
         "MF_POLL_INTERVAL": "0.2",
+        "MF_METRICS_ADDR": "127.0.0.1:0",
         "PYTHONPATH": str(ROOT),
         **env,
     })

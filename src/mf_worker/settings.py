@@ -109,6 +109,15 @@ def _url(raw: str) -> Secret:
     return Secret(text)
 
 
+def _optional_addr(raw: str) -> str:
+    text = raw.strip()
+    if text:
+        _host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port (e.g. 0.0.0.0:9464), or empty to disable")
+    return text
+
+
 def _bool(raw: str) -> bool:
     text = raw.strip().lower()
     if text in _TRUE:
@@ -192,6 +201,7 @@ def _setting(
     flag: str | None = None,
     secret: bool = False,
     fallback_env: str | None = None,
+    empty_ok: bool = False,
 ) -> Any:
     return field(
         default=default,
@@ -202,6 +212,7 @@ def _setting(
             "flag": flag,
             "secret": secret,
             "fallback_env": fallback_env,
+            "empty_ok": empty_ok,
         },
     )
 
@@ -356,6 +367,21 @@ class Settings:
         _text,
         "Name this process claims items under (default: hostname:pid). Must be unique.",
     )
+    metrics_addr: str = _setting(
+        "MF_METRICS_ADDR",
+        "0.0.0.0:9464",
+        _optional_addr,
+        "host:port of the HTTP server for /metrics, /healthz and /readyz. Port 0 picks a free "
+        "port (logged as `http_listening`); an empty value disables the server.",
+        empty_ok=True,
+    )
+    health_stall_seconds: float = _setting(
+        "MF_HEALTH_STALL_SECONDS",
+        120.0,
+        _float(1.0),
+        "/healthz answers 503 (and the systemd watchdog stops being fed) when the claim loop has "
+        "not gone round for this long.",
+    )
     log_format: str = _setting(
         "MF_LOG_FORMAT",
         "auto",
@@ -449,7 +475,9 @@ def load_settings(
         meta = f.metadata
         if name in overrides:
             raw, source = overrides[name], _flag_or_env(f, from_flag=True)
-        elif env.get(meta["env"], "") != "":
+        elif env.get(meta["env"], "") != "" or (
+            meta["env"] in env and meta.get("empty_ok")
+        ):
             raw, source = env[meta["env"]], meta["env"]
         elif meta["fallback_env"] and env.get(meta["fallback_env"], "") != "":
             raw, source = env[meta["fallback_env"]], meta["fallback_env"]

@@ -40,15 +40,23 @@ class Snapshot:
         return asdict(self)
 
 
-async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: int = 20,
-                        now: datetime | None = None) -> Snapshot:
+async def read_queue_depth(conn: Connection, *, now: datetime | None = None) -> dict[str, Any]:
+    """Counts by status and the oldest due item's age: what the metrics export."""
     now = now or datetime.now(UTC)
     counts = dict.fromkeys(STATUSES, 0)
     for row in await (await conn.execute(_Q["count_items_by_status"])).fetchall():
         counts[row["status"]] = row["items"]
     due = await (await conn.execute(_Q["oldest_due_pending"])).fetchone()
-    assert due is not None
-    lag = (now - due["oldest_due"]).total_seconds() if due["oldest_due"] else None
+    oldest = due["oldest_due"] if due else None
+    return {"counts": counts, "due_items": due["due_items"] if due else 0,
+            "oldest_due_age_seconds": max((now - oldest).total_seconds(), 0.0) if oldest
+            else None}
+
+
+async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: int = 20,
+                        now: datetime | None = None) -> Snapshot:
+    now = now or datetime.now(UTC)
+    depth = await read_queue_depth(conn, now=now)
 
     async def rows(query: str, **params: Any) -> list[dict[str, Any]]:
         cur = await conn.execute(_Q[query], {"limit": limit, **params})
@@ -56,9 +64,9 @@ async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: 
 
     without = await (await conn.execute(_Q["count_active_projects_without_item"])).fetchone()
     return Snapshot(
-        counts=counts,
-        due_items=due["due_items"],
-        oldest_due_lag_seconds=None if lag is None else max(lag, 0.0),
+        counts=depth["counts"],
+        due_items=depth["due_items"],
+        oldest_due_lag_seconds=depth["oldest_due_age_seconds"],
         expired_leases=await rows("list_expired_leases"),
         failed=await rows("list_items_in_status", status="failed"),
         blocked=await rows("list_items_in_status", status="blocked"),

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from .. import queue
 from ..cost.budget import Budget, BudgetLoop
@@ -21,12 +22,14 @@ from ..cost.notify import load_notifier
 from ..cost.pricing import PriceTable, load_price_table
 from ..db import Connection, Pool, open_pool
 from ..db.migrate import ensure_schema_current
-from ..errors import MfWorkerError
+from ..errors import ConfigError, MfWorkerError
 from ..generation import Generator, load_generator
+from ..health import HealthServer
 from ..logs import get_logger
+from ..metrics import Metrics
 from ..scheduling.scheduler import Scheduler
 from ..settings import Settings
-from ..status import get_queue_item
+from ..status import get_queue_item, read_queue_depth
 from .lease import Heartbeat, Reaper
 from .loops import PeriodicLoop
 from .retention import Pruner
@@ -45,6 +48,8 @@ class Components:
     worker: Worker
     loops: list[PeriodicLoop]
     listener: Listener | None
+    metrics: Metrics
+    http: HealthServer | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -71,21 +76,67 @@ async def build(
     except BaseException:
         await pool.close()
         raise
+    metrics = Metrics(concurrency=settings.concurrency)
     worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
-                    observers=observers)
+                    observers=[metrics.on_attempt, *(observers or [])])
+    worker.claim_listeners.append(metrics.on_claimed)
+    worker.tick_listeners.append(metrics.on_claim_loop_tick)
     loops: list[PeriodicLoop] = [
         Heartbeat(worker),
-        Reaper(pool, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts),
+        Reaper(pool, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
+               on_reaped=metrics.on_reaped),
         Pruner(pool, retention_days=settings.retention_days),
     ]
     if scheduler:
-        loops.append(Scheduler(pool, settings.scheduler_interval, clock=clock))
+        loops.append(Scheduler(pool, settings.scheduler_interval, clock=clock,
+                               on_pass=metrics.on_scheduled))
         loops.append(BudgetLoop(pool, settings.scheduler_interval,
                                 policy=settings.cost_limit_policy,
                                 default_limit=settings.daily_cost_limit_gbp,
                                 reserve_per_item=settings.cost_reserve_gbp, clock=clock))
     listener = Listener(settings, worker.wake) if settings.listen else None
-    return Components(settings, pool, worker, loops, listener)
+    return Components(settings, pool, worker, loops, listener, metrics)
+
+
+def start_http(components: Components) -> HealthServer | None:
+    """Serve /metrics, /healthz and /readyz (unless MF_METRICS_ADDR is empty)."""
+    settings = components.settings
+    if not settings.metrics_addr:
+        return None
+    loop = asyncio.get_running_loop()
+    pool = components.pool
+
+    async def ready() -> None:
+        async def check() -> None:
+            async with pool.connection(timeout=2.0) as conn:
+                await ensure_schema_current(conn)
+
+        await asyncio.wait_for(check(), timeout=2.5)
+
+    def queue_depth() -> dict[str, Any]:
+        async def read() -> dict[str, Any]:
+            async with pool.connection(timeout=2.0) as conn:
+                return await read_queue_depth(conn)
+
+        return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=3.0)
+
+    components.metrics.watch_queue(queue_depth)
+    try:
+        server = HealthServer(
+            settings.metrics_addr, registry=components.metrics.registry, loop=loop,
+            claim_loop_age=components.worker.claim_loop_age,
+            stall_seconds=settings.health_stall_seconds, ready_check=ready,
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"MF_METRICS_ADDR={settings.metrics_addr}: cannot listen ({exc.strerror}); "
+            "choose another port, 0 for any free one, or empty to disable"
+        ) from None
+    server.start()
+    get_logger("mf_worker.daemon").info("http_listening", port=server.port,
+                                        addr=settings.metrics_addr)
+    components.http = server
+    return server
 
 
 async def serve(components: Components, *, burst: bool = False,
@@ -99,6 +150,8 @@ async def serve(components: Components, *, burst: bool = False,
         components.tasks.append(asyncio.create_task(loop.run(), name=loop.name))
     if components.listener is not None:
         components.tasks.append(asyncio.create_task(components.listener.run(), name="listener"))
+    if components.http is None:
+        start_http(components)
     log.info("worker_started", worker_id=worker.worker_id, concurrency=settings.concurrency,
              generator=settings.generator, listen=settings.listen)
     try:
@@ -120,6 +173,9 @@ async def shutdown(components: Components) -> None:
         task.cancel()
     await asyncio.gather(*components.tasks, return_exceptions=True)
     components.tasks.clear()
+    if components.http is not None:
+        await asyncio.to_thread(components.http.stop)
+        components.http = None
     await components.pool.close()
 
 

@@ -11,7 +11,7 @@ row of any other organisation.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, tzinfo
 from decimal import Decimal
@@ -31,7 +31,6 @@ from ..generation import (
     PlanningNote,
     PreviousEpisode,
     ProjectInfo,
-    TokenUsage,
 )
 from ..ids import new_id
 from ..queue import ClaimedItem
@@ -43,8 +42,6 @@ _Q = load_queries(__package__ or "mf_worker.engine", "episodes.sql")
 MAX_NOTES = 50
 MAX_MEMORIES = 50
 MAX_PREVIOUS_EPISODES = 3
-
-PriceFn = Callable[[TokenUsage], Decimal]
 
 
 class ItemUnavailable(InvalidItemError):
@@ -205,9 +202,9 @@ async def write_episode(
     prepared: Prepared,
     result: GenerationResult,
     *,
+    costs: Sequence[Decimal],
     worker: str,
     now: datetime,
-    price: PriceFn,
 ) -> datetime | None:
     """The final write, all in one transaction; returns the next item's due time (or None).
 
@@ -246,7 +243,7 @@ async def write_episode(
                     "models": [u.model for u in usages],
                     "prompt_tokens": [u.prompt_tokens for u in usages],
                     "completion_tokens": [u.completion_tokens for u in usages],
-                    "costs": [price(u) for u in usages],
+                    "costs": list(costs),
                 },
             )
             if result.incorporated_note_ids:

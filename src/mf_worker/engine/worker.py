@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from typing import Any, TypeVar
 
@@ -108,6 +109,7 @@ class AttemptReport:
     generation_seconds: float | None = None
     item_seconds: float = 0.0
     result: GenerationResult | None = None
+    costs: tuple[Decimal, ...] = ()  # GBP per usage of ``result``
 
 
 Observer = Callable[[AttemptReport], None]
@@ -153,6 +155,9 @@ class Worker:
         self.clock = clock
         self.observers = list(observers or [])
         self.in_flight: dict[str, InFlight] = {}
+        # Subscribers (metrics, the systemd watchdog): claims with their time, loop ticks.
+        self.claim_listeners: list[Callable[[list[ClaimedItem], float], None]] = []
+        self.tick_listeners: list[Callable[[int], None]] = []
         self.state = WorkerState()
         self.wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -166,10 +171,11 @@ class Worker:
         nothing is in flight)."""
         failures = 0
         while not self._stopping.is_set():
-            self.state.last_claim_loop_tick = time.monotonic()
+            self._tick()
             free = self.settings.concurrency - len(self.in_flight)
             if free <= 0:
-                await self._wait({self._slot_freed}, None)
+                # Bounded, so a full worker still ticks (health) while its items run.
+                await self._wait({self._slot_freed}, self.settings.poll_interval)
                 continue
             self.wake.clear()
             try:
@@ -199,7 +205,20 @@ class Worker:
                 lease_seconds=self.settings.lease_seconds,
             )
         self.state.claimed += len(items)
+        if items:
+            claimed_at = time.time()
+            for listener in self.claim_listeners:
+                listener(items, claimed_at)
         return items
+
+    def _tick(self) -> None:
+        self.state.last_claim_loop_tick = time.monotonic()
+        for listener in self.tick_listeners:
+            listener(len(self.in_flight))
+
+    def claim_loop_age(self) -> float:
+        """Seconds since the claim loop last went round (for /healthz and the watchdog)."""
+        return time.monotonic() - self.state.last_claim_loop_tick
 
     async def _idle_timeout(self) -> float:
         """Sleep until the next item is due, but never longer than the poll interval."""
@@ -307,11 +326,10 @@ class Worker:
             await self._record_failure(entry, prepared, failure, report)
             return
         assert result is not None
-        await self._db(
-            lambda conn: write_episode(conn, item, prepared, result, worker=self.worker_id,
-                                       now=self.clock(), price=self.budget.prices.cost)
-        )
-        report.outcome, report.result = Outcome.SUCCESS, result
+        costs = tuple(self.budget.prices.cost(u) for u in result.usages)
+        await self._db(partial(write_episode, item=item, prepared=prepared, result=result,
+                               costs=costs, worker=self.worker_id, now=self.clock()))
+        report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
 
     async def _generate(
         self, prepared: Prepared

@@ -82,6 +82,7 @@ class Scheduler(PeriodicLoop):
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_invalid: Callable[[str, str], None] | None = None,
+        on_pass: Callable[[int, int], None] | None = None,
         batch_size: int = BATCH_SIZE,
     ) -> None:
         super().__init__(interval)
@@ -89,6 +90,7 @@ class Scheduler(PeriodicLoop):
         self._clock = clock
         self._batch_size = batch_size
         self._on_invalid = on_invalid
+        self._on_pass = on_pass
         self._reported: dict[str, str] = {}
 
     async def run_once(self, now: datetime | None = None) -> SchedulerResult:
@@ -104,6 +106,8 @@ class Scheduler(PeriodicLoop):
                 self._reported[project_id] = error
             if self._on_invalid is not None:
                 self._on_invalid(project_id, error)
+        if self._on_pass is not None:
+            self._on_pass(result.created, len(result.invalid))
         if result.created or result.rescheduled or result.cancelled:
             self._log.info(
                 "scheduler_pass",

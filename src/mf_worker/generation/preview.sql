@@ -1,0 +1,16 @@
+-- What `mf-worker generate` reads besides the engine's own load_generation_context
+-- (mf_worker.generation.preview). Read-only: the preview runs in a READ ONLY transaction.
+
+-- name: find_project
+-- The project's organisation (the worker role may read projects across organisations).
+SELECT id, organization_id FROM projects WHERE id = %(project_id)s;
+
+-- name: open_item
+-- The project's open queue item, if any: the preview uses its due time and episode so the
+-- request is the one the next attempt would get.
+SELECT q.id, q.scheduled_for, q.attempt_count, q.status, e.sequence_number
+FROM episode_schedule_queue q
+LEFT JOIN episodes e ON e.id = q.episode_id
+WHERE q.project_id = %(project_id)s AND q.status IN ('pending', 'processing', 'blocked')
+ORDER BY q.scheduled_for
+LIMIT 1;

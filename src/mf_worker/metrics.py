@@ -1,0 +1,177 @@
+"""Every Prometheus metric mf-worker exports, declared in one place.
+
+Names follow Prometheus conventions: the ``mf_worker_`` prefix, base units in the name
+(``_seconds``), ``_total`` on counters, and small fixed label sets — never an id as a label
+(spend per organisation lives in ``token_usage_daily``, not in Prometheus). The engine does not
+call metrics directly: :class:`Metrics` subscribes to the worker's attempt reports, the reaper,
+the scheduler and the claim loop, the way Oban's telemetry handlers do. Queue depth and the
+age of the oldest due item are read from the database at scrape time (cached briefly), so every
+replica reports the same truth.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .engine.worker import AttemptReport, FailureReason, Outcome
+from .queue import ClaimedItem, ReapedItem
+
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled", "blocked")
+
+# Seconds; generation spans a template call (ms) to a long LLM call (minutes).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                    600)
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+QueueReader = Callable[[], dict[str, Any]]
+
+
+class Metrics:
+    """The daemon's metrics, on a registry of its own (several daemons may share a process in
+    tests)."""
+
+    def __init__(self, *, concurrency: int, process_metrics: bool = True) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.attempts = Counter(
+            "mf_worker_attempts_total", "Attempts at queue items, by how they ended.",
+            ["outcome"], registry=r)
+        self.failures = Counter(
+            "mf_worker_failures_total", "Failed attempts, by reason class.", ["reason"],
+            registry=r)
+        self.generation_duration = Histogram(
+            "mf_worker_generation_duration_seconds", "Time spent in the generator per attempt.",
+            buckets=DURATION_BUCKETS, registry=r)
+        self.item_duration = Histogram(
+            "mf_worker_item_duration_seconds",
+            "Time from claim to the end of an attempt (prepare, generate, write).",
+            buckets=DURATION_BUCKETS, registry=r)
+        self.queue_lag = Histogram(
+            "mf_worker_queue_lag_seconds",
+            "Delay between an item becoming due (run_after) and its claim.",
+            buckets=LAG_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "mf_worker_in_flight_items", "Items this process is working on.", registry=r)
+        self.concurrency = Gauge(
+            "mf_worker_concurrency_items",
+            "Configured maximum of items in flight (MF_CONCURRENCY).",
+            registry=r)
+        self.concurrency.set(concurrency)
+        self.tokens = Counter(
+            "mf_worker_tokens_total", "Tokens used by completed generations.",
+            ["model", "kind"], registry=r)
+        self.cost = Counter(
+            "mf_worker_cost_gbp_total", "Cost of completed generations in GBP.", ["model"],
+            registry=r)
+        self.cost_limit_trips = Counter(
+            "mf_worker_cost_limit_trips_total",
+            "Items blocked by an organisation's daily cost limit.", registry=r)
+        self.reaped = Counter(
+            "mf_worker_items_reaped_total",
+            "Items whose lease expired (a lost worker), by what the reaper did.", ["result"],
+            registry=r)
+        self.scheduled = Counter(
+            "mf_worker_scheduler_items_created_total", "Queue items the scheduler created.",
+            registry=r)
+        self.invalid_projects = Gauge(
+            "mf_worker_scheduler_invalid_projects",
+            "Active projects skipped by the last scheduler pass (invalid cadence or zone).",
+            registry=r)
+        self.build_info = Gauge(
+            "mf_worker_build_info", "Always 1; the labels say what is running.",
+            ["version", "python_version"], registry=r)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.claim_loop_tick = Gauge(
+            "mf_worker_claim_loop_last_tick_timestamp_seconds",
+            "When the claim loop last went round (a stuck loop stops moving this).", registry=r)
+        for outcome in Outcome:
+            self.attempts.labels(outcome.value)
+        for reason in FailureReason:
+            self.failures.labels(reason.value)
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+    # -- subscriptions -------------------------------------------------------------------------
+
+    def on_attempt(self, report: AttemptReport) -> None:
+        """Observer for the worker's attempt reports."""
+        self.attempts.labels(report.outcome.value).inc()
+        if report.reason is not None:
+            self.failures.labels(report.reason.value).inc()
+        if report.outcome is Outcome.BLOCKED:
+            self.cost_limit_trips.inc()
+        if report.generation_seconds is not None:
+            self.generation_duration.observe(report.generation_seconds)
+        if report.outcome is not Outcome.RELEASED:
+            self.item_duration.observe(report.item_seconds)
+        if report.outcome is Outcome.SUCCESS and report.result is not None:
+            for usage, cost in zip(report.result.usages, report.costs, strict=False):
+                self.tokens.labels(usage.model, "prompt").inc(usage.prompt_tokens)
+                self.tokens.labels(usage.model, "completion").inc(usage.completion_tokens)
+                self.cost.labels(usage.model).inc(float(cost))
+
+    def on_claimed(self, items: Iterable[ClaimedItem], claimed_at: float) -> None:
+        for item in items:
+            self.queue_lag.observe(max(claimed_at - item.run_after.timestamp(), 0.0))
+
+    def on_reaped(self, item: ReapedItem) -> None:
+        self.reaped.labels("failed" if item.status == "failed" else "returned").inc()
+
+    def on_scheduled(self, created: int, invalid: int) -> None:
+        self.scheduled.inc(created)
+        self.invalid_projects.set(invalid)
+
+    def on_claim_loop_tick(self, in_flight: int) -> None:
+        self.claim_loop_tick.set(time.time())
+        self.in_flight.set(in_flight)
+
+    def watch_queue(self, read: QueueReader, *, cache_seconds: float = 5.0) -> None:
+        """Export queue depth and oldest-due age, read by ``read`` at scrape time (cached)."""
+        self.registry.register(_QueueCollector(read, cache_seconds))
+
+
+class _QueueCollector(Collector):
+    """Queue depth by status and the oldest due item's age, from the database, cached."""
+
+    def __init__(self, read: QueueReader, cache_seconds: float) -> None:
+        self._read, self._cache_seconds = read, cache_seconds
+        self._cached: dict[str, Any] | None = None
+        self._read_at = 0.0
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # read the database only when scraped, never at registration
+
+    def collect(self) -> Iterable[Metric]:
+        now = time.monotonic()
+        if self._cached is None or now - self._read_at > self._cache_seconds:
+            try:
+                self._cached, self._read_at = self._read(), now
+            except Exception:  # an unreachable database must not break the whole scrape
+                self._cached = None
+        if self._cached is None:
+            return
+        depth = GaugeMetricFamily("mf_worker_queue_items",
+                                  "Queue items by status (the whole queue, read from the "
+                                  "database).", labels=["status"])
+        for status in STATUSES:
+            depth.add_metric([status], self._cached["counts"].get(status, 0))
+        yield depth
+        yield GaugeMetricFamily(
+            "mf_worker_queue_oldest_due_age_seconds",
+            "How long the oldest due pending item has been waiting (0 when none is due).",
+            value=self._cached["oldest_due_age_seconds"] or 0.0)
