@@ -79,7 +79,7 @@ async def scripted(request: GenerationRequest) -> GenerationResult:
     elif kind == "invalid":
         return INVALID[arg.split()[0]](_good(request))
     elif kind == "wedge":
-        time.sleep(float(arg.split()[0]))  # deliberately blocks the event loop
+        time.sleep(float(arg.split()[0]))  # noqa: ASYNC251 - deliberately blocks the loop
     elif kind == "costly":
         await asyncio.sleep(float(arg.split()[0]))
         # gpt-4o at £2.00 / £8.00 per million: 0.25 + 0.25 = £0.50, the default reserve.

@@ -32,7 +32,7 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 def http_get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -185,7 +185,7 @@ def test_healthz_turns_503_while_the_claim_loop_is_wedged(
         wait_until(lambda: http_get(healthz)[0] == 200, 20, "a healthy start")
         make_queue_item(db, make_tenant(db, title="wedge:6")["project"])
         wait_until(lambda: http_get(healthz)[0] == 503, 20, "/healthz to report the stall")
-        status, body = http_get(healthz)
+        _status, body = http_get(healthz)
         assert json.loads(body)["status"] == "stalled"
         wait_until(lambda: http_get(healthz)[0] == 200, 30, "recovery after the wedge")
     finally:
