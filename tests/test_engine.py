@@ -289,3 +289,79 @@ def test_backoff_doubles_from_one_second_with_jitter_and_a_five_minute_cap() -> 
     assert all(retry_delay(n, rng=rng) <= CAP_SECONDS for n in range(10, 60))
     assert retry_delay(1, retry_after=42.0, rng=rng) == 42.0  # the provider's wish wins
     assert retry_delay(1, retry_after=10**9, rng=rng) == 3600.0  # but not forever
+
+
+def test_pruner_deletes_old_finished_items_in_batches_and_keeps_episodes(
+    db_url: str, db: Conn
+) -> None:
+    import asyncio
+
+    from mf_worker.db import open_pool
+    from mf_worker.engine.retention import Pruner
+
+    from .conftest import settings_for
+
+    t = make_tenant(db)
+    for _ in range(3):
+        make_queue_item(db, make_project(db, t["user"]))
+    run_burst(db_url)
+    cancelled = make_queue_item(db, make_project(db, t["user"]), status="cancelled")
+    fresh = make_queue_item(db, make_project(db, t["user"]), status="cancelled")
+    # Forty days pass for all but one (the touch trigger would otherwise stamp now()).
+    db.execute("ALTER TABLE episode_schedule_queue"
+               " DISABLE TRIGGER episode_schedule_queue_touch_updated_at")
+    db.execute("UPDATE episode_schedule_queue SET updated_at = now() - interval '40 days'"
+               " WHERE status IN ('completed', 'cancelled') AND id <> %s", [fresh["id"]])
+    db.execute("ALTER TABLE episode_schedule_queue"
+               " ENABLE TRIGGER episode_schedule_queue_touch_updated_at")
+
+    async def prune() -> int:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            pruner = Pruner(pool, retention_days=30)
+            pruner.BATCH = 2  # several batches in one pass
+            return await pruner.run_once()
+        finally:
+            await pool.close()
+
+    assert asyncio.run(prune()) == 4  # three completed, one old cancelled
+    left = {r["id"]: r["status"] for r in db.execute(
+        "SELECT id, status FROM episode_schedule_queue").fetchall()}
+    assert cancelled["id"] not in left and left[fresh["id"]] == "cancelled"
+    assert "pending" in left.values()  # the open item is never pruned
+    assert one(db, "SELECT count(*) AS n FROM episodes WHERE status = 'ready'")["n"] == 3
+
+
+def test_listener_reconnects_after_its_connection_is_killed_and_still_wakes(
+    db_url: str, db: Conn
+) -> None:
+    import asyncio
+
+    from mf_worker.engine.wakeup import Listener
+
+    from .conftest import settings_for
+
+    async def scenario() -> int:
+        wake = asyncio.Event()
+        listener = Listener(settings_for(db_url), wake, ping_interval=0.2)
+        task = asyncio.create_task(listener.run())
+        await asyncio.wait_for(listener.connected.wait(), 10)
+        killed = db.execute(
+            "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+            " AND pid <> pg_backend_pid()").fetchone()
+        assert killed is not None and killed["n"] == 1
+        deadline = asyncio.get_running_loop().time() + 20
+        while listener.reconnects < 2:
+            assert asyncio.get_running_loop().time() < deadline, "listener did not reconnect"
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(listener.connected.wait(), 10)
+        wake.clear()
+        make_queue_item(db, make_tenant(db)["project"])
+        await asyncio.wait_for(wake.wait(), 5)  # woken by NOTIFY on the new connection
+        listener.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return listener.reconnects
+
+    assert asyncio.run(scenario()) >= 2
