@@ -292,7 +292,7 @@ def test_api_key_comes_from_the_variable_a_key_file_or_a_systemd_credential_and_
         LLMConfig.from_env({**base, "MF_LLM_API_KEY": KEY,
                             "MF_LLM_API_KEY_FILE": str(key_file)})
     assert KEY not in str(both.value)
-    with pytest.raises(ConfigError, match="MF_LLM_API_KEY_FILE=.*cannot read"):
+    with pytest.raises(ConfigError, match=r"MF_LLM_API_KEY_FILE=.*cannot read"):
         LLMConfig.from_env({**base, "MF_LLM_API_KEY_FILE": str(tmp_path / "missing")})
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="the key file is empty"):

@@ -3,6 +3,10 @@
 Each field carries its environment variable, its parser and its documentation in one place, so
 the README table, the validation and the "unknown variable" warning cannot drift apart. Nothing
 else in the package reads ``os.environ``: the settings object is built here and passed down.
+(The one exception is `mf_worker.systemd`, which reads the variables the service manager sets.)
+
+A secret may also come from a systemd credential (``LoadCredential=``): when neither its variable
+nor its fallback variable is set, the file ``$CREDENTIALS_DIRECTORY/<credential>`` is read.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Final
 import psycopg.conninfo
 
 from .errors import ConfigError
+from .systemd import credential as read_credential
 
 ENV_PREFIX: Final = "MF_"
 
@@ -201,6 +206,7 @@ def _setting(
     flag: str | None = None,
     secret: bool = False,
     fallback_env: str | None = None,
+    credential: str | None = None,
     empty_ok: bool = False,
 ) -> Any:
     return field(
@@ -212,6 +218,7 @@ def _setting(
             "flag": flag,
             "secret": secret,
             "fallback_env": fallback_env,
+            "credential": credential,
             "empty_ok": empty_ok,
         },
     )
@@ -229,11 +236,14 @@ class Settings:
         "MF_DATABASE_URL",
         None,
         _database_url,
-        "PostgreSQL connection URL or libpq key=value string (falls back to `DATABASE_URL`). "
-        "Required by every command that touches the database. Never logged.",
+        "PostgreSQL connection URL or libpq key=value string (falls back to `DATABASE_URL`, "
+        "then to the systemd credential `mf_database_url`: the file "
+        "`$CREDENTIALS_DIRECTORY/mf_database_url`). Required by every command that touches "
+        "the database. Never logged.",
         flag="--database-url",
         secret=True,
         fallback_env="DATABASE_URL",
+        credential="mf_database_url",
     )
     concurrency: int = _setting(
         "MF_CONCURRENCY", 4, _int(1, 1024), "Queue items generated at once by one process.",
@@ -409,7 +419,8 @@ class Settings:
         if self.database_url is None:
             raise ConfigError(
                 "MF_DATABASE_URL is not set: give a PostgreSQL URL in MF_DATABASE_URL or "
-                "DATABASE_URL, or pass --database-url"
+                "DATABASE_URL (or the systemd credential mf_database_url), or pass "
+                "--database-url"
             )
         return self.database_url.reveal()
 
@@ -452,11 +463,26 @@ def _shown(value: str, secret: bool) -> str:
     return "'***'" if secret else repr(value)
 
 
+def _credential(name: str, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """A non-empty systemd credential and how errors should name it, or None."""
+    source = f"$CREDENTIALS_DIRECTORY/{name}"
+    try:
+        value = read_credential(name, env)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"{source}: cannot read the credential ({reason})") from None
+    return (value, source) if value and value.strip() else None
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Settings, list[str]]:
     """Build the settings from environment variables, then CLI overrides.
+
+    A setting with a systemd credential (the database URL) falls back to
+    ``$CREDENTIALS_DIRECTORY/<credential>`` when neither its variable nor its fallback variable
+    is set; ``$CREDENTIALS_DIRECTORY`` is taken from ``environ`` like everything else.
 
     ``overrides`` maps field names to raw strings (from flags) or already-typed values; ``None``
     values are ignored. Returns the settings and a list of warnings (unknown ``MF_`` variables),
@@ -481,6 +507,8 @@ def load_settings(
             raw, source = env[meta["env"]], meta["env"]
         elif meta["fallback_env"] and env.get(meta["fallback_env"], "") != "":
             raw, source = env[meta["fallback_env"]], meta["fallback_env"]
+        elif meta["credential"] and (found := _credential(meta["credential"], env)) is not None:
+            raw, source = found
         else:
             continue
         if not isinstance(raw, str):

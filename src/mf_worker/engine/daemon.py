@@ -9,8 +9,10 @@ abandons come back through the reaper when their leases expire).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +32,7 @@ from ..metrics import Metrics
 from ..scheduling.scheduler import Scheduler
 from ..settings import Settings
 from ..status import get_queue_item, read_queue_depth
+from ..systemd import SystemdNotifier
 from .lease import Heartbeat, Reaper
 from .loops import PeriodicLoop
 from .retention import Pruner
@@ -152,15 +155,45 @@ async def serve(components: Components, *, burst: bool = False,
         components.tasks.append(asyncio.create_task(components.listener.run(), name="listener"))
     if components.http is None:
         start_http(components)
+    systemd = systemd_notifier(components)
     log.info("worker_started", worker_id=worker.worker_id, concurrency=settings.concurrency,
              generator=settings.generator, listen=settings.listen)
+    systemd.ready(f"claiming as {worker.worker_id}, concurrency {settings.concurrency}")
     try:
         await worker.run(burst=burst)
+        systemd.stopping("draining in-flight items")
         released = await worker.drain(settings.shutdown_grace)
         log.info("worker_stopped", released=released)
     finally:
         await shutdown(components)
     return 0
+
+
+def systemd_notifier(components: Components) -> SystemdNotifier:
+    """The daemon's link to systemd (a no-op outside a ``Type=notify`` unit).
+
+    ``serve`` sends READY=1 through it once the schema is verified, the HTTP server is up and
+    the claim loop is about to start, and STOPPING=1 when the loop ends (signal or burst done).
+    With ``WatchdogSec=`` set, WATCHDOG=1 is sent from the claim loop's tick, at most every half
+    interval and only while the loop is not stalled (``MF_HEALTH_STALL_SECONDS``): a wedged
+    loop stops feeding, and systemd kills and restarts the process.
+    """
+    notifier = SystemdNotifier()
+    interval = notifier.watchdog_interval()
+    if interval is None:
+        return notifier
+    worker, stall_seconds = components.worker, components.settings.health_stall_seconds
+    last_fed = -math.inf
+
+    def feed(_in_flight: int) -> None:
+        nonlocal last_fed
+        now = time.monotonic()
+        if now - last_fed >= interval / 2 and worker.claim_loop_age() < stall_seconds:
+            last_fed = now
+            notifier.watchdog()
+
+    worker.tick_listeners.append(feed)
+    return notifier
 
 
 async def shutdown(components: Components) -> None:

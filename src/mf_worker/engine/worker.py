@@ -193,7 +193,7 @@ class Worker:
                 if burst and not items:
                     if not self.in_flight:
                         return
-                    await self._wait({self._slot_freed}, None)
+                    await self._wait({self._slot_freed}, self.settings.poll_interval)
                     continue
                 await self._wait({self.wake, self._slot_freed} if burst else {self.wake},
                                  await self._idle_timeout())

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -396,11 +397,12 @@ class OpenAICompatibleGenerator:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop or self._client.is_closed:
             # Connections belong to the loop that opened them: a new loop needs a new client.
+            # httpx's transport retries are 0 by default and stay so (no `transport=` here, which
+            # would also drop the proxy settings of the environment).
             httpx = self._httpx
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.config.timeout),
                 follow_redirects=False,
-                transport=httpx.AsyncHTTPTransport(retries=0),
                 headers={"Accept": "application/json"},
             )
             self._client_loop = loop
@@ -471,7 +473,10 @@ class OpenAICompatibleGenerator:
             ) from None
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise PermanentGenerationError("LLM server answered without any choice")
+            said = self._server_message(response)
+            raise PermanentGenerationError(
+                "LLM server answered without any choice" + (f": {said}" if said else "")
+            )
         choice = choices[0]
         raw_message = choice.get("message")
         message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
@@ -603,6 +608,7 @@ def _upper_bound_tokens(messages: Sequence[Mapping[str, str]]) -> int:
 # The prompt
 
 
+@cache
 def _prompt_resource(name: str) -> str:
     return resources.files("mf_worker.generation").joinpath("prompts", name).read_text(
         encoding="utf-8"
