@@ -35,7 +35,8 @@ def http_get(url: str) -> tuple[int, str]:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        with exc:  # it holds the response's socket
+            return exc.code, exc.read().decode()
 
 
 def port_of(log: Path, timeout: float = 30) -> int:

@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from .. import queue
-from ..db import Connection, Pool, as_org
+from ..db import Connection, Cursor, Pool, as_org
 from ..db.sql import load_queries
 from ..engine.loops import PeriodicLoop
 from ..errors import MfWorkerError
@@ -63,30 +63,49 @@ class Budget:
         return self.prices.cost(usage) if usage is not None else self.reserve_per_item
 
 
+@dataclass
+class Reservation:
+    """A reservation sent in pipeline mode; :meth:`settle` reads the answers."""
+
+    item: ClaimedItem
+    day: date
+    amount: Decimal
+    noted: Cursor
+    reserved: Cursor
+    budget: Cursor
+    held: bool = False
+
+    async def settle(self) -> None:
+        """Set ``held`` (the item's fence held); raise CostLimitReached when refused."""
+        self.held = await self.noted.fetchone() is not None
+        if await self.reserved.fetchone() is None:
+            budget = await self.budget.fetchone()
+            assert budget is not None
+            raise CostLimitReached(self.item.organization_id, self.day, budget["spent_gbp"],
+                                   budget["reserved_gbp"], budget["limit_gbp"], self.amount)
+
+
 async def reserve_budget(
     conn: Connection, item: ClaimedItem, *, worker: str, amount: Decimal, day: date,
     default_limit: Decimal,
-) -> bool:
-    """Reserve ``amount`` for ``item`` inside the caller's as-org transaction.
+) -> Reservation:
+    """Send the reservation of ``amount`` for ``item`` inside the caller's as-org transaction.
 
-    Returns False when the item's fence no longer holds; raises CostLimitReached (the caller's
-    transaction must then roll back) when the budget cannot cover it.
+    The item is noted first (its row lock, then the aggregate's: the final write's lock order,
+    so the two cannot deadlock). Nothing is read until :meth:`Reservation.settle`, so this
+    costs no round trip of its own in pipeline mode; the caller must roll back when settle
+    raises CostLimitReached or reports the fence lost.
     """
     params: dict[str, Any] = {
         "id": item.id, "attempt": item.attempt, "worker": worker, "amount": amount,
         "date": day, "organization_id": item.organization_id, "default_limit": default_limit,
     }
-    cur = await conn.execute(_Q["note_item_reservation"], params)
-    if await cur.fetchone() is None:
-        return False
-    await conn.execute(_Q["ensure_daily_row"], params)
-    cur = await conn.execute(_Q["reserve_budget"], params)
-    if await cur.fetchone() is None:
-        budget = await (await conn.execute(_Q["read_budget"], params)).fetchone()
-        assert budget is not None
-        raise CostLimitReached(item.organization_id, day, budget["spent_gbp"],
-                               budget["reserved_gbp"], budget["limit_gbp"], amount)
-    return True
+    return Reservation(
+        item=item, day=day, amount=amount,
+        noted=await conn.execute(_Q["note_item_reservation"], params),
+        reserved=await conn.execute(_Q["reserve_budget"], params),
+        budget=await conn.execute(_Q["read_budget"], params),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,20 +9,20 @@ WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
   AND locked_by = %(worker)s
 RETURNING id;
 
--- name: ensure_daily_row
-INSERT INTO token_usage_daily (organization_id, date) VALUES (%(organization_id)s, %(date)s)
-ON CONFLICT (organization_id, date) DO NOTHING;
-
 -- name: reserve_budget
--- Atomic: the row lock serialises concurrent reservations for one organisation and day, and
--- the condition is re-checked against the latest row after any wait.
-UPDATE token_usage_daily d
-SET reserved_gbp = d.reserved_gbp + %(amount)s
+-- Atomic: one upsert on the organisation's row for the day. The row lock serialises concurrent
+-- reservations, and the condition is re-checked against the latest row after any wait, so
+-- racing workers can never reserve more than the limit together. No row back = refused.
+INSERT INTO token_usage_daily AS d (organization_id, date, reserved_gbp)
+SELECT o.id, %(date)s, %(amount)s
 FROM organizations o
-WHERE d.organization_id = %(organization_id)s AND d.date = %(date)s
-  AND o.id = d.organization_id
-  AND d.total_cost_gbp + d.reserved_gbp + %(amount)s
-      <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
+WHERE o.id = %(organization_id)s
+  AND %(amount)s <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
+ON CONFLICT (organization_id, date) DO UPDATE
+SET reserved_gbp = d.reserved_gbp + EXCLUDED.reserved_gbp
+WHERE d.total_cost_gbp + d.reserved_gbp + EXCLUDED.reserved_gbp
+      <= (SELECT coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
+          FROM organizations o WHERE o.id = %(organization_id)s)
 RETURNING d.total_cost_gbp, d.reserved_gbp;
 
 -- name: read_budget

@@ -65,6 +65,7 @@ class WebhookNotifier:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
                 return int(response.status)
         except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response's socket
             if exc.code >= 500 or exc.code == 429:
                 raise WebhookError(f"webhook answered {exc.code}") from None
             raise PermanentWebhookError(f"webhook refused the notification: {exc.code}") from None

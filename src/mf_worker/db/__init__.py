@@ -19,9 +19,10 @@ from psycopg_pool import AsyncConnectionPool
 from ..settings import Settings
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
+Cursor = psycopg.AsyncCursor[dict[str, Any]]
 Pool = AsyncConnectionPool[Connection]
 
-__all__ = ["Connection", "Pool", "as_org", "connect", "connection_kwargs", "open_pool"]
+__all__ = ["Connection", "Cursor", "Pool", "as_org", "connect", "connection_kwargs", "open_pool"]
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from ..generation import (
 from ..ids import new_id
 from ..queue import ClaimedItem
 from ..scheduling.cadence import CadenceError, zone_for
-from ..scheduling.scheduler import insert_next_item, plan_next_item
+from ..scheduling.scheduler import PlannedItem, plan_next_item, send_next_item
 
 _Q = load_queries(__package__ or "mf_worker.engine", "episodes.sql")
 
@@ -81,11 +81,14 @@ async def prepare_generation(
     """
     if item.project_id is None:
         raise ItemUnavailable("project deleted")
-    async with as_org(conn, item.organization_id):
+    # Pipeline mode: statements go out back to back and are answered together, so the whole
+    # transaction costs three round trips (BEGIN + context, reservation + episode, COMMIT).
+    async with conn.pipeline(), as_org(conn, item.organization_id):
         cur = await conn.execute(
             _Q["load_generation_context"],
-            {"project_id": item.project_id, "max_notes": MAX_NOTES,
-             "max_memories": MAX_MEMORIES, "max_previous": MAX_PREVIOUS_EPISODES},
+            {"project_id": item.project_id, "episode_id": item.episode_id,
+             "max_notes": MAX_NOTES, "max_memories": MAX_MEMORIES,
+             "max_previous": MAX_PREVIOUS_EPISODES},
         )
         project = await cur.fetchone()
         if project is None:
@@ -97,17 +100,30 @@ async def prepare_generation(
         except CadenceError as exc:
             raise InvalidItemError(f"project {item.project_id}: owner's {exc}") from None
 
-        existing = await _existing_episode(conn, item)
-        request = _request(item, project, zone,
-                           existing[1] if existing else project["last_sequence_number"] + 1)
-        if not await reserve_budget(
-            conn, item, worker=worker, amount=worst_case(request), day=now.astimezone(UTC).date(),
-            default_limit=default_limit,
-        ):
-            raise LeaseLost(item.id)
-        episode_id = existing[0] if existing else await _create_episode(
-            conn, item, worker, request.episode_number
+        existing = project["existing_episode"]
+        request = _request(item, project, zone, existing["sequence_number"] if existing
+                           else project["last_sequence_number"] + 1)
+        reservation = await reserve_budget(
+            conn, item, worker=worker, amount=worst_case(request),
+            day=now.astimezone(UTC).date(), default_limit=default_limit,
         )
+        episode_id = existing["id"] if existing else new_id("ep")
+        linked = None
+        if not existing:
+            await conn.execute(
+                _Q["create_episode"],
+                {"id": episode_id, "project_id": item.project_id,
+                 "organization_id": item.organization_id,
+                 "sequence_number": request.episode_number},
+            )
+            linked = await conn.execute(
+                _Q["link_episode_to_item"],
+                {"episode_id": episode_id, "id": item.id, "attempt": item.attempt,
+                 "worker": worker},
+            )
+        await reservation.settle()  # raises CostLimitReached or returns whether fenced
+        if not reservation.held or (linked is not None and await linked.fetchone() is None):
+            raise LeaseLost(item.id)
     return Prepared(
         request=request,
         episode_id=episode_id,
@@ -169,33 +185,6 @@ async def cancel_item(conn: Connection, item: ClaimedItem, *, reason: str, worke
         )
 
 
-async def _existing_episode(conn: Connection, item: ClaimedItem) -> tuple[str, int] | None:
-    """The episode an earlier attempt of this item created, if any."""
-    if item.episode_id is None:
-        return None
-    cur = await conn.execute(_Q["get_episode"], {"episode_id": item.episode_id})
-    row = await cur.fetchone()
-    return (row["id"], row["sequence_number"]) if row else None
-
-
-async def _create_episode(
-    conn: Connection, item: ClaimedItem, worker: str, number: int
-) -> str:
-    episode_id = new_id("ep")
-    await conn.execute(
-        _Q["create_episode"],
-        {"id": episode_id, "project_id": item.project_id,
-         "organization_id": item.organization_id, "sequence_number": number},
-    )
-    cur = await conn.execute(
-        _Q["link_episode_to_item"],
-        {"episode_id": episode_id, "id": item.id, "attempt": item.attempt, "worker": worker},
-    )
-    if await cur.fetchone() is None:
-        raise LeaseLost(item.id)
-    return episode_id
-
-
 async def write_episode(
     conn: Connection,
     item: ClaimedItem,
@@ -214,94 +203,107 @@ async def write_episode(
     """
     org, project_id, episode_id = item.organization_id, item.project_id, prepared.episode_id
     usages = result.usages
-    async with as_org(conn, org):
-        if not await queue.complete_item(conn, item, worker=worker, episode_id=episode_id):
-            raise LeaseLost(item.id)
-        async with conn.pipeline():
+    plan = _plan_following_item(item, prepared, now)
+    summary = {
+        "queue_item_id": item.id,
+        "attempt": item.attempt,
+        "sequence_number": prepared.request.episode_number,
+        "blocks": len(result.blocks),
+        "tokens": sum(u.total_tokens for u in usages),
+    }
+    # Pipeline mode: every statement is sent at once and answered together (two round trips
+    # with COMMIT). The fenced completion is first, so it takes the item's row lock before
+    # anything else is written; when it matched nothing the whole transaction is rolled back.
+    async with conn.pipeline(), as_org(conn, org):
+        completed = await queue.send_complete_item(
+            conn, item, worker=worker, episode_id=episode_id
+        )
+        await conn.execute(
+            _Q["mark_episode_ready"], {"episode_id": episode_id, "title": result.title}
+        )
+        await conn.execute(
+            _Q["insert_blocks"],
+            {
+                "episode_id": episode_id,
+                "organization_id": org,
+                "ids": [new_id("blk") for _ in result.blocks],
+                "contents": [b.content for b in result.blocks],
+                "positions": list(range(len(result.blocks))),
+                "reasonings": [b.reasoning for b in result.blocks],
+                "confidences": [b.confidence for b in result.blocks],
+            },
+        )
+        await conn.execute(
+            _Q["insert_token_usage"],
+            {
+                "organization_id": org,
+                "project_id": project_id,
+                "episode_id": episode_id,
+                "ids": [new_id("tok") for _ in usages],
+                "models": [u.model for u in usages],
+                "prompt_tokens": [u.prompt_tokens for u in usages],
+                "completion_tokens": [u.completion_tokens for u in usages],
+                "costs": list(costs),
+            },
+        )
+        if result.incorporated_note_ids:
             await conn.execute(
-                _Q["mark_episode_ready"], {"episode_id": episode_id, "title": result.title}
+                _Q["incorporate_notes"],
+                {"episode_id": episode_id, "project_id": project_id,
+                 "note_ids": list(result.incorporated_note_ids)},
             )
+        if result.new_memories:
             await conn.execute(
-                _Q["insert_blocks"],
+                _Q["insert_memories"],
                 {
-                    "episode_id": episode_id,
-                    "organization_id": org,
-                    "ids": [new_id("blk") for _ in result.blocks],
-                    "contents": [b.content for b in result.blocks],
-                    "positions": list(range(len(result.blocks))),
-                    "reasonings": [b.reasoning for b in result.blocks],
-                    "confidences": [b.confidence for b in result.blocks],
-                },
-            )
-            await conn.execute(
-                _Q["insert_token_usage"],
-                {
-                    "organization_id": org,
                     "project_id": project_id,
-                    "episode_id": episode_id,
-                    "ids": [new_id("tok") for _ in usages],
-                    "models": [u.model for u in usages],
-                    "prompt_tokens": [u.prompt_tokens for u in usages],
-                    "completion_tokens": [u.completion_tokens for u in usages],
-                    "costs": list(costs),
+                    "organization_id": org,
+                    "ids": [new_id("mem") for _ in result.new_memories],
+                    "contents": [m.content for m in result.new_memories],
+                    "memory_types": [m.memory_type for m in result.new_memories],
+                    "importances": [m.importance for m in result.new_memories],
                 },
             )
-            if result.incorporated_note_ids:
-                await conn.execute(
-                    _Q["incorporate_notes"],
-                    {"episode_id": episode_id, "project_id": project_id,
-                     "note_ids": list(result.incorporated_note_ids)},
-                )
-            if result.new_memories:
-                await conn.execute(
-                    _Q["insert_memories"],
-                    {
-                        "project_id": project_id,
-                        "organization_id": org,
-                        "ids": [new_id("mem") for _ in result.new_memories],
-                        "contents": [m.content for m in result.new_memories],
-                        "memory_types": [m.memory_type for m in result.new_memories],
-                        "importances": [m.importance for m in result.new_memories],
-                    },
-                )
-            summary = {
-                "queue_item_id": item.id,
-                "attempt": item.attempt,
-                "sequence_number": prepared.request.episode_number,
-                "blocks": len(result.blocks),
-                "tokens": sum(u.total_tokens for u in usages),
-            }
-            await conn.execute(
-                _Q["insert_audit_entry"],
-                {"id": new_id("aud"), "organization_id": org, "action": "episode.generate",
-                 "resource_id": episode_id, "new_value": json.dumps(summary)},
+        await conn.execute(
+            _Q["insert_audit_entry"],
+            {"id": new_id("aud"), "organization_id": org, "action": "episode.generate",
+             "resource_id": episode_id, "new_value": json.dumps(summary)},
+        )
+        await conn.execute(
+            _Q["insert_user_event"],
+            {"id": new_id("evt"), "user_id": prepared.user_id, "organization_id": org,
+             "event_type": "episode_generated",
+             "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
+                                  "sequence_number": prepared.request.episode_number})},
+        )
+        following = None
+        if plan is not None:
+            assert project_id is not None
+            following = await send_next_item(
+                conn, project_id=project_id, organization_id=org, plan=plan
             )
-            await conn.execute(
-                _Q["insert_user_event"],
-                {"id": new_id("evt"), "user_id": prepared.user_id, "organization_id": org,
-                 "event_type": "episode_generated",
-                 "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
-                                      "sequence_number": prepared.request.episode_number})},
-            )
-        return await _plan_following_item(conn, item, prepared, now)
+        if await completed.fetchone() is None:
+            raise LeaseLost(item.id)
+        if following is None:
+            return None
+        row = await following.fetchone()
+        return row["scheduled_for"] if row else None
 
 
-async def _plan_following_item(
-    conn: Connection, item: ClaimedItem, prepared: Prepared, now: datetime
-) -> datetime | None:
+def _plan_following_item(
+    item: ClaimedItem, prepared: Prepared, now: datetime
+) -> PlannedItem | None:
+    """The project's next occurrence, or None when its cadence or zone is now invalid (the
+    scheduler reports that project; this episode is fine)."""
     # Missed slots are not caught up: the next delivery is after the later of the due time and
     # now, so an outage never ends in a burst of episodes.
     after = max(item.scheduled_for, now)
     try:
-        plan = plan_next_item(
+        return plan_next_item(
             prepared.cadence_config, prepared.delivery_time, prepared.timezone, after
         )
     except CadenceError:
-        return None  # the scheduler reports the project; the episode itself is fine
-    assert item.project_id is not None
-    return await insert_next_item(
-        conn, project_id=item.project_id, organization_id=item.organization_id, plan=plan
-    )
+        return None
 
 
 async def write_failure(

@@ -6,6 +6,9 @@
 -- One round trip: the project, its owner's zone, pending notes, memories, recent episodes.
 SELECT p.id, p.user_id, p.title, p.description, p.cadence_config, p.delivery_time, p.status,
        p.memories, u.timezone,
+       -- The episode an earlier attempt of this item created, if any.
+       (SELECT jsonb_build_object('id', e.id, 'sequence_number', e.sequence_number)
+          FROM episodes e WHERE e.id = %(episode_id)s) AS existing_episode,
        (SELECT coalesce(max(e.sequence_number), 0) FROM episodes e
          WHERE e.project_id = p.id) AS last_sequence_number,
        (SELECT coalesce(jsonb_agg(jsonb_build_object('id', n.id, 'note', n.note)
@@ -31,9 +34,6 @@ SELECT p.id, p.user_id, p.title, p.description, p.cadence_config, p.delivery_tim
 FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.id = %(project_id)s;
-
--- name: get_episode
-SELECT id, sequence_number, status FROM episodes WHERE id = %(episode_id)s;
 
 -- name: create_episode
 -- The episode exists from the first attempt (status generating) so its generation_attempts

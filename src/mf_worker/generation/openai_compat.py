@@ -117,6 +117,7 @@ _PROMPT_MEMORIES: Final = 15
 _BAD_REPLY_CHARS: Final = 8_000  # of a broken reply echoed back in the repair turn
 _SERVER_MESSAGE_CHARS: Final = 300
 _MAX_MEMORIES: Final = 10  # new memories kept from one reply
+_SALVAGE_TRIES: Final = 200  # cut points tried, from the last one back
 
 _PERMANENT_STATUSES: Final = frozenset({400, 401, 403, 404, 422})
 _RETRYABLE_4XX: Final = frozenset({408, 409, 425, 429})
@@ -333,7 +334,7 @@ class OpenAICompatibleGenerator:
             parsed = _interpret(parse_reply(first.content, first.finish_reason), request)
         except ReplyError as exc:
             _logger().warning("llm_reply_unusable", call="draft", reason=exc.reason,
-                         finish_reason=first.finish_reason)
+                              finish_reason=first.finish_reason)
             repair = [*messages,
                       {"role": "assistant", "content": first.content[:_BAD_REPLY_CHARS]},
                       {"role": "user", "content": repair_prompt(exc.reason)}]
@@ -345,11 +346,15 @@ class OpenAICompatibleGenerator:
                 parsed = _interpret(parse_reply(second.content, second.finish_reason), request)
             except ReplyError as again:
                 _logger().warning("llm_reply_unusable", call="repair", reason=again.reason,
-                             finish_reason=second.finish_reason)
-                raise PermanentGenerationError(
-                    "the model's reply is not the requested JSON, even after one repair "
-                    f"attempt: {again.reason}"
-                ) from None
+                                  finish_reason=second.finish_reason)
+                # Last resort: the complete part of a reply cut off at max_tokens.
+                rescued = _salvaged(second, "repair", request) or _salvaged(first, "draft", request)
+                if rescued is None:
+                    raise PermanentGenerationError(
+                        "the model's reply is not the requested JSON, even after one repair "
+                        f"attempt: {again.reason}"
+                    ) from None
+                parsed = rescued
         usage = TokenUsage(
             model=self.config.model,
             prompt_tokens=sum(u.prompt_tokens for u in usages),
@@ -500,13 +505,15 @@ class OpenAICompatibleGenerator:
         completion = _count(raw, "completion_tokens")
         if prompt is not None and completion is not None:
             _logger().info("llm_usage", call=call, source="server", model=self.config.model,
-                      prompt_tokens=prompt, completion_tokens=completion, finish_reason=finish)
+                           prompt_tokens=prompt, completion_tokens=completion,
+                           finish_reason=finish)
             return TokenUsage(self.config.model, prompt, completion)
         prompt = _estimate_tokens(sum(len(m["content"]) for m in messages))
         completion = _estimate_tokens(len(text))
         _logger().warning("usage_estimated", call=call, model=self.config.model,
-                     prompt_tokens=prompt, completion_tokens=completion,
-                     detail="the server reported no token usage; counted 4 characters a token")
+                          prompt_tokens=prompt, completion_tokens=completion,
+                          detail="the server reported no token usage; counted 4 characters a "
+                                 "token")
         return TokenUsage(self.config.model, prompt, completion)
 
     def _server_message(self, response: httpx.Response) -> str:
@@ -725,6 +732,62 @@ def parse_reply(text: str, finish_reason: str | None = None) -> dict[str, Any]:
     raise ReplyError("the reply contains no JSON object")
 
 
+def salvage_reply(text: str) -> dict[str, Any] | None:
+    """The complete part of a JSON object that was cut off (a reply that hit ``max_tokens``).
+
+    Cuts the first unclosed object after its last complete member or element and closes what
+    is still open; returns None when the object is not cut off or nothing complete is left.
+    """
+    start = text.find("{")
+    if start < 0:
+        return None
+    closers: list[str] = []
+    cuts: list[tuple[int, str]] = []  # (end of a complete prefix, the brackets it leaves open)
+    in_string = escaped = False
+    for index in range(start, len(text)):
+        ch = text[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            closers.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not closers:
+                return None
+            closers.pop()
+            if not closers:
+                return None  # closed after all: not cut off
+            cuts.append((index + 1, "".join(reversed(closers))))
+        elif ch == ",":
+            cuts.append((index, "".join(reversed(closers))))
+    for end, still_open in reversed(cuts[-_SALVAGE_TRIES:]):
+        value = _lenient_loads(text[start:end] + still_open)
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _salvaged(reply: _Reply, call: str, request: GenerationRequest) -> _Parsed | None:
+    """The episode in the complete part of a cut-off reply, if it has a title and a section."""
+    obj = salvage_reply(reply.content)
+    if obj is None:
+        return None
+    try:
+        parsed = _interpret(obj, request)
+    except ReplyError:
+        return None
+    _logger().warning("llm_reply_salvaged", call=call, finish_reason=reply.finish_reason,
+                      blocks=len(parsed.blocks),
+                      detail="the reply was cut off; kept its complete sections")
+    return parsed
+
+
 def _object_starts(text: str, limit: int = 50) -> list[int]:
     starts: list[int] = []
     index = text.find("{")
@@ -831,7 +894,7 @@ def _interpret(obj: dict[str, Any], request: GenerationRequest) -> _Parsed:
     dropped = [i for i in ids if i not in pending]
     if dropped:
         _logger().warning("unknown_note_ids_dropped", count=len(dropped),
-                     note_ids=[_shorten(i, 40) for i in dropped[:10]])
+                          note_ids=[_shorten(i, 40) for i in dropped[:10]])
 
     return _Parsed(title=title, blocks=blocks, note_ids=used,
                    memories=_memories(obj.get("new_memories", obj.get("memories"))))

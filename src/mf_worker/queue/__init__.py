@@ -18,6 +18,7 @@ from .store import (
     reap_expired_leases,
     release_item,
     retry_item,
+    send_complete_item,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "reap_expired_leases",
     "release_item",
     "retry_item",
+    "send_complete_item",
 ]

@@ -115,14 +115,20 @@ SET status = 'cancelled', last_error = %(reason)s
 WHERE id = %(id)s AND status IN ('pending', 'blocked')
 RETURNING id;
 
--- name: insert_item
-INSERT INTO episode_schedule_queue
-    (id, project_id, organization_id, scheduled_for, run_after, metadata)
-VALUES (%(id)s, %(project_id)s, %(organization_id)s, %(scheduled_for)s, %(scheduled_for)s,
-        %(metadata)s)
-ON CONFLICT (project_id) WHERE status IN ('pending', 'processing', 'blocked') DO NOTHING
-RETURNING id, scheduled_for;
-
--- name: set_next_scheduled_at
-UPDATE projects SET next_scheduled_at = %(scheduled_for)s
-WHERE id = %(project_id)s AND next_scheduled_at IS DISTINCT FROM %(scheduled_for)s;
+-- name: insert_next_item
+-- One item for one project (the final write's next occurrence, `enqueue`), and the cache, in
+-- one statement. Returns nothing when the project already has an open item.
+WITH inserted AS (
+    INSERT INTO episode_schedule_queue
+        (id, project_id, organization_id, scheduled_for, run_after, metadata)
+    VALUES (%(id)s, %(project_id)s, %(organization_id)s, %(scheduled_for)s, %(scheduled_for)s,
+            %(metadata)s)
+    ON CONFLICT (project_id) WHERE status IN ('pending', 'processing', 'blocked') DO NOTHING
+    RETURNING id, project_id, scheduled_for
+), cached AS (
+    UPDATE projects p SET next_scheduled_at = inserted.scheduled_for
+    FROM inserted
+    WHERE p.id = inserted.project_id
+      AND p.next_scheduled_at IS DISTINCT FROM inserted.scheduled_for
+)
+SELECT id, scheduled_for FROM inserted;

@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from ..db import Connection, Pool
+from ..db import Connection, Cursor, Pool
 from ..db.sql import load_queries
 from ..engine.loops import PeriodicLoop
 from ..errors import MfWorkerError
@@ -217,15 +217,14 @@ async def cancel_items_of_unschedulable_projects(conn: Connection) -> int:
     return cancelled
 
 
-async def insert_next_item(
+async def send_next_item(
     conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem
-) -> datetime | None:
-    """Insert one planned item (inside the caller's transaction) and refresh the cache.
-
-    Returns the due time, or None when the project already has an open item.
-    """
-    cur = await conn.execute(
-        _Q["insert_item"],
+) -> Cursor:
+    """Send the insert of one planned item (and the cache update) inside the caller's
+    transaction; the cursor yields the item's id and due time, or nothing when the project
+    already has an open item. Unread, so it fits in a pipeline."""
+    return await conn.execute(
+        _Q["insert_next_item"],
         {
             "id": new_id("queue"),
             "project_id": project_id,
@@ -234,15 +233,6 @@ async def insert_next_item(
             "metadata": Jsonb(plan.metadata),
         },
     )
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    await conn.execute(
-        _Q["set_next_scheduled_at"],
-        {"project_id": project_id, "scheduled_for": row["scheduled_for"]},
-    )
-    scheduled: datetime = row["scheduled_for"]
-    return scheduled
 
 
 async def enqueue_item(
@@ -295,21 +285,10 @@ async def enqueue_item(
                 "enqueued_at": now.isoformat(),
             },
         )
-        new_id_ = new_id("queue")
-        cur = await conn.execute(
-            _Q["insert_item"],
-            {
-                "id": new_id_,
-                "project_id": project_id,
-                "organization_id": project["organization_id"],
-                "scheduled_for": plan.scheduled_for,
-                "metadata": Jsonb(plan.metadata),
-            },
-        )
+        cur = await send_next_item(conn, project_id=project_id,
+                                   organization_id=project["organization_id"], plan=plan)
         row = await cur.fetchone()
         if row is None:  # a scheduler slipped one in between: the index decided
             raise ProjectNotSchedulable(f"project {project_id} got an open item concurrently")
-        await conn.execute(
-            _Q["set_next_scheduled_at"], {"project_id": project_id, "scheduled_for": when}
-        )
-    return new_id_, when
+    item_id: str = row["id"]
+    return item_id, when
