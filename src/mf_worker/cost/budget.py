@@ -65,47 +65,41 @@ class Budget:
 
 @dataclass
 class Reservation:
-    """A reservation sent in pipeline mode; :meth:`settle` reads the answers."""
+    """A reservation sent in pipeline mode; :meth:`settle` reads the answer."""
 
     item: ClaimedItem
     day: date
     amount: Decimal
-    noted: Cursor
-    reserved: Cursor
-    budget: Cursor
-    held: bool = False
+    answer: Cursor
 
     async def settle(self) -> None:
-        """Set ``held`` (the item's fence held); raise CostLimitReached when refused."""
-        self.held = await self.noted.fetchone() is not None
-        if await self.reserved.fetchone() is None:
-            budget = await self.budget.fetchone()
-            assert budget is not None
-            raise CostLimitReached(self.item.organization_id, self.day, budget["spent_gbp"],
-                                   budget["reserved_gbp"], budget["limit_gbp"], self.amount)
+        """Return when granted; raise CostLimitReached (roll back!) when refused."""
+        row = await self.answer.fetchone()
+        if row is None or not row["reserved"]:
+            spent, reserved, limit = (
+                (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"]) if row
+                else (Decimal(0), Decimal(0), Decimal(0))  # the organisation is gone
+            )
+            raise CostLimitReached(self.item.organization_id, self.day, spent, reserved, limit,
+                                   self.amount)
 
 
 async def reserve_budget(
-    conn: Connection, item: ClaimedItem, *, worker: str, amount: Decimal, day: date,
-    default_limit: Decimal,
+    conn: Connection, item: ClaimedItem, *, amount: Decimal, day: date, default_limit: Decimal
 ) -> Reservation:
-    """Send the reservation of ``amount`` for ``item`` inside the caller's as-org transaction.
+    """Send the reservation of ``amount`` on the organisation's aggregate for ``day``, inside
+    the caller's as-org transaction, after the caller noted the amount on the item (the item's
+    row lock first, then the aggregate's: the final write's order, so they cannot deadlock).
 
-    The item is noted first (its row lock, then the aggregate's: the final write's lock order,
-    so the two cannot deadlock). Nothing is read until :meth:`Reservation.settle`, so this
-    costs no round trip of its own in pipeline mode; the caller must roll back when settle
-    raises CostLimitReached or reports the fence lost.
+    Nothing is read until :meth:`Reservation.settle`, so in pipeline mode this costs no round
+    trip of its own; when settle raises, the caller's transaction must roll back.
     """
     params: dict[str, Any] = {
-        "id": item.id, "attempt": item.attempt, "worker": worker, "amount": amount,
-        "date": day, "organization_id": item.organization_id, "default_limit": default_limit,
+        "amount": amount, "date": day, "organization_id": item.organization_id,
+        "default_limit": default_limit,
     }
-    return Reservation(
-        item=item, day=day, amount=amount,
-        noted=await conn.execute(_Q["note_item_reservation"], params),
-        reserved=await conn.execute(_Q["reserve_budget"], params),
-        budget=await conn.execute(_Q["read_budget"], params),
-    )
+    return Reservation(item=item, day=day, amount=amount,
+                       answer=await conn.execute(_Q["reserve_budget"], params))
 
 
 @dataclass(frozen=True, slots=True)

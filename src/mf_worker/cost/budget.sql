@@ -1,32 +1,25 @@
 -- The daily cost limit (mf_worker.cost.budget). Reads the aggregate, never raw usage rows.
 
--- name: note_item_reservation
--- First the item (queue row lock), then the day's aggregate: the same lock order as the final
--- write, so the two cannot deadlock. Fenced like every change to a claimed item.
-UPDATE episode_schedule_queue
-SET reserved_cost_gbp = %(amount)s, reserved_on = %(date)s
-WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
-  AND locked_by = %(worker)s
-RETURNING id;
-
 -- name: reserve_budget
 -- Atomic: one upsert on the organisation's row for the day. The row lock serialises concurrent
 -- reservations, and the condition is re-checked against the latest row after any wait, so
--- racing workers can never reserve more than the limit together. No row back = refused.
-INSERT INTO token_usage_daily AS d (organization_id, date, reserved_gbp)
-SELECT o.id, %(date)s, %(amount)s
-FROM organizations o
-WHERE o.id = %(organization_id)s
-  AND %(amount)s <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
-ON CONFLICT (organization_id, date) DO UPDATE
-SET reserved_gbp = d.reserved_gbp + EXCLUDED.reserved_gbp
-WHERE d.total_cost_gbp + d.reserved_gbp + EXCLUDED.reserved_gbp
-      <= (SELECT coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
-          FROM organizations o WHERE o.id = %(organization_id)s)
-RETURNING d.total_cost_gbp, d.reserved_gbp;
-
--- name: read_budget
-SELECT coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
+-- racing workers can never reserve more than the limit together. `reserved` is 1 when granted;
+-- the spend and limit (as they were before this statement) explain a refusal.
+WITH reserved AS (
+    INSERT INTO token_usage_daily AS d (organization_id, date, reserved_gbp)
+    SELECT o.id, %(date)s, %(amount)s
+    FROM organizations o
+    WHERE o.id = %(organization_id)s
+      AND %(amount)s <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
+    ON CONFLICT (organization_id, date) DO UPDATE
+    SET reserved_gbp = d.reserved_gbp + EXCLUDED.reserved_gbp
+    WHERE d.total_cost_gbp + d.reserved_gbp + EXCLUDED.reserved_gbp
+          <= (SELECT coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
+              FROM organizations o WHERE o.id = %(organization_id)s)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM reserved) AS reserved,
+       coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
        coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
 FROM organizations o
 LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = %(date)s

@@ -82,7 +82,7 @@ async def prepare_generation(
     if item.project_id is None:
         raise ItemUnavailable("project deleted")
     # Pipeline mode: statements go out back to back and are answered together, so the whole
-    # transaction costs three round trips (BEGIN + context, reservation + episode, COMMIT).
+    # transaction costs three round trips (BEGIN + context, episode + reservation, COMMIT).
     async with conn.pipeline(), as_org(conn, item.organization_id):
         cur = await conn.execute(
             _Q["load_generation_context"],
@@ -103,27 +103,20 @@ async def prepare_generation(
         existing = project["existing_episode"]
         request = _request(item, project, zone, existing["sequence_number"] if existing
                            else project["last_sequence_number"] + 1)
-        reservation = await reserve_budget(
-            conn, item, worker=worker, amount=worst_case(request),
-            day=now.astimezone(UTC).date(), default_limit=default_limit,
-        )
+        amount, day = worst_case(request), now.astimezone(UTC).date()
         episode_id = existing["id"] if existing else new_id("ep")
-        linked = None
-        if not existing:
-            await conn.execute(
-                _Q["create_episode"],
-                {"id": episode_id, "project_id": item.project_id,
-                 "organization_id": item.organization_id,
-                 "sequence_number": request.episode_number},
-            )
-            linked = await conn.execute(
-                _Q["link_episode_to_item"],
-                {"episode_id": episode_id, "id": item.id, "attempt": item.attempt,
-                 "worker": worker},
-            )
-        await reservation.settle()  # raises CostLimitReached or returns whether fenced
-        if not reservation.held or (linked is not None and await linked.fetchone() is None):
+        started = await conn.execute(
+            _Q["start_attempt"],
+            {"new_episode_id": None if existing else episode_id, "project_id": item.project_id,
+             "organization_id": item.organization_id, "sequence_number": request.episode_number,
+             "amount": amount, "date": day, "id": item.id, "attempt": item.attempt,
+             "worker": worker},
+        )
+        reservation = await reserve_budget(conn, item, amount=amount, day=day,
+                                           default_limit=default_limit)
+        if await started.fetchone() is None:
             raise LeaseLost(item.id)
+        await reservation.settle()  # raises CostLimitReached: everything above rolls back
     return Prepared(
         request=request,
         episode_id=episode_id,
@@ -219,62 +212,34 @@ async def write_episode(
             conn, item, worker=worker, episode_id=episode_id
         )
         await conn.execute(
-            _Q["mark_episode_ready"], {"episode_id": episode_id, "title": result.title}
-        )
-        await conn.execute(
-            _Q["insert_blocks"],
+            _Q["write_episode"],
             {
                 "episode_id": episode_id,
+                "title": result.title,
                 "organization_id": org,
-                "ids": [new_id("blk") for _ in result.blocks],
+                "project_id": project_id,
+                "user_id": prepared.user_id,
+                "block_ids": [new_id("blk") for _ in result.blocks],
                 "contents": [b.content for b in result.blocks],
                 "positions": list(range(len(result.blocks))),
                 "reasonings": [b.reasoning for b in result.blocks],
                 "confidences": [b.confidence for b in result.blocks],
-            },
-        )
-        await conn.execute(
-            _Q["insert_token_usage"],
-            {
-                "organization_id": org,
-                "project_id": project_id,
-                "episode_id": episode_id,
-                "ids": [new_id("tok") for _ in usages],
+                "usage_ids": [new_id("tok") for _ in usages],
                 "models": [u.model for u in usages],
                 "prompt_tokens": [u.prompt_tokens for u in usages],
                 "completion_tokens": [u.completion_tokens for u in usages],
                 "costs": list(costs),
+                "note_ids": list(result.incorporated_note_ids),
+                "memory_ids": [new_id("mem") for _ in result.new_memories],
+                "memory_contents": [m.content for m in result.new_memories],
+                "memory_types": [m.memory_type for m in result.new_memories],
+                "importances": [m.importance for m in result.new_memories],
+                "audit_id": new_id("aud"),
+                "summary": json.dumps(summary),
+                "event_id": new_id("evt"),
+                "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
+                                     "sequence_number": prepared.request.episode_number}),
             },
-        )
-        if result.incorporated_note_ids:
-            await conn.execute(
-                _Q["incorporate_notes"],
-                {"episode_id": episode_id, "project_id": project_id,
-                 "note_ids": list(result.incorporated_note_ids)},
-            )
-        if result.new_memories:
-            await conn.execute(
-                _Q["insert_memories"],
-                {
-                    "project_id": project_id,
-                    "organization_id": org,
-                    "ids": [new_id("mem") for _ in result.new_memories],
-                    "contents": [m.content for m in result.new_memories],
-                    "memory_types": [m.memory_type for m in result.new_memories],
-                    "importances": [m.importance for m in result.new_memories],
-                },
-            )
-        await conn.execute(
-            _Q["insert_audit_entry"],
-            {"id": new_id("aud"), "organization_id": org, "action": "episode.generate",
-             "resource_id": episode_id, "new_value": json.dumps(summary)},
-        )
-        await conn.execute(
-            _Q["insert_user_event"],
-            {"id": new_id("evt"), "user_id": prepared.user_id, "organization_id": org,
-             "event_type": "episode_generated",
-             "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
-                                  "sequence_number": prepared.request.episode_number})},
         )
         following = None
         if plan is not None:

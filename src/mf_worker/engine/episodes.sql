@@ -35,22 +35,24 @@ FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.id = %(project_id)s;
 
--- name: create_episode
--- The episode exists from the first attempt (status generating) so its generation_attempts
--- and generation_errors keep the history across retries.
-INSERT INTO episodes (id, project_id, organization_id, sequence_number, status)
-VALUES (%(id)s, %(project_id)s, %(organization_id)s, %(sequence_number)s, 'generating');
-
--- name: link_episode_to_item
-UPDATE episode_schedule_queue SET episode_id = %(episode_id)s
+-- name: start_attempt
+-- Fenced: note the cost reserved for this attempt on the item (its row lock comes before the
+-- aggregate's, as in the final write) and, at the first attempt, create the episode (status
+-- generating) so its generation_attempts and generation_errors keep the history across
+-- retries. No row back: the item is no longer ours.
+WITH created AS (
+    INSERT INTO episodes (id, project_id, organization_id, sequence_number, status)
+    SELECT %(new_episode_id)s, %(project_id)s, %(organization_id)s, %(sequence_number)s,
+           'generating'
+    WHERE %(new_episode_id)s::text IS NOT NULL
+)
+UPDATE episode_schedule_queue
+SET episode_id        = coalesce(%(new_episode_id)s, episode_id),
+    reserved_cost_gbp = %(amount)s,
+    reserved_on       = %(date)s
 WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
   AND locked_by = %(worker)s
 RETURNING id;
-
--- name: mark_episode_ready
-UPDATE episodes
-SET status = 'ready', title = %(title)s, generation_attempts = generation_attempts + 1
-WHERE id = %(episode_id)s;
 
 -- name: record_episode_error
 -- A failed generator call: count it and keep its error; 'failed' when the item gives up.
@@ -60,39 +62,52 @@ SET generation_attempts = generation_attempts + 1,
     status              = CASE WHEN %(final)s THEN 'failed' ELSE status END
 WHERE id = %(episode_id)s AND status = 'generating';
 
--- name: insert_blocks
-INSERT INTO blocks (id, episode_id, organization_id, content, position, reasoning, confidence)
-SELECT b.id, %(episode_id)s, %(organization_id)s, b.content, b.position, b.reasoning,
-       b.confidence
-FROM unnest(%(ids)s::text[], %(contents)s::text[], %(positions)s::int[],
-            %(reasonings)s::text[], %(confidences)s::float8[])
-     AS b(id, content, position, reasoning, confidence);
+-- name: write_episode
+-- Everything the generation produced, in one statement (data-modifying CTEs all run, whether
+-- referenced or not): the episode ready, its blocks, the token usage (the daily aggregate
+-- follows by trigger), the incorporated planning notes (only those still pending for this
+-- project), new memories, the audit row and the user event. The caller has already sent the
+-- fenced completion in the same transaction and rolls everything back if it did not match.
+WITH episode AS (
+    UPDATE episodes
+    SET status = 'ready', title = %(title)s, generation_attempts = generation_attempts + 1
+    WHERE id = %(episode_id)s
+    RETURNING id
+), new_blocks AS (
+    INSERT INTO blocks (id, episode_id, organization_id, content, position, reasoning,
+                        confidence)
+    SELECT b.id, %(episode_id)s, %(organization_id)s, b.content, b.position, b.reasoning,
+           b.confidence
+    FROM unnest(%(block_ids)s::text[], %(contents)s::text[], %(positions)s::int[],
+                %(reasonings)s::text[], %(confidences)s::float8[])
+         AS b(id, content, position, reasoning, confidence)
+), usage AS (
+    INSERT INTO token_usage (id, organization_id, project_id, episode_id, operation, model,
+                             prompt_tokens, completion_tokens, cost_gbp)
+    SELECT u.id, %(organization_id)s, %(project_id)s, %(episode_id)s, 'episode_generation',
+           u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp
+    FROM unnest(%(usage_ids)s::text[], %(models)s::text[], %(prompt_tokens)s::bigint[],
+                %(completion_tokens)s::bigint[], %(costs)s::numeric[])
+         AS u(id, model, prompt_tokens, completion_tokens, cost_gbp)
+), notes AS (
+    UPDATE planning_notes
+    SET status = 'incorporated', processed_at = now(), episode_id = %(episode_id)s
+    WHERE project_id = %(project_id)s AND status = 'pending'
+      AND id = ANY(%(note_ids)s::text[])
+), memories AS (
+    INSERT INTO agent_memory (id, project_id, organization_id, content, memory_type,
+                              importance)
+    SELECT m.id, %(project_id)s, %(organization_id)s, m.content, m.memory_type, m.importance
+    FROM unnest(%(memory_ids)s::text[], %(memory_contents)s::text[],
+                %(memory_types)s::text[], %(importances)s::float8[])
+         AS m(id, content, memory_type, importance)
+), audit AS (
+    INSERT INTO audit_log (id, user_id, organization_id, action, resource_id, new_value)
+    VALUES (%(audit_id)s, NULL, %(organization_id)s, 'episode.generate', %(episode_id)s,
+            %(summary)s)
+), event AS (
+    INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
+    VALUES (%(event_id)s, %(user_id)s, %(organization_id)s, 'episode_generated', %(event_data)s)
+)
+SELECT count(*) AS episodes FROM episode;
 
--- name: insert_token_usage
-INSERT INTO token_usage (id, organization_id, project_id, episode_id, operation, model,
-                         prompt_tokens, completion_tokens, cost_gbp)
-SELECT u.id, %(organization_id)s, %(project_id)s, %(episode_id)s, 'episode_generation',
-       u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp
-FROM unnest(%(ids)s::text[], %(models)s::text[], %(prompt_tokens)s::bigint[],
-            %(completion_tokens)s::bigint[], %(costs)s::numeric[])
-     AS u(id, model, prompt_tokens, completion_tokens, cost_gbp);
-
--- name: incorporate_notes
--- Only notes still pending for this project: a note archived meanwhile stays archived.
-UPDATE planning_notes
-SET status = 'incorporated', processed_at = now(), episode_id = %(episode_id)s
-WHERE project_id = %(project_id)s AND status = 'pending' AND id = ANY(%(note_ids)s::text[]);
-
--- name: insert_memories
-INSERT INTO agent_memory (id, project_id, organization_id, content, memory_type, importance)
-SELECT m.id, %(project_id)s, %(organization_id)s, m.content, m.memory_type, m.importance
-FROM unnest(%(ids)s::text[], %(contents)s::text[], %(memory_types)s::text[],
-            %(importances)s::float8[]) AS m(id, content, memory_type, importance);
-
--- name: insert_audit_entry
-INSERT INTO audit_log (id, user_id, organization_id, action, resource_id, new_value)
-VALUES (%(id)s, NULL, %(organization_id)s, %(action)s, %(resource_id)s, %(new_value)s);
-
--- name: insert_user_event
-INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
-VALUES (%(id)s, %(user_id)s, %(organization_id)s, %(event_type)s, %(event_data)s);

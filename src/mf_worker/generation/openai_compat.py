@@ -92,6 +92,9 @@ ENV_VARIABLES: Final[tuple[tuple[str, str, str], ...]] = (
      "Most tokens the model may write per call (`max_tokens`); with the one repair turn an "
      "episode can use twice this."),
     ("MF_LLM_TEMPERATURE", "0.7", "Sampling temperature, 0 to 2 (0: most deterministic)."),
+    ("MF_LLM_JSON_MODE", "on",
+     "Ask for `response_format: json_object` (JSON mode; a JSON grammar on llama.cpp). Turn "
+     "off for servers that reject it; the reply is then parsed tolerantly all the same."),
     ("MF_LLM_TIMEOUT", "120",
      "Seconds one HTTP call to the model may take in all; a slower call is a retryable "
      "failure."),
@@ -151,6 +154,7 @@ class LLMConfig:
     max_tokens: int = _DEFAULT_MAX_TOKENS
     temperature: float = _DEFAULT_TEMPERATURE
     timeout: float = _DEFAULT_TIMEOUT
+    json_mode: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LLMConfig:
@@ -188,6 +192,7 @@ class LLMConfig:
             temperature=_parse_float(env, "MF_LLM_TEMPERATURE", _DEFAULT_TEMPERATURE, 0.0, 2.0),
             timeout=_parse_float(env, "MF_LLM_TIMEOUT", _DEFAULT_TIMEOUT, 0.001, 3_600.0,
                                  exclusive_min=True),
+            json_mode=_parse_bool(env, "MF_LLM_JSON_MODE", True),
         )
 
     @property
@@ -257,6 +262,17 @@ def _parse_float(
         bound = "greater than 0" if exclusive_min else f"at least {low:g}"
         raise ConfigError(f"{name}={raw!r}: must be {bound} and at most {high:g}")
     return value
+
+
+def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: must be one of on/off, true/false, yes/no, 1/0")
 
 
 def _display_url(url: str) -> str:
@@ -423,9 +439,10 @@ class OpenAICompatibleGenerator:
             "messages": messages,
             "max_tokens": config.max_tokens,
             "temperature": config.temperature,
-            "response_format": {"type": "json_object"},
             "stream": False,
         }
+        if config.json_mode:
+            body["response_format"] = {"type": "json_object"}
         headers = {"Idempotency-Key": idempotency_key}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -697,54 +714,86 @@ def describe_cadence(config: object) -> str:
 # Parsing the reply
 
 
+_TITLE_KEYS: Final = ("title", "headline", "episode_title")
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON|javascript|js)?[ \t]*\r?\n?(.*?)```", re.DOTALL)
 
 
 def parse_reply(text: str, finish_reason: str | None = None) -> dict[str, Any]:
     """The JSON object in a model's reply, found tolerantly.
 
-    Tries, in order: the contents of code fences, then the whole reply; in each, the first
+    Looks in the contents of code fences first, then in the whole reply; in each, at every
     balanced ``{…}`` that parses — as strict JSON, then with trailing commas removed, then as a
-    Python literal (single quotes, True/False/None). Raises `ReplyError` saying why nothing
-    fitted (empty reply, no object, an object cut off, invalid JSON).
+    Python literal (single quotes, True/False/None). The first object that looks like an
+    episode (has a title or sections) wins. Raises `ReplyError` saying why nothing fitted
+    (empty reply, no object, an object cut off, invalid JSON and where).
     """
     cut_off = finish_reason == "length"
     if not text.strip():
         raise ReplyError("the reply was empty" + (" (cut off at max_tokens)" if cut_off else ""))
     candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    saw_object = unclosed = False
+    first_dict: dict[str, Any] | None = None
+    invalid: str | None = None  # why the first object that did not parse failed
+    unclosed = False
     for candidate in candidates:
         for start in _object_starts(candidate):
             end = _balanced_end(candidate, start)
             if end is None:
                 unclosed = True
                 break  # every later start is inside this unclosed object
-            saw_object = True
             value = _lenient_loads(candidate[start:end])
             if isinstance(value, dict):
-                return value
-    if unclosed and not saw_object:
-        why = ("the reply was cut off before the JSON object was complete (it reached "
-               "max_tokens); write less") if cut_off else "the JSON object is not closed"
-        raise ReplyError(why)
-    if saw_object:
-        raise ReplyError("the reply's JSON object is not valid JSON")
+                if _looks_like_episode(value):
+                    return value
+                first_dict = first_dict or value
+            elif invalid is None:
+                invalid = _json_problem(candidate[start:end])
+    if invalid is not None:
+        raise ReplyError(f"the reply's JSON object is not valid JSON ({invalid})")
+    if first_dict is not None:
+        return first_dict  # no title: _interpret says so
+    if unclosed:
+        raise ReplyError(
+            "the reply was cut off before the JSON object was complete (it reached max_tokens); "
+            "write less" if cut_off else "the JSON object is not closed"
+        )
     raise ReplyError("the reply contains no JSON object")
 
 
-def salvage_reply(text: str) -> dict[str, Any] | None:
-    """The complete part of a JSON object that was cut off (a reply that hit ``max_tokens``).
+def _looks_like_episode(value: dict[str, Any]) -> bool:
+    return any(key in value for key in (*_TITLE_KEYS, "sections")) or any(
+        isinstance(v, dict) and "title" in v for v in value.values()
+    )
 
-    Cuts the first unclosed object after its last complete member or element and closes what
-    is still open; returns None when the object is not cut off or nothing complete is left.
+
+def _json_problem(text: str) -> str:
+    try:
+        json.loads(text, strict=False)
+    except json.JSONDecodeError as exc:
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return "not an object"
+
+
+def salvage_reply(text: str) -> dict[str, Any] | None:
+    """What is usable of a JSON object that was cut off or goes wrong part-way.
+
+    A small model at ``max_tokens`` stops mid-object, or writes a valid start and then
+    something that is not JSON. This keeps the object up to its last complete member or element
+    before the end (or before the first syntax error), closes what is still open, and returns
+    it; None when nothing of it is left.
     """
     start = text.find("{")
     if start < 0:
         return None
+    end = _balanced_end(text, start) or len(text)
+    limit = end
+    try:
+        json.loads(text[start:end], strict=False)
+    except json.JSONDecodeError as exc:
+        limit = start + exc.pos
     closers: list[str] = []
     cuts: list[tuple[int, str]] = []  # (end of a complete prefix, the brackets it leaves open)
     in_string = escaped = False
-    for index in range(start, len(text)):
+    for index in range(start, limit):
         ch = text[index]
         if in_string:
             if escaped:
@@ -758,16 +807,14 @@ def salvage_reply(text: str) -> dict[str, Any] | None:
         elif ch in "{[":
             closers.append("}" if ch == "{" else "]")
         elif ch in "}]":
-            if not closers:
-                return None
+            if len(closers) < 2:
+                break  # the outer object closes: nothing to cut
             closers.pop()
-            if not closers:
-                return None  # closed after all: not cut off
             cuts.append((index + 1, "".join(reversed(closers))))
         elif ch == ",":
             cuts.append((index, "".join(reversed(closers))))
-    for end, still_open in reversed(cuts[-_SALVAGE_TRIES:]):
-        value = _lenient_loads(text[start:end] + still_open)
+    for cut, still_open in reversed(cuts[-_SALVAGE_TRIES:]):
+        value = _lenient_loads(text[start:cut] + still_open)
         if isinstance(value, dict):
             return value
     return None
@@ -876,7 +923,7 @@ def _interpret(obj: dict[str, Any], request: GenerationRequest) -> _Parsed:
         nested = [v for v in obj.values() if isinstance(v, dict) and "title" in v]
         if len(nested) == 1:
             obj = nested[0]  # {"episode": {...}}
-    title = _first_text(obj, ("title", "headline", "episode_title"))
+    title = _first_text(obj, _TITLE_KEYS)
     title = re.sub(r"^#+\s*", "", _inline(title, 10 * MAX_TITLE_CHARS))
     if not title:
         raise ReplyError('the JSON object has no "title" string')
