@@ -389,8 +389,9 @@ class Settings:
         "MF_HEALTH_STALL_SECONDS",
         120.0,
         _float(1.0),
-        "/healthz answers 503 (and the systemd watchdog stops being fed) when the claim loop has "
-        "not gone round for this long.",
+        "/healthz answers 503 when the claim loop has not gone round for this long (under "
+        "systemd, the watchdog is fed only from the claim loop, so `WatchdogSec=` decides "
+        "when a wedged worker is restarted).",
     )
     log_format: str = _setting(
         "MF_LOG_FORMAT",
