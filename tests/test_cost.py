@@ -230,10 +230,8 @@ def test_reservation_is_released_after_a_failed_attempt_and_after_a_reaped_lease
                     await conn.execute(
                         "UPDATE episode_schedule_queue SET reserved_cost_gbp = 1.25,"
                         " reserved_on = %s WHERE id = %s", [TODAY.date(), item["id"]])
-                    reservation = await reserve_budget(
-                        conn, claimed[0], amount=Decimal("1.25"), day=TODAY.date(),
-                        default_limit=Decimal(50))
-                    await reservation.settle()
+                    await reserve_budget(conn, claimed[0], amount=Decimal("1.25"),
+                                         day=TODAY.date(), default_limit=Decimal(50))
                 cur = await conn.execute("SELECT reserved_gbp FROM token_usage_daily")
                 held = (await cur.fetchone())["reserved_gbp"]  # type: ignore[index]
             async with pool.connection() as conn:

@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from .. import queue
-from ..db import Connection, Cursor, Pool, as_org
+from ..db import Connection, Pool, as_org
 from ..db.sql import load_queries
 from ..engine.loops import PeriodicLoop
 from ..errors import MfWorkerError
@@ -63,43 +63,27 @@ class Budget:
         return self.prices.cost(usage) if usage is not None else self.reserve_per_item
 
 
-@dataclass
-class Reservation:
-    """A reservation sent in pipeline mode; :meth:`settle` reads the answer."""
-
-    item: ClaimedItem
-    day: date
-    amount: Decimal
-    answer: Cursor
-
-    async def settle(self) -> None:
-        """Return when granted; raise CostLimitReached (roll back!) when refused."""
-        row = await self.answer.fetchone()
-        if row is None or not row["reserved"]:
-            spent, reserved, limit = (
-                (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"]) if row
-                else (Decimal(0), Decimal(0), Decimal(0))  # the organisation is gone
-            )
-            raise CostLimitReached(self.item.organization_id, self.day, spent, reserved, limit,
-                                   self.amount)
-
-
 async def reserve_budget(
     conn: Connection, item: ClaimedItem, *, amount: Decimal, day: date, default_limit: Decimal
-) -> Reservation:
-    """Send the reservation of ``amount`` on the organisation's aggregate for ``day``, inside
-    the caller's as-org transaction, after the caller noted the amount on the item (the item's
-    row lock first, then the aggregate's: the final write's order, so they cannot deadlock).
+) -> None:
+    """Reserve ``amount`` on the organisation's aggregate for ``day``, inside the caller's
+    as-org transaction, after the caller noted the amount on the item (the item's row lock
+    first, then the aggregate's: the final write's order, so the two cannot deadlock).
 
-    Nothing is read until :meth:`Reservation.settle`, so in pipeline mode this costs no round
-    trip of its own; when settle raises, the caller's transaction must roll back.
+    Raises CostLimitReached when refused; the caller's transaction must then roll back.
     """
-    params: dict[str, Any] = {
-        "amount": amount, "date": day, "organization_id": item.organization_id,
-        "default_limit": default_limit,
-    }
-    return Reservation(item=item, day=day, amount=amount,
-                       answer=await conn.execute(_Q["reserve_budget"], params))
+    cur = await conn.execute(
+        _Q["reserve_budget"],
+        {"amount": amount, "date": day, "organization_id": item.organization_id,
+         "default_limit": default_limit},
+    )
+    row = await cur.fetchone()
+    if row is None or not row["reserved"]:
+        spent, reserved, limit = (
+            (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"]) if row
+            else (Decimal(0), Decimal(0), Decimal(0))  # the organisation is gone
+        )
+        raise CostLimitReached(item.organization_id, day, spent, reserved, limit, amount)
 
 
 @dataclass(frozen=True, slots=True)

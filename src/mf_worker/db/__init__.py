@@ -13,16 +13,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
+from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from ..settings import Settings
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
-Cursor = psycopg.AsyncCursor[dict[str, Any]]
 Pool = AsyncConnectionPool[Connection]
 
-__all__ = ["Connection", "Cursor", "Pool", "as_org", "connect", "connection_kwargs", "open_pool"]
+__all__ = ["Connection", "Pool", "as_org", "connect", "connection_kwargs", "open_pool"]
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
@@ -66,9 +66,21 @@ async def open_pool(settings: Settings, *, max_size: int | None = None) -> Pool:
 
 @asynccontextmanager
 async def as_org(conn: Connection, organization_id: str) -> AsyncIterator[Connection]:
-    """A transaction in which row-level security admits only ``organization_id``'s rows."""
-    async with conn.transaction():
-        await conn.execute(
-            "SELECT set_config('app.current_org_id', %s, true)", [organization_id]
+    """A transaction in which row-level security admits only ``organization_id``'s rows.
+
+    BEGIN and the setting travel in one round trip (a two-statement simple query with the id
+    quoted as a literal by psycopg), and the block commits on success and rolls back on any
+    exception. ``conn`` must be in autocommit mode (as every mf-worker connection is).
+    """
+    await conn.execute(
+        pgsql.SQL("BEGIN; SELECT set_config('app.current_org_id', {}, true)").format(
+            pgsql.Literal(organization_id)
         )
+    )
+    try:
         yield conn
+    except BaseException:
+        if not conn.closed and not conn.broken:
+            await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")

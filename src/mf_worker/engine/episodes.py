@@ -35,7 +35,7 @@ from ..generation import (
 from ..ids import new_id
 from ..queue import ClaimedItem
 from ..scheduling.cadence import CadenceError, zone_for
-from ..scheduling.scheduler import PlannedItem, plan_next_item, send_next_item
+from ..scheduling.scheduler import PlannedItem, insert_next_item, plan_next_item
 
 _Q = load_queries(__package__ or "mf_worker.engine", "episodes.sql")
 
@@ -81,9 +81,7 @@ async def prepare_generation(
     """
     if item.project_id is None:
         raise ItemUnavailable("project deleted")
-    # Pipeline mode: statements go out back to back and are answered together, so the whole
-    # transaction costs three round trips (BEGIN + context, episode + reservation, COMMIT).
-    async with conn.pipeline(), as_org(conn, item.organization_id):
+    async with as_org(conn, item.organization_id):
         cur = await conn.execute(
             _Q["load_generation_context"],
             {"project_id": item.project_id, "episode_id": item.episode_id,
@@ -105,18 +103,17 @@ async def prepare_generation(
                            else project["last_sequence_number"] + 1)
         amount, day = worst_case(request), now.astimezone(UTC).date()
         episode_id = existing["id"] if existing else new_id("ep")
-        started = await conn.execute(
+        cur = await conn.execute(
             _Q["start_attempt"],
             {"new_episode_id": None if existing else episode_id, "project_id": item.project_id,
              "organization_id": item.organization_id, "sequence_number": request.episode_number,
              "amount": amount, "date": day, "id": item.id, "attempt": item.attempt,
              "worker": worker},
         )
-        reservation = await reserve_budget(conn, item, amount=amount, day=day,
-                                           default_limit=default_limit)
-        if await started.fetchone() is None:
+        if await cur.fetchone() is None:
             raise LeaseLost(item.id)
-        await reservation.settle()  # raises CostLimitReached: everything above rolls back
+        # Raises CostLimitReached: the episode row and the note above roll back with it.
+        await reserve_budget(conn, item, amount=amount, day=day, default_limit=default_limit)
     return Prepared(
         request=request,
         episode_id=episode_id,
@@ -204,13 +201,11 @@ async def write_episode(
         "blocks": len(result.blocks),
         "tokens": sum(u.total_tokens for u in usages),
     }
-    # Pipeline mode: every statement is sent at once and answered together (two round trips
-    # with COMMIT). The fenced completion is first, so it takes the item's row lock before
-    # anything else is written; when it matched nothing the whole transaction is rolled back.
-    async with conn.pipeline(), as_org(conn, org):
-        completed = await queue.send_complete_item(
-            conn, item, worker=worker, episode_id=episode_id
-        )
+    # The fenced completion is first, so it takes the item's row lock before anything else is
+    # written; when it matched nothing the whole transaction is rolled back.
+    async with as_org(conn, org):
+        if not await queue.complete_item(conn, item, worker=worker, episode_id=episode_id):
+            raise LeaseLost(item.id)
         await conn.execute(
             _Q["write_episode"],
             {
@@ -241,18 +236,11 @@ async def write_episode(
                                      "sequence_number": prepared.request.episode_number}),
             },
         )
-        following = None
-        if plan is not None:
-            assert project_id is not None
-            following = await send_next_item(
-                conn, project_id=project_id, organization_id=org, plan=plan
-            )
-        if await completed.fetchone() is None:
-            raise LeaseLost(item.id)
-        if following is None:
+        if plan is None:
             return None
-        row = await following.fetchone()
-        return row["scheduled_for"] if row else None
+        assert project_id is not None
+        return await insert_next_item(conn, project_id=project_id, organization_id=org,
+                                      plan=plan)
 
 
 def _plan_following_item(

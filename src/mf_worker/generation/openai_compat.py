@@ -8,10 +8,12 @@ extra ``mf-worker[openai]``, imported only when the generator is built) and:
 * builds a prompt from the `GenerationRequest` with the system prompt and the repair
   instructions kept as package resources (``prompts/system.txt``, ``prompts/repair.txt``);
 * asks for one JSON object (title, sections with markdown / reasoning / confidence, the ids of
-  the planning notes used, new memories) and parses the reply tolerantly (code fences, prose
-  around the object, trailing commas, Python-style literals, sections given as plain strings);
-  a reply it still cannot use gets exactly ONE repair turn, and a second failure is a
-  `PermanentGenerationError` naming the reason;
+  the planning notes used, new memories), in JSON mode unless ``MF_LLM_JSON_MODE=off``, and
+  parses the reply tolerantly (code fences, prose around the object, trailing commas,
+  Python-style literals, sections given as plain strings); a reply it still cannot use gets
+  exactly ONE repair turn. If that fails too, the complete part of a reply that was cut off or
+  broke part-way is kept when it still holds a title and a section (``llm_reply_salvaged``);
+  otherwise the attempt ends with a `PermanentGenerationError` naming the reason;
 * reports the server's own token counts, summed over the calls (the repair turn included), and
   estimates (four characters per token) only for a reply without ``usage``, logging
   ``usage_estimated`` when it does;

@@ -1,9 +1,10 @@
 """`mf-worker generate`: what a generator returns for a project, without writing anything.
 
 For prompt work and plugin development. The request is built the way the engine builds it for
-the project's next attempt — the engine's own ``load_generation_context`` query and request
-builder, the open queue item's due time and episode number when there is one — but inside a
-READ ONLY transaction, with no claim, no budget reservation and no episode row. The
+the project's next attempt — a read-only mirror of the engine's ``load_generation_context``
+query (``preview.sql``), the engine's own request builder, the open queue item's due time and
+episode number when there is one — inside a READ ONLY transaction, with no claim, no budget
+reservation and no episode row. The
 generator's answer goes through the same `validate_result` as in the worker; nothing of it is
 stored.
 """
@@ -40,7 +41,6 @@ from .validate import validate_result
 __all__ = ["Preview", "build_preview_request", "preview_to_json", "render_preview", "run_preview"]
 
 _Q = load_queries(__package__ or "mf_worker.generation", "preview.sql")
-_ENGINE_Q = load_queries("mf_worker.engine", "episodes.sql")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ async def build_preview_request(
         org = found["organization_id"]
         await conn.execute("SELECT set_config('app.current_org_id', %s, true)", [org])
         cur = await conn.execute(
-            _ENGINE_Q["load_generation_context"],
+            _Q["load_preview_context"],
             {"project_id": project_id, "max_notes": episodes.MAX_NOTES,
              "max_memories": episodes.MAX_MEMORIES,
              "max_previous": episodes.MAX_PREVIOUS_EPISODES},

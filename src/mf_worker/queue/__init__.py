@@ -18,7 +18,6 @@ from .store import (
     reap_expired_leases,
     release_item,
     retry_item,
-    send_complete_item,
 )
 
 __all__ = [
@@ -35,5 +34,4 @@ __all__ = [
     "reap_expired_leases",
     "release_item",
     "retry_item",
-    "send_complete_item",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from ..db import Connection, Cursor
+from ..db import Connection
 from ..db.sql import load_queries
 
 _Q = load_queries(__package__ or "mf_worker.queue", "queries.sql")
@@ -127,24 +127,14 @@ async def _fenced(conn: Connection, query: str, params: dict[str, Any]) -> bool:
     return await cur.fetchone() is not None
 
 
-async def send_complete_item(
-    conn: Connection, item: ClaimedItem, *, worker: str, episode_id: str,
-    now: datetime | None = None,
-) -> Cursor:
-    """Send the fenced completion and return its cursor unread, for pipeline mode: it yields a
-    row when the fence held, none when it did not."""
-    return await conn.execute(
-        _Q["complete_item"], {**_fence(item, worker, now), "episode_id": episode_id}
-    )
-
-
 async def complete_item(
     conn: Connection, item: ClaimedItem, *, worker: str, episode_id: str,
     now: datetime | None = None,
 ) -> bool:
     """Mark one item completed with its episode; False if the fence no longer holds."""
-    cur = await send_complete_item(conn, item, worker=worker, episode_id=episode_id, now=now)
-    return await cur.fetchone() is not None
+    return await _fenced(
+        conn, "complete_item", {**_fence(item, worker, now), "episode_id": episode_id}
+    )
 
 
 async def retry_item(

@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from ..db import Connection, Cursor, Pool
+from ..db import Connection, Pool
 from ..db.sql import load_queries
 from ..engine.loops import PeriodicLoop
 from ..errors import MfWorkerError
@@ -217,13 +217,20 @@ async def cancel_items_of_unschedulable_projects(conn: Connection) -> int:
     return cancelled
 
 
-async def send_next_item(
+async def insert_next_item(
     conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem
-) -> Cursor:
-    """Send the insert of one planned item (and the cache update) inside the caller's
-    transaction; the cursor yields the item's id and due time, or nothing when the project
-    already has an open item. Unread, so it fits in a pipeline."""
-    return await conn.execute(
+) -> datetime | None:
+    """Insert one planned item and refresh the project's cache, inside the caller's
+    transaction. Returns its due time, or None when the project already has an open item."""
+    row = await _insert_item(conn, project_id=project_id, organization_id=organization_id,
+                             plan=plan)
+    return None if row is None else row["scheduled_for"]
+
+
+async def _insert_item(
+    conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem
+) -> dict[str, Any] | None:
+    cur = await conn.execute(
         _Q["insert_next_item"],
         {
             "id": new_id("queue"),
@@ -233,6 +240,7 @@ async def send_next_item(
             "metadata": Jsonb(plan.metadata),
         },
     )
+    return await cur.fetchone()
 
 
 async def enqueue_item(
@@ -285,9 +293,8 @@ async def enqueue_item(
                 "enqueued_at": now.isoformat(),
             },
         )
-        cur = await send_next_item(conn, project_id=project_id,
-                                   organization_id=project["organization_id"], plan=plan)
-        row = await cur.fetchone()
+        row = await _insert_item(conn, project_id=project_id,
+                                 organization_id=project["organization_id"], plan=plan)
         if row is None:  # a scheduler slipped one in between: the index decided
             raise ProjectNotSchedulable(f"project {project_id} got an open item concurrently")
     item_id: str = row["id"]
