@@ -28,7 +28,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
+from mf_worker.db import connect
 from mf_worker.engine.worker import Outcome
 from mf_worker.errors import ConfigError, PluginLoadError
 from mf_worker.generation import (
@@ -50,9 +52,13 @@ from mf_worker.generation.openai_compat import (
     parse_reply,
     redact_key,
     retry_after_seconds,
+    salvage_reply,
 )
+from mf_worker.generation.preview import build_preview_request
+from mf_worker.generation.template import TemplateGenerator
 
-from .factories import make_note, make_queue_item, make_tenant
+from .conftest import settings_for
+from .factories import make_episode, make_note, make_queue_item, make_tenant
 from .workers import ROOT, run_single, worker_env
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -266,12 +272,13 @@ def test_config_requires_base_url_and_model_and_names_the_variable() -> None:
                                ("MF_LLM_MAX_TOKENS", "0", "between 1"),
                                ("MF_LLM_TEMPERATURE", "3", "at most 2"),
                                ("MF_LLM_TIMEOUT", "0", "greater than 0"),
-                               ("MF_LLM_TIMEOUT", "nan", "greater than 0")]:
+                               ("MF_LLM_TIMEOUT", "nan", "greater than 0"),
+                               ("MF_LLM_JSON_MODE", "maybe", "one of on/off")]:
         with pytest.raises(ConfigError, match=f"{name}='{raw}': must be .*{problem}"):
             LLMConfig.from_env({**base, name: raw})
     config = LLMConfig.from_env(base)
-    assert (config.base_url, config.max_tokens, config.temperature, config.timeout) == (
-        "http://127.0.0.1:1/v1", 1500, 0.7, 120.0)
+    assert (config.base_url, config.max_tokens, config.temperature, config.timeout,
+            config.json_mode) == ("http://127.0.0.1:1/v1", 1500, 0.7, 120.0, True)
     assert config.api_key is None
 
 
@@ -384,6 +391,16 @@ def test_tolerant_parsing_accepts_common_deviations_without_a_repair_turn(
     validate_result(result, make_request(), max_episode_bytes=1 << 20)
 
 
+def test_json_mode_off_sends_no_response_format_and_still_parses_tolerantly(
+    llm_env: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For servers that reject `response_format`: MF_LLM_JSON_MODE=off leaves it out."""
+    monkeypatch.setenv("MF_LLM_JSON_MODE", "off")
+    llm_env.reply(chat("Sure:\n```json\n" + episode_json() + "\n```"))
+    assert generate().title == "Refinery permits speed up"
+    assert "response_format" not in llm_env.seen[0].body
+
+
 def test_unknown_note_ids_are_dropped_and_logged_and_bad_confidences_become_none(
     llm_env: FakeLLM, captured_logs: io.StringIO
 ) -> None:
@@ -469,6 +486,47 @@ def test_malformed_then_good_after_repair_succeeds_and_sums_both_calls_usage(
     assert result.title == "Refinery permits speed up"
     assert result.usages == (TokenUsage(MODEL, 750, 130),)
     assert 'no \\"sections\\" with markdown text' in captured_logs.getvalue()
+
+
+def test_the_repair_turn_tells_the_model_where_its_json_broke(llm_env: FakeLLM) -> None:
+    llm_env.reply(chat('{"title": "T", "sections": [{"markdown": "a"} {"markdown": "b"}]}'),
+                  chat(episode_json()))
+    assert generate().title == "Refinery permits speed up"
+    instructions = llm_env.seen[1].body["messages"][3]["content"]
+    assert ("Your reply could not be used: the reply's JSON object is not valid JSON "
+            "(Expecting ',' delimiter at line 1 column 47).") in instructions
+
+
+def test_a_reply_cut_off_twice_keeps_the_complete_sections_before_the_cut(
+    llm_env: FakeLLM, captured_logs: io.StringIO
+) -> None:
+    """Last resort after the repair turn: the complete part of a reply that hit max_tokens."""
+    whole = episode_json()
+    cut = whole[: whole.index("Two recycling")]  # inside the second section's markdown
+    llm_env.reply(chat(cut, usage=(300, 400), finish_reason="length"),
+                  chat(cut, usage=(700, 400), finish_reason="length"))
+    request = make_request()
+    result = validate_result(generate(request), request, max_episode_bytes=1 << 20)
+    assert len(llm_env.seen) == 2
+    assert result.title == "Refinery permits speed up"
+    assert [b.content for b in result.blocks] == [
+        "### Permits\n\nThree refineries got permits this month."]
+    assert result.incorporated_note_ids == ()  # the ids came after the cut
+    assert result.usages == (TokenUsage(MODEL, 1000, 800),)
+    salvaged = [json.loads(line) for line in captured_logs.getvalue().splitlines()
+                if "llm_reply_salvaged" in line]
+    assert [(e["call"], e["blocks"]) for e in salvaged] == [("repair", 1)]
+
+
+def test_salvage_keeps_the_complete_prefix_of_a_cut_off_or_broken_object() -> None:
+    assert salvage_reply('{"title": "T", "sections": ["a", "b') == {
+        "title": "T", "sections": ["a"]}
+    assert salvage_reply('{"title": "T", "sections": [{"markdown": "a"}, {"x": {"y": [1, ') == {
+        "title": "T", "sections": [{"markdown": "a"}, {"x": {"y": [1]}}]}
+    assert salvage_reply('{"title": "T", "sections": ["a"], {"oops": 1}], "more": 2}') == {
+        "title": "T", "sections": ["a"]}
+    assert salvage_reply('{"title": "T') is None
+    assert salvage_reply("no object at all") is None
 
 
 def test_an_empty_or_missing_message_content_is_repaired_like_broken_json(
@@ -760,6 +818,56 @@ def test_cli_generate_prints_the_episode_and_writes_nothing(
             "request (HTTP 401: Invalid key)") in refused.stderr
     missing = cli("prj_nope")
     assert missing.returncode == 1 and "no project 'prj_nope'" in missing.stderr
+
+
+class CapturingGenerator:
+    """Writes the template episode and keeps every request it was given."""
+
+    def __init__(self) -> None:
+        self.requests: list[GenerationRequest] = []
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests.append(request)
+        return TemplateGenerator().write(request)
+
+
+CAPTURE = CapturingGenerator()
+
+
+def test_generate_builds_the_same_request_as_the_worker(db_url: str, db: Conn) -> None:
+    """`mf-worker generate` mirrors the engine's context query: same notes, memories, earlier
+    episodes, date, episode number, item and attempt — only the idempotency key differs."""
+    t = make_tenant(db, cadence={"mode": "weekly", "days": [3]},
+                    memories=Jsonb(["Likes maps", {"content": "Skips jargon", "importance": 0.8}]))
+    project = t["project"]
+    db.execute("UPDATE users SET timezone = 'Asia/Tokyo' WHERE id = %s", [t["user"]["id"]])
+    earlier = make_episode(db, project, sequence_number=1, status="ready", title="First look")
+    db.execute("INSERT INTO blocks (id, episode_id, organization_id, content, position) VALUES "
+               "('blk_prev', %s, %s, 'It started with permits.', 0)",
+               [earlier["id"], project["organization_id"]])
+    db.execute("INSERT INTO agent_memory (id, project_id, organization_id, content, importance) "
+               "VALUES ('mem_1', %s, %s, 'Reads on Sundays', 0.7)",
+               [project["id"], project["organization_id"]])
+    for text in ("More on permits", "Less jargon"):
+        make_note(db, project, note=text)
+    item = make_queue_item(db, project, scheduled_for=datetime(2026, 3, 4, 23, 30, tzinfo=UTC))
+
+    async def preview() -> GenerationRequest:
+        conn = await connect(settings_for(db_url))
+        async with conn:
+            return await build_preview_request(conn, project["id"])
+
+    previewed = asyncio.run(preview())
+    CAPTURE.requests.clear()
+    assert run_single(db_url, item["id"], generator="tests.test_openai_generator:CAPTURE") is (
+        Outcome.SUCCESS)
+    (engine,) = CAPTURE.requests
+
+    assert previewed.idempotency_key.startswith("preview-") and engine.idempotency_key == item["id"]
+    assert dataclasses.replace(previewed, idempotency_key="k") == dataclasses.replace(
+        engine, idempotency_key="k")
+    assert previewed.local_date == date(2026, 3, 5) and previewed.episode_number == 2
+    assert len(previewed.memories) == 3 and len(previewed.planning_notes) == 2
 
 
 def test_prompt_parser_rejects_replies_with_no_usable_object() -> None:

@@ -265,8 +265,8 @@ def run_once(
 ) -> None:
     """Claim one due item and process it in the foreground (exit 0 ok, 1 failed, 3 none due)."""
     settings = build_settings(
-        generator=generator, database_url=database_url,
-        log_format=log_format or "console", log_level=log_level,
+        generator=generator, database_url=database_url, log_format=log_format,
+        log_level=log_level,
     )
 
     async def main() -> Outcome | None:

@@ -107,6 +107,10 @@ def _gbp(raw: str) -> Decimal:
     return value
 
 
+def _secret_text(raw: str) -> Secret:
+    return Secret(_text(raw))
+
+
 def _url(raw: str) -> Secret:
     text = raw.strip()
     if not text.startswith(("http://", "https://")):
@@ -364,6 +368,46 @@ class Settings:
         _url,
         "Where the `webhook` notifier POSTs its JSON (retried, 5 s timeout). Never logged.",
         secret=True,
+    )
+    llm_base_url: str | None = _setting(
+        "MF_LLM_BASE_URL", None, _text,
+        "`openai` generator: base URL of the OpenAI-compatible API up to and including `/v1` "
+        "(e.g. `http://127.0.0.1:8080/v1`). Required with `MF_GENERATOR=openai`.",
+    )
+    llm_model: str | None = _setting(
+        "MF_LLM_MODEL", None, _text,
+        "`openai` generator: model name sent to the server; token usage is recorded and priced "
+        "under it. Required with `MF_GENERATOR=openai`.",
+    )
+    llm_api_key: Secret | None = _setting(
+        "MF_LLM_API_KEY", None, _secret_text,
+        "`openai` generator: API key sent as `Authorization: Bearer …` (local servers need "
+        "none). Never logged.",
+        secret=True,
+    )
+    llm_api_key_file: Path | None = _setting(
+        "MF_LLM_API_KEY_FILE", None, _file,
+        "`openai` generator: file holding the API key instead of `MF_LLM_API_KEY` (also read: "
+        "`$CREDENTIALS_DIRECTORY/mf_llm_api_key`, systemd's `LoadCredential=`).",
+    )
+    llm_max_tokens: int = _setting(
+        "MF_LLM_MAX_TOKENS", 1500, _int(1, 1_000_000),
+        "`openai` generator: most tokens the model may write per call; with the one repair "
+        "turn an episode can use twice this.",
+    )
+    llm_temperature: float = _setting(
+        "MF_LLM_TEMPERATURE", 0.7, _float(0.0),
+        "`openai` generator: sampling temperature, 0 to 2 (0: most deterministic).",
+    )
+    llm_timeout: float = _setting(
+        "MF_LLM_TIMEOUT", 120.0, _float(0.0, exclusive=True),
+        "`openai` generator: seconds one HTTP call to the model may take in all; a slower call "
+        "is a retryable failure.",
+    )
+    llm_json_mode: bool = _setting(
+        "MF_LLM_JSON_MODE", True, _bool,
+        "`openai` generator: ask for `response_format: json_object` (JSON mode). Turn off for "
+        "servers that reject it; replies are parsed tolerantly either way.",
     )
     scheduler_interval: float = _setting(
         "MF_SCHEDULER_INTERVAL",

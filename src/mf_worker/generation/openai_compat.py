@@ -365,7 +365,7 @@ class OpenAICompatibleGenerator:
             except ReplyError as again:
                 _logger().warning("llm_reply_unusable", call="repair", reason=again.reason,
                                   finish_reason=second.finish_reason)
-                # Last resort: the complete part of a reply cut off at max_tokens.
+                # Last resort: the complete part of a reply that was cut off or broke part-way.
                 rescued = _salvaged(second, "repair", request) or _salvaged(first, "draft", request)
                 if rescued is None:
                     raise PermanentGenerationError(
