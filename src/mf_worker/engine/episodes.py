@@ -82,13 +82,7 @@ async def prepare_generation(
     if item.project_id is None:
         raise ItemUnavailable("project deleted")
     async with as_org(conn, item.organization_id):
-        cur = await conn.execute(
-            _Q["load_generation_context"],
-            {"project_id": item.project_id, "episode_id": item.episode_id,
-             "max_notes": MAX_NOTES, "max_memories": MAX_MEMORIES,
-             "max_previous": MAX_PREVIOUS_EPISODES},
-        )
-        project = await cur.fetchone()
+        project = await load_generation_context(conn, item.project_id, item.episode_id)
         if project is None:
             raise ItemUnavailable("project deleted")
         if project["status"] != "active":
@@ -99,7 +93,7 @@ async def prepare_generation(
             raise InvalidItemError(f"project {item.project_id}: owner's {exc}") from None
 
         existing = project["existing_episode"]
-        request = _request(item, project, zone, existing["sequence_number"] if existing
+        request = build_request(item, project, zone, existing["sequence_number"] if existing
                            else project["last_sequence_number"] + 1)
         amount, day = worst_case(request), now.astimezone(UTC).date()
         episode_id = existing["id"] if existing else new_id("ep")
@@ -124,7 +118,22 @@ async def prepare_generation(
     )
 
 
-def _request(
+async def load_generation_context(
+    conn: Connection, project_id: str, episode_id: str | None
+) -> dict[str, Any] | None:
+    """The project, its owner's zone, pending notes, memories and recent episodes (one round
+    trip), inside the caller's as-org transaction; None when the project does not exist.
+    Shared by the worker and ``mf-worker generate``, so a preview sees what a worker sees."""
+    cur = await conn.execute(
+        _Q["load_generation_context"],
+        {"project_id": project_id, "episode_id": episode_id, "max_notes": MAX_NOTES,
+         "max_memories": MAX_MEMORIES, "max_previous": MAX_PREVIOUS_EPISODES},
+    )
+    row: dict[str, Any] | None = await cur.fetchone()
+    return row
+
+
+def build_request(
     item: ClaimedItem, project: dict[str, Any], zone: tzinfo, episode_number: int
 ) -> GenerationRequest:
     memories = [*_project_memories(project["memories"]),

@@ -1,12 +1,10 @@
 """`mf-worker generate`: what a generator returns for a project, without writing anything.
 
 For prompt work and plugin development. The request is built the way the engine builds it for
-the project's next attempt — a read-only mirror of the engine's ``load_generation_context``
-query (``preview.sql``), the engine's own request builder, the open queue item's due time and
-episode number when there is one — inside a READ ONLY transaction, with no claim, no budget
-reservation and no episode row. The
-generator's answer goes through the same `validate_result` as in the worker; nothing of it is
-stored.
+the project's next attempt — the engine's own context query and request builder, the open
+queue item's due time and episode number when there is one — inside a READ ONLY transaction,
+with no claim, no budget reservation and no episode row. The generator's answer goes through
+the same `validate_result` as in the worker; nothing of it is stored.
 """
 
 from __future__ import annotations
@@ -74,13 +72,7 @@ async def build_preview_request(
             raise MfWorkerError(f"no project {project_id!r}")
         org = found["organization_id"]
         await conn.execute("SELECT set_config('app.current_org_id', %s, true)", [org])
-        cur = await conn.execute(
-            _Q["load_preview_context"],
-            {"project_id": project_id, "max_notes": episodes.MAX_NOTES,
-             "max_memories": episodes.MAX_MEMORIES,
-             "max_previous": episodes.MAX_PREVIOUS_EPISODES},
-        )
-        project = await cur.fetchone()
+        project = await episodes.load_generation_context(conn, project_id, None)
         cur = await conn.execute(_Q["open_item"], {"project_id": project_id})
         item_row = await cur.fetchone()
     if project is None:
@@ -108,7 +100,7 @@ async def build_preview_request(
         lease_expires_at=now,
     )
     # The engine's own request builder: the same fields, the same memory handling.
-    request = episodes._request(item, project, zone, number)
+    request = episodes.build_request(item, project, zone, number)
     return replace(request, idempotency_key=f"preview-{uuid.uuid4().hex}")
 
 
