@@ -28,8 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +43,7 @@ from mf_worker.systemd import SystemdNotifier, credential, notify, watchdog_inte
 
 from .conftest import require_binary
 from .factories import make_queue_item, make_tenant
-from .workers import ROOT, start_worker, wait_until, worker_env
+from .workers import ROOT, http_get, port_of, start_worker, wait_until, worker_env
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -135,29 +133,6 @@ def notify_socket() -> Iterator[tuple[str, NotifyListener]]:
     finally:
         listener.close()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def http_get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def port_of(log: Path, timeout: float = 30) -> int:
-    """The port a daemon started with MF_METRICS_ADDR=…:0 reports in its log."""
-    found: list[int] = []
-
-    def listening() -> bool:
-        for line in log.read_text().splitlines():
-            if '"http_listening"' in line:
-                found.append(json.loads(line)["port"])
-                return True
-        return False
-
-    wait_until(listening, timeout, "the daemon to report its HTTP port")
-    return found[0]
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
@@ -366,7 +341,7 @@ def test_the_daemon_reports_ready_feeds_the_watchdog_and_reports_stopping(
         assert first[0] == "READY=1"
         assert first[1].startswith("STATUS=claiming as ")
         port = port_of(log)
-        assert http_get(f"http://127.0.0.1:{port}/healthz") == 200
+        assert http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200
         healthcheck = dockerfile_healthcheck()
         env = {**os.environ, "MF_METRICS_ADDR": f"0.0.0.0:{port}"}
         assert (

@@ -10,8 +10,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +21,11 @@ from mf_worker.metrics import Metrics
 
 from .conftest import require_binary
 from .factories import make_project, make_queue_item, make_tenant
-from .workers import ROOT, start_worker, wait_until
+from .workers import ROOT, http_get, port_of, start_worker, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
 
 Conn = psycopg.Connection[dict[str, Any]]
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:  # it holds the response's socket
-            return exc.code, exc.read().decode()
-
-
-def port_of(log: Path, timeout: float = 30) -> int:
-    """The port a daemon started with MF_METRICS_ADDR=…:0 reports in its log."""
-    found: list[int] = []
-
-    def listening() -> bool:
-        for line in log.read_text().splitlines():
-            if '"http_listening"' in line:
-                found.append(json.loads(line)["port"])
-                return True
-        return False
-
-    wait_until(listening, timeout, "the daemon to report its HTTP port")
-    return found[0]
 
 
 def sample(text: str, name: str, **labels: str) -> float:

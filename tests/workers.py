@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,3 +88,28 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET (error statuses included, their sockets closed)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:  # it holds the response's socket
+            return exc.code, exc.read().decode()
+
+
+def port_of(log: Path, timeout: float = 30) -> int:
+    """The port a daemon started with MF_METRICS_ADDR=…:0 reports in its log."""
+    found: list[int] = []
+
+    def listening() -> bool:
+        for line in log.read_text().splitlines():
+            if '"http_listening"' in line:
+                found.append(json.loads(line)["port"])
+                return True
+        return False
+
+    wait_until(listening, timeout, "the daemon to report its HTTP port")
+    return found[0]
