@@ -57,10 +57,6 @@ class MigrationStatus:
     # Applied, but the shipped file has changed since: someone edited a released migration.
     modified: list[Migration]
 
-    @property
-    def is_current(self) -> bool:
-        return not self.pending
-
 
 def load_migrations() -> list[Migration]:
     """The migrations shipped in the package, in version order."""

@@ -2,14 +2,13 @@
 
 The heartbeat, reaper, scheduler and pruner each subclass :class:`PeriodicLoop`: one place that
 handles the interval, the stop event and the rule that an error in one pass is logged and the
-loop goes on (a database blip must not kill the daemon). ``last_tick`` feeds the health check.
+loop goes on (a database blip must not kill the daemon).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -26,7 +25,6 @@ class PeriodicLoop(ABC):
         if interval <= 0:
             raise ValueError(f"{self.name}: interval must be positive, got {interval}")
         self.interval = interval
-        self.last_tick = time.monotonic()
         self._stopped = asyncio.Event()
         self._log = get_logger(f"mf_worker.{self.name}")
 
@@ -42,7 +40,6 @@ class PeriodicLoop(ABC):
                 raise
             except Exception as exc:  # one bad pass must not end the loop
                 self._log.warning(f"{self.name}_pass_failed", error=describe_error(exc))
-            self.last_tick = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), timeout=self.interval)
 

@@ -14,7 +14,7 @@ import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
@@ -123,15 +123,6 @@ class _Failure:
     retry_after: float | None = None
 
 
-@dataclass
-class WorkerState:
-    """Counters for tests, `status` and health checks."""
-
-    claimed: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-    last_claim_loop_tick: float = field(default_factory=time.monotonic)
-
-
 class Worker:
     """Claims and processes items with up to ``settings.concurrency`` in flight."""
 
@@ -158,7 +149,7 @@ class Worker:
         # Subscribers (metrics, the systemd watchdog): claims with their time, loop ticks.
         self.claim_listeners: list[Callable[[list[ClaimedItem], float], None]] = []
         self.tick_listeners: list[Callable[[int], None]] = []
-        self.state = WorkerState()
+        self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
         self.wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -204,7 +195,6 @@ class Worker:
                 conn, worker=self.worker_id, limit=limit,
                 lease_seconds=self.settings.lease_seconds,
             )
-        self.state.claimed += len(items)
         if items:
             claimed_at = time.time()
             for listener in self.claim_listeners:
@@ -212,13 +202,13 @@ class Worker:
         return items
 
     def _tick(self) -> None:
-        self.state.last_claim_loop_tick = time.monotonic()
+        self._last_tick = time.monotonic()
         for listener in self.tick_listeners:
             listener(len(self.in_flight))
 
     def claim_loop_age(self) -> float:
         """Seconds since the claim loop last went round (for /healthz and the watchdog)."""
-        return time.monotonic() - self.state.last_claim_loop_tick
+        return time.monotonic() - self._last_tick
 
     async def _idle_timeout(self) -> float:
         """Sleep until the next item is due, but never longer than the poll interval."""
@@ -399,7 +389,6 @@ class Worker:
 
     def _report(self, report: AttemptReport) -> None:
         key = report.outcome.value
-        self.state.outcomes[key] = self.state.outcomes.get(key, 0) + 1
         fields: dict[str, Any] = {"outcome": key, "seconds": round(report.item_seconds, 4)}
         if report.outcome is Outcome.SUCCESS:
             self._log.info("item_completed", **fields)

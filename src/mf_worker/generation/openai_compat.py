@@ -35,7 +35,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -794,19 +794,8 @@ def salvage_reply(text: str) -> dict[str, Any] | None:
         limit = start + exc.pos
     closers: list[str] = []
     cuts: list[tuple[int, str]] = []  # (end of a complete prefix, the brackets it leaves open)
-    in_string = escaped = False
-    for index in range(start, limit):
-        ch = text[index]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
+    for index, ch in _structure(text, start, limit):
+        if ch in "{[":
             closers.append("}" if ch == "{" else "]")
         elif ch in "}]":
             if len(closers) < 2:
@@ -849,8 +838,21 @@ def _object_starts(text: str, limit: int = 50) -> list[int]:
 def _balanced_end(text: str, start: int) -> int | None:
     """Index just past the ``}`` that closes the ``{`` at ``start`` (strings respected)."""
     depth = 0
+    for index, ch in _structure(text, start, len(text)):
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
+
+
+def _structure(text: str, start: int, stop: int) -> Iterator[tuple[int, str]]:
+    """Index and character of every bracket and comma in ``text[start:stop]`` that is outside
+    a JSON string: the one string-aware walk the salvage and the balancing share."""
     in_string = escaped = False
-    for index in range(start, len(text)):
+    for index in range(start, stop):
         ch = text[index]
         if in_string:
             if escaped:
@@ -861,13 +863,8 @@ def _balanced_end(text: str, start: int) -> int | None:
                 in_string = False
         elif ch == '"':
             in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return index + 1
-    return None
+        elif ch in "{}[],":
+            yield index, ch
 
 
 def _lenient_loads(text: str) -> object:
