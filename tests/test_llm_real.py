@@ -146,8 +146,11 @@ def _scenario(conn: Conn, kind: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("kind", "json_mode"),
-    # Three contexts, JSON mode both ways; more cases cost CI minutes, not confidence.
-    [("notes-and-memories", "on"), ("first-episode", "off"), ("previous-episode", "off")],
+    # Three contexts with JSON mode on (the server constrains the reply to JSON). With it off a
+    # 135M model sometimes writes no JSON at all even after the repair turn (the prompt holds
+    # fresh ids and dates, so temperature 0 does not make runs repeat); the tolerant parser is
+    # covered deterministically against a scripted server in test_openai_generator.py.
+    [("notes-and-memories", "on"), ("first-episode", "on"), ("previous-episode", "on")],
 )
 def test_run_once_with_a_real_model_stores_an_episode_with_the_servers_token_counts(
     llama_server: str, db_url: str, db: Conn, kind: str, json_mode: str, tmp_path: Path
