@@ -21,6 +21,7 @@ from mf_worker.cost.budget import BudgetLoop, Trip
 from mf_worker.cost.notify import WebhookNotifier, load_notifier
 from mf_worker.cost.pricing import load_price_table
 from mf_worker.db import open_pool
+from mf_worker.engine.episodes import Prepared, prepare_generations
 from mf_worker.engine.worker import Outcome
 from mf_worker.errors import ConfigError, PluginLoadError
 from mf_worker.generation import TokenUsage
@@ -221,17 +222,12 @@ def test_reservation_is_released_after_a_failed_attempt_and_after_a_reaped_lease
                 claimed = await queue.claim_due_items(conn, worker="ghost", limit=1,
                                                       lease_seconds=0.5)
                 assert [c.id for c in claimed] == [item["id"]]
-                from mf_worker.cost.budget import reserve_budget
-
-                async with conn.transaction():
-                    await conn.execute("SELECT set_config('app.current_org_id', %s, true)",
-                                       [org["id"]])
-                    # What a worker's prepare step does: note the amount, then reserve it.
-                    await conn.execute(
-                        "UPDATE episode_schedule_queue SET reserved_cost_gbp = 1.25,"
-                        " reserved_on = %s WHERE id = %s", [TODAY.date(), item["id"]])
-                    await reserve_budget(conn, claimed[0], amount=Decimal("1.25"),
-                                         day=TODAY.date(), default_limit=Decimal(50))
+                # A worker's prepare step: reserve the worst case and create the episode.
+                prepared = await prepare_generations(
+                    conn, claimed, worker="ghost", now=TODAY,
+                    worst_case=lambda _request: Decimal("1.25"), default_limit=Decimal(50),
+                )
+                assert isinstance(prepared[0], Prepared), prepared
                 cur = await conn.execute("SELECT reserved_gbp FROM token_usage_daily")
                 held = (await cur.fetchone())["reserved_gbp"]  # type: ignore[index]
             async with pool.connection() as conn:

@@ -63,27 +63,37 @@ class Budget:
         return self.prices.cost(usage) if usage is not None else self.reserve_per_item
 
 
-async def reserve_budget(
-    conn: Connection, item: ClaimedItem, *, amount: Decimal, day: date, default_limit: Decimal
-) -> None:
-    """Reserve ``amount`` on the organisation's aggregate for ``day``, inside the caller's
-    as-org transaction, after the caller noted the amount on the item (the item's row lock
-    first, then the aggregate's: the final write's order, so the two cannot deadlock).
+RESERVE_BUDGET = _Q["reserve_budget"]
 
-    Raises CostLimitReached when refused; the caller's transaction must then roll back.
-    """
-    cur = await conn.execute(
-        _Q["reserve_budget"],
-        {"amount": amount, "date": day, "organization_id": item.organization_id,
-         "default_limit": default_limit},
+
+def reservation_params(
+    item: ClaimedItem, *, worker: str, amount: Decimal, day: date, default_limit: Decimal,
+    new_episode_id: str | None, sequence_number: int,
+) -> dict[str, Any]:
+    """Parameters of :data:`RESERVE_BUDGET` for one attempt of ``item``: reserve ``amount`` on
+    the organisation's aggregate for ``day`` and, with ``new_episode_id``, create the episode.
+    The statement runs inside the caller's transaction acting for the item's organisation
+    (several may pipeline in one transaction; see ``engine.episodes.prepare_generations``)."""
+    return {
+        "id": item.id, "attempt": item.attempt, "worker": worker,
+        "organization_id": item.organization_id, "project_id": item.project_id,
+        "amount": amount, "date": day, "default_limit": default_limit,
+        "new_episode_id": new_episode_id, "sequence_number": sequence_number,
+    }
+
+
+def refusal(
+    row: dict[str, Any] | None, item: ClaimedItem, *, amount: Decimal, day: date
+) -> CostLimitReached | None:
+    """The :class:`CostLimitReached` that explains a refused reservation (None if granted).
+    ``row`` is :data:`RESERVE_BUDGET`'s; no row means the organisation is gone."""
+    if row is not None and row["reserved"]:
+        return None
+    spent, reserved, limit = (
+        (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"]) if row
+        else (Decimal(0), Decimal(0), Decimal(0))
     )
-    row = await cur.fetchone()
-    if row is None or not row["reserved"]:
-        spent, reserved, limit = (
-            (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"]) if row
-            else (Decimal(0), Decimal(0), Decimal(0))  # the organisation is gone
-        )
-        raise CostLimitReached(item.organization_id, day, spent, reserved, limit, amount)
+    return CostLimitReached(item.organization_id, day, spent, reserved, limit, amount)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,24 @@
 -- The daily cost limit (mf_worker.cost.budget). Reads the aggregate, never raw usage rows.
 
 -- name: reserve_budget
--- Atomic: one upsert on the organisation's row for the day. The row lock serialises concurrent
--- reservations, and the condition is re-checked against the latest row after any wait, so
--- racing workers can never reserve more than the limit together. `reserved` is 1 when granted;
--- the spend and limit (as they were before this statement) explain a refusal.
-WITH reserved AS (
+-- The cost check, atomic, as the start of an attempt. In order: the item's row lock, if the
+-- claim is still ours (`held`); then one upsert on the organisation's row of the aggregate for
+-- the day, whose row lock serialises concurrent reservations and whose condition is re-checked
+-- against the latest row after any wait, so racing workers can never reserve more than the
+-- limit together; then, only if granted, the amount noted on the item (the trigger that gives
+-- it back reads it there) and, at the first attempt, the episode row (status generating) whose
+-- generation_attempts and generation_errors keep the history across retries. A refusal writes
+-- nothing. `reserved` is 1 when granted; the spend and limit (as they were before this
+-- statement) explain a refusal. Item lock before aggregate lock: the final write's order.
+WITH held AS (
+    SELECT id FROM episode_schedule_queue
+    WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
+      AND locked_by = %(worker)s
+    FOR UPDATE
+), reserved AS (
     INSERT INTO token_usage_daily AS d (organization_id, date, reserved_gbp)
     SELECT o.id, %(date)s, %(amount)s
-    FROM organizations o
+    FROM organizations o, held
     WHERE o.id = %(organization_id)s
       AND %(amount)s <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
     ON CONFLICT (organization_id, date) DO UPDATE
@@ -17,8 +27,21 @@ WITH reserved AS (
           <= (SELECT coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
               FROM organizations o WHERE o.id = %(organization_id)s)
     RETURNING 1
+), noted AS (
+    UPDATE episode_schedule_queue
+    SET episode_id        = coalesce(%(new_episode_id)s, episode_id),
+        reserved_cost_gbp = %(amount)s,
+        reserved_on       = %(date)s
+    FROM reserved
+    WHERE episode_schedule_queue.id = %(id)s
+), created AS (
+    INSERT INTO episodes (id, project_id, organization_id, sequence_number, status)
+    SELECT %(new_episode_id)s, %(project_id)s, %(organization_id)s, %(sequence_number)s,
+           'generating'
+    FROM reserved
+    WHERE %(new_episode_id)s::text IS NOT NULL
 )
-SELECT (SELECT count(*) FROM reserved) AS reserved,
+SELECT (SELECT count(*) FROM held) AS held, (SELECT count(*) FROM reserved) AS reserved,
        coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
        coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
 FROM organizations o

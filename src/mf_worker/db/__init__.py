@@ -22,7 +22,9 @@ from ..settings import Settings
 Connection = psycopg.AsyncConnection[dict[str, Any]]
 Pool = AsyncConnectionPool[Connection]
 
-__all__ = ["Connection", "Pool", "as_org", "connect", "connection_kwargs", "open_pool"]
+__all__ = [
+    "Connection", "Pool", "act_for", "as_org", "connect", "connection_kwargs", "open_pool",
+]
 
 
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
@@ -84,3 +86,13 @@ async def as_org(conn: Connection, organization_id: str) -> AsyncIterator[Connec
             await conn.execute("ROLLBACK")
         raise
     await conn.execute("COMMIT")
+
+
+async def act_for(conn: Connection, organization_id: str) -> None:
+    """Inside an open transaction, act for ``organization_id`` from the next statement on.
+
+    Row-level security reads the setting per statement, so one transaction can write for
+    several organisations in turn (the batched prepare and final write do, in org order); the
+    setting still ends with the transaction.
+    """
+    await conn.execute("SELECT set_config('app.current_org_id', %s, true)", [organization_id])

@@ -13,13 +13,17 @@ from importlib import resources
 from typing import Final, LiteralString, cast
 
 _HEADER: Final = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+# Whole-line comments other than headers: for readers of the file, not for the server.
+_COMMENT_LINE: Final = re.compile(r"^[ \t]*--(?!\s*name:).*\n", re.MULTILINE)
 
 
 @cache
 def load_queries(package: str, filename: str) -> dict[str, LiteralString]:
     """Parse ``filename`` in ``package`` into ``{name: sql}`` (cached: read once per process)."""
     text = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
-    parts = _HEADER.split(text)
+    # Dropping the comments keeps long statements under psycopg's cache limit (4 KiB), so
+    # their conversion to the wire format is computed once, not at every execution.
+    parts = _HEADER.split(_COMMENT_LINE.sub("", text))
     queries: dict[str, LiteralString] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:

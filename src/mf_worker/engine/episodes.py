@@ -1,11 +1,14 @@
-"""Reading what a generation needs, and writing what it produced — each in one transaction.
+"""Reading what generations need, and writing what they produced — a batch per transaction.
 
-``prepare_generation`` loads the project's context and makes sure the episode row exists (from
-the first attempt, so its history survives retries). ``write_episode`` is the final write: the
-episode, blocks, usage, notes, memories, audit row, user event, the item completed and the
-project's next item, all or nothing, fenced on the claim. ``write_failure`` and ``cancel_item``
-record the other outcomes. All run as the item's organisation, so row-level security rejects a
-row of any other organisation.
+``prepare_generations`` loads each item's context, reserves its worst-case cost and makes sure
+its episode row exists (from the first attempt, so its history survives retries).
+``write_episodes`` is the final write: per item, the episode, blocks, usage, notes, memories,
+audit row, user event, the item completed and the project's next item — one statement, fenced
+on the claim, so an item whose lease was lost writes nothing while the rest of its batch
+commits. Both send a whole batch in one pipelined transaction that acts for each item's
+organisation in turn (row-level security rejects a row of any other organisation), in
+organisation order so that batches of different workers take the aggregate rows' locks in the
+same order. ``write_failure`` and ``cancel_item`` record the other outcomes, one item at a time.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from .. import queue
-from ..cost.budget import reserve_budget
-from ..db import Connection, as_org
+from ..cost.budget import RESERVE_BUDGET, CostLimitReached, refusal, reservation_params
+from ..db import Connection, act_for, as_org
 from ..db.sql import load_queries
 from ..errors import InvalidItemError
 from ..generation import (
@@ -35,7 +38,7 @@ from ..generation import (
 from ..ids import new_id
 from ..queue import ClaimedItem
 from ..scheduling.cadence import CadenceError, zone_for
-from ..scheduling.scheduler import PlannedItem, insert_next_item, plan_next_item
+from ..scheduling.scheduler import PlannedItem, plan_next_item
 
 _Q = load_queries(__package__ or "mf_worker.engine", "episodes.sql")
 
@@ -64,58 +67,117 @@ class Prepared:
     timezone: str
 
 
-async def prepare_generation(
+@dataclass(frozen=True, slots=True)
+class EpisodeWrite:
+    """One successful generation, validated and priced, waiting for its final write."""
+
+    item: ClaimedItem
+    prepared: Prepared
+    result: GenerationResult
+    costs: tuple[Decimal, ...]  # GBP per usage of ``result``
+    now: datetime
+
+
+# What one item of a batch came to: a value, or the exception that explains why not.
+PrepareOutcome = Prepared | ItemUnavailable | InvalidItemError | CostLimitReached | LeaseLost
+WriteOutcome = datetime | None | LeaseLost  # the next item's due time, or None
+
+
+def _org_order(items: Sequence[ClaimedItem]) -> list[int]:
+    """Indexes of ``items`` by organisation: one setting per organisation, and the same lock
+    order on the aggregate rows in every batch of every worker (no deadlock between them)."""
+    return sorted(range(len(items)), key=lambda i: (items[i].organization_id, items[i].id))
+
+
+async def prepare_generations(
     conn: Connection,
-    item: ClaimedItem,
+    items: Sequence[ClaimedItem],
     *,
     worker: str,
     now: datetime,
     worst_case: Callable[[GenerationRequest], Decimal],
     default_limit: Decimal,
-) -> Prepared:
-    """Load the context, reserve the worst-case cost, and ensure the episode row — one
-    transaction, so a refused reservation leaves nothing behind.
-
-    Raises ItemUnavailable (cancel), InvalidItemError (a permanent failure, e.g. a bad zone),
-    CostLimitReached (block) or LeaseLost.
+) -> list[PrepareOutcome]:
+    """Prepare a batch of claimed items in one transaction and two round trips: load every
+    context, then reserve every item's worst-case cost (creating its episode at the first
+    attempt). One outcome per item, in order: Prepared, or ItemUnavailable (cancel it),
+    InvalidItemError (fail it), CostLimitReached (block it; nothing was written for it) or
+    LeaseLost. A database error raises for the whole batch, which then wrote nothing.
     """
-    if item.project_id is None:
-        raise ItemUnavailable("project deleted")
-    async with as_org(conn, item.organization_id):
-        project = await load_generation_context(conn, item.project_id, item.episode_id)
-        if project is None:
-            raise ItemUnavailable("project deleted")
-        if project["status"] != "active":
-            raise ItemUnavailable(f"project {project['status']}")
-        try:
-            zone = zone_for(project["timezone"])
-        except CadenceError as exc:
-            raise InvalidItemError(f"project {item.project_id}: owner's {exc}") from None
+    outcomes: list[PrepareOutcome | None] = [None] * len(items)
+    loads: dict[int, Any] = {}
+    reservations: dict[int, tuple[Prepared, Decimal, Any]] = {}
+    day = now.astimezone(UTC).date()
+    async with conn.pipeline() as pipeline, conn.transaction():
+        acting: str | None = None
+        for i in _org_order(items):
+            item = items[i]
+            if item.project_id is None:
+                outcomes[i] = ItemUnavailable("project deleted")
+                continue
+            if item.organization_id != acting:
+                acting = item.organization_id
+                await act_for(conn, acting)
+            loads[i] = await conn.execute(
+                _Q["load_generation_context"], _context_params(item.project_id, item.episode_id)
+            )
+        await pipeline.sync()
+        acting = None
+        for i, cursor in loads.items():  # in org order, as inserted
+            item = items[i]
+            try:
+                prepared = _prepared(item, await cursor.fetchone())
+            except InvalidItemError as exc:  # ItemUnavailable too
+                outcomes[i] = exc
+                continue
+            amount = worst_case(prepared.request)
+            if item.organization_id != acting:
+                acting = item.organization_id
+                await act_for(conn, acting)
+            reservations[i] = (prepared, amount, await conn.execute(
+                RESERVE_BUDGET,
+                reservation_params(
+                    item, worker=worker, amount=amount, day=day, default_limit=default_limit,
+                    new_episode_id=None if item.episode_id else prepared.episode_id,
+                    sequence_number=prepared.request.episode_number,
+                ),
+            ))
+    for i, (prepared, amount, cursor) in reservations.items():
+        row = await cursor.fetchone()
+        if row is not None and not row["held"]:
+            outcomes[i] = LeaseLost(items[i].id)
+        else:
+            outcomes[i] = refusal(row, items[i], amount=amount, day=day) or prepared
+    assert all(o is not None for o in outcomes)
+    return outcomes  # type: ignore[return-value]
 
-        existing = project["existing_episode"]
-        request = build_request(item, project, zone, existing["sequence_number"] if existing
-                           else project["last_sequence_number"] + 1)
-        amount, day = worst_case(request), now.astimezone(UTC).date()
-        episode_id = existing["id"] if existing else new_id("ep")
-        cur = await conn.execute(
-            _Q["start_attempt"],
-            {"new_episode_id": None if existing else episode_id, "project_id": item.project_id,
-             "organization_id": item.organization_id, "sequence_number": request.episode_number,
-             "amount": amount, "date": day, "id": item.id, "attempt": item.attempt,
-             "worker": worker},
-        )
-        if await cur.fetchone() is None:
-            raise LeaseLost(item.id)
-        # Raises CostLimitReached: the episode row and the note above roll back with it.
-        await reserve_budget(conn, item, amount=amount, day=day, default_limit=default_limit)
+
+def _prepared(item: ClaimedItem, project: dict[str, Any] | None) -> Prepared:
+    """The request for ``item`` from its loaded context (raises ItemUnavailable when the
+    project is gone or inactive, InvalidItemError when its owner's zone is unknown)."""
+    if project is None:
+        raise ItemUnavailable("project deleted")
+    if project["status"] != "active":
+        raise ItemUnavailable(f"project {project['status']}")
+    try:
+        zone = zone_for(project["timezone"])
+    except CadenceError as exc:
+        raise InvalidItemError(f"project {item.project_id}: owner's {exc}") from None
+    existing = project["existing_episode"]
+    number = existing["sequence_number"] if existing else project["last_sequence_number"] + 1
     return Prepared(
-        request=request,
-        episode_id=episode_id,
+        request=build_request(item, project, zone, number),
+        episode_id=existing["id"] if existing else new_id("ep"),
         user_id=project["user_id"],
         cadence_config=project["cadence_config"],
         delivery_time=project["delivery_time"],
         timezone=project["timezone"],
     )
+
+
+def _context_params(project_id: str, episode_id: str | None) -> dict[str, Any]:
+    return {"project_id": project_id, "episode_id": episode_id, "max_notes": MAX_NOTES,
+            "max_memories": MAX_MEMORIES, "max_previous": MAX_PREVIOUS_EPISODES}
 
 
 async def load_generation_context(
@@ -124,11 +186,7 @@ async def load_generation_context(
     """The project, its owner's zone, pending notes, memories and recent episodes (one round
     trip), inside the caller's as-org transaction; None when the project does not exist.
     Shared by the worker and ``mf-worker generate``, so a preview sees what a worker sees."""
-    cur = await conn.execute(
-        _Q["load_generation_context"],
-        {"project_id": project_id, "episode_id": episode_id, "max_notes": MAX_NOTES,
-         "max_memories": MAX_MEMORIES, "max_previous": MAX_PREVIOUS_EPISODES},
-    )
+    cur = await conn.execute(_Q["load_generation_context"], _context_params(project_id, episode_id))
     row: dict[str, Any] | None = await cur.fetchone()
     return row
 
@@ -184,72 +242,75 @@ async def cancel_item(conn: Connection, item: ClaimedItem, *, reason: str, worke
         )
 
 
-async def write_episode(
-    conn: Connection,
-    item: ClaimedItem,
-    prepared: Prepared,
-    result: GenerationResult,
-    *,
-    costs: Sequence[Decimal],
-    worker: str,
-    now: datetime,
-) -> datetime | None:
-    """The final write, all in one transaction; returns the next item's due time (or None).
+async def write_episodes(
+    conn: Connection, writes: Sequence[EpisodeWrite], *, worker: str
+) -> list[WriteOutcome]:
+    """The final writes of a batch, in one transaction and one round trip; per item, in order,
+    the next item's due time (None when the project has an open item already or its cadence is
+    now invalid) or LeaseLost when the claim is no longer ours (nothing written for it). A
+    database error raises for the whole batch, which then wrote nothing."""
+    cursors: dict[int, Any] = {}
+    async with conn.pipeline(), conn.transaction():
+        acting: str | None = None
+        for i in _org_order([w.item for w in writes]):
+            write = writes[i]
+            if write.item.organization_id != acting:
+                acting = write.item.organization_id
+                await act_for(conn, acting)
+            cursors[i] = await conn.execute(_Q["complete_episode"], _episode_params(write, worker))
+    outcomes: list[WriteOutcome] = []
+    for i, write in enumerate(writes):
+        row = await cursors[i].fetchone()
+        outcomes.append(row["next_due"] if row and row["held"] else LeaseLost(write.item.id))
+    return outcomes
 
-    The fenced completion goes first: it takes the item's row lock, so a reaper or another
-    worker cannot act on the item while the rest is written, and if the fence fails nothing
-    else is. Raises LeaseLost (and writes nothing) when the claim is no longer ours.
-    """
+
+def _episode_params(write: EpisodeWrite, worker: str) -> dict[str, Any]:
+    item, prepared, result = write.item, write.prepared, write.result
     org, project_id, episode_id = item.organization_id, item.project_id, prepared.episode_id
-    usages = result.usages
-    plan = _plan_following_item(item, prepared, now)
+    blocks, usages, memories = result.blocks, result.usages, result.new_memories
+    plan = _plan_following_item(item, prepared, write.now)
     summary = {
         "queue_item_id": item.id,
         "attempt": item.attempt,
         "sequence_number": prepared.request.episode_number,
-        "blocks": len(result.blocks),
+        "blocks": len(blocks),
         "tokens": sum(u.total_tokens for u in usages),
     }
-    # The fenced completion is first, so it takes the item's row lock before anything else is
-    # written; when it matched nothing the whole transaction is rolled back.
-    async with as_org(conn, org):
-        if not await queue.complete_item(conn, item, worker=worker, episode_id=episode_id):
-            raise LeaseLost(item.id)
-        await conn.execute(
-            _Q["write_episode"],
-            {
-                "episode_id": episode_id,
-                "title": result.title,
-                "organization_id": org,
-                "project_id": project_id,
-                "user_id": prepared.user_id,
-                "block_ids": [new_id("blk") for _ in result.blocks],
-                "contents": [b.content for b in result.blocks],
-                "positions": list(range(len(result.blocks))),
-                "reasonings": [b.reasoning for b in result.blocks],
-                "confidences": [b.confidence for b in result.blocks],
-                "usage_ids": [new_id("tok") for _ in usages],
-                "models": [u.model for u in usages],
-                "prompt_tokens": [u.prompt_tokens for u in usages],
-                "completion_tokens": [u.completion_tokens for u in usages],
-                "costs": list(costs),
-                "note_ids": list(result.incorporated_note_ids),
-                "memory_ids": [new_id("mem") for _ in result.new_memories],
-                "memory_contents": [m.content for m in result.new_memories],
-                "memory_types": [m.memory_type for m in result.new_memories],
-                "importances": [m.importance for m in result.new_memories],
-                "audit_id": new_id("aud"),
-                "summary": json.dumps(summary),
-                "event_id": new_id("evt"),
-                "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
-                                     "sequence_number": prepared.request.episode_number}),
-            },
-        )
-        if plan is None:
-            return None
-        assert project_id is not None
-        return await insert_next_item(conn, project_id=project_id, organization_id=org,
-                                      plan=plan)
+    return {
+        "id": item.id,
+        "attempt": item.attempt,
+        "worker": worker,
+        "episode_id": episode_id,
+        "title": result.title,
+        "organization_id": org,
+        "project_id": project_id,
+        "user_id": prepared.user_id,
+        "blocks": Jsonb([
+            {"id": new_id("blk"), "content": b.content, "position": position,
+             "reasoning": b.reasoning, "confidence": b.confidence}
+            for position, b in enumerate(blocks)
+        ]),
+        "usages": Jsonb([
+            {"id": new_id("tok"), "model": u.model, "prompt_tokens": u.prompt_tokens,
+             "completion_tokens": u.completion_tokens, "cost_gbp": str(cost)}
+            for u, cost in zip(usages, write.costs, strict=True)
+        ]),
+        "note_ids": Jsonb(list(result.incorporated_note_ids)),
+        "memories": Jsonb([
+            {"id": new_id("mem"), "content": m.content, "memory_type": m.memory_type,
+             "importance": m.importance}
+            for m in memories
+        ]),
+        "audit_id": new_id("aud"),
+        "summary": json.dumps(summary),
+        "event_id": new_id("evt"),
+        "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
+                             "sequence_number": prepared.request.episode_number}),
+        "next_id": new_id("queue"),
+        "next_scheduled_for": plan.scheduled_for if plan else None,
+        "next_metadata": Jsonb(plan.metadata if plan else None),
+    }
 
 
 def _plan_following_item(
@@ -303,9 +364,7 @@ async def record_lost_attempts(conn: Connection, reaped: list[queue.ReapedItem])
     for item in reaped:
         if item.episode_id is None:
             continue
-        await conn.execute(
-            "SELECT set_config('app.current_org_id', %s, true)", [item.organization_id]
-        )
+        await act_for(conn, item.organization_id)
         await conn.execute(
             _Q["record_episode_error"],
             {"episode_id": item.episode_id, "error": f"attempt {item.attempt}: {item.error}",

@@ -35,25 +35,6 @@ FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.id = %(project_id)s;
 
--- name: start_attempt
--- Fenced: note the cost reserved for this attempt on the item (its row lock comes before the
--- aggregate's, as in the final write) and, at the first attempt, create the episode (status
--- generating) so its generation_attempts and generation_errors keep the history across
--- retries. No row back: the item is no longer ours.
-WITH created AS (
-    INSERT INTO episodes (id, project_id, organization_id, sequence_number, status)
-    SELECT %(new_episode_id)s, %(project_id)s, %(organization_id)s, %(sequence_number)s,
-           'generating'
-    WHERE %(new_episode_id)s::text IS NOT NULL
-)
-UPDATE episode_schedule_queue
-SET episode_id        = coalesce(%(new_episode_id)s, episode_id),
-    reserved_cost_gbp = %(amount)s,
-    reserved_on       = %(date)s
-WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
-  AND locked_by = %(worker)s
-RETURNING id;
-
 -- name: record_episode_error
 -- A failed generator call: count it and keep its error; 'failed' when the item gives up.
 UPDATE episodes
@@ -62,52 +43,87 @@ SET generation_attempts = generation_attempts + 1,
     status              = CASE WHEN %(final)s THEN 'failed' ELSE status END
 WHERE id = %(episode_id)s AND status = 'generating';
 
--- name: write_episode
--- Everything the generation produced, in one statement (data-modifying CTEs all run, whether
--- referenced or not): the episode ready, its blocks, the token usage (the daily aggregate
--- follows by trigger), the incorporated planning notes (only those still pending for this
--- project), new memories, the audit row and the user event. The caller has already sent the
--- fenced completion in the same transaction and rolls everything back if it did not match.
-WITH episode AS (
+-- name: complete_episode
+-- The final write of one item, in one statement so that a batch of items pipelines in one
+-- transaction (lists arrive as JSON: one parameter each, cheap to send and to unpack): the fenced completion first (it takes the item's row lock; the reservation
+-- trigger settles the budget), then — only if the fence held, because every other part reads
+-- from `fence` — the episode ready, its blocks, the token usage (the daily aggregate follows by
+-- trigger), the incorporated planning notes (only those still pending for this project), new
+-- memories, the audit row, the user event, and the project's next item with its cache. The
+-- next item selects FROM fence, so the completed row has left the open-item index before the
+-- insert checks it. `held` 0 means the claim is no longer ours and nothing was written.
+WITH fence AS (
+    UPDATE episode_schedule_queue
+    SET status           = 'completed',
+        completed_at     = now(),
+        episode_id       = %(episode_id)s,
+        locked_by        = NULL,
+        lease_expires_at = NULL,
+        last_error       = NULL
+    WHERE id = %(id)s
+      AND attempt_count = %(attempt)s
+      AND status = 'processing'
+      AND locked_by = %(worker)s
+    RETURNING id
+), episode AS (
     UPDATE episodes
     SET status = 'ready', title = %(title)s, generation_attempts = generation_attempts + 1
-    WHERE id = %(episode_id)s
-    RETURNING id
+    FROM fence
+    WHERE episodes.id = %(episode_id)s
 ), new_blocks AS (
     INSERT INTO blocks (id, episode_id, organization_id, content, position, reasoning,
                         confidence)
     SELECT b.id, %(episode_id)s, %(organization_id)s, b.content, b.position, b.reasoning,
            b.confidence
-    FROM unnest(%(block_ids)s::text[], %(contents)s::text[], %(positions)s::int[],
-                %(reasonings)s::text[], %(confidences)s::float8[])
-         AS b(id, content, position, reasoning, confidence)
+    FROM fence,
+         jsonb_to_recordset(%(blocks)s::jsonb)
+         AS b(id text, content text, position int, reasoning text, confidence float8)
 ), usage AS (
     INSERT INTO token_usage (id, organization_id, project_id, episode_id, operation, model,
                              prompt_tokens, completion_tokens, cost_gbp)
     SELECT u.id, %(organization_id)s, %(project_id)s, %(episode_id)s, 'episode_generation',
            u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp
-    FROM unnest(%(usage_ids)s::text[], %(models)s::text[], %(prompt_tokens)s::bigint[],
-                %(completion_tokens)s::bigint[], %(costs)s::numeric[])
-         AS u(id, model, prompt_tokens, completion_tokens, cost_gbp)
+    FROM fence,
+         jsonb_to_recordset(%(usages)s::jsonb)
+         AS u(id text, model text, prompt_tokens bigint, completion_tokens bigint,
+              cost_gbp numeric)
 ), notes AS (
     UPDATE planning_notes
     SET status = 'incorporated', processed_at = now(), episode_id = %(episode_id)s
-    WHERE project_id = %(project_id)s AND status = 'pending'
-      AND id = ANY(%(note_ids)s::text[])
+    FROM fence
+    WHERE planning_notes.project_id = %(project_id)s AND planning_notes.status = 'pending'
+      AND planning_notes.id IN (SELECT jsonb_array_elements_text(%(note_ids)s::jsonb))
 ), memories AS (
     INSERT INTO agent_memory (id, project_id, organization_id, content, memory_type,
                               importance)
     SELECT m.id, %(project_id)s, %(organization_id)s, m.content, m.memory_type, m.importance
-    FROM unnest(%(memory_ids)s::text[], %(memory_contents)s::text[],
-                %(memory_types)s::text[], %(importances)s::float8[])
-         AS m(id, content, memory_type, importance)
+    FROM fence,
+         jsonb_to_recordset(%(memories)s::jsonb)
+         AS m(id text, content text, memory_type text, importance float8)
 ), audit AS (
     INSERT INTO audit_log (id, user_id, organization_id, action, resource_id, new_value)
-    VALUES (%(audit_id)s, NULL, %(organization_id)s, 'episode.generate', %(episode_id)s,
-            %(summary)s)
+    SELECT %(audit_id)s, NULL, %(organization_id)s, 'episode.generate', %(episode_id)s,
+           %(summary)s
+    FROM fence
 ), event AS (
     INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
-    VALUES (%(event_id)s, %(user_id)s, %(organization_id)s, 'episode_generated', %(event_data)s)
+    SELECT %(event_id)s, %(user_id)s, %(organization_id)s, 'episode_generated', %(event_data)s
+    FROM fence
+), next_item AS (
+    -- NULL when the project's cadence or zone is now invalid (the scheduler reports that).
+    INSERT INTO episode_schedule_queue
+        (id, project_id, organization_id, scheduled_for, run_after, metadata)
+    SELECT %(next_id)s, %(project_id)s, %(organization_id)s, %(next_scheduled_for)s,
+           %(next_scheduled_for)s, %(next_metadata)s
+    FROM fence
+    WHERE %(next_scheduled_for)s::timestamptz IS NOT NULL
+    ON CONFLICT (project_id) WHERE status IN ('pending', 'processing', 'blocked') DO NOTHING
+    RETURNING project_id, scheduled_for
+), cached AS (
+    UPDATE projects p SET next_scheduled_at = next_item.scheduled_for
+    FROM next_item
+    WHERE p.id = next_item.project_id
+      AND p.next_scheduled_at IS DISTINCT FROM next_item.scheduled_for
 )
-SELECT count(*) AS episodes FROM episode;
-
+SELECT (SELECT count(*) FROM fence) AS held,
+       (SELECT scheduled_for FROM next_item) AS next_due;

@@ -2,8 +2,10 @@
 
 One claim loop fills up to ``concurrency`` slots with batched claims and sleeps until a
 notification, a freed slot, the next due time or the poll interval. Each claimed item runs as
-its own task: prepare (one transaction) → generate (no connection, no lock, no transaction) →
-validate → write the outcome (one transaction, fenced). The heartbeat keeps the leases of the
+its own task: prepare → generate (no connection, no lock, no transaction) → validate → write
+the outcome (fenced). Prepares and successful writes go through a :class:`Batcher` each, so
+items that reach the step together share one transaction (group commit); failures, cancels
+and cost blocks are rare and are written one by one. The heartbeat keeps the leases of the
 items in flight; when one is lost, the generation is abandoned because its write would be
 refused anyway.
 """
@@ -46,13 +48,17 @@ from ..logs import bind_item, get_logger
 from ..queue import ClaimedItem
 from ..settings import Settings
 from .backoff import retry_delay
+from .batching import Batcher
 from .episodes import (
+    EpisodeWrite,
     ItemUnavailable,
     LeaseLost,
     Prepared,
+    PrepareOutcome,
+    WriteOutcome,
     cancel_item,
-    prepare_generation,
-    write_episode,
+    prepare_generations,
+    write_episodes,
     write_failure,
 )
 
@@ -62,6 +68,12 @@ T = TypeVar("T")
 # deadlock or serialisation failure (psycopg files those under OperationalError too).
 TRANSIENT_DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
 MAX_ERROR_CHARS = 2000
+# Most items one prepare or final-write transaction takes: bounds how long a batch holds its
+# row locks, and what one failing item costs (a failed batch is retried item by item).
+MAX_BATCH = 64
+# A claim takes at most half the slots: items claimed together move through prepare and
+# write together, and two such waves keep the database busy while Python works on the other.
+CLAIM_SHARE = 2
 
 
 class Outcome(enum.StrEnum):
@@ -151,6 +163,13 @@ class Worker:
         self.tick_listeners: list[Callable[[int], None]] = []
         self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
         self.wake = asyncio.Event()
+        self._claim_chunk = max(1, -(-settings.concurrency // CLAIM_SHARE))
+        self._prepares: Batcher[ClaimedItem, Prepared] = Batcher(
+            self._prepare_batch, max_batch=MAX_BATCH,
+            shared_errors=TRANSIENT_DB_ERRORS)
+        self._writes: Batcher[EpisodeWrite, datetime | None] = Batcher(
+            self._write_batch, max_batch=MAX_BATCH,
+            shared_errors=TRANSIENT_DB_ERRORS)
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._log = get_logger("mf_worker.worker")
@@ -169,8 +188,9 @@ class Worker:
                 await self._wait({self._slot_freed}, self.settings.poll_interval)
                 continue
             self.wake.clear()
+            wanted = min(free, self._claim_chunk)
             try:
-                items = await self._claim(free)
+                items = await self._claim(wanted)
                 failures = 0
             except TRANSIENT_DB_ERRORS as exc:
                 failures += 1
@@ -180,7 +200,7 @@ class Worker:
                 continue
             for item in items:
                 self._start(item)
-            if len(items) < free:
+            if len(items) < wanted:
                 if burst and not items:
                     if not self.in_flight:
                         return
@@ -284,13 +304,8 @@ class Worker:
 
     async def _process(self, entry: InFlight, report: AttemptReport) -> None:
         item = entry.item
-        now = self.clock()
         try:
-            prepared = await self._db(partial(
-                prepare_generation, item=item, worker=self.worker_id, now=now,
-                worst_case=partial(self.budget.worst_case, self.generator),
-                default_limit=self.budget.default_limit,
-            ))
+            prepared = await self._prepares.submit(item)
         except CostLimitReached as exc:
             await self._trip(item, exc, report)
             return
@@ -317,9 +332,19 @@ class Worker:
             return
         assert result is not None
         costs = tuple(self.budget.prices.cost(u) for u in result.usages)
-        await self._db(partial(write_episode, item=item, prepared=prepared, result=result,
-                               costs=costs, worker=self.worker_id, now=self.clock()))
+        await self._writes.submit(EpisodeWrite(item=item, prepared=prepared, result=result,
+                                               costs=costs, now=self.clock()))
         report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
+
+    async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:
+        return await self._db(partial(
+            prepare_generations, items=items, worker=self.worker_id, now=self.clock(),
+            worst_case=partial(self.budget.worst_case, self.generator),
+            default_limit=self.budget.default_limit,
+        ))
+
+    async def _write_batch(self, writes: list[EpisodeWrite]) -> list[WriteOutcome]:
+        return await self._db(partial(write_episodes, writes=writes, worker=self.worker_id))
 
     async def _generate(
         self, prepared: Prepared

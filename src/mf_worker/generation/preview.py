@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from ..db import Connection
+from ..db import Connection, act_for
 from ..db.sql import load_queries
 from ..engine import episodes
 from ..errors import InvalidItemError, MfWorkerError
@@ -71,7 +71,7 @@ async def build_preview_request(
         if found is None:
             raise MfWorkerError(f"no project {project_id!r}")
         org = found["organization_id"]
-        await conn.execute("SELECT set_config('app.current_org_id', %s, true)", [org])
+        await act_for(conn, org)
         project = await episodes.load_generation_context(conn, project_id, None)
         cur = await conn.execute(_Q["open_item"], {"project_id": project_id})
         item_row = await cur.fetchone()
