@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -365,3 +366,48 @@ def test_listener_reconnects_after_its_connection_is_killed_and_still_wakes(
         return listener.reconnects
 
     assert asyncio.run(scenario()) >= 2
+
+
+# -- group commit: one bad item in a batch ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("step", "poison"),
+    [
+        # The episode row is created by the prepare transaction ...
+        ("prepare", "CHECK (project_id <> '{project}')"),
+        # ... and set ready by the final write.
+        ("final write", "CHECK (status <> 'ready' OR project_id <> '{project}')"),
+    ],
+)
+def test_an_item_the_database_refuses_fails_alone_and_its_batch_mates_complete(
+    db_url: str, db: Conn, captured_logs: io.StringIO, step: str, poison: str
+) -> None:
+    """Items of several organisations go through one transaction; when the database refuses
+    one item's rows, the batch is retried item by item, the others complete, and the refused
+    item is left to the reaper with nothing written for it."""
+    tenants = [make_tenant(db) for _ in range(4)]
+    items = [make_queue_item(db, t["project"], scheduled_for=NOW - timedelta(minutes=1))
+             for t in tenants]
+    bad = tenants[2]["project"]["id"]
+    db.execute(f"ALTER TABLE episodes ADD CONSTRAINT test_poison {poison.format(project=bad)}")
+
+    reports = run_burst(db_url, concurrency=8, lease_seconds=30)
+
+    outcome = {r.item.id: r.outcome for r in reports}
+    assert outcome == {i["id"]: Outcome.LEASE_LOST if i is items[2] else Outcome.SUCCESS
+                       for i in items}
+    logged = [json.loads(line) for line in captured_logs.getvalue().splitlines()]
+    splits = [e for e in logged if e["event"] == "batch_split"]
+    assert splits and splits[0]["batch"] == step and splits[0]["size"] >= 2, splits
+    assert "test_poison" in splits[0]["error"]
+    assert any(e["event"] == "item_crashed" and "test_poison" in e["error"] for e in logged)
+    for item in items:
+        state = item_state(db, item["id"])
+        if item is items[2]:  # still held: the reaper returns it when the lease expires
+            assert state["status"] == "processing"
+            written = db.execute("SELECT count(*) AS n FROM episodes WHERE project_id = %s"
+                                 " AND status = 'ready'", [bad]).fetchone()
+            assert written == {"n": 0}
+        else:
+            assert state["status"] == "completed"

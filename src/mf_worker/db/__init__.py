@@ -55,6 +55,10 @@ async def open_pool(settings: Settings, *, max_size: int | None = None) -> Pool:
         min_size=min(2, size),
         max_size=size,
         kwargs={
+            # Pooled connections prepare from the first execution (psycopg's default waits for
+            # the fifth): the pool hands its connections out in turn, so each of them planned
+            # the engine's statements afresh four times first and short runs seldom had a plan.
+            "prepare_threshold": 0,
             **connection_kwargs(settings),
             "application_name": f"mf-worker {settings.worker_id}"[:63],
         },
@@ -77,7 +81,8 @@ async def as_org(conn: Connection, organization_id: str) -> AsyncIterator[Connec
     await conn.execute(
         pgsql.SQL("BEGIN; SELECT set_config('app.current_org_id', {}, true)").format(
             pgsql.Literal(organization_id)
-        )
+        ),
+        prepare=False,  # two statements: never a prepared statement
     )
     try:
         yield conn

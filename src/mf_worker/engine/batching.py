@@ -3,9 +3,9 @@
 Each item runs as its own task, but a transaction per item costs a commit (a WAL flush) and
 several round trips, and that — not the database's real work — bounded the worker's
 throughput. A :class:`Batcher` lets every task submit its own value and await its own outcome,
-while one flush at a time sends whatever has gathered as one batch. Nothing waits on a timer:
-values that arrive while a flush runs form the next batch, so a lone item goes at once and a
-busy worker batches by itself.
+while up to ``max_flushes`` flushes at a time send whatever has gathered as one batch each.
+Nothing waits on a timer: values that arrive while the flushes run form the next batch, so a
+lone item goes at once and a busy worker batches by itself.
 
 A flush returns one outcome per value, an exception being the outcome of that value alone. If
 the flush itself raises, the batch is split: each value is flushed on its own, so one bad item
@@ -20,6 +20,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from ..errors import describe_error
+from ..logs import get_logger
+
 V = TypeVar("V")
 R = TypeVar("R")
 
@@ -27,28 +30,33 @@ Flush = Callable[[list[V]], Awaitable[Sequence[R | BaseException]]]
 
 
 class Batcher(Generic[V, R]):
-    """Submit values one by one; they are flushed in batches of up to ``max_batch``."""
+    """Submit values one by one; they are flushed in batches of up to ``max_batch``, by at
+    most ``max_flushes`` flushes at a time."""
 
     def __init__(
         self,
         flush: Flush[V, R],
         *,
+        name: str,
         max_batch: int,
+        max_flushes: int = 1,
         shared_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._flush = flush
+        self._name = name
         self._max_batch = max_batch
+        self._max_flushes = max_flushes
         self._shared_errors = shared_errors
         self._waiting: list[tuple[V, asyncio.Future[R]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()  # running, strongly referenced
 
     async def submit(self, value: V) -> R:
         """Queue ``value`` for the next flush and return its outcome (raise its exception).
         Cancelling the caller before the flush takes the value withdraws it."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((value, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._drain(), name="batch flusher")
+        if len(self._flushers) < self._max_flushes:
+            self._flushers.add(asyncio.create_task(self._drain(), name="batch flusher"))
         return await future
 
     async def _drain(self) -> None:
@@ -61,8 +69,10 @@ class Batcher(Generic[V, R]):
                     await self._flush_batch(batch)
         finally:
             # In the same step as the last look at _waiting (a done callback would run a loop
-            # iteration later): a value submitted after it always finds no flusher, starts one.
-            self._flusher = None
+            # iteration later): a value submitted after it always finds room for a flusher.
+            task = asyncio.current_task()
+            assert task is not None
+            self._flushers.discard(task)
 
     async def _flush_batch(self, batch: list[tuple[V, asyncio.Future[R]]]) -> None:
         values = [v for v, _ in batch]
@@ -77,6 +87,9 @@ class Batcher(Generic[V, R]):
             if len(batch) == 1 or isinstance(exc, self._shared_errors):
                 outcomes = [exc] * len(batch)
             else:
+                get_logger("mf_worker.batching").warning(
+                    "batch_split", batch=self._name, size=len(batch), error=describe_error(exc)
+                )
                 for pair in batch:  # split: each value stands or falls alone
                     await self._flush_batch([pair])
                 return

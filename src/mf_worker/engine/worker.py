@@ -70,10 +70,16 @@ TRANSIENT_DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
 MAX_ERROR_CHARS = 2000
 # Most items one prepare or final-write transaction takes: bounds how long a batch holds its
 # row locks, and what one failing item costs (a failed batch is retried item by item).
-MAX_BATCH = 64
-# A claim takes at most half the slots: items claimed together move through prepare and
-# write together, and two such waves keep the database busy while Python works on the other.
+MAX_BATCH = 32
+# Transactions of each kind in flight at once: while one waits for PostgreSQL, the next batch
+# gathers and goes on another connection (two cores' worth of database work; more did not
+# help on two cores).
+FLUSHES = 2
+# A claim takes at most half the free slots, and at most MAX_CLAIM items: items claimed
+# together move through prepare and write together, so two or more waves keep the database
+# busy while Python works on another, and a wave's transactions stay short (item latency).
 CLAIM_SHARE = 2
+MAX_CLAIM = 16
 
 
 class Outcome(enum.StrEnum):
@@ -163,12 +169,12 @@ class Worker:
         self.tick_listeners: list[Callable[[int], None]] = []
         self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
         self.wake = asyncio.Event()
-        self._claim_chunk = max(1, -(-settings.concurrency // CLAIM_SHARE))
+        self._claim_chunk = min(MAX_CLAIM, max(1, -(-settings.concurrency // CLAIM_SHARE)))
         self._prepares: Batcher[ClaimedItem, Prepared] = Batcher(
-            self._prepare_batch, max_batch=MAX_BATCH,
+            self._prepare_batch, name="prepare", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             shared_errors=TRANSIENT_DB_ERRORS)
         self._writes: Batcher[EpisodeWrite, datetime | None] = Batcher(
-            self._write_batch, max_batch=MAX_BATCH,
+            self._write_batch, name="final write", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             shared_errors=TRANSIENT_DB_ERRORS)
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
