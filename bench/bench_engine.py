@@ -300,9 +300,35 @@ def section_queue(url: str, items: int, runs: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def _serve_burst(url: str, concurrency: int, generator: Any) -> tuple[float, float]:
-    """Wall seconds of ``serve(burst=True)``, and the median seconds each successful item spent
-    outside its generator (prepare + write transactions, including waits for a connection)."""
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine have been busy (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - fields[3] - fields[4]) / ticks  # all but idle and iowait
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclasses.dataclass
+class BurstRun:
+    """One ``serve(burst=True)``: wall seconds, the median seconds a successful item spent
+    outside its generator, and the CPU the worker process and the rest of the machine (the
+    database, mostly) spent meanwhile."""
+
+    seconds: float
+    item_outside: float
+    worker_cpu: float
+    other_cpu: float | None
+
+
+async def _serve_burst(url: str, concurrency: int, generator: Any) -> BurstRun:
     settings = _settings(url, concurrency=concurrency, poll_interval=1.0)
     outside: list[float] = []
 
@@ -311,10 +337,15 @@ async def _serve_burst(url: str, concurrency: int, generator: Any) -> tuple[floa
             outside.append(report.item_seconds - (report.generation_seconds or 0.0))
 
     components = await build(settings, generator=generator, observers=[observer], scheduler=False)
+    busy, own = _machine_busy_seconds(), _own_cpu_seconds()
     started = time.perf_counter()
     await serve(components, burst=True, install_signals=False)
     elapsed = time.perf_counter() - started
-    return elapsed, statistics.median(outside) if outside else math.nan
+    worker_cpu = _own_cpu_seconds() - own
+    busy_after = _machine_busy_seconds()
+    other = None if busy is None or busy_after is None else busy_after - busy - worker_cpu
+    return BurstRun(elapsed, statistics.median(outside) if outside else math.nan,
+                    worker_cpu, other)
 
 
 def section_pipeline(url: str, items: int, runs: int) -> None:
@@ -325,20 +356,21 @@ def section_pipeline(url: str, items: int, runs: int) -> None:
     )
     rows = []
     for concurrency in PIPELINE_CONCURRENCY:
-        rates, outside = [], []
+        rates, outside, worker_ms, other_ms = [], [], [], []
         for _ in range(runs):
             reset_and_seed(url, projects=items, items=items, notes=True)
-            elapsed, item_outside = asyncio.run(
-                _serve_burst(url, concurrency, load_generator("template"))
-            )
-            outside.append(item_outside * 1000)
+            run = asyncio.run(_serve_burst(url, concurrency, load_generator("template")))
+            outside.append(run.item_outside * 1000)
             completed = count_seeded(url, "completed")
             if completed != items:
                 print(
                     f"WARNING: concurrency {concurrency}: only {completed:,} of {items:,}"
                     " items completed"
                 )
-            rates.append(completed / elapsed)
+            rates.append(completed / run.seconds)
+            worker_ms.append(run.worker_cpu / max(completed, 1) * 1000)
+            if run.other_cpu is not None:
+                other_ms.append(run.other_cpu / max(completed, 1) * 1000)
         median = statistics.median(rates)
         rows.append(
             [
@@ -347,13 +379,23 @@ def section_pipeline(url: str, items: int, runs: int) -> None:
                 f"≥ {PIPELINE_TARGET:,.0f}",
                 _verdict(median >= PIPELINE_TARGET),
                 f"{statistics.median(outside):.1f}",
+                f"{statistics.median(worker_ms):.2f}",
+                f"{statistics.median(other_ms):.2f}" if other_ms else "n/a",
                 _runs(rates),
             ]
         )
-    _table(["config", "episodes/s", "target", "", "item ms", "runs"], rows, right={1, 4})
+    _table(
+        ["config", "episodes/s", "target", "", "item ms", "worker CPU ms", "other CPU ms",
+         "runs"],
+        rows,
+        right={1, 4, 5, 6},
+    )
     print(
         "item ms: median time one item spends in the worker (prepare + write transactions,"
         " waits for a pooled connection; the template generator itself takes ~0)\n"
+        "worker / other CPU ms: CPU per episode of the worker process, and of everything else"
+        " on the machine meanwhile (PostgreSQL, mostly). Their sum over the cores is the"
+        " ceiling: 2 cores ÷ (worker + other) episodes/s at best\n"
     )
 
 
@@ -508,14 +550,12 @@ def run_level(url: str, concurrency: int, runs: int) -> dict[str, Any]:
     rates, incomplete, outside = [], [], []
     for _ in range(runs):
         reset_and_seed(url, projects=items, items=items, notes=True)
-        elapsed, item_outside = asyncio.run(
-            _serve_burst(url, concurrency, SleepingTemplateGenerator())
-        )
-        outside.append(item_outside)
+        run = asyncio.run(_serve_burst(url, concurrency, SleepingTemplateGenerator()))
+        outside.append(run.item_outside)
         completed = count_seeded(url, "completed")
         if completed != items:
             incomplete.append(completed)
-        rates.append(completed / elapsed)
+        rates.append(completed / run.seconds)
     return {
         "concurrency": concurrency,
         "items": items,

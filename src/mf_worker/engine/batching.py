@@ -49,6 +49,7 @@ class Batcher(Generic[V, R]):
         self._shared_errors = shared_errors
         self._waiting: list[tuple[V, asyncio.Future[R]]] = []
         self._flushers: set[asyncio.Task[None]] = set()  # running, strongly referenced
+        self._busy = 0  # flushers inside a flush (the others are about to take a batch)
 
     async def submit(self, value: V) -> R:
         """Queue ``value`` for the next flush and return its outcome (raise its exception).
@@ -62,11 +63,19 @@ class Batcher(Generic[V, R]):
     async def _drain(self) -> None:
         try:
             while self._waiting:
-                taken = self._waiting[: self._max_batch]
-                del self._waiting[: self._max_batch]
+                # Share what waits with the other flushers that are about to take (at least
+                # this one): a wave of items goes out on several connections at once.
+                takers = len(self._flushers) - self._busy
+                size = min(self._max_batch, -(-len(self._waiting) // max(1, takers)))
+                taken = self._waiting[:size]
+                del self._waiting[:size]
                 batch = [(v, f) for v, f in taken if not f.done()]  # done: withdrawn
                 if batch:
-                    await self._flush_batch(batch)
+                    self._busy += 1
+                    try:
+                        await self._flush_batch(batch)
+                    finally:
+                        self._busy -= 1
         finally:
             # In the same step as the last look at _waiting (a done callback would run a loop
             # iteration later): a value submitted after it always finds room for a flusher.

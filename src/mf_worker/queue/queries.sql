@@ -1,6 +1,8 @@
 -- The queue's own state machine (mf_worker.queue.store). Every transition out of 'processing'
 -- is fenced: it only matches the row while this worker still holds this attempt, so a worker
 -- that lost its lease (crashed, frozen, partitioned) can never overwrite a newer attempt.
+-- A generation's completion is fenced the same way inside its final write (complete_episode in
+-- engine/episodes.sql), so that the episode and the completion are one statement.
 --
 --   pending ──claim──▶ processing ──complete──▶ completed
 --      ▲                 │  │ └──fail────────▶ failed
@@ -61,8 +63,8 @@ WHERE q.id = held.id
 RETURNING q.id;
 
 -- name: complete_items
--- Fenced completion of a batch (the queue machinery alone; the full pipeline completes inside
--- the episode's own transaction with complete_item below).
+-- Fenced completion of a batch (the queue machinery alone; the full pipeline completes each
+-- item inside its final write: complete_episode in engine/episodes.sql).
 UPDATE episode_schedule_queue AS q
 SET status           = 'completed',
     completed_at     = coalesce(%(now)s, now()),
@@ -75,20 +77,6 @@ WHERE q.id = done.id
   AND q.status = 'processing'
   AND q.locked_by = %(worker)s
 RETURNING q.id;
-
--- name: complete_item
-UPDATE episode_schedule_queue
-SET status           = 'completed',
-    completed_at     = coalesce(%(now)s, now()),
-    episode_id       = %(episode_id)s,
-    locked_by        = NULL,
-    lease_expires_at = NULL,
-    last_error       = NULL
-WHERE id = %(id)s
-  AND attempt_count = %(attempt)s
-  AND status = 'processing'
-  AND locked_by = %(worker)s
-RETURNING id;
 
 -- name: retry_item
 -- A retryable failure: back to pending, claimable again after the backoff.

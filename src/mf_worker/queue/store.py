@@ -127,16 +127,6 @@ async def _fenced(conn: Connection, query: str, params: dict[str, Any]) -> bool:
     return await cur.fetchone() is not None
 
 
-async def complete_item(
-    conn: Connection, item: ClaimedItem, *, worker: str, episode_id: str,
-    now: datetime | None = None,
-) -> bool:
-    """Mark one item completed with its episode; False if the fence no longer holds."""
-    return await _fenced(
-        conn, "complete_item", {**_fence(item, worker, now), "episode_id": episode_id}
-    )
-
-
 async def retry_item(
     conn: Connection, item: ClaimedItem, *, worker: str, delay_seconds: float, error: str,
     now: datetime | None = None,
