@@ -14,6 +14,9 @@ Title prefixes:
   ``invalid:KIND``  an invalid result of KIND (see ``INVALID``)
   ``costly:S``      sleep S seconds, then report gpt-4o usage costing exactly £0.50
   ``wedge:S``       block the whole event loop for S seconds (a plugin calling sync I/O)
+  ``together:N``    wait until N ``together`` generations are running in this process, then
+                    all return the template episode at once (items that reach the final
+                    write in one wave, as a busy worker's do)
   anything else     the template episode at once
 """
 
@@ -61,10 +64,25 @@ INVALID: dict[str, Callable[[GenerationResult], GenerationResult]] = {
 }
 
 
+_together: list[asyncio.Event] = []
+
+
+async def _wait_for_company(size: int) -> None:
+    arrived = asyncio.Event()
+    _together.append(arrived)
+    if len(_together) >= size:
+        for event in _together:
+            event.set()
+        _together.clear()
+    await asyncio.wait_for(arrived.wait(), timeout=30)
+
+
 async def scripted(request: GenerationRequest) -> GenerationResult:
     title = request.project.title
     kind, _, arg = title.partition(":")
-    if kind == "slow" or (kind == "slow-once" and request.attempt == 1):
+    if kind == "together":
+        await _wait_for_company(int(arg.split()[0]))
+    elif kind == "slow" or (kind == "slow-once" and request.attempt == 1):
         await asyncio.sleep(float(arg.split()[0]))
     elif kind == "flaky" and request.attempt <= int(arg.split()[0]):
         raise RetryableGenerationError(f"provider overloaded (attempt {request.attempt})")

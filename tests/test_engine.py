@@ -269,6 +269,34 @@ def test_cli_run_once_exit_codes_status_retry_and_cancel(db_url: str, db: Conn) 
     assert "no queue item" in cli("retry", "queue_nope", url=db_url).stderr
 
 
+def test_cancel_fails_a_started_episode_and_retry_reopens_it(db_url: str, db: Conn) -> None:
+    """`cancel` after an attempt started the episode fails it with the reason (it does not
+    stay 'generating'); `retry` makes it generating again, and the next attempt completes it
+    with its history intact."""
+    t = make_tenant(db, title="flaky:1")
+    item = make_queue_item(db, t["project"])
+    assert cli("run-once", url=db_url).returncode == 1  # attempt 1 fails, a retry is planned
+    episode_id = item_state(db, item["id"])["episode_id"]
+    assert one(db, "SELECT status FROM episodes WHERE id = %s", episode_id)["status"] == (
+        "generating")
+
+    assert cli("cancel", item["id"], "--reason", "wrong brief", url=db_url).returncode == 0
+    episode = one(db, "SELECT * FROM episodes WHERE id = %s", episode_id)
+    assert episode["status"] == "failed"
+    assert episode["generation_errors"][-1] == "cancelled: wrong brief"
+
+    db.execute("UPDATE projects SET title = 'fine now'")  # retry restarts the attempt count
+    assert cli("retry", item["id"], url=db_url).returncode == 0
+    assert one(db, "SELECT status FROM episodes WHERE id = %s", episode_id)["status"] == (
+        "generating")
+    ok = cli("run-once", "--id", item["id"], url=db_url)
+    assert ok.returncode == 0, ok.stderr
+    episode = one(db, "SELECT * FROM episodes WHERE id = %s", episode_id)
+    assert episode["status"] == "ready" and episode["generation_attempts"] == 2
+    assert len(episode["generation_errors"]) == 2  # attempt 1's error, then the cancel
+    assert item_state(db, item["id"])["episode_id"] == episode_id
+
+
 def test_cli_commands_without_database_need_no_url() -> None:
     env = {k: v for k, v in worker_env("x").items() if k not in ("MF_DATABASE_URL",)}
     for args in (["--help"], ["--version"], ["generators"], ["run", "--help"]):
@@ -386,7 +414,10 @@ def test_an_item_the_database_refuses_fails_alone_and_its_batch_mates_complete(
     """Items of several organisations go through one transaction; when the database refuses
     one item's rows, the batch is retried item by item, the others complete, and the refused
     item is left to the reaper with nothing written for it."""
-    tenants = [make_tenant(db) for _ in range(4)]
+    # One claim of four means one wave of prepares; for the final write, generations that
+    # end together make the writes arrive as one wave too, as they do under load.
+    title = "together:4" if step == "final write" else "prompt"
+    tenants = [make_tenant(db, title=title) for _ in range(4)]
     items = [make_queue_item(db, t["project"], scheduled_for=NOW - timedelta(minutes=1))
              for t in tenants]
     bad = tenants[2]["project"]["id"]

@@ -385,9 +385,9 @@ def retry(
 @app.command()
 def cancel(
     item_id: Annotated[str, typer.Argument(help="Queue item id (queue_…).")],
-    reason: Annotated[str, typer.Option("--reason", help="Recorded as last_error.")] = (
-        "cancelled by an operator"
-    ),
+    reason: Annotated[str, typer.Option(
+        "--reason", help="Recorded as last_error, and on the episode an attempt started."
+    )] = "cancelled by an operator",
     database_url: DatabaseUrl = None,
 ) -> None:
     """Cancel a pending, blocked or processing item (the project's next one follows)."""

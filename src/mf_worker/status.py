@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from .cost.budget import list_blocked_orgs
-from .db import Connection
+from .db import Connection, act_for
 from .db.sql import load_queries
 from .errors import MfWorkerError
 
@@ -110,23 +110,45 @@ def render_snapshot(snapshot: Snapshot) -> str:
 
 
 async def retry_queue_item(conn: Connection, item_id: str) -> None:
-    """Make a failed/cancelled/blocked item pending and due now, with fresh attempts."""
+    """Make a failed/cancelled/blocked item pending and due now, with fresh attempts; its
+    episode, if it failed with the item, is generating again."""
     try:
-        cur = await conn.execute(_Q["retry_item_now"], {"id": item_id})
+        async with conn.transaction():
+            cur = await conn.execute(_Q["retry_item_now"], {"id": item_id})
+            row = await cur.fetchone()
+            if row is not None:
+                await _update_episode(conn, row, "reopen_retried_episode", {})
     except psycopg.errors.UniqueViolation:
         raise MfWorkerError(
             f"{item_id}: its project already has another open item; cancel that one first"
         ) from None
-    if await cur.fetchone() is None:
+    if row is None:
         raise MfWorkerError(await _why_not(conn, item_id, "retried"))
 
 
 async def cancel_queue_item(conn: Connection, item_id: str, reason: str) -> None:
     """Cancel a pending, blocked or processing item (a running generation's write is fenced
-    out). The scheduler plans the project's following occurrence on its next pass."""
-    cur = await conn.execute(_Q["cancel_item_now"], {"id": item_id, "reason": reason})
-    if await cur.fetchone() is None:
+    out) and fail the episode an attempt had started. The scheduler plans the project's
+    following occurrence on its next pass."""
+    async with conn.transaction():
+        cur = await conn.execute(_Q["cancel_item_now"], {"id": item_id, "reason": reason})
+        row = await cur.fetchone()
+        if row is not None:
+            await _update_episode(conn, row, "fail_cancelled_episode",
+                                  {"error": f"cancelled: {reason}"})
+    if row is None:
         raise MfWorkerError(await _why_not(conn, item_id, "cancelled"))
+
+
+async def _update_episode(
+    conn: Connection, item: dict[str, Any], query: str, params: dict[str, Any]
+) -> None:
+    """Follow an operator's change of a queue item on its episode, acting for the item's
+    organisation (row-level security), inside the caller's transaction."""
+    if item["episode_id"] is None:
+        return
+    await act_for(conn, item["organization_id"])
+    await conn.execute(_Q[query], {"episode_id": item["episode_id"], **params})
 
 
 async def get_queue_item(conn: Connection, item_id: str) -> dict[str, Any] | None:

@@ -41,10 +41,23 @@ UPDATE episode_schedule_queue
 SET status = 'pending', run_after = now(), attempt_count = 0, last_error = NULL,
     completed_at = NULL
 WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'blocked', 'pending')
-RETURNING id, status;
+RETURNING id, status, organization_id, episode_id;
+
+-- name: reopen_retried_episode
+-- The retried item's episode (failed with it) is generating again, so the attempts to come
+-- add to its history. Runs acting for the item's organisation.
+UPDATE episodes SET status = 'generating'
+WHERE id = %(episode_id)s AND status = 'failed';
 
 -- name: cancel_item_now
 UPDATE episode_schedule_queue
 SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL
 WHERE id = %(id)s AND status IN ('pending', 'blocked', 'processing')
-RETURNING id;
+RETURNING id, organization_id, episode_id;
+
+-- name: fail_cancelled_episode
+-- An attempt had started the cancelled item's episode: it fails with the reason instead of
+-- staying 'generating' for ever. Runs acting for the item's organisation.
+UPDATE episodes
+SET status = 'failed', generation_errors = generation_errors || %(error)s::text
+WHERE id = %(episode_id)s AND status = 'generating';
