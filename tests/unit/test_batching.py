@@ -112,3 +112,24 @@ def test_a_cancelled_submitter_is_withdrawn_before_its_flush() -> None:
 
     assert asyncio.run(main()) == 1
     assert flushed == [[1]]
+
+
+@pytest.mark.parametrize(("min_share", "expected"), [(1, [[0, 1, 2], [3, 4, 5]]),
+                                                     (4, [[0, 1, 2, 3], [4, 5]])])
+def test_a_wave_is_shared_between_free_flushers_in_batches_of_at_least_min_share(
+    min_share: int, expected: list[list[int]]
+) -> None:
+    flushed: list[list[int]] = []
+
+    async def flush(values: list[int]) -> list[int | BaseException]:
+        flushed.append(values)
+        await asyncio.sleep(0.005)
+        return values
+
+    async def main() -> None:
+        batcher: Batcher[int, int] = Batcher(flush, name="t", max_batch=32, max_flushes=2,
+                                            min_share=min_share)
+        await asyncio.gather(*(batcher.submit(v) for v in range(6)))
+
+    asyncio.run(main())
+    assert flushed == expected

@@ -31,7 +31,8 @@ Flush = Callable[[list[V]], Awaitable[Sequence[R | BaseException]]]
 
 class Batcher(Generic[V, R]):
     """Submit values one by one; they are flushed in batches of up to ``max_batch``, by at
-    most ``max_flushes`` flushes at a time."""
+    most ``max_flushes`` flushes at a time, which share a wave of waiting values in batches of
+    at least ``min_share``."""
 
     def __init__(
         self,
@@ -40,12 +41,14 @@ class Batcher(Generic[V, R]):
         name: str,
         max_batch: int,
         max_flushes: int = 1,
+        min_share: int = 1,
         shared_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._flush = flush
         self._name = name
         self._max_batch = max_batch
         self._max_flushes = max_flushes
+        self._min_share = min_share
         self._shared_errors = shared_errors
         self._waiting: list[tuple[V, asyncio.Future[R]]] = []
         self._flushers: set[asyncio.Task[None]] = set()  # running, strongly referenced
@@ -64,9 +67,11 @@ class Batcher(Generic[V, R]):
         try:
             while self._waiting:
                 # Share what waits with the other flushers that are about to take (at least
-                # this one): a wave of items goes out on several connections at once.
+                # this one): a wave of items goes out on several connections at once, in
+                # batches of at least min_share (each batch costs a transaction).
                 takers = len(self._flushers) - self._busy
-                size = min(self._max_batch, -(-len(self._waiting) // max(1, takers)))
+                share = max(self._min_share, -(-len(self._waiting) // max(1, takers)))
+                size = min(self._max_batch, share)
                 taken = self._waiting[:size]
                 del self._waiting[:size]
                 batch = [(v, f) for v, f in taken if not f.done()]  # done: withdrawn

@@ -75,6 +75,9 @@ MAX_BATCH = 32
 # gathers and goes on another connection (two cores' worth of database work; more did not
 # help on two cores).
 FLUSHES = 2
+# A wave of waiting items is split between the free flushers (lower latency), but not into
+# batches smaller than this (each batch costs a transaction: more CPU per item).
+MIN_SHARE = 4
 # A claim takes at most half the free slots, and at most MAX_CLAIM items: items claimed
 # together move through prepare and write together, so two or more waves keep the database
 # busy while Python works on another, and a wave's transactions stay short (item latency).
@@ -172,10 +175,10 @@ class Worker:
         self._claim_chunk = min(MAX_CLAIM, max(1, -(-settings.concurrency // CLAIM_SHARE)))
         self._prepares: Batcher[ClaimedItem, Prepared] = Batcher(
             self._prepare_batch, name="prepare", max_batch=MAX_BATCH, max_flushes=FLUSHES,
-            shared_errors=TRANSIENT_DB_ERRORS)
+            min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS)
         self._writes: Batcher[EpisodeWrite, datetime | None] = Batcher(
             self._write_batch, name="final write", max_batch=MAX_BATCH, max_flushes=FLUSHES,
-            shared_errors=TRANSIENT_DB_ERRORS)
+            min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS)
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._log = get_logger("mf_worker.worker")
