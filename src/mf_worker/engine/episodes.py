@@ -138,7 +138,9 @@ async def prepare_generations(
                 RESERVE_BUDGET,
                 reservation_params(
                     item, worker=worker, amount=amount, day=day, default_limit=default_limit,
-                    new_episode_id=None if item.episode_id else prepared.episode_id,
+                    # A fresh id unless an earlier attempt's episode row was found.
+                    new_episode_id=(None if prepared.episode_id == item.episode_id
+                                    else prepared.episode_id),
                     sequence_number=prepared.request.episode_number,
                 ),
             ))
