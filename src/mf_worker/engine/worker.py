@@ -78,7 +78,7 @@ FLUSHES = 2
 # A wave of waiting items is split between the free flushers (lower latency), but not into
 # batches smaller than this (each batch costs a transaction: more CPU per item).
 MIN_SHARE = 4
-# A claim takes at most half the free slots, and at most MAX_CLAIM items: items claimed
+# A claim takes at most half the concurrency, and at most MAX_CLAIM items: items claimed
 # together move through prepare and write together, so two or more waves keep the database
 # busy while Python works on another, and a wave's transactions stay short (item latency).
 CLAIM_SHARE = 2
