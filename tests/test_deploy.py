@@ -395,7 +395,9 @@ def test_a_wedged_claim_loop_stops_feeding_the_watchdog(
         listener.collect_until(
             lambda m: len(listener.states("WATCHDOG=1")) >= 2, 30, "keep-alives before the wedge"
         )
-        item = make_queue_item(db, make_tenant(db, title="wedge:6")["project"])
+        # One transaction, or the daemon's scheduler may give the project its own item first.
+        with db.transaction():
+            item = make_queue_item(db, make_tenant(db, title="wedge:6")["project"])
 
         def completed() -> bool:
             row = db.execute(

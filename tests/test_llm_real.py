@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -83,7 +82,10 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-             "--n_threads", str(max(1, min(4, os.cpu_count() or 1)))],
+             # One thread: ggml's worker threads spin-wait at every barrier, so on a small
+             # machine that the rest of the suite keeps busy, two threads fighting for two
+             # cores slowed a reply past 450 s in CI; one thread never waits on another.
+             "--n_threads", "1", "--n_threads_batch", "1"],
             stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
         )
     base_url = f"http://127.0.0.1:{port}/v1"

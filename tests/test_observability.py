@@ -158,7 +158,10 @@ def test_healthz_turns_503_while_the_claim_loop_is_wedged(
         port = port_of(log)
         healthz = f"http://127.0.0.1:{port}/healthz"
         wait_until(lambda: http_get(healthz)[0] == 200, 20, "a healthy start")
-        make_queue_item(db, make_tenant(db, title="wedge:6")["project"])
+        # One transaction: the running daemon's scheduler would otherwise give the new project
+        # its own first item before this one is inserted (the one-open-item index refuses ours).
+        with db.transaction():
+            make_queue_item(db, make_tenant(db, title="wedge:6")["project"])
         wait_until(lambda: http_get(healthz)[0] == 503, 20, "/healthz to report the stall")
         _status, body = http_get(healthz)
         assert json.loads(body)["status"] == "stalled"
