@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from mf_worker import queue
-from mf_worker.cost.budget import BudgetLoop, Trip
+from mf_worker.cost.budget import BudgetLoop, CostLimitReached, Trip
 from mf_worker.cost.notify import WebhookNotifier, load_notifier
 from mf_worker.cost.pricing import load_price_table
 from mf_worker.db import open_pool
@@ -243,6 +243,55 @@ def test_reservation_is_released_after_a_failed_attempt_and_after_a_reaped_lease
     state = db.execute("SELECT status, reserved_cost_gbp FROM episode_schedule_queue"
                        " WHERE id = %s", [item["id"]]).fetchone()
     assert state == {"status": "pending", "reserved_cost_gbp": None}
+
+
+def test_a_free_attempt_reserves_nothing_but_is_refused_once_the_day_is_over_the_limit(
+    db_url: str, db: Conn
+) -> None:
+    """Worst case £0 (the template, a local model): no reservation to note or give back, so
+    the organisation's aggregate row is not written; an organisation already over its limit
+    (spend from elsewhere) still gets nothing generated."""
+    under = org_with_items(db, 1, "free under", limit="1")
+    over = org_with_items(db, 1, "free over", limit="1")
+    db.execute("INSERT INTO token_usage_daily (organization_id, date, total_cost_gbp)"
+               " VALUES (%s, %s, 0.50), (%s, %s, 1.50)",
+               [under["id"], TODAY.date(), over["id"], TODAY.date()])
+
+    async def prepare_both() -> tuple[dict[str, object], list[dict[str, Any]]]:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            async with pool.connection() as conn:
+                claimed = await queue.claim_due_items(conn, worker="w", limit=2,
+                                                      lease_seconds=30)
+                outcomes = await prepare_generations(
+                    conn, claimed, worker="w", now=TODAY,
+                    worst_case=lambda _request: Decimal(0), default_limit=Decimal(50),
+                )
+                cur = await conn.execute(
+                    "SELECT q.organization_id, q.status, q.episode_id, q.reserved_cost_gbp,"
+                    " q.reserved_on, d.reserved_gbp, d.xmin::text AS version"
+                    " FROM episode_schedule_queue q JOIN token_usage_daily d"
+                    " ON d.organization_id = q.organization_id ORDER BY d.total_cost_gbp")
+                rows: list[dict[str, Any]] = await cur.fetchall()
+        finally:
+            await pool.close()
+        by_org = {c.organization_id: o for c, o in zip(claimed, outcomes, strict=True)}
+        return by_org, rows
+
+    before = {r["organization_id"]: r["xmin"] for r in db.execute(
+        "SELECT organization_id, xmin::text FROM token_usage_daily").fetchall()}
+    by_org, rows = asyncio.run(prepare_both())
+    assert isinstance(by_org[under["id"]], Prepared)
+    refused = by_org[over["id"]]
+    assert isinstance(refused, CostLimitReached)
+    assert (refused.spent, refused.limit, refused.needed) == (Decimal("1.5"), 1, 0)
+    granted, blocked = rows
+    assert granted["organization_id"] == under["id"] and granted["episode_id"] is not None
+    assert (granted["reserved_cost_gbp"], granted["reserved_on"]) == (None, None)
+    assert blocked["episode_id"] is None  # a refusal writes nothing
+    assert all(r["reserved_gbp"] == 0 for r in rows)
+    # Neither aggregate row was written (a write would have a new row version).
+    assert {r["organization_id"]: r["version"] for r in rows} == before
 
 
 # -- notifiers -------------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 Before a generation the worker reserves the item's worst-case cost on the organisation's row of
 ``token_usage_daily`` in one conditional UPDATE (``spent + reserved + amount <= limit``): the
 row lock makes it atomic, so N workers racing for one organisation cannot together start more
-than the budget allows. Releasing is the database's job: a trigger gives the reservation back
-whenever the item leaves ``processing`` (see migration 0002). When the budget cannot cover an
-item, the breaker blocks it and the organisation's other pending items without charging an
-attempt, records the trip once per organisation and UTC day (user event, audit row, operator
-notification), and :class:`BudgetLoop` releases the blocked items when the day turns (policy
-``resume`` or ``skip``) or as soon as the limit is raised.
+than the budget allows (a free attempt, worst case £0, reserves nothing: it only needs the day
+not to be over the limit already). Releasing is the database's job: a trigger gives the
+reservation back whenever the item leaves ``processing`` (see migration 0002). When the budget
+cannot cover an item, the breaker blocks it and the organisation's other pending items without
+charging an attempt, records the trip once per organisation and UTC day (user event, audit row,
+operator notification), and :class:`BudgetLoop` releases the blocked items when the day turns
+(policy ``resume`` or ``skip``) or as soon as the limit is raised.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@
 -- generation_attempts and generation_errors keep the history across retries. A refusal writes
 -- nothing. `reserved` is 1 when granted; the spend and limit (as they were before this
 -- statement) explain a refusal. Item lock before aggregate lock: the final write's order.
+-- A free attempt (amount 0: a local model, the template) reserves nothing and notes nothing, so
+-- neither it nor its release writes the organisation's hot aggregate row: it cannot push the
+-- day over the limit, so it only needs the day not to be over already, which a read decides.
 WITH held AS (
     SELECT id FROM episode_schedule_queue
     WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
@@ -19,7 +22,7 @@ WITH held AS (
     INSERT INTO token_usage_daily AS d (organization_id, date, reserved_gbp)
     SELECT o.id, %(date)s, %(amount)s
     FROM organizations o, held
-    WHERE o.id = %(organization_id)s
+    WHERE o.id = %(organization_id)s AND %(amount)s > 0
       AND %(amount)s <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
     ON CONFLICT (organization_id, date) DO UPDATE
     SET reserved_gbp = d.reserved_gbp + EXCLUDED.reserved_gbp
@@ -27,21 +30,32 @@ WITH held AS (
           <= (SELECT coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
               FROM organizations o WHERE o.id = %(organization_id)s)
     RETURNING 1
+), free AS (
+    SELECT 1
+    FROM organizations o
+    CROSS JOIN held
+    LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = %(date)s
+    WHERE o.id = %(organization_id)s AND %(amount)s = 0
+      AND coalesce(d.total_cost_gbp + d.reserved_gbp, 0)
+          <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
+), granted AS (
+    SELECT 1 FROM reserved UNION ALL SELECT 1 FROM free
 ), noted AS (
     UPDATE episode_schedule_queue
     SET episode_id        = coalesce(%(new_episode_id)s, episode_id),
-        reserved_cost_gbp = %(amount)s,
-        reserved_on       = %(date)s
-    FROM reserved
+        reserved_cost_gbp = nullif(%(amount)s, 0),
+        reserved_on       = CASE WHEN %(amount)s > 0 THEN %(date)s::date END
+    FROM granted
     WHERE episode_schedule_queue.id = %(id)s
+      AND (%(amount)s > 0 OR %(new_episode_id)s::text IS NOT NULL)
 ), created AS (
     INSERT INTO episodes (id, project_id, organization_id, sequence_number, status)
     SELECT %(new_episode_id)s, %(project_id)s, %(organization_id)s, %(sequence_number)s,
            'generating'
-    FROM reserved
+    FROM granted
     WHERE %(new_episode_id)s::text IS NOT NULL
 )
-SELECT (SELECT count(*) FROM held) AS held, (SELECT count(*) FROM reserved) AS reserved,
+SELECT (SELECT count(*) FROM held) AS held, (SELECT count(*) FROM granted) AS reserved,
        coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
        coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
 FROM organizations o
