@@ -1,0 +1,105 @@
+"""Compare the full pipeline of two revisions side by side, interleaved, as per-pair ratios.
+
+On a shared 2-core VM the same code can measure 335 episodes/s and then 500 twenty minutes
+later (the CPU time per episode itself moves by up to 2x), so two medians taken one after the
+other compare the machine's moments, not the code. This script alternates the two revisions
+run by run (base, head, head, base, …), each run in a fresh process with its own checkout on
+``PYTHONPATH``, and reports for every pair head ÷ base: the noise then hits both sides of a
+pair alike.
+
+    .venv/bin/python bench/compare_revisions.py --base HEAD~3 [--head WORKTREE] [--pairs 4]
+
+``--base``/``--head`` name git revisions; the default head is the working tree (uncommitted
+changes included). A revision is checked out with ``git worktree add --detach`` into a
+temporary directory, removed at the end. Each run is ``bench_engine.py --only pipeline
+--runs 1`` of that revision (its own migrations, its own throwaway database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKTREE = "WORKTREE"
+# A row of bench_engine.py's pipeline table: "concurrency 8   295  ≥ 500 …".
+ROW = re.compile(r"^concurrency (\d+)\s+([\d,]+)\s", re.MULTILINE)
+
+
+@contextmanager
+def checkout(revision: str) -> Iterator[Path]:
+    """The tree of ``revision`` (the working tree itself for WORKTREE)."""
+    if revision == WORKTREE:
+        yield ROOT
+        return
+    with tempfile.TemporaryDirectory(prefix="mf-compare-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet",
+                        str(tree), revision], check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                           check=False)
+
+
+def pipeline_run(tree: Path, items: int | None) -> dict[int, float]:
+    """One ``--only pipeline --runs 1`` of the revision in ``tree``: episodes/s by concurrency."""
+    command = [sys.executable, str(tree / "bench" / "bench_engine.py"), "--only", "pipeline",
+               "--runs", "1"]
+    if items is not None:
+        command += ["--items", str(items)]
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"the pipeline benchmark of {tree} failed ({done.returncode})")
+    rates = {int(c): float(r.replace(",", "")) for c, r in ROW.findall(done.stdout)}
+    if not rates:
+        raise SystemExit(f"no pipeline rows in the output of {tree}:\n{done.stdout}")
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--base", required=True, help="git revision to compare against")
+    parser.add_argument("--head", default=WORKTREE,
+                        help="git revision to measure (default: the working tree)")
+    parser.add_argument("--pairs", type=int, default=4, help="interleaved pairs of runs (≥ 1)")
+    parser.add_argument("--items", type=int, default=None, help="items per run (default 3000)")
+    args = parser.parse_args(argv)
+    if args.pairs < 1:
+        parser.error("--pairs must be positive")
+
+    runs: dict[str, list[dict[int, float]]] = {"base": [], "head": []}
+    with checkout(args.base) as base_tree, checkout(args.head) as head_tree:
+        trees = {"base": base_tree, "head": head_tree}
+        for pair in range(args.pairs):
+            order = ("base", "head") if pair % 2 == 0 else ("head", "base")
+            for side in order:
+                runs[side].append(pipeline_run(trees[side], args.items))
+                print(f"pair {pair + 1}/{args.pairs} {side}: {runs[side][-1]}", flush=True)
+
+    print(f"\nFull pipeline, head ({args.head}) vs base ({args.base}), {args.pairs}"
+          " interleaved pairs; episodes/s")
+    print(f"{'concurrency':>11}  {'base median':>11}  {'head median':>11}  {'ratio median':>12}"
+          "  per-pair ratios")
+    for level in sorted(runs["base"][0]):
+        base = [r[level] for r in runs["base"]]
+        head = [r[level] for r in runs["head"]]
+        ratios = [h / b for h, b in zip(head, base, strict=True)]
+        print(f"{level:>11}  {statistics.median(base):>11,.0f}  {statistics.median(head):>11,.0f}"
+              f"  {statistics.median(ratios):>12.2f}  " + " ".join(f"{r:.2f}" for r in ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
