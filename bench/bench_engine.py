@@ -586,6 +586,8 @@ def section_concurrency(url: str, runs: int) -> None:
                 "--runs",
                 str(runs),
                 "--json",
+                "--orgs",
+                str(ORGS),
                 "--database-url",
                 url,
             ],
@@ -648,6 +650,7 @@ def section_concurrency(url: str, runs: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global ORGS  # --orgs: read by the seeding and the latency trials
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median; ≥ 1)")
     parser.add_argument("--only", choices=SECTIONS, help="run one section")
@@ -656,6 +659,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="items for the queue (default 20000) and pipeline (3000) sections",
+    )
+    parser.add_argument(
+        "--orgs",
+        type=int,
+        default=ORGS,
+        help=f"organisations the seeded projects are spread over (default {ORGS}); 1 puts"
+        " every item on one organisation's aggregate row",
     )
     parser.add_argument(
         "--level", type=int, default=None, help="with --only concurrency: run one concurrency level"
@@ -667,8 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--database-url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.runs < 1 or (args.items is not None and args.items < 1):
-        parser.error("--runs and --items must be positive")
+    if args.runs < 1 or args.orgs < 1 or (args.items is not None and args.items < 1):
+        parser.error("--runs, --orgs and --items must be positive")
+    ORGS = args.orgs
     if args.level is not None and (args.only != "concurrency" or args.level < 1):
         parser.error("--level needs --only concurrency and a positive level")
 

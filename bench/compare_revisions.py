@@ -7,7 +7,8 @@ run by run (base, head, head, base, …), each run in a fresh process with its o
 ``PYTHONPATH``, and reports for every pair head ÷ base: the noise then hits both sides of a
 pair alike.
 
-    .venv/bin/python bench/compare_revisions.py --base HEAD~3 [--head WORKTREE] [--pairs 4]
+    .venv/bin/python bench/compare_revisions.py --base HEAD~3 [--head REV] [--pairs 4]
+        [--items N] [--orgs N]
 
 ``--base``/``--head`` name git revisions; the default head is the working tree (uncommitted
 changes included). A revision is checked out with ``git worktree add --detach`` into a
@@ -51,12 +52,14 @@ def checkout(revision: str) -> Iterator[Path]:
                            check=False)
 
 
-def pipeline_run(tree: Path, items: int | None) -> dict[int, float]:
+def pipeline_run(tree: Path, items: int | None, orgs: int | None) -> dict[int, float]:
     """One ``--only pipeline --runs 1`` of the revision in ``tree``: episodes/s by concurrency."""
     command = [sys.executable, str(tree / "bench" / "bench_engine.py"), "--only", "pipeline",
                "--runs", "1"]
     if items is not None:
         command += ["--items", str(items)]
+    if orgs is not None:  # both revisions' bench_engine.py must know --orgs
+        command += ["--orgs", str(orgs)]
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="git revision to measure (default: the working tree)")
     parser.add_argument("--pairs", type=int, default=4, help="interleaved pairs of runs (≥ 1)")
     parser.add_argument("--items", type=int, default=None, help="items per run (default 3000)")
+    parser.add_argument("--orgs", type=int, default=None,
+                        help="organisations (default 50; both revisions must have --orgs)")
     args = parser.parse_args(argv)
     if args.pairs < 1:
         parser.error("--pairs must be positive")
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         for pair in range(args.pairs):
             order = ("base", "head") if pair % 2 == 0 else ("head", "base")
             for side in order:
-                runs[side].append(pipeline_run(trees[side], args.items))
+                runs[side].append(pipeline_run(trees[side], args.items, args.orgs))
                 print(f"pair {pair + 1}/{args.pairs} {side}: {runs[side][-1]}", flush=True)
 
     print(f"\nFull pipeline, head ({args.head}) vs base ({args.base}), {args.pairs}"
