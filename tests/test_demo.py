@@ -1,0 +1,83 @@
+"""`mf-worker demo`, the README's first command, run as a real process: on an embedded
+PostgreSQL it starts itself (no database configured), and on the database MF_DATABASE_URL names."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from .workers import ROOT, worker_env
+
+pytestmark = pytest.mark.slow
+
+Conn = psycopg.Connection[dict[str, Any]]
+PROJECTS = 4  # one per time zone in mf_worker.demo
+
+
+def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mf_worker", "demo"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=240, check=False)
+
+
+def _assert_episodes_listed(stdout: str) -> None:
+    episodes = re.findall(r"^  \[(\w+)\] \S+ +#1 .+\((\d+) blocks, (\d+) tokens", stdout,
+                          re.MULTILINE)
+    assert len(episodes) == PROJECTS, stdout
+    assert all(status == "ready" and int(blocks) > 0 and int(tokens) > 0
+               for status, blocks, tokens in episodes), stdout
+    # Each project's first item completed and its next occurrence is pending.
+    assert stdout.count("  completed ") == PROJECTS and stdout.count("  pending ") == PROJECTS
+    assert f"{PROJECTS} episodes" in stdout  # the daily aggregate
+
+
+def test_demo_on_an_embedded_postgresql_needs_no_database_and_removes_it(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in worker_env("unused").items()
+           if k not in ("MF_DATABASE_URL", "MF_GENERATOR")}
+    env["TMPDIR"] = str(tmp_path)  # where the demo makes its data directory
+    env.pop("XDG_RUNTIME_DIR", None)  # as in a container: no warning must reach the operator
+    done = _demo(env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr == "", done.stderr
+    started = re.search(r"starting an embedded PostgreSQL in (\S+)", done.stdout)
+    assert started is not None, done.stdout
+    assert Path(started.group(1)).parent == tmp_path
+    assert "using the database in MF_DATABASE_URL" not in done.stdout
+    _assert_episodes_listed(done.stdout)
+    assert done.stdout.rstrip().endswith("embedded PostgreSQL stopped and removed")
+    assert not os.path.exists(started.group(1))  # cleaned up after itself
+
+
+def test_demo_uses_the_database_in_mf_database_url_and_says_so(db_url: str, db: Conn) -> None:
+    done = _demo({k: v for k, v in worker_env(db_url).items() if k != "MF_GENERATOR"})
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "using the database in MF_DATABASE_URL" in done.stdout
+    assert "embedded PostgreSQL" not in done.stdout
+    _assert_episodes_listed(done.stdout)
+    counts = db.execute(
+        "SELECT (SELECT count(*) FROM episodes WHERE status = 'ready') AS ready,"
+        " (SELECT count(*) FROM token_usage) AS usages,"
+        " (SELECT count(*) FROM episode_schedule_queue WHERE status = 'pending') AS next"
+    ).fetchone()
+    assert counts == {"ready": PROJECTS, "usages": PROJECTS, "next": PROJECTS}
+
+
+def test_demo_refuses_a_database_with_other_open_items(db_url: str, db: Conn) -> None:
+    from .factories import make_queue_item, make_tenant
+
+    make_queue_item(db, make_tenant(db)["project"])
+    done = _demo({k: v for k, v in worker_env(db_url).items() if k != "MF_GENERATOR"})
+
+    assert done.returncode != 0
+    assert "already has 1 open queue items" in done.stderr + done.stdout
+    assert db.execute("SELECT count(*) AS n FROM episodes").fetchone() == {"n": 0}
