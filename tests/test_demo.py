@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +40,21 @@ def _assert_episodes_listed(stdout: str) -> None:
     assert f"{PROJECTS} episodes" in stdout  # the daily aggregate
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: the embedded server puts its Unix socket
+    there, and a socket path must stay under ~100 bytes (pytest's tmp_path can be longer)."""
+    path = Path(tempfile.mkdtemp(prefix="mfd-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def test_demo_on_an_embedded_postgresql_needs_no_database_and_removes_it(
-    tmp_path: Path,
+    short_tmp: Path,
 ) -> None:
+    tmp_path = short_tmp
     env = {k: v for k, v in worker_env("unused").items()
            if k not in ("MF_DATABASE_URL", "MF_GENERATOR")}
     env["TMPDIR"] = str(tmp_path)  # where the demo makes its data directory
@@ -55,6 +70,20 @@ def test_demo_on_an_embedded_postgresql_needs_no_database_and_removes_it(
     _assert_episodes_listed(done.stdout)
     assert done.stdout.rstrip().endswith("embedded PostgreSQL stopped and removed")
     assert not os.path.exists(started.group(1))  # cleaned up after itself
+
+
+def test_demo_says_what_to_do_when_the_temporary_directory_is_too_deep(short_tmp: Path) -> None:
+    deep = short_tmp / ("d" * 90)
+    deep.mkdir()
+    env = {k: v for k, v in worker_env("unused").items()
+           if k not in ("MF_DATABASE_URL", "MF_GENERATOR")}
+    env["TMPDIR"] = str(deep)
+    done = _demo(env)
+
+    assert done.returncode != 0
+    assert "point TMPDIR at a short directory, or set MF_DATABASE_URL" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(deep.glob("mf-worker-demo-*")) == []  # its data directory was removed
 
 
 def test_demo_uses_the_database_in_mf_database_url_and_says_so(db_url: str, db: Conn) -> None:

