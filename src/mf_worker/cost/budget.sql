@@ -10,7 +10,7 @@
 -- generation_attempts and generation_errors keep the history across retries. A refusal writes
 -- nothing. `reserved` is 1 when granted; the spend and limit (as they were before this
 -- statement) explain a refusal. Item lock before aggregate lock: the final write's order.
--- A free attempt (amount 0: a local model, the template) reserves nothing and notes nothing, so
+-- A free attempt (amount 0: a local model, the template) reserves and notes no amount, so
 -- neither it nor its release writes the organisation's hot aggregate row: it cannot push the
 -- day over the limit, so it only needs the day not to be over already, which a read decides.
 WITH held AS (
