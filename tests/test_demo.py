@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from .factories import make_queue_item, make_tenant
 from .workers import ROOT, worker_env
 
 pytestmark = pytest.mark.slow
@@ -54,10 +55,9 @@ def short_tmp() -> Iterator[Path]:
 def test_demo_on_an_embedded_postgresql_needs_no_database_and_removes_it(
     short_tmp: Path,
 ) -> None:
-    tmp_path = short_tmp
     env = {k: v for k, v in worker_env("unused").items()
            if k not in ("MF_DATABASE_URL", "MF_GENERATOR")}
-    env["TMPDIR"] = str(tmp_path)  # where the demo makes its data directory
+    env["TMPDIR"] = str(short_tmp)  # where the demo makes its data directory
     env.pop("XDG_RUNTIME_DIR", None)  # as in a container: no warning must reach the operator
     done = _demo(env)
 
@@ -65,7 +65,7 @@ def test_demo_on_an_embedded_postgresql_needs_no_database_and_removes_it(
     assert done.stderr == "", done.stderr
     started = re.search(r"starting an embedded PostgreSQL in (\S+)", done.stdout)
     assert started is not None, done.stdout
-    assert Path(started.group(1)).parent == tmp_path
+    assert Path(started.group(1)).parent == short_tmp
     assert "using the database in MF_DATABASE_URL" not in done.stdout
     _assert_episodes_listed(done.stdout)
     assert done.stdout.rstrip().endswith("embedded PostgreSQL stopped and removed")
@@ -102,8 +102,6 @@ def test_demo_uses_the_database_in_mf_database_url_and_says_so(db_url: str, db: 
 
 
 def test_demo_refuses_a_database_with_other_open_items(db_url: str, db: Conn) -> None:
-    from .factories import make_queue_item, make_tenant
-
     make_queue_item(db, make_tenant(db)["project"])
     done = _demo({k: v for k, v in worker_env(db_url).items() if k != "MF_GENERATOR"})
 

@@ -80,7 +80,7 @@ class EpisodeWrite:
 
 # What one item of a batch came to: a value, or the exception that explains why not.
 PrepareOutcome = Prepared | ItemUnavailable | InvalidItemError | CostLimitReached | LeaseLost
-WriteOutcome = datetime | None | LeaseLost  # the next item's due time, or None
+WriteOutcome = None | LeaseLost
 
 
 def _org_order(items: Sequence[ClaimedItem]) -> list[int]:
@@ -248,9 +248,8 @@ async def write_episodes(
     conn: Connection, writes: Sequence[EpisodeWrite], *, worker: str
 ) -> list[WriteOutcome]:
     """The final writes of a batch, in one transaction and one round trip; per item, in order,
-    the next item's due time (None when the project has an open item already or its cadence is
-    now invalid) or LeaseLost when the claim is no longer ours (nothing written for it). A
-    database error raises for the whole batch, which then wrote nothing."""
+    None when written, or LeaseLost when the claim is no longer ours (nothing written for it).
+    A database error raises for the whole batch, which then wrote nothing."""
     cursors: dict[int, Any] = {}
     async with conn.pipeline(), conn.transaction():
         acting: str | None = None
@@ -263,7 +262,7 @@ async def write_episodes(
     outcomes: list[WriteOutcome] = []
     for i, write in enumerate(writes):
         row = await cursors[i].fetchone()
-        outcomes.append(row["next_due"] if row and row["held"] else LeaseLost(write.item.id))
+        outcomes.append(None if row and row["held"] else LeaseLost(write.item.id))
     return outcomes
 
 

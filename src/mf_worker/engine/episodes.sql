@@ -125,5 +125,4 @@ WITH fence AS (
     WHERE p.id = next_item.project_id
       AND p.next_scheduled_at IS DISTINCT FROM next_item.scheduled_for
 )
-SELECT (SELECT count(*) FROM fence) AS held,
-       (SELECT scheduled_for FROM next_item) AS next_due;
+SELECT count(*) AS held FROM fence;

@@ -176,7 +176,7 @@ class Worker:
         self._prepares: Batcher[ClaimedItem, Prepared] = Batcher(
             self._prepare_batch, name="prepare", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS)
-        self._writes: Batcher[EpisodeWrite, datetime | None] = Batcher(
+        self._writes: Batcher[EpisodeWrite, None] = Batcher(
             self._write_batch, name="final write", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS)
         self._slot_freed = asyncio.Event()
