@@ -282,6 +282,23 @@ class Settings:
         "connections are held only while reading or writing, never during a generation). "
         "Count them against `max_connections` across all replicas.",
     )
+    db_lock_timeout: float = _setting(
+        "MF_DB_LOCK_TIMEOUT",
+        5.0,
+        _float(0.0),
+        "Seconds a worker statement may wait for a row lock someone else holds (PostgreSQL "
+        "`lock_timeout`) before it gives up and is retried; the heartbeat never waits, it "
+        "skips locked rows. `0` sends no setting: behind a transaction-mode pooler, which "
+        "rejects startup options, set it on the role instead (docs/database-roles.sql does).",
+    )
+    db_statement_timeout: float = _setting(
+        "MF_DB_STATEMENT_TIMEOUT",
+        30.0,
+        _float(0.0),
+        "Seconds one worker statement may run (PostgreSQL `statement_timeout`, and "
+        "`idle_in_transaction_session_timeout` likewise) before it is cancelled and retried. "
+        "`0` sends no setting (see `MF_DB_LOCK_TIMEOUT`). Migrations and the CLI are exempt.",
+    )
     lease_seconds: float = _setting(
         "MF_LEASE_SECONDS",
         120.0,

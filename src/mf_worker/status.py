@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from . import queue
 from .cost.budget import list_blocked_orgs
 from .db import Connection, act_for
 from .db.sql import load_queries
@@ -128,14 +129,10 @@ async def retry_queue_item(conn: Connection, item_id: str) -> None:
 
 async def cancel_queue_item(conn: Connection, item_id: str, reason: str) -> None:
     """Cancel a pending, blocked or processing item (a running generation's write is fenced
-    out) and fail the episode an attempt had started. The scheduler plans the project's
-    following occurrence on its next pass."""
-    async with conn.transaction():
-        cur = await conn.execute(_Q["cancel_item_now"], {"id": item_id, "reason": reason})
-        row = await cur.fetchone()
-        if row is not None:
-            await _update_episode(conn, row, "fail_cancelled_episode",
-                                  {"error": f"cancelled: {reason}"})
+    out by its claim token; the episode an attempt had started fails with the reason, by the
+    queue's trigger). The scheduler plans the project's following occurrence on its next
+    pass."""
+    row = await queue.cancel_item_by_operator(conn, item_id, reason=reason)
     if row is None:
         raise MfWorkerError(await _why_not(conn, item_id, "cancelled"))
 

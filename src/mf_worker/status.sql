@@ -48,16 +48,3 @@ RETURNING id, status, organization_id, episode_id;
 -- add to its history. Runs acting for the item's organisation.
 UPDATE episodes SET status = 'generating'
 WHERE id = %(episode_id)s AND status = 'failed';
-
--- name: cancel_item_now
-UPDATE episode_schedule_queue
-SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL
-WHERE id = %(id)s AND status IN ('pending', 'blocked', 'processing')
-RETURNING id, organization_id, episode_id;
-
--- name: fail_cancelled_episode
--- An attempt had started the cancelled item's episode: it fails with the reason instead of
--- staying 'generating' for ever. Runs acting for the item's organisation.
-UPDATE episodes
-SET status = 'failed', generation_errors = generation_errors || %(error)s::text
-WHERE id = %(episode_id)s AND status = 'generating';

@@ -68,7 +68,7 @@ RESERVE_BUDGET = _Q["reserve_budget"]
 
 
 def reservation_params(
-    item: ClaimedItem, *, worker: str, amount: Decimal, day: date, default_limit: Decimal,
+    item: ClaimedItem, *, amount: Decimal, day: date, default_limit: Decimal,
     new_episode_id: str | None, sequence_number: int,
 ) -> dict[str, Any]:
     """Parameters of :data:`RESERVE_BUDGET` for one attempt of ``item``: reserve ``amount`` on
@@ -76,7 +76,7 @@ def reservation_params(
     The statement runs inside the caller's transaction acting for the item's organisation
     (several may pipeline in one transaction; see ``engine.episodes.prepare_generations``)."""
     return {
-        "id": item.id, "attempt": item.attempt, "worker": worker,
+        **queue.fence(item),
         "organization_id": item.organization_id, "project_id": item.project_id,
         "amount": amount, "date": day, "default_limit": default_limit,
         "new_episode_id": new_episode_id, "sequence_number": sequence_number,
@@ -121,13 +121,13 @@ class Trip:
 
 
 async def trip_breaker(
-    conn: Connection, item: ClaimedItem, reached: CostLimitReached, *, worker: str
+    conn: Connection, item: ClaimedItem, reached: CostLimitReached
 ) -> Trip | None:
     """Block the item (no attempt charged) and the organisation's pending items; record the
     trip. Returns the Trip when this call was the day's first (the caller then notifies)."""
     org, day = item.organization_id, reached.day
     async with as_org(conn, org):
-        await queue.release_item(conn, item, worker=worker, status="blocked",
+        await queue.release_item(conn, item, status="blocked",
                                  error=str(reached), blocked_on=day)
         cur = await conn.execute(
             _Q["block_org_pending_items"],

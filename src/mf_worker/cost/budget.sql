@@ -10,19 +10,21 @@
 -- generation_attempts and generation_errors keep the history across retries. A refusal writes
 -- nothing. `reserved` is 1 when granted; the spend and limit (as they were before this
 -- statement) explain a refusal. Item lock before aggregate lock: the final write's order.
+-- Idempotent per claim: a retried prepare finds its own reservation and reserves nothing more.
 -- A free attempt (amount 0: a local model, the template) reserves and notes no amount, so
 -- neither it nor its release writes the organisation's hot aggregate row: it cannot push the
 -- day over the limit, so it only needs the day not to be over already, which a read decides.
 WITH held AS (
-    SELECT id FROM episode_schedule_queue
-    WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
-      AND locked_by = %(worker)s
+    -- `already`: this claim reserved before (the reservation lives exactly as long as the
+    -- claim, see migration 0002), so this is a prepare retried after its commit was lost.
+    SELECT id, reserved_cost_gbp IS NOT NULL AS already FROM episode_schedule_queue
+    WHERE id = %(id)s AND claim_token = %(token)s AND status = 'processing'
     FOR UPDATE
 ), reserved AS (
     INSERT INTO token_usage_daily AS d (organization_id, date, reserved_gbp)
     SELECT o.id, %(date)s, %(amount)s
     FROM organizations o, held
-    WHERE o.id = %(organization_id)s AND %(amount)s > 0
+    WHERE o.id = %(organization_id)s AND %(amount)s > 0 AND NOT held.already
       AND %(amount)s <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
     ON CONFLICT (organization_id, date) DO UPDATE
     SET reserved_gbp = d.reserved_gbp + EXCLUDED.reserved_gbp
@@ -35,11 +37,12 @@ WITH held AS (
     FROM organizations o
     CROSS JOIN held
     LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = %(date)s
-    WHERE o.id = %(organization_id)s AND %(amount)s = 0
+    WHERE o.id = %(organization_id)s AND %(amount)s = 0 AND NOT held.already
       AND coalesce(d.total_cost_gbp + d.reserved_gbp, 0)
           <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
 ), granted AS (
     SELECT 1 FROM reserved UNION ALL SELECT 1 FROM free
+    UNION ALL SELECT 1 FROM held WHERE already
 ), noted AS (
     UPDATE episode_schedule_queue
     SET episode_id        = coalesce(%(new_episode_id)s, episode_id),
@@ -47,6 +50,7 @@ WITH held AS (
         reserved_on       = CASE WHEN %(amount)s > 0 THEN %(date)s::date END
     FROM granted
     WHERE episode_schedule_queue.id = %(id)s
+      AND NOT EXISTS (SELECT 1 FROM held WHERE already)
       AND (%(amount)s > 0 OR %(new_episode_id)s::text IS NOT NULL)
 ), created AS (
     INSERT INTO episodes (id, project_id, organization_id, sequence_number, status)

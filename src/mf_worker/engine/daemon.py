@@ -253,12 +253,12 @@ async def run_one(components: Components, item_id: str | None = None) -> Outcome
     heartbeat = Heartbeat(worker)
     beat = asyncio.create_task(heartbeat.run(), name="heartbeat")
     entry = InFlight(item=item)
-    worker.in_flight[item.id] = entry
+    worker.in_flight[item.token] = entry
     try:
         entry.task = asyncio.create_task(worker.process(entry))
         return await entry.task
     finally:
-        worker.in_flight.pop(item.id, None)
+        worker.in_flight.pop(item.token, None)
         heartbeat.stop()
         beat.cancel()
         await asyncio.gather(beat, return_exceptions=True)
