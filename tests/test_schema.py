@@ -112,7 +112,10 @@ BAD_VALUES: dict[str, Any] = {
     "queue unknown status": lambda c, t: make_queue_item(c, t["project"], status="running"),
     "queue negative attempts": lambda c, t: make_queue_item(c, t["project"], attempt_count=-1),
     "queue processing without lease": lambda c, t: make_queue_item(
-        c, t["project"], status="processing"),
+        c, t["project"], status="processing", claim_token=1),
+    "queue processing without claim token": lambda c, t: make_queue_item(
+        c, t["project"], status="processing", locked_by="w",
+        lease_expires_at=datetime.now(UTC)),
     "queue completed without time": lambda c, t: make_queue_item(
         c, t["project"], status="completed"),
     "queue metadata not an object": lambda c, t: make_queue_item(
