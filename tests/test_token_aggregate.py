@@ -91,3 +91,72 @@ def test_usage_on_different_utc_days_lands_in_different_rows(
         {"date": "2026-03-01", "total_tokens": 30, "episode_count": 2},
         {"date": "2026-03-02", "total_tokens": 15, "episode_count": 1},
     ]
+
+
+def _insert_at_hours(url: str, org: str, seed: int, count: int,
+                     barrier: threading.Barrier) -> None:
+    rng = random.Random(seed)
+    with psycopg.connect(url, autocommit=True) as conn:
+        barrier.wait()
+        for _ in range(count):
+            hour = rng.choice((3, 9, 10, 17))  # few hours, so their totals race and tie often
+            conn.execute(
+                "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+                " completion_tokens, cost_gbp, created_at)"
+                " VALUES (%s, 'episode_generation', 'm', %s, 0, 0, %s)",
+                [org, rng.randint(0, 50), f"2026-05-04T{hour:02d}:{rng.randint(0, 59):02d}:00Z"],
+            )
+
+
+def test_hourly_peak_is_the_busiest_utc_hour_after_concurrent_inserts(
+    db_url: str, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """hourly_peak/peak_hour equal what the raw rows say (the earliest hour on a tie), even when
+    eight connections insert into the same day's row at once."""
+    org = make_tenant(db)["org"]["id"]
+    threads, per_thread = 8, 60
+    barrier = threading.Barrier(threads)
+    workers = [
+        threading.Thread(target=_insert_at_hours, args=(db_url, org, seed, per_thread, barrier))
+        for seed in range(threads)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    expected = db.execute(
+        "SELECT extract(hour FROM created_at AT TIME ZONE 'UTC')::int AS hour,"
+        " sum(total_tokens) AS tokens FROM token_usage GROUP BY 1"
+        " ORDER BY tokens DESC, hour LIMIT 1"
+    ).fetchone()
+    assert expected is not None
+    row = db.execute(
+        "SELECT hourly_peak, peak_hour FROM token_usage_daily WHERE organization_id = %s"
+        " AND date = '2026-05-04'", [org]
+    ).fetchone()
+    assert row == {"hourly_peak": expected["tokens"], "peak_hour": expected["hour"]}
+
+
+def test_hourly_peak_follows_the_hour_that_overtakes(
+    db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """A later hour that overtakes the peak becomes peak_hour; a tie keeps the earlier hour;
+    hours are UTC whatever the inserting timestamp's offset."""
+    org = make_tenant(db)["org"]["id"]
+
+    def use(tokens: int, at: str) -> dict[str, Any] | None:
+        db.execute(
+            "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+            " completion_tokens, cost_gbp, created_at)"
+            " VALUES (%s, 'chat', 'm', %s, 0, 0, %s)", [org, tokens, at],
+        )
+        return db.execute(
+            "SELECT hourly_peak, peak_hour FROM token_usage_daily WHERE organization_id = %s",
+            [org],
+        ).fetchone()
+
+    assert use(100, "2026-05-04T08:10:00Z") == {"hourly_peak": 100, "peak_hour": 8}
+    assert use(60, "2026-05-04T14:00:00+02:00") == {"hourly_peak": 100, "peak_hour": 8}
+    assert use(40, "2026-05-04T12:59:59Z") == {"hourly_peak": 100, "peak_hour": 8}  # tie: 8
+    assert use(1, "2026-05-04T12:30:00Z") == {"hourly_peak": 101, "peak_hour": 12}
+    assert use(50, "2026-05-04T08:00:00Z") == {"hourly_peak": 150, "peak_hour": 8}
