@@ -20,6 +20,7 @@ import typer
 from psycopg_pool import PoolTimeout
 
 from . import __version__
+from .audit import default_actor, validate_actor
 from .cost.pricing import load_price_table
 from .db import Connection, Pool, connect, open_pool
 from .db.migrate import apply_migrations, migration_status
@@ -64,6 +65,14 @@ DatabaseUrl = Annotated[
 ]
 LogFormat = Annotated[
     str | None, typer.Option("--log-format", help="auto, json or console ($MF_LOG_FORMAT).")
+]
+Actor = Annotated[
+    str | None,
+    typer.Option(
+        "--actor",
+        help="Who is acting, for the audit log (default: the OS user running the command).",
+        show_default=False,
+    ),
 ]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="Log level ($MF_LOG_LEVEL).")]
 
@@ -324,19 +333,31 @@ def enqueue(
     replace: Annotated[
         bool, typer.Option("--replace", help="Cancel the project's waiting item first.")
     ] = False,
+    actor: Actor = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Add an extra item for a project, now or at a given time (support and debugging)."""
     settings = build_settings(database_url=database_url)
     when = _parse_instant(at) if at else None
+    who = _actor(actor)
 
     async def main() -> tuple[str, datetime]:
         async with _database(settings) as conn:
             return await enqueue_item(conn, project_id, at=when, replace=replace,
-                                      now=datetime.now(UTC))
+                                      now=datetime.now(UTC), actor=who)
 
     item_id, due = run_async(main)
     typer.echo(f"enqueued {item_id} for {project_id}, due {due.isoformat()}")
+
+
+def _actor(flag: str | None) -> str:
+    """``--actor`` checked, else the OS user: who an operator command is audited under."""
+    if flag is None:
+        return default_actor()
+    try:
+        return validate_actor(flag)
+    except ValueError as exc:
+        _fail(f"--actor={flag!r}: {exc}", EXIT_CONFIG)
 
 
 def _parse_instant(text: str) -> datetime:
@@ -369,14 +390,16 @@ def status(
 @app.command()
 def retry(
     item_id: Annotated[str, typer.Argument(help="Queue item id (queue_…).")],
+    actor: Actor = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Make a failed, cancelled or blocked item pending and due now, with fresh attempts."""
     settings = build_settings(database_url=database_url)
+    who = _actor(actor)
 
     async def main() -> None:
         async with _database(settings) as conn:
-            await retry_queue_item(conn, item_id)
+            await retry_queue_item(conn, item_id, actor=who)
 
     run_async(main)
     typer.echo(f"{item_id} is pending and due now")
@@ -388,14 +411,16 @@ def cancel(
     reason: Annotated[str, typer.Option(
         "--reason", help="Recorded as last_error, and on the episode an attempt started."
     )] = "cancelled by an operator",
+    actor: Actor = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Cancel a pending, blocked or processing item (the project's next one follows)."""
     settings = build_settings(database_url=database_url)
+    who = _actor(actor)
 
     async def main() -> None:
         async with _database(settings) as conn:
-            await cancel_queue_item(conn, item_id, reason)
+            await cancel_queue_item(conn, item_id, reason, actor=who)
 
     run_async(main)
     typer.echo(f"{item_id} cancelled")

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from .audit import record_operator_action
 from .cost.budget import list_blocked_orgs
 from .db import Connection, act_for
 from .db.sql import load_queries
@@ -109,15 +110,16 @@ def render_snapshot(snapshot: Snapshot) -> str:
     return "\n".join(lines)
 
 
-async def retry_queue_item(conn: Connection, item_id: str) -> None:
+async def retry_queue_item(conn: Connection, item_id: str, *, actor: str) -> None:
     """Make a failed/cancelled/blocked item pending and due now, with fresh attempts; its
-    episode, if it failed with the item, is generating again."""
+    episode, if it failed with the item, is generating again. Audited under ``actor``."""
     try:
         async with conn.transaction():
             cur = await conn.execute(_Q["retry_item_now"], {"id": item_id})
             row = await cur.fetchone()
             if row is not None:
                 await _update_episode(conn, row, "reopen_retried_episode", {})
+                await _audit(conn, row, actor=actor, action="queue_item.retry")
     except psycopg.errors.UniqueViolation:
         raise MfWorkerError(
             f"{item_id}: its project already has another open item; cancel that one first"
@@ -126,16 +128,17 @@ async def retry_queue_item(conn: Connection, item_id: str) -> None:
         raise MfWorkerError(await _why_not(conn, item_id, "retried"))
 
 
-async def cancel_queue_item(conn: Connection, item_id: str, reason: str) -> None:
+async def cancel_queue_item(conn: Connection, item_id: str, reason: str, *, actor: str) -> None:
     """Cancel a pending, blocked or processing item (a running generation's write is fenced
     out) and fail the episode an attempt had started. The scheduler plans the project's
-    following occurrence on its next pass."""
+    following occurrence on its next pass. Audited under ``actor``."""
     async with conn.transaction():
         cur = await conn.execute(_Q["cancel_item_now"], {"id": item_id, "reason": reason})
         row = await cur.fetchone()
         if row is not None:
             await _update_episode(conn, row, "fail_cancelled_episode",
                                   {"error": f"cancelled: {reason}"})
+            await _audit(conn, row, actor=actor, action="queue_item.cancel")
     if row is None:
         raise MfWorkerError(await _why_not(conn, item_id, "cancelled"))
 
@@ -149,6 +152,13 @@ async def _update_episode(
         return
     await act_for(conn, item["organization_id"])
     await conn.execute(_Q[query], {"episode_id": item["episode_id"], **params})
+
+
+async def _audit(conn: Connection, row: dict[str, Any], *, actor: str, action: str) -> None:
+    await record_operator_action(
+        conn, actor=actor, organization_id=row["organization_id"], action=action,
+        item_id=row["id"], old_status=row["old_status"], new_status=row["status"],
+    )
 
 
 async def get_queue_item(conn: Connection, item_id: str) -> dict[str, Any] | None:
