@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import queue
 from ..cost.budget import Budget, BudgetLoop
-from ..cost.notify import load_notifier
+from ..cost.notify import build_notifier
 from ..cost.pricing import PriceTable, load_price_table
 from ..db import Connection, Pool, open_pool
 from ..db.migrate import ensure_schema_current
@@ -70,10 +70,9 @@ async def build(
     prices = prices or load_price_table(settings.pricing_file)
     budget = Budget(prices=prices, default_limit=settings.daily_cost_limit_gbp,
                     reserve_per_item=settings.cost_reserve_gbp)
-    webhook = settings.notify_webhook_url.reveal() if settings.notify_webhook_url else None
-    notifier = load_notifier(settings.notifier, webhook)
     pool = await open_pool(settings)
     try:
+        notifier = build_notifier(settings, pool)
         async with pool.connection() as conn:
             await ensure_schema_current(conn)
     except BaseException:
@@ -96,7 +95,8 @@ async def build(
         loops.append(BudgetLoop(pool, settings.scheduler_interval,
                                 policy=settings.cost_limit_policy,
                                 default_limit=settings.daily_cost_limit_gbp,
-                                reserve_per_item=settings.cost_reserve_gbp, clock=clock))
+                                reserve_per_item=settings.cost_reserve_gbp, clock=clock,
+                                notifier=notifier))
     listener = Listener(settings, worker.wake) if settings.listen else None
     return Components(settings, pool, worker, loops, listener, metrics)
 

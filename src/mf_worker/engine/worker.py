@@ -32,7 +32,7 @@ from tenacity import (
 )
 
 from .. import queue
-from ..cost.budget import Budget, CostLimitReached, mark_notified, trip_breaker
+from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier
 from ..db import Connection, Pool
 from ..errors import InvalidItemError, describe_error
@@ -414,12 +414,7 @@ class Worker:
                           first_today=trip is not None)
         if trip is None:
             return
-        try:
-            await self.notifier.notify(trip)
-            await self._db(partial(mark_notified, trip=trip))
-        except Exception as exc:  # the items are blocked either way; say so loudly
-            self._log.error("notification_failed", error=describe_error(exc),
-                            organization_id=trip.organization_id)
+        await deliver_trip(self.pool, self.notifier, trip)
 
     def _report(self, report: AttemptReport) -> None:
         key = report.outcome.value
