@@ -3,7 +3,8 @@
 The snapshot is read from the database, so any replica (or a laptop with the URL) reports the
 same truth: counts by status, the lag of the oldest due item, expired leases (a worker died and
 the reaper has not run yet), failed and blocked items with their errors, and projects that have
-no next item (usually an invalid cadence or zone).
+no next item (usually an invalid cadence or zone), and the projects that meet the seed's
+triggers for migrating their memories to ``agent_memory``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .cost.budget import list_blocked_orgs
 from .db import Connection, act_for
 from .db.sql import load_queries
 from .errors import MfWorkerError
+from .memories import read_migration_triggers
 
 _Q = load_queries(__package__ or "mf_worker", "status.sql")
 
@@ -36,6 +38,7 @@ class Snapshot:
     blocked: list[dict[str, Any]] = field(default_factory=list)
     projects_without_item: int = 0
     blocked_orgs: list[dict[str, Any]] = field(default_factory=list)
+    memory_migration: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +77,7 @@ async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: 
         projects_without_item=without["projects"] if without else 0,
         blocked_orgs=[_plain(r) for r in await list_blocked_orgs(
             conn, day=now.astimezone(UTC).date(), default_limit=default_limit_gbp)],
+        memory_migration=await read_migration_triggers(conn, now=now, limit=limit),
     )
 
 
@@ -98,6 +102,16 @@ def render_snapshot(snapshot: Snapshot) -> str:
         lines += [f"  {o['organization_id']}  spent £{Decimal(o['spent_gbp']):.2f} of "
                   f"£{Decimal(o['limit_gbp']):.2f} today  ({o['items']} items blocked since "
                   f"{o['blocked_on']})" for o in snapshot.blocked_orgs]
+    memory = snapshot.memory_migration
+    if memory.get("projects"):
+        lines.append(f"projects with {memory['min_memories']}+ memories in projects.memories, "
+                     "never migrated (run `mf-worker memories migrate`):")
+        lines += [f"  {p['project_id']}  org {p['organization_id']}  {p['memories']} memories"
+                  for p in memory["projects"]]
+    if memory.get("three_months_since_launch") and memory.get("unmigrated_projects"):
+        lines.append(f"launched on {memory['launched_on']}, over three months ago, and "
+                     f"{memory['unmigrated_projects']} projects keep memories only in "
+                     "projects.memories: run `mf-worker memories migrate --min-count 1`")
     sections = (("expired leases (worker lost; the reaper will return them)",
                  snapshot.expired_leases, "locked_by"),
                 ("failed items", snapshot.failed, "last_error"),
