@@ -230,3 +230,31 @@ def test_email_notifier_needs_its_settings(db_url: str) -> None:
     settings = settings_for(db_url, notifier="email", smtp_url="smtp://127.0.0.1:25")
     with pytest.raises(PluginLoadError, match="needs MF_MAIL_FROM"):
         build_notifier(settings, None)
+
+
+def test_email_lookup_answers_only_for_the_organisation_acted_for(db: Conn) -> None:
+    """mf_organization_emails(org) returns org's addresses only inside a transaction acting for
+    that organisation; it is SECURITY DEFINER with a fixed search_path and no PUBLIC EXECUTE."""
+    mine = make_org(db)
+    other = make_org(db)
+    make_user(db, mine, email="me@example.org")
+    make_user(db, other, email="them@example.org")
+
+    def emails(acting_for: str | None, org: str) -> list[str]:
+        with db.transaction():
+            if acting_for is not None:
+                db.execute("SELECT set_config('app.current_org_id', %s, true)", [acting_for])
+            rows = db.execute("SELECT e FROM mf_organization_emails(%s) AS e", [org]).fetchall()
+        return [r["e"] for r in rows]
+
+    assert emails(mine["id"], mine["id"]) == ["me@example.org"]
+    assert emails(mine["id"], other["id"]) == []
+    assert emails(None, mine["id"]) == []
+    fn = db.execute(
+        "SELECT prosecdef, proconfig, has_function_privilege('public', oid, 'EXECUTE') AS pub"
+        " FROM pg_proc WHERE proname = 'mf_organization_emails'").fetchone()
+    assert fn == {"prosecdef": True, "proconfig": ["search_path=pg_catalog, pg_temp"],
+                  "pub": False}
+    aggregate = db.execute("SELECT prosecdef, proconfig FROM pg_proc"
+                           " WHERE proname = 'mf_token_usage_daily_add'").fetchone()
+    assert aggregate == {"prosecdef": True, "proconfig": ["search_path=pg_catalog, pg_temp"]}

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from decimal import Decimal
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
+from mf_worker.db import connect
+from mf_worker.db import migrate as migrate_mod
+from mf_worker.db.migrate import load_migrations
+
+from .conftest import settings_for
 from .factories import make_tenant
 
 OPERATIONS = ("episode_generation", "project_onboarding", "chat")
@@ -160,3 +167,45 @@ def test_hourly_peak_follows_the_hour_that_overtakes(
     assert use(40, "2026-05-04T12:59:59Z") == {"hourly_peak": 100, "peak_hour": 8}  # tie: 8
     assert use(1, "2026-05-04T12:30:00Z") == {"hourly_peak": 101, "peak_hour": 12}
     assert use(50, "2026-05-04T08:00:00Z") == {"hourly_peak": 150, "peak_hour": 8}
+
+
+def test_migration_0006_fills_hourly_peak_for_existing_days(
+    empty_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Days aggregated before the columns existed get hourly_tokens, hourly_peak and peak_hour
+    from their raw rows when migration 0006 runs; later inserts continue from there."""
+    everything = load_migrations()
+    monkeypatch.setattr(migrate_mod, "load_migrations",
+                        lambda: [m for m in everything if m.version < 6])
+
+    async def migrate() -> None:
+        conn = await connect(settings_for(empty_db_url))
+        async with conn:
+            await migrate_mod.apply_migrations(conn)
+
+    asyncio.run(migrate())
+    with psycopg.connect(empty_db_url, autocommit=True, row_factory=dict_row) as db:
+        org = make_tenant(db)["org"]["id"]
+
+        def use(tokens: int, at: str) -> None:
+            db.execute(
+                "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+                " completion_tokens, cost_gbp, created_at)"
+                " VALUES (%s, 'chat', 'm', %s, 0, 0, %s)", [org, tokens, at],
+            )
+
+        use(30, "2026-05-04T07:10:00Z")
+        use(50, "2026-05-04T21:10:00Z")
+        use(20, "2026-05-04T07:50:00Z")
+        monkeypatch.setattr(migrate_mod, "load_migrations", lambda: everything)
+        asyncio.run(migrate())
+        row = db.execute("SELECT hourly_tokens, hourly_peak, peak_hour FROM token_usage_daily"
+                         " WHERE organization_id = %s", [org]).fetchone()
+        assert row is not None
+        assert (row["hourly_peak"], row["peak_hour"]) == (50, 7)  # tie 50/50: the earlier hour
+        assert row["hourly_tokens"][7] == 50 and row["hourly_tokens"][21] == 50
+        assert sum(row["hourly_tokens"]) == 100
+        use(1, "2026-05-04T21:59:00Z")
+        assert db.execute("SELECT hourly_peak, peak_hour FROM token_usage_daily"
+                          " WHERE organization_id = %s", [org]).fetchone() == {
+            "hourly_peak": 51, "peak_hour": 21}
