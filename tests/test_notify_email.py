@@ -9,17 +9,20 @@ import email
 import email.policy
 import io
 import socket
+import ssl
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from mf_worker.cost.budget import BudgetLoop
 from mf_worker.cost.notify import build_notifier
@@ -27,7 +30,7 @@ from mf_worker.db import open_pool
 from mf_worker.errors import ConfigError, PluginLoadError
 from mf_worker.settings import load_settings
 
-from .conftest import settings_for
+from .conftest import require_binary, settings_for
 from .factories import make_org, make_project, make_queue_item, make_user
 from .workers import run_burst
 
@@ -258,3 +261,69 @@ def test_email_lookup_answers_only_for_the_organisation_acted_for(db: Conn) -> N
     aggregate = db.execute("SELECT prosecdef, proconfig FROM pg_proc"
                            " WHERE proname = 'mf_token_usage_daily_add'").fetchone()
     assert aggregate == {"prosecdef": True, "proconfig": ["search_path=pg_catalog, pg_temp"]}
+
+
+@pytest.fixture
+def certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, trusted by this process's default TLS context
+    (SSL_CERT_FILE), as an operator's own CA would be."""
+    openssl = require_binary("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    return cert, key
+
+
+@pytest.mark.parametrize("scheme", ["smtp", "smtps"])
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+def test_starttls_or_implicit_tls_then_login(
+    db_url: str, db: Conn, smtp_port: int, certificate: tuple[Path, Path], scheme: str,
+    captured_logs: io.StringIO,
+) -> None:
+    """smtp:// upgrades with STARTTLS before logging in, smtps:// speaks TLS from the first
+    byte; either way the server checks the password and delivers, and the password is logged
+    nowhere."""
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+                      auth_data: Any) -> AuthResult:
+        logins.append((auth_data.login, auth_data.password))
+        return AuthResult(success=auth_data.password == b"s3cr3t-pw")
+
+    handler = Inbox()
+    # aiosmtpd only counts a STARTTLS upgrade as TLS when offering AUTH, so for smtps:// (TLS
+    # from the first byte) its check is turned off; the client still refuses plain text.
+    tls = ({"tls_context": server_tls, "require_starttls": True} if scheme == "smtp"
+           else {"ssl_context": server_tls, "auth_require_tls": False})
+    controller = Controller(handler, hostname="127.0.0.1", port=smtp_port,
+                            authenticator=authenticator, auth_required=True, **tls)
+    controller.start()
+    try:
+        org = org_over_its_limit(db, "ada@example.org")
+        query = "?starttls=require" if scheme == "smtp" else ""
+        run_burst(db_url, concurrency=1, **email_settings(
+            smtp_port, smtp_url=f"{scheme}://mailer:s3cr3t-pw@127.0.0.1:{smtp_port}{query}"))
+    finally:
+        controller.stop()
+    assert logins == [(b"mailer", b"s3cr3t-pw")], trip_row(db, org["id"])["last_notify_error"]
+    assert [r for r, _ in handler.messages] == [["ada@example.org"]]
+    assert trip_row(db, org["id"])["notified_at"] is not None
+    assert "s3cr3t-pw" not in captured_logs.getvalue()
+
+
+def test_starttls_require_refuses_a_server_without_it(
+    db_url: str, db: Conn, inbox: Inbox, smtp_port: int
+) -> None:
+    """?starttls=require: a server that does not offer STARTTLS gets nothing, and the trip
+    records why."""
+    org = org_over_its_limit(db, "ada@example.org")
+    run_burst(db_url, concurrency=1, **email_settings(
+        smtp_port, smtp_url=f"smtp://127.0.0.1:{smtp_port}?starttls=require"))
+    assert inbox.messages == []
+    assert "does not offer STARTTLS" in trip_row(db, org["id"])["last_notify_error"]
