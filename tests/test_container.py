@@ -85,8 +85,10 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
            "CONTAINERS_STORAGE_CONF": str(folder / "storage.conf")}
     tool = Podman(binary, env)
     yield tool
+    # Only this storage's containers and images (never `system reset`, which also clears the
+    # machine-wide network configuration of a rootful podman).
     tool("rm", "--all", "--force", check=False)
-    tool("system", "reset", "--force", check=False)
+    tool("rmi", "--all", "--force", check=False)
     shutil.rmtree(folder, ignore_errors=True)
 
 
