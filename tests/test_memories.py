@@ -33,6 +33,13 @@ def memories_of(db: Conn, project_id: str) -> list[dict[str, Any]]:
     ).fetchall()
 
 
+def progress(db: Conn, project_id: str) -> dict[str, Any] | None:
+    """What memory_migrations (which status reads) records for the project."""
+    return db.execute(
+        "SELECT copied, completed_at IS NOT NULL AS complete FROM memory_migrations"
+        " WHERE project_id = %s", [project_id]).fetchone()
+
+
 GOOD_AND_BAD = [
     "Prefers charts over tables",                                          # 0: a string
     {"content": "Works in Lisbon", "type": "context", "importance": 0.9},  # 1
@@ -91,6 +98,7 @@ def test_an_interrupted_run_resumes_and_dry_run_writes_nothing(db_url: str, db: 
                 "--batch-size", "3", "--max-batches", "1")
     assert first.returncode == 0, first.stderr
     assert len(memories_of(db, pid)) == 3
+    assert progress(db, pid) == {"copied": 3, "complete": False}
 
     dry = cli(db_url, "memories", "migrate", "--min-count", "1", "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -102,6 +110,7 @@ def test_an_interrupted_run_resumes_and_dry_run_writes_nothing(db_url: str, db: 
     assert rest.returncode == 0, rest.stderr
     assert sorted(r["content"] for r in memories_of(db, pid)) == entries
     assert memories_of(db, other["id"]) == []
+    assert progress(db, pid) == {"copied": 7, "complete": True}
 
 
 def test_min_count_and_unknown_project(db_url: str, db: Conn) -> None:

@@ -54,6 +54,15 @@ def _memory(conn: Conn, t: dict[str, Any], **kw: Any) -> None:
     )
 
 
+def _memory_migration(conn: Conn, t: dict[str, Any], **kw: Any) -> None:
+    row = {"entries": 0, "copied": 0, "skipped": 0, **kw}
+    conn.execute(
+        "INSERT INTO memory_migrations (project_id, organization_id, entries, copied, skipped)"
+        " VALUES (%(p)s, %(o)s, %(entries)s, %(copied)s, %(skipped)s)",
+        {"p": t["project"]["id"], "o": t["org"]["id"], **row},
+    )
+
+
 def _daily_column(conn: Conn, t: dict[str, Any], column: str, value: Any) -> None:
     conn.execute(
         f"INSERT INTO token_usage_daily (organization_id, date, {column})"
@@ -145,6 +154,9 @@ BAD_VALUES: dict[str, Any] = {
     "audit blank actor": lambda c, t: c.execute(
         "INSERT INTO audit_log (organization_id, action, actor) VALUES (%s, 'x', ' ')",
         [t["org"]["id"]]),
+    "memory migration negative entries": lambda c, t: _memory_migration(c, t, entries=-1),
+    "memory migration negative copied": lambda c, t: _memory_migration(c, t, copied=-1),
+    "memory migration negative skipped": lambda c, t: _memory_migration(c, t, skipped=-1),
     "memory empty source": lambda c, t: c.execute(
         "INSERT INTO agent_memory (project_id, organization_id, content, source)"
         " VALUES (%s, %s, 'x', '')", [t["project"]["id"], t["org"]["id"]]),

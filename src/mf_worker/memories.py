@@ -12,7 +12,8 @@ skipped. Entries are copied, not removed: ``projects.memories`` is left as it is
 to stop reading. Each copied row records its origin in ``agent_memory.source`` (a hash of the
 entry), unique per project, so running the command twice, or again after an interrupted run,
 copies nothing twice. Writes go in batches, each its own transaction acting for the project's
-organisation (row-level security).
+organisation (row-level security). ``memory_migrations`` records how far each project got,
+which ``status`` reads across organisations (agent_memory is tenant content it cannot see).
 """
 
 from __future__ import annotations
@@ -151,8 +152,10 @@ async def migrate_memories(
                 pending.append(entry)
         report.to_copy = len(pending)
         if not dry_run:
+            complete = True
             for start in range(0, len(pending), batch_size):
                 if max_batches is not None and batches >= max_batches:
+                    complete = False
                     break
                 chunk = pending[start:start + batch_size]
                 async with as_org(conn, project["organization_id"]):
@@ -162,6 +165,10 @@ async def migrate_memories(
                 report.copied += inserted
                 report.already += len(chunk) - inserted  # another run was faster
                 batches += 1
+            async with as_org(conn, project["organization_id"]):
+                await conn.execute(_Q["record_memory_migration"], {
+                    **params, "entries": report.entries, "copied": report.copied,
+                    "skipped": len(report.skipped), "complete": complete})
         reports.append(report)
         if on_report is not None:
             on_report(report)
@@ -184,8 +191,9 @@ def render_report(report: ProjectReport, *, dry_run: bool) -> list[str]:
 
 async def read_migration_triggers(conn: Connection, *, now: datetime | None = None,
                                   limit: int = 20) -> dict[str, Any]:
-    """What `mf-worker status` reports: projects at the 50-memory trigger never migrated, and
-    whether three months have passed since launch (the first organisation)."""
+    """What `mf-worker status` reports: projects at the 50-memory trigger that no run has
+    completed (or whose JSON grew since), and whether three months have passed since launch
+    (the first organisation)."""
     now = now or datetime.now(UTC)
     cur = await conn.execute(_Q["list_memory_migration_candidates"],
                              {"min_count": TRIGGER_MEMORIES, "limit": limit})

@@ -30,25 +30,36 @@ FROM jsonb_to_recordset(%(memories)s) AS m(content text, memory_type text,
 ON CONFLICT (project_id, source) WHERE source IS NOT NULL DO NOTHING
 RETURNING 1;
 
+-- name: record_memory_migration
+-- Acting for the project's organisation, after each project: how far the command got.
+INSERT INTO memory_migrations AS r
+    (project_id, organization_id, entries, copied, skipped, completed_at)
+VALUES (%(project_id)s, %(organization_id)s, %(entries)s, %(copied)s, %(skipped)s,
+        CASE WHEN %(complete)s THEN now() END)
+ON CONFLICT (project_id) DO UPDATE SET
+    entries = EXCLUDED.entries, copied = r.copied + EXCLUDED.copied,
+    skipped = EXCLUDED.skipped, completed_at = EXCLUDED.completed_at, updated_at = now();
+
 -- name: list_memory_migration_candidates
 -- `mf-worker status`: projects at the seed's trigger (this many entries in projects.memories)
--- whose memories were never migrated.
+-- that no run has completed, or whose JSON has grown since (an app still writing it).
+-- Cross-organisation reads only: projects and memory_migrations, never agent_memory.
 SELECT p.id AS project_id, p.organization_id, jsonb_array_length(p.memories) AS memories
 FROM projects p
+LEFT JOIN memory_migrations r ON r.project_id = p.id
 WHERE jsonb_array_length(p.memories) >= %(min_count)s
-  AND NOT EXISTS (SELECT 1 FROM agent_memory m
-                  WHERE m.project_id = p.id AND m.source IS NOT NULL)
+  AND (r.completed_at IS NULL OR jsonb_array_length(p.memories) > r.entries)
 ORDER BY memories DESC, p.id
 LIMIT %(limit)s;
 
 -- name: get_launch
 -- The seed's other trigger, three months after launch: the first organisation's creation, and
--- whether any project still has memories that were never migrated.
+-- how many projects hold JSON memories no completed run has covered.
 SELECT (min(o.created_at) AT TIME ZONE 'UTC')::date AS launched_on,
        coalesce(min(o.created_at) + interval '3 months' <= %(now)s, false) AS three_months,
        (SELECT count(*) FROM projects p
+        LEFT JOIN memory_migrations r ON r.project_id = p.id
         WHERE jsonb_array_length(p.memories) > 0
-          AND NOT EXISTS (SELECT 1 FROM agent_memory m
-                          WHERE m.project_id = p.id AND m.source IS NOT NULL))
+          AND (r.completed_at IS NULL OR jsonb_array_length(p.memories) > r.entries))
            AS unmigrated_projects
 FROM organizations o;

@@ -105,7 +105,7 @@ def render_snapshot(snapshot: Snapshot) -> str:
     memory = snapshot.memory_migration
     if memory.get("projects"):
         lines.append(f"projects with {memory['min_memories']}+ memories in projects.memories, "
-                     "never migrated (run `mf-worker memories migrate`):")
+                     "not (fully) migrated (run `mf-worker memories migrate`):")
         lines += [f"  {p['project_id']}  org {p['organization_id']}  {p['memories']} memories"
                   for p in memory["projects"]]
     if memory.get("three_months_since_launch") and memory.get("unmigrated_projects"):

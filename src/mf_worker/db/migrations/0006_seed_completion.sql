@@ -134,3 +134,26 @@ REVOKE EXECUTE ON FUNCTION public.mf_organization_emails(text) FROM PUBLIC;
 ALTER TABLE agent_memory ADD COLUMN source text CHECK (length(source) > 0);
 CREATE UNIQUE INDEX agent_memory_project_source ON agent_memory (project_id, source)
     WHERE source IS NOT NULL;
+
+-- One row per project the command has run for: how far it got. `status` reads it across
+-- organisations (agent_memory itself stays tenant content the cross-organisation role cannot
+-- read) to say which projects still need migrating; completed_at is NULL while a run was
+-- interrupted (or sliced with --max-batches), and `entries` is how many the JSON held then.
+CREATE TABLE memory_migrations (
+    project_id      text PRIMARY KEY,
+    organization_id text NOT NULL,
+    entries         integer NOT NULL CHECK (entries >= 0),
+    copied          integer NOT NULL CHECK (copied >= 0),
+    skipped         integer NOT NULL CHECK (skipped >= 0),
+    completed_at    timestamptz,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    FOREIGN KEY (project_id, organization_id)
+        REFERENCES public.projects (id, organization_id) ON DELETE CASCADE
+);
+CREATE INDEX memory_migrations_organization_id_idx ON memory_migrations (organization_id);
+ALTER TABLE memory_migrations ENABLE ROW LEVEL SECURITY;
+CREATE POLICY org_isolation ON memory_migrations FOR ALL
+    USING (organization_id = (SELECT public.mf_current_org_id()))
+    WITH CHECK (organization_id = (SELECT public.mf_current_org_id()));
+CREATE POLICY cross_org_read ON memory_migrations FOR SELECT
+    USING ((SELECT public.mf_has_cross_org_access()));
