@@ -1,6 +1,7 @@
 -- The rest of the seed (issue #17): the busiest hour on the daily aggregate, who did what in the
--- audit log, retried cost-limit notifications and the email lookup they need, and the link that
--- makes the memory migration idempotent.
+-- audit log, retried cost-limit notifications and the email lookup they need, and what makes
+-- the memory migration idempotent (agent_memory.source) and visible to status
+-- (memory_migrations).
 --
 -- Every SECURITY DEFINER function here runs with search_path = pg_catalog, pg_temp and names
 -- each table and function of ours as public.…, so no object a caller creates in a schema of its
