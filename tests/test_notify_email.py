@@ -327,3 +327,41 @@ def test_starttls_require_refuses_a_server_without_it(
         smtp_port, smtp_url=f"smtp://127.0.0.1:{smtp_port}?starttls=require"))
     assert inbox.messages == []
     assert "does not offer STARTTLS" in trip_row(db, org["id"])["last_notify_error"]
+
+
+def notification_counts(db_url: str, **overrides: Any) -> dict[str, float]:
+    """Run a burst as the daemon assembles it and read its notification counter."""
+    from mf_worker.engine.daemon import build, serve
+    from mf_worker.generation import load_generator
+
+    settings = settings_for(db_url, poll_interval=0.05, concurrency=1, **overrides)
+
+    async def main() -> dict[str, float]:
+        components = await build(settings, generator=load_generator("tests.generators:scripted"),
+                                 scheduler=False)
+        await serve(components, burst=True, install_signals=False)
+        registry = components.metrics.registry
+        return {outcome: registry.get_sample_value(
+            "mf_worker_cost_limit_notifications_total", {"outcome": outcome}) or 0.0
+            for outcome in ("delivered", "failed")}
+
+    return asyncio.run(main())
+
+
+def test_notification_outcomes_are_counted(
+    db_url: str, db: Conn, smtp_port: int
+) -> None:
+    """mf_worker_cost_limit_notifications_total counts a failed send (server down) and a
+    delivered one, so an alert can say that organisations are not hearing of their limit."""
+    org_over_its_limit(db, "ada@example.org")
+    assert notification_counts(db_url, **email_settings(smtp_port)) == {
+        "delivered": 0.0, "failed": 1.0}
+    org_over_its_limit(db, "bob@example.org", name="Other Org")
+    handler = Inbox()
+    controller = Controller(handler, hostname="127.0.0.1", port=smtp_port)
+    controller.start()
+    try:
+        assert notification_counts(db_url, **email_settings(smtp_port)) == {
+            "delivered": 1.0, "failed": 0.0}
+    finally:
+        controller.stop()

@@ -179,10 +179,12 @@ async def record_notify_failure(conn: Connection, trip: Trip, error: str) -> Non
             "organization_id": trip.organization_id, "date": trip.date, "error": error[:2000]})
 
 
-async def deliver_trip(pool: Pool, notifier: TripNotifier, trip: Trip) -> bool:
-    """Notify; record the success, or the failure for a later retry. True when delivered.
-    Never raises: if even the record cannot be written, the sending lease runs out and the
-    budget loop sends the trip again (at least once)."""
+async def deliver_trip(pool: Pool, notifier: TripNotifier, trip: Trip,
+                       on_notified: Callable[[bool], None] | None = None) -> bool:
+    """Notify; record the success, or the failure for a later retry. True when delivered
+    (also passed to ``on_notified``, the metrics' subscription). Never raises: if even the
+    record cannot be written, the sending lease runs out and the budget loop sends the trip
+    again (at least once)."""
     log = get_logger("mf_worker.notify")
     error: str | None = None
     try:
@@ -200,6 +202,8 @@ async def deliver_trip(pool: Pool, notifier: TripNotifier, trip: Trip) -> bool:
     except Exception as exc:
         log.error("notification_record_failed", error=describe_error(exc),
                   organization_id=trip.organization_id, delivered=error is None)
+    if on_notified is not None:
+        on_notified(error is None)
     return error is None
 
 
@@ -229,13 +233,14 @@ class BudgetLoop(PeriodicLoop):
         self, pool: Pool, interval: float, *, policy: str, default_limit: Decimal,
         reserve_per_item: Decimal, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         notifier: TripNotifier | None = None,
+        on_notified: Callable[[bool], None] | None = None,
     ) -> None:
         super().__init__(interval)
         if policy not in POLICIES:
             raise ValueError(f"cost limit policy must be one of {POLICIES}, not {policy!r}")
         self._pool, self._policy, self._clock = pool, policy, clock
         self._default_limit, self._reserve = default_limit, reserve_per_item
-        self._notifier = notifier
+        self._notifier, self._on_notified = notifier, on_notified
 
     async def run_once(self, now: datetime | None = None) -> BudgetResult:
         now = now or self._clock()
@@ -289,5 +294,5 @@ class BudgetLoop(PeriodicLoop):
                 f"£{row['limit_gbp']:.2f} on {row['date'].isoformat()} (UTC)",
             )
             self._log.info("notification_retried", organization_id=trip.organization_id)
-            sent += await deliver_trip(self._pool, self._notifier, trip)
+            sent += await deliver_trip(self._pool, self._notifier, trip, self._on_notified)
         return sent

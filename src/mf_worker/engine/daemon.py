@@ -83,6 +83,7 @@ async def build(
                     observers=[metrics.on_attempt, *(observers or [])])
     worker.claim_listeners.append(metrics.on_claimed)
     worker.tick_listeners.append(metrics.on_claim_loop_tick)
+    worker.notify_listeners.append(metrics.on_notified)
     loops: list[PeriodicLoop] = [
         Heartbeat(worker),
         Reaper(pool, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
@@ -96,7 +97,7 @@ async def build(
                                 policy=settings.cost_limit_policy,
                                 default_limit=settings.daily_cost_limit_gbp,
                                 reserve_per_item=settings.cost_reserve_gbp, clock=clock,
-                                notifier=notifier))
+                                notifier=notifier, on_notified=metrics.on_notified))
     listener = Listener(settings, worker.wake) if settings.listen else None
     return Components(settings, pool, worker, loops, listener, metrics)
 

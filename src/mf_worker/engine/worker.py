@@ -170,6 +170,8 @@ class Worker:
         # Subscribers (metrics, the systemd watchdog): claims with their time, loop ticks.
         self.claim_listeners: list[Callable[[list[ClaimedItem], float], None]] = []
         self.tick_listeners: list[Callable[[int], None]] = []
+        # Told whether each cost-limit notification this worker sent was delivered.
+        self.notify_listeners: list[Callable[[bool], None]] = []
         self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
         self.wake = asyncio.Event()
         self._claim_chunk = min(MAX_CLAIM, max(1, -(-settings.concurrency // CLAIM_SHARE)))
@@ -414,7 +416,11 @@ class Worker:
                           first_today=trip is not None)
         if trip is None:
             return
-        await deliver_trip(self.pool, self.notifier, trip)
+        await deliver_trip(self.pool, self.notifier, trip, self._notified)
+
+    def _notified(self, delivered: bool) -> None:
+        for listener in self.notify_listeners:
+            listener(delivered)
 
     def _report(self, report: AttemptReport) -> None:
         key = report.outcome.value
