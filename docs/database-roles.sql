@@ -58,6 +58,10 @@ GRANT INSERT, UPDATE ON episodes, planning_notes, token_usage_daily, cost_limit_
 GRANT INSERT ON blocks, token_usage, agent_memory, user_events, audit_log TO :"worker_role";
 -- The scheduler only maintains the next_scheduled_at cache on projects.
 GRANT UPDATE (next_scheduled_at) ON projects TO :"worker_role";
+-- The `email` notifier (MF_NOTIFIER=…,email without MF_MAIL_TO) mails the users of the one
+-- organisation the transaction acts for, through this function; the worker still cannot read
+-- users.email itself.
+GRANT EXECUTE ON FUNCTION mf_organization_emails(text) TO :"worker_role";
 
 -- No statement of the worker waits for a lock or runs for ever, whichever way it connects:
 -- mf-worker sends these as startup options (MF_DB_LOCK_TIMEOUT, MF_DB_STATEMENT_TIMEOUT), but

@@ -126,8 +126,9 @@ def test_cancel_then_retry_mid_generation_fences_out_the_cancelled_generation(
         await gen.started(1)
         conn = await connect(c.settings)
         async with conn:
-            await cancel_queue_item(conn, item["id"], "operator changed their mind")
-            await retry_queue_item(conn, item["id"])
+            await cancel_queue_item(conn, item["id"], "operator changed their mind",
+                                    actor="test")
+            await retry_queue_item(conn, item["id"], actor="test")
         c.worker.wake.set()
         await gen.started(2)  # the same worker, the same item, attempt 1 again
         gen.open(1)
@@ -586,8 +587,8 @@ def test_a_stale_claim_token_moves_nothing(db_url: str, db: Conn, transition: st
         conn = await connect(settings_for(db_url))
         async with conn:
             [stale] = await queue.claim_due_items(conn, worker="w1", limit=1, lease_seconds=60)
-            await cancel_queue_item(conn, item["id"], "operator")
-            await retry_queue_item(conn, item["id"])
+            await cancel_queue_item(conn, item["id"], "operator", actor="test")
+            await retry_queue_item(conn, item["id"], actor="test")
             [current] = await queue.claim_due_items(conn, worker="w1", limit=1,
                                                     lease_seconds=60)
             assert (current.id, current.attempt) == (stale.id, stale.attempt)

@@ -36,12 +36,18 @@ SELECT * FROM episode_schedule_queue WHERE id = %(id)s;
 
 -- name: retry_item_now
 -- `mf-worker retry`: a failed, cancelled or blocked item (or a pending one that is backing off)
--- becomes pending and due now, with a fresh set of attempts.
-UPDATE episode_schedule_queue
+-- becomes pending and due now, with a fresh set of attempts. `old_status` is for the audit row.
+WITH old AS (
+    SELECT id, status FROM episode_schedule_queue
+    WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'blocked', 'pending')
+    FOR UPDATE
+)
+UPDATE episode_schedule_queue q
 SET status = 'pending', run_after = now(), attempt_count = 0, last_error = NULL,
     completed_at = NULL
-WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'blocked', 'pending')
-RETURNING id, status, organization_id, episode_id;
+FROM old
+WHERE q.id = old.id
+RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;
 
 -- name: reopen_retried_episode
 -- The retried item's episode (failed with it) is generating again, so the attempts to come

@@ -74,14 +74,48 @@ RETURNING id;
 
 -- name: record_trip
 -- Whoever inserts the day's row writes the event, the audit row and notifies: once per day.
-INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp)
-VALUES (%(organization_id)s, %(date)s, %(spent_gbp)s, %(limit_gbp)s)
+-- next_notify_at is that worker's lease on the sending: the budget loop retries the trip only
+-- if it is still un-notified when the lease has run out (a crash, a hung notifier).
+INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp, next_notify_at)
+VALUES (%(organization_id)s, %(date)s, %(spent_gbp)s, %(limit_gbp)s,
+        now() + make_interval(secs => %(lease_seconds)s))
 ON CONFLICT (organization_id, date) DO NOTHING
 RETURNING organization_id;
 
 -- name: mark_trip_notified
-UPDATE cost_limit_trips SET notified_at = now()
+UPDATE cost_limit_trips
+SET notified_at = now(), notify_attempts = notify_attempts + 1, last_notify_error = NULL,
+    next_notify_at = NULL
 WHERE organization_id = %(organization_id)s AND date = %(date)s;
+
+-- name: record_trip_notify_failure
+-- Try again after 2, 4, 8 … minutes, at most an hour apart.
+UPDATE cost_limit_trips
+SET notify_attempts = notify_attempts + 1, last_notify_error = %(error)s,
+    next_notify_at = now() + least(interval '1 minute' * power(2, least(notify_attempts + 1, 6)),
+                                   interval '1 hour')
+WHERE organization_id = %(organization_id)s AND date = %(date)s AND notified_at IS NULL;
+
+-- name: list_trips_to_notify
+-- The day's trips whose notification has not succeeded and whose next attempt is due (across
+-- organisations: cost_limit_trips' cross_org_read policy). An older day's trip is left alone:
+-- its items have resumed, and a "limit reached" mail would only confuse.
+SELECT t.organization_id, t.date, t.spent_gbp, t.limit_gbp,
+       (SELECT count(*) FROM episode_schedule_queue q
+        WHERE q.organization_id = t.organization_id AND q.status = 'blocked'
+          AND q.blocked_on = t.date) AS blocked_items
+FROM cost_limit_trips t
+WHERE t.notified_at IS NULL AND t.date = %(date)s AND t.next_notify_at <= %(now)s
+ORDER BY t.next_notify_at;
+
+-- name: claim_trip_notification
+-- Acting for the organisation: take the lease on sending it again (no other process sends it
+-- until the lease runs out). Returns nothing when someone else did first.
+UPDATE cost_limit_trips
+SET next_notify_at = %(now)s::timestamptz + make_interval(secs => %(lease_seconds)s)
+WHERE organization_id = %(organization_id)s AND date = %(date)s AND notified_at IS NULL
+  AND next_notify_at <= %(now)s
+RETURNING organization_id;
 
 -- name: insert_trip_event
 INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)

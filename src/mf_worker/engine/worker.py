@@ -34,7 +34,7 @@ from tenacity import (
 )
 
 from .. import queue
-from ..cost.budget import Budget, CostLimitReached, mark_notified, trip_breaker
+from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier
 from ..db import Connection, Pool
 from ..errors import InvalidItemError, describe_error
@@ -178,6 +178,8 @@ class Worker:
         # Subscribers (metrics, the systemd watchdog): claims with their time, loop ticks.
         self.claim_listeners: list[Callable[[list[ClaimedItem], float], None]] = []
         self.tick_listeners: list[Callable[[int], None]] = []
+        # Told whether each cost-limit notification this worker sent was delivered.
+        self.notify_listeners: list[Callable[[bool], None]] = []
         self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
         self.wake = asyncio.Event()
         self._claim_chunk = min(MAX_CLAIM, max(1, -(-settings.concurrency // CLAIM_SHARE)))
@@ -423,12 +425,11 @@ class Worker:
                           first_today=trip is not None)
         if trip is None:
             return
-        try:
-            await self.notifier.notify(trip)
-            await self._db(partial(mark_notified, trip=trip))
-        except Exception as exc:  # the items are blocked either way; say so loudly
-            self._log.error("notification_failed", error=describe_error(exc),
-                            organization_id=trip.organization_id)
+        await deliver_trip(self.pool, self.notifier, trip, self._notified)
+
+    def _notified(self, delivered: bool) -> None:
+        for listener in self.notify_listeners:
+            listener(delivered)
 
     def _report(self, report: AttemptReport) -> None:
         key = report.outcome.value
