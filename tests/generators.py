@@ -13,6 +13,9 @@ Title prefixes:
   ``raises``        an unexpected exception (a plugin bug)
   ``invalid:KIND``  an invalid result of KIND (see ``INVALID``)
   ``costly:S``      sleep S seconds, then report gpt-4o usage costing exactly £0.50
+  ``costly-invalid`` an invalid result (empty title) that reports £0.50 of gpt-4o usage: a
+                    billed call whose output fails validation
+  ``costly-refused`` a permanent error that carries £0.50 of usage (the model refused, billed)
   ``wedge:S``       block the whole event loop for S seconds (a plugin calling sync I/O)
   ``together:N``    wait until N ``together`` generations are running in this process, then
                     all return the template episode at once (items that reach the final
@@ -98,6 +101,11 @@ async def scripted(request: GenerationRequest) -> GenerationResult:
         return INVALID[arg.split()[0]](_good(request))
     elif kind == "wedge":
         time.sleep(float(arg.split()[0]))  # noqa: ASYNC251 - deliberately blocks the loop
+    elif kind == "costly-invalid":
+        return _replace(_good(request), title="  ", usage=TokenUsage("gpt-4o", 125_000, 31_250))
+    elif kind == "costly-refused":
+        raise PermanentGenerationError("the model refused",
+                                       usages=[TokenUsage("gpt-4o", 125_000, 31_250)])
     elif kind == "costly":
         await asyncio.sleep(float(arg.split()[0]))
         # gpt-4o at £2.00 / £8.00 per million: 0.25 + 0.25 = £0.50, the default reserve.

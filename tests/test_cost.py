@@ -101,6 +101,13 @@ def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
 
     assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE status = 'completed'"
                       " AND organization_id = %s", org["id"]) == 5
+    # While the five were in flight, items refused only because of their reservations waited
+    # (pending again, no attempt used, no trip); once the five settled at £2.50 the rest are
+    # refused by spend. Bring the waiting ones forward instead of sleeping out their wait.
+    db.execute("UPDATE episode_schedule_queue SET run_after = now()"
+               " WHERE status = 'pending' AND scheduled_for <= now()")
+    again = start_worker(db_url, "--burst", log=tmp_path / "w4.log", MF_WORKER_ID="w4")
+    assert again.wait(timeout=120) == 0
     # The twenty seeded items (completed projects' next occurrences are later and may be
     # blocked too, depending on timing).
     blocked = db.execute("SELECT * FROM episode_schedule_queue WHERE status = 'blocked'"
@@ -120,7 +127,7 @@ def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
     assert scalar(db, "SELECT count(*) FROM audit_log WHERE action = 'cost_limit.block'") == 1
     trip = db.execute("SELECT * FROM cost_limit_trips").fetchone()
     assert trip is not None and trip["notified_at"] is not None
-    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(4))
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(5))
     assert logs.count('"event": "cost_limit_reached"') == 1  # the log notifier, once
     # Claimed items that met the limit say so; items still waiting were blocked with them.
     assert 1 <= logs.count('"event": "item_blocked_by_cost_limit"') <= 15

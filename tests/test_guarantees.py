@@ -334,7 +334,7 @@ def _by_enqueue_replace(db_url: str, db: Conn, t: dict[str, Any], item: dict[str
     async def go() -> None:
         conn = await connect(settings_for(db_url))
         async with conn:
-            await enqueue_item(conn, t["project"]["id"], at=None, replace=True,
+            await enqueue_item(conn, t["project"]["id"], at=None, replace=True, actor="test",
                                now=datetime.now(UTC))
 
     asyncio.run(go())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Iterable
+from decimal import Decimal
 from typing import Any
 
 from prometheus_client import (
@@ -77,6 +78,11 @@ class Metrics:
         self.cost = Counter(
             "mf_worker_cost_gbp_total", "Cost of completed generations in GBP.", ["model"],
             registry=r)
+        self.cost_overrun = Counter(
+            "mf_worker_cost_overrun_gbp_total",
+            "GBP by which attempts cost more than the worst case they reserved (a generator "
+            "without an estimate reserves the flat MF_COST_RESERVE_GBP); the real cost is "
+            "booked regardless.", registry=r)
         self.cost_limit_trips = Counter(
             "mf_worker_cost_limit_trips_total",
             "Items blocked by an organisation's daily cost limit.", registry=r)
@@ -125,6 +131,9 @@ class Metrics:
             self.generation_duration.observe(report.generation_seconds)
         if report.outcome is not Outcome.RELEASED:
             self.item_duration.observe(report.item_seconds)
+        overrun = sum(report.costs, Decimal(0)) - report.reserved_gbp
+        if overrun > 0:
+            self.cost_overrun.inc(float(overrun))
         if report.outcome is Outcome.SUCCESS and report.result is not None:
             for usage, cost in zip(report.result.usages, report.costs, strict=False):
                 self.tokens.labels(usage.model, "prompt").inc(usage.prompt_tokens)

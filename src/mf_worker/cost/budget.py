@@ -41,6 +41,9 @@ POLICIES = ("resume", "skip")
 # How long a process that is sending a trip's notifications holds them before another process
 # may send them again (the notifiers' own retries take well under a minute).
 NOTIFY_LEASE_SECONDS: Final = 300.0
+# How long an item refused only by reservations in flight waits before it tries again: long
+# enough not to churn claims, short against a generation's minutes.
+RESERVATION_WAIT_SECONDS: Final = 15.0
 
 
 class CostLimitReached(MfWorkerError):
@@ -55,6 +58,12 @@ class CostLimitReached(MfWorkerError):
             f"£{limit:.2f} on {day.isoformat()} (UTC); the next episode may cost up to "
             f"£{needed:.2f}"
         )
+
+    @property
+    def by_reservations(self) -> bool:
+        """Refused only because generations in flight hold reservations: the spend itself
+        leaves room, and those reservations settle (often for less) when they finish."""
+        return self.spent + self.needed <= self.limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +84,12 @@ RESERVE_BUDGET = _Q["reserve_budget"]
 
 
 def reservation_params(
-    item: ClaimedItem, *, amount: Decimal, day: date, default_limit: Decimal,
+    item: ClaimedItem, *, amount: Decimal, day: date | None, default_limit: Decimal,
     new_episode_id: str | None, sequence_number: int,
 ) -> dict[str, Any]:
     """Parameters of :data:`RESERVE_BUDGET` for one attempt of ``item``: reserve ``amount`` on
-    the organisation's aggregate for ``day`` and, with ``new_episode_id``, create the episode.
+    the organisation's aggregate for ``day`` (None: the database's UTC day, which the statement
+    returns as ``day``) and, with ``new_episode_id``, create the episode.
     The statement runs inside the caller's transaction acting for the item's organisation
     (several may pipeline in one transaction; see ``engine.episodes.prepare_generations``)."""
     return {
@@ -94,12 +104,13 @@ def refusal(
     row: dict[str, Any] | None, item: ClaimedItem, *, amount: Decimal, day: date
 ) -> CostLimitReached | None:
     """The :class:`CostLimitReached` that explains a refused reservation (None if granted).
-    ``row`` is :data:`RESERVE_BUDGET`'s; no row means the organisation is gone."""
+    ``row`` is :data:`RESERVE_BUDGET`'s; no row means the organisation is gone (``day`` is
+    then the caller's)."""
     if row is not None and row["reserved"]:
         return None
-    spent, reserved, limit = (
-        (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"]) if row
-        else (Decimal(0), Decimal(0), Decimal(0))
+    spent, reserved, limit, day = (
+        (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"], row["day"]) if row
+        else (Decimal(0), Decimal(0), Decimal(0), day)
     )
     return CostLimitReached(item.organization_id, day, spent, reserved, limit, amount)
 
@@ -131,9 +142,17 @@ async def trip_breaker(
     conn: Connection, item: ClaimedItem, reached: CostLimitReached
 ) -> Trip | None:
     """Block the item (no attempt charged) and the organisation's pending items; record the
-    trip. Returns the Trip when this call was the day's first (the caller then notifies)."""
+    trip. Returns the Trip when this call was the day's first (the caller then notifies).
+
+    A refusal caused only by reservations in flight is not a trip: the item waits
+    (:data:`RESERVATION_WAIT_SECONDS`, no attempt charged) and nothing else is blocked or
+    notified, so the day's one notification is kept for a day whose spend is really used up."""
     org, day = item.organization_id, reached.day
     async with as_org(conn, org):
+        if reached.by_reservations:
+            await queue.release_item(conn, item, delay_seconds=RESERVATION_WAIT_SECONDS,
+                                     error=str(reached))
+            return None
         await queue.release_item(conn, item, status="blocked",
                                  error=str(reached), blocked_on=day)
         cur = await conn.execute(
@@ -144,7 +163,8 @@ async def trip_breaker(
         cur = await conn.execute(
             _Q["record_trip"],
             {"organization_id": org, "date": day, "spent_gbp": reached.spent,
-             "limit_gbp": reached.limit, "lease_seconds": NOTIFY_LEASE_SECONDS},
+             "limit_gbp": reached.limit, "needed_gbp": reached.needed,
+             "lease_seconds": NOTIFY_LEASE_SECONDS},
         )
         if await cur.fetchone() is None:
             return None
@@ -224,8 +244,9 @@ class BudgetResult:
 
 
 class BudgetLoop(PeriodicLoop):
-    """Releases cost-blocked items: at the next UTC day by policy, or at once when the limit
-    was raised. Runs beside the scheduler, at its interval."""
+    """Releases cost-blocked items: at the next UTC day by policy, or the same day once the
+    worst case the trip refused fits (the limit was raised). Runs beside the scheduler, at its
+    interval."""
 
     name = "budget"
 
@@ -254,7 +275,10 @@ class BudgetLoop(PeriodicLoop):
                 params = {"organization_id": org["organization_id"], "date": today,
                           "now": now}
                 new_day = org["blocked_on"] < today
-                room = org["spent_gbp"] + org["reserved_gbp"] + self._reserve <= org["limit_gbp"]
+                # The worst case today's trip refused must fit, not a flat reserve: otherwise
+                # the items resume, are claimed, refused and blocked again every pass.
+                needed = org["needed_gbp"] if org["needed_gbp"] is not None else self._reserve
+                room = org["spent_gbp"] + org["reserved_gbp"] + needed <= org["limit_gbp"]
                 async with as_org(conn, org["organization_id"]):
                     if new_day and self._policy == "skip":
                         skipped = await (await conn.execute(_Q["skip_blocked_items"], params))\

@@ -14,7 +14,11 @@
 -- A free attempt (amount 0: a local model, the template) reserves and notes no amount, so
 -- neither it nor its release writes the organisation's hot aggregate row: it cannot push the
 -- day over the limit, so it only needs the day not to be over already, which a read decides.
-WITH held AS (
+WITH today AS (
+    -- The billing day: the database's UTC day unless the caller names one (tests), so every
+    -- worker, whatever its clock, files the reservation and its usage under the same day.
+    SELECT coalesce(%(date)s::date, (now() AT TIME ZONE 'UTC')::date) AS day
+), held AS (
     -- `already`: this claim reserved before (the reservation lives exactly as long as the
     -- claim, see migration 0002), so this is a prepare retried after its commit was lost.
     SELECT id, reserved_cost_gbp IS NOT NULL AS already FROM episode_schedule_queue
@@ -22,8 +26,8 @@ WITH held AS (
     FOR UPDATE
 ), reserved AS (
     INSERT INTO token_usage_daily AS d (organization_id, date, reserved_gbp)
-    SELECT o.id, %(date)s, %(amount)s
-    FROM organizations o, held
+    SELECT o.id, today.day, %(amount)s
+    FROM organizations o, held, today
     WHERE o.id = %(organization_id)s AND %(amount)s > 0 AND NOT held.already
       AND %(amount)s <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
     ON CONFLICT (organization_id, date) DO UPDATE
@@ -36,7 +40,8 @@ WITH held AS (
     SELECT 1
     FROM organizations o
     CROSS JOIN held
-    LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = %(date)s
+    LEFT JOIN token_usage_daily d
+           ON d.organization_id = o.id AND d.date = (SELECT day FROM today)
     WHERE o.id = %(organization_id)s AND %(amount)s = 0 AND NOT held.already
       AND coalesce(d.total_cost_gbp + d.reserved_gbp, 0)
           <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
@@ -47,7 +52,7 @@ WITH held AS (
     UPDATE episode_schedule_queue
     SET episode_id        = coalesce(%(new_episode_id)s, episode_id),
         reserved_cost_gbp = nullif(%(amount)s, 0),
-        reserved_on       = CASE WHEN %(amount)s > 0 THEN %(date)s::date END
+        reserved_on       = CASE WHEN %(amount)s > 0 THEN (SELECT day FROM today) END
     FROM granted
     WHERE episode_schedule_queue.id = %(id)s
       AND NOT EXISTS (SELECT 1 FROM held WHERE already)
@@ -60,10 +65,12 @@ WITH held AS (
     WHERE %(new_episode_id)s::text IS NOT NULL
 )
 SELECT (SELECT count(*) FROM held) AS held, (SELECT count(*) FROM granted) AS reserved,
+       today.day,
        coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
        coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
 FROM organizations o
-LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = %(date)s
+CROSS JOIN today
+LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = today.day
 WHERE o.id = %(organization_id)s;
 
 -- name: block_org_pending_items
@@ -76,8 +83,9 @@ RETURNING id;
 -- Whoever inserts the day's row writes the event, the audit row and notifies: once per day.
 -- next_notify_at is that worker's lease on the sending: the budget loop retries the trip only
 -- if it is still un-notified when the lease has run out (a crash, a hung notifier).
-INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp, next_notify_at)
-VALUES (%(organization_id)s, %(date)s, %(spent_gbp)s, %(limit_gbp)s,
+INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp, needed_gbp,
+                              next_notify_at)
+VALUES (%(organization_id)s, %(date)s, %(spent_gbp)s, %(limit_gbp)s, %(needed_gbp)s,
         now() + make_interval(secs => %(lease_seconds)s))
 ON CONFLICT (organization_id, date) DO NOTHING
 RETURNING organization_id;
@@ -127,15 +135,22 @@ VALUES (%(id)s, NULL, %(organization_id)s, 'cost_limit.block', %(organization_id
         %(detail)s);
 
 -- name: list_cost_blocked_orgs
--- Organisations with items the breaker blocked, with today's spend and their limit.
+-- Organisations with items the breaker blocked, with today's spend (and how much of it is
+-- estimated), reservations, their limit, and the worst case today's trip refused (what must fit
+-- before they resume; NULL when unknown).
 SELECT q.organization_id, min(q.blocked_on) AS blocked_on, count(*) AS items,
-       coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
-       coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
+       coalesce(d.total_cost_gbp, 0) AS spent_gbp,
+       coalesce(d.estimated_cost_gbp, 0) AS estimated_gbp,
+       coalesce(d.reserved_gbp, 0) AS reserved_gbp,
+       coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp,
+       t.needed_gbp
 FROM episode_schedule_queue q
 JOIN organizations o ON o.id = q.organization_id
 LEFT JOIN token_usage_daily d ON d.organization_id = q.organization_id AND d.date = %(date)s
+LEFT JOIN cost_limit_trips t ON t.organization_id = q.organization_id AND t.date = %(date)s
 WHERE q.status = 'blocked' AND q.blocked_on IS NOT NULL
-GROUP BY q.organization_id, d.total_cost_gbp, d.reserved_gbp, o.daily_cost_limit_gbp
+GROUP BY q.organization_id, d.total_cost_gbp, d.estimated_cost_gbp, d.reserved_gbp,
+         o.daily_cost_limit_gbp, t.needed_gbp
 ORDER BY q.organization_id;
 
 -- name: resume_blocked_items

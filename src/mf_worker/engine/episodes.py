@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, time, tzinfo
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, time, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -34,6 +34,7 @@ from ..generation import (
     PlanningNote,
     PreviousEpisode,
     ProjectInfo,
+    TokenUsage,
 )
 from ..ids import new_id
 from ..queue import ClaimedItem
@@ -66,6 +67,10 @@ class Prepared:
     cadence_config: Any
     delivery_time: time
     timezone: str
+    # The UTC day the reservation was taken (the database's clock): the attempt's usage is
+    # filed under it, whenever it is written. Set by the reservation.
+    billing_day: date | None = None
+    reserved_gbp: Decimal = Decimal(0)  # the worst case reserved for this attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +99,7 @@ async def prepare_generations(
     conn: Connection,
     items: Sequence[ClaimedItem],
     *,
-    now: datetime,
+    now: datetime | None,
     worst_case: Callable[[GenerationRequest], Decimal],
     default_limit: Decimal,
 ) -> list[PrepareOutcome]:
@@ -104,12 +109,13 @@ async def prepare_generations(
     InvalidItemError (fail it), CostLimitReached (block it; nothing was written for it) or
     LeaseLost. A database error raises for the whole batch, which then wrote nothing.
     Idempotent per claim: run again for the same claims (after a commit whose acknowledgement
-    was lost), it finds their reservations and episodes instead of adding new ones.
+    was lost), it finds their reservations and episodes instead of adding new ones. The
+    billing day is the database's UTC day (``now`` given: that instant's, for tests).
     """
     outcomes: list[PrepareOutcome | None] = [None] * len(items)
     loads: dict[int, Any] = {}
     reservations: dict[int, tuple[Prepared, Decimal, Any]] = {}
-    day = now.astimezone(UTC).date()
+    day = now.astimezone(UTC).date() if now is not None else None
     async with conn.pipeline() as pipeline, conn.transaction():
         acting: str | None = None
         for i in _org_order(items):
@@ -149,8 +155,10 @@ async def prepare_generations(
         row = await cursor.fetchone()
         if row is not None and not row["held"]:
             outcomes[i] = LeaseLost(items[i].id)
-        else:
-            outcomes[i] = refusal(row, items[i], amount=amount, day=day) or prepared
+            continue
+        outcomes[i] = refusal(
+            row, items[i], amount=amount, day=day or datetime.now(UTC).date()
+        ) or replace(prepared, billing_day=row["day"] if row else day, reserved_gbp=amount)
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
 
@@ -293,11 +301,7 @@ def _episode_params(write: EpisodeWrite) -> dict[str, Any]:
              "reasoning": b.reasoning, "confidence": b.confidence}
             for position, b in enumerate(blocks)
         ]),
-        "usages": Jsonb([
-            {"id": new_id("tok"), "model": u.model, "prompt_tokens": u.prompt_tokens,
-             "completion_tokens": u.completion_tokens, "cost_gbp": str(cost)}
-            for u, cost in zip(usages, write.costs, strict=True)
-        ]),
+        "usages": _usage_rows(usages, write.costs),
         "note_ids": Jsonb(list(result.incorporated_note_ids)),
         "memories": Jsonb([
             {"id": new_id("mem"), "content": m.content, "memory_type": m.memory_type,
@@ -309,6 +313,7 @@ def _episode_params(write: EpisodeWrite) -> dict[str, Any]:
         "event_id": new_id("evt"),
         "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
                              "sequence_number": prepared.request.episode_number}),
+        "billing_date": prepared.billing_day,
         "next_id": new_id("queue"),
         "next_scheduled_for": plan.scheduled_for if plan else None,
         "next_metadata": Jsonb(plan.metadata if plan else None),
@@ -331,24 +336,47 @@ def _plan_following_item(
         return None
 
 
+def _usage_rows(usages: Sequence[TokenUsage], costs: Sequence[Decimal]) -> Jsonb:
+    return Jsonb([
+        {"id": new_id("tok"), "model": u.model, "prompt_tokens": u.prompt_tokens,
+         "completion_tokens": u.completion_tokens, "cost_gbp": str(cost)}
+        for u, cost in zip(usages, costs, strict=True)
+    ])
+
+
 async def write_failure(
     conn: Connection,
     item: ClaimedItem,
-    episode_id: str | None,
+    prepared: Prepared | None,
     *,
     error: str,
     retry_in: float | None,
+    usages: Sequence[TokenUsage] = (),
+    costs: Sequence[Decimal] = (),
 ) -> bool:
-    """Record a failed generator call: retry after ``retry_in`` seconds, or fail for good
-    (``retry_in`` None; the queue's trigger then fails the episode). Raises LeaseLost when the
-    fence no longer holds (nothing written)."""
+    """Record a failed attempt: retry after ``retry_in`` seconds, or fail for good (``retry_in``
+    None; the queue's trigger then fails the episode). Settles the attempt's spend in the same
+    transaction: its known ``usages`` (priced as ``costs``) are booked on the reservation's day;
+    when none are known, the queue's trigger books the reserved worst case as an estimate.
+    Raises LeaseLost when the fence no longer holds (nothing written)."""
+    episode_id = prepared.episode_id if prepared else item.episode_id
+    settled = bool(usages) and prepared is not None
     async with as_org(conn, item.organization_id):
         if retry_in is None:
-            held = await queue.finish_item(conn, item, status="failed", error=error)
+            held = await queue.finish_item(conn, item, status="failed", error=error,
+                                           settled=settled)
         else:
-            held = await queue.retry_item(conn, item, delay_seconds=retry_in, error=error)
+            held = await queue.retry_item(conn, item, delay_seconds=retry_in, error=error,
+                                          settled=settled)
         if not held:
             raise LeaseLost(item.id)
+        if settled:
+            assert prepared is not None
+            await conn.execute(_Q["book_attempt_usage"], {
+                "organization_id": item.organization_id, "project_id": item.project_id,
+                "episode_id": episode_id, "billing_date": prepared.billing_day,
+                "usages": _usage_rows(usages, costs),
+            })
         if episode_id is not None:
             await conn.execute(
                 _Q["record_episode_error"],

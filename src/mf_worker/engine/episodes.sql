@@ -47,11 +47,22 @@ SET generation_attempts = generation_attempts + 1,
     generation_errors   = generation_errors || %(error)s::text
 WHERE id = %(episode_id)s AND status IN ('generating', 'failed');
 
+-- name: book_attempt_usage
+-- The known usage of an attempt that did not succeed (output that failed validation, a refusal
+-- that was billed), on the day its reservation was taken; the caller settles the reservation in
+-- the same transaction.
+INSERT INTO token_usage (id, organization_id, project_id, episode_id, operation, model,
+                         prompt_tokens, completion_tokens, cost_gbp, billing_date)
+SELECT u.id, %(organization_id)s, %(project_id)s, %(episode_id)s, 'episode_generation',
+       u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp, %(billing_date)s
+FROM jsonb_to_recordset(%(usages)s::jsonb)
+     AS u(id text, model text, prompt_tokens bigint, completion_tokens bigint, cost_gbp numeric);
+
 -- name: complete_episode
 -- The final write of one item, in one statement so that a batch of items pipelines in one
 -- transaction (lists arrive as JSON: one parameter each, cheap to send and to unpack): the
--- completion first, fenced on the claim token (it takes the item's row lock; the reservation
--- trigger settles the budget), then — only if the fence held, because every other part reads
+-- completion first, fenced on the claim token (it takes the item's row lock, and settles the
+-- reservation: the real usage is booked below, so the trigger books no estimate), then — only if the fence held, because every other part reads
 -- from `fence` — the episode ready, its blocks, the token usage (the daily aggregate follows by
 -- trigger), the incorporated planning notes (only those still pending for this project), new
 -- memories, the audit row, the user event, and the project's next item with its cache. The
@@ -62,6 +73,7 @@ WITH fence AS (
     SET status           = 'completed',
         completed_at     = now(),
         episode_id       = %(episode_id)s,
+        reserved_cost_gbp = NULL,
         locked_by        = NULL,
         lease_expires_at = NULL,
         last_error       = NULL
@@ -84,9 +96,9 @@ WITH fence AS (
          AS b(id text, content text, position int, reasoning text, confidence float8)
 ), usage AS (
     INSERT INTO token_usage (id, organization_id, project_id, episode_id, operation, model,
-                             prompt_tokens, completion_tokens, cost_gbp)
+                             prompt_tokens, completion_tokens, cost_gbp, billing_date)
     SELECT u.id, %(organization_id)s, %(project_id)s, %(episode_id)s, 'episode_generation',
-           u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp
+           u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp, %(billing_date)s
     FROM fence,
          jsonb_to_recordset(%(usages)s::jsonb)
          AS u(id text, model text, prompt_tokens bigint, completion_tokens bigint,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -44,6 +44,7 @@ from ..generation import (
     InvalidOutputError,
     PermanentGenerationError,
     RetryableGenerationError,
+    TokenUsage,
     validate_result,
 )
 from ..logs import bind_item, get_logger
@@ -99,6 +100,7 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     BLOCKED = "blocked"
+    DEFERRED = "deferred"
     LEASE_LOST = "lease_lost"
     RELEASED = "released"
 
@@ -136,7 +138,8 @@ class AttemptReport:
     generation_seconds: float | None = None
     item_seconds: float = 0.0
     result: GenerationResult | None = None
-    costs: tuple[Decimal, ...] = ()  # GBP per usage of ``result``
+    costs: tuple[Decimal, ...] = ()  # GBP per usage of ``result`` (or of a failed attempt)
+    reserved_gbp: Decimal = Decimal(0)  # the worst case the attempt reserved
 
 
 Observer = Callable[[AttemptReport], None]
@@ -148,6 +151,18 @@ class _Failure:
     message: str
     retryable: bool
     retry_after: float | None = None
+    usages: tuple[TokenUsage, ...] = ()  # what the failed attempt is known to have consumed
+
+
+def _known_usages(usages: Sequence[object]) -> tuple[TokenUsage, ...]:
+    """The usages a failed attempt reported, if every one is well formed; otherwise none (the
+    reserved worst case is then booked as an estimate instead of garbage)."""
+    def sane(u: object) -> bool:
+        return (isinstance(u, TokenUsage) and isinstance(u.model, str) and bool(u.model.strip())
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                        for n in (u.prompt_tokens, u.completion_tokens)))
+    return tuple(u for u in usages if isinstance(u, TokenUsage)) if all(
+        sane(u) for u in usages) else ()
 
 
 class Worker:
@@ -344,6 +359,7 @@ class Worker:
             return
 
         entry.phase = "generating"
+        report.reserved_gbp = prepared.reserved_gbp
         self._log.debug("generation_started", episode_id=prepared.episode_id)
         gen_started = time.monotonic()
         result, failure = await self._generate(prepared)
@@ -359,8 +375,9 @@ class Worker:
         report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
 
     async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:
+        # now=None: the billing day is the database's UTC day, whatever this host's clock says.
         return await self._db(partial(
-            prepare_generations, items=items, now=self.clock(),
+            prepare_generations, items=items, now=None,
             worst_case=partial(self.budget.worst_case, self.generator),
             default_limit=self.budget.default_limit,
         ), alone=len(items) == 1)
@@ -372,20 +389,25 @@ class Worker:
         self, prepared: Prepared
     ) -> tuple[GenerationResult | None, _Failure | None]:
         timeout = self.settings.generation_timeout
+        raw: object = None
         try:
             raw = await asyncio.wait_for(self.generator.generate(prepared.request), timeout)
             return validate_result(raw, prepared.request,
                                    max_episode_bytes=self.settings.max_episode_bytes), None
         except RetryableGenerationError as exc:
             return None, _Failure(FailureReason.GENERATOR_RETRYABLE, str(exc), True,
-                                  exc.retry_after)
+                                  exc.retry_after, usages=_known_usages(exc.usages))
         except TimeoutError:
             return None, _Failure(FailureReason.TIMEOUT,
                                   f"generation timed out after {timeout:g} s", True)
         except InvalidOutputError as exc:
-            return None, _Failure(FailureReason.INVALID_OUTPUT, f"invalid output: {exc}", False)
+            # Output that fails validation was still generated, and billed: book its usage.
+            usages = exc.usages or (raw.usages if isinstance(raw, GenerationResult) else ())
+            return None, _Failure(FailureReason.INVALID_OUTPUT, f"invalid output: {exc}", False,
+                                  usages=_known_usages(usages))
         except PermanentGenerationError as exc:
-            return None, _Failure(FailureReason.GENERATOR_PERMANENT, str(exc), False)
+            return None, _Failure(FailureReason.GENERATOR_PERMANENT, str(exc), False,
+                                  usages=_known_usages(exc.usages))
         except ConnectionError as exc:
             return None, _Failure(FailureReason.GENERATOR_RETRYABLE,
                                   f"generator connection failed: {describe_error(exc)}", True)
@@ -404,10 +426,10 @@ class Worker:
             retry_in = retry_delay(item.attempt, failure.retry_after)
         elif failure.retryable:
             message = f"gave up after {item.attempt} attempts: {message}"[:MAX_ERROR_CHARS]
-        episode_id = prepared.episode_id if prepared else item.episode_id
-        await self._db(
-            lambda conn: write_failure(conn, item, episode_id, error=message, retry_in=retry_in)
-        )
+        costs = tuple(self.budget.prices.cost(u) for u in failure.usages)
+        await self._db(partial(write_failure, item=item, prepared=prepared, error=message,
+                               retry_in=retry_in, usages=failure.usages, costs=costs))
+        report.costs = costs
         report.outcome = Outcome.RETRY if retry_in is not None else Outcome.FAILED
         report.reason, report.error = failure.reason, message
         self._log.warning(
@@ -418,9 +440,15 @@ class Worker:
     async def _trip(self, item: ClaimedItem, reached: CostLimitReached,
                     report: AttemptReport) -> None:
         """The budget cannot cover this item: block it and its organisation's pending items
-        (no attempt charged); the day's first trip notifies the operator."""
+        (no attempt charged); the day's first trip notifies the operator. Refused only by
+        reservations in flight, it waits a little instead (deferred; no trip)."""
         trip = await self._db(partial(trip_breaker, item=item, reached=reached))
-        report.outcome, report.error = Outcome.BLOCKED, str(reached)
+        report.error = str(reached)
+        if reached.by_reservations:
+            report.outcome = Outcome.DEFERRED
+            self._log.info("item_waiting_for_reservations", error=str(reached))
+            return
+        report.outcome = Outcome.BLOCKED
         self._log.warning("item_blocked_by_cost_limit", error=str(reached),
                           first_today=trip is not None)
         if trip is None:
@@ -491,8 +519,11 @@ class Worker:
         released = 0
         for entry in leftovers:
             try:
+                # A generation that had started may have been billed: its reservation is
+                # booked and its attempt stays used. One still preparing is handed back whole.
                 held = await self._db(
-                    partial(queue.release_item, item=entry.item)
+                    partial(queue.release_item, item=entry.item,
+                            called=entry.phase != "preparing")
                 )
             except TRANSIENT_DB_ERRORS as exc:
                 self._log.error("release_failed", queue_id=entry.item.id,

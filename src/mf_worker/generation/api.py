@@ -211,7 +211,31 @@ class GenerationError(MfWorkerError):
 
     An exception that is not a `RetryableGenerationError` (including a bare `GenerationError`
     or any unexpected exception) ends the attempt for good.
+
+    `usages` is what the calls the generator made before failing consumed, when it knows (a
+    reply the model refused, a repair call that still gave garbage: the provider billed them).
+    The worker books it against the organisation's day; when a generator cannot tell, the
+    worker books the attempt's reserved worst case instead, marked as an estimate.
     """
+
+    usages: tuple[TokenUsage, ...]
+
+    def __init__(self, message: str, *, usages: Sequence[TokenUsage] = ()) -> None:
+        super().__init__(message)
+        self.usages = tuple(usages)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep every attribute (`usages`, `retry_after`, `field`) across a process boundary.
+        return (_rebuild_error, (type(self), str(self), dict(self.__dict__)))
+
+
+def _rebuild_error(
+    cls: type[GenerationError], message: str, state: dict[str, Any]
+) -> GenerationError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class RetryableGenerationError(GenerationError):
@@ -225,13 +249,10 @@ class RetryableGenerationError(GenerationError):
 
     retry_after: float | None
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: float | None = None, *,
+                 usages: Sequence[TokenUsage] = ()) -> None:
+        super().__init__(message, usages=usages)
         self.retry_after = _clean_delay(retry_after)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keep `retry_after` when the error crosses a process boundary (pickling).
-        return (type(self), (str(self), self.retry_after))
 
 
 def _clean_delay(value: float | None) -> float | None:
@@ -258,18 +279,10 @@ class InvalidOutputError(PermanentGenerationError):
 
     field: str | None
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, field: str | None = None,
+                 usages: Sequence[TokenUsage] = ()) -> None:
+        super().__init__(message, usages=usages)
         self.field = field
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_invalid_output, (type(self), str(self), self.field))
-
-
-def _rebuild_invalid_output(
-    cls: type[InvalidOutputError], message: str, field: str | None
-) -> InvalidOutputError:
-    return cls(message, field=field)
 
 
 # --------------------------------------------------------------------------------------------

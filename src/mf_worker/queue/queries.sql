@@ -86,10 +86,12 @@ FROM held LEFT JOIN extended ON extended.id = held.id;
 
 -- name: complete_items
 -- Fenced completion of a batch (the queue machinery alone; the full pipeline completes each
--- item inside its final write: complete_episode in engine/episodes.sql).
+-- item inside its final write: complete_episode in engine/episodes.sql). Settles any
+-- reservation without booking it (nothing was generated).
 UPDATE episode_schedule_queue AS q
 SET status           = 'completed',
     completed_at     = coalesce(%(now)s, now()),
+    reserved_cost_gbp = NULL,
     locked_by        = NULL,
     lease_expires_at = NULL,
     last_error       = NULL
@@ -100,9 +102,12 @@ WHERE q.id = done.id
 RETURNING q.id;
 
 -- name: retry_item
--- A retryable failure: back to pending, claimable again after the backoff.
+-- A retryable failure: back to pending, claimable again after the backoff. `settled`: the
+-- caller booked the attempt's real usage in this transaction; otherwise the reservation (if
+-- any) is booked as an estimate by the queue's trigger (migration 0008).
 UPDATE episode_schedule_queue
 SET status           = 'pending',
+    reserved_cost_gbp = CASE WHEN %(settled)s THEN NULL ELSE reserved_cost_gbp END,
     run_after        = coalesce(%(now)s, now()) + make_interval(secs => %(delay_seconds)s),
     last_error       = %(error)s,
     locked_by        = NULL,
@@ -114,9 +119,10 @@ RETURNING id;
 
 -- name: finish_item
 -- A final outcome other than success: 'failed' (attempts used up, or a permanent error) or
--- 'cancelled' (the project is gone or paused).
+-- 'cancelled' (the project is gone or paused). `settled` as for retry_item.
 UPDATE episode_schedule_queue
 SET status           = %(status)s,
+    reserved_cost_gbp = CASE WHEN %(settled)s THEN NULL ELSE reserved_cost_gbp END,
     last_error       = %(error)s,
     locked_by        = NULL,
     lease_expires_at = NULL
@@ -126,12 +132,16 @@ WHERE id = %(id)s
 RETURNING id;
 
 -- name: release_item
--- Hand an item back untouched (shutdown, cost block): pending again at once, and the attempt
--- the claim counted is given back, because no generator call was charged for it.
+-- Hand an item back (shutdown, cost block): pending (after `delay_seconds`) or blocked. Before
+-- its generator call started (`called` false) the attempt the claim counted is given back and
+-- the reservation released unbooked, since nothing can have been billed; after it started, the
+-- attempt stays used and the reservation is booked as an estimate (migration 0008).
 UPDATE episode_schedule_queue
 SET status           = %(status)s,
-    attempt_count    = greatest(attempt_count - 1, 0),
-    run_after        = coalesce(%(now)s, now()),
+    attempt_count    = CASE WHEN %(called)s THEN attempt_count
+                            ELSE greatest(attempt_count - 1, 0) END,
+    reserved_cost_gbp = CASE WHEN %(called)s THEN reserved_cost_gbp END,
+    run_after        = coalesce(%(now)s, now()) + make_interval(secs => %(delay_seconds)s),
     last_error       = coalesce(%(error)s, last_error),
     blocked_on       = %(blocked_on)s,
     locked_by        = NULL,

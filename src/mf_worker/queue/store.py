@@ -149,38 +149,46 @@ async def _fenced(conn: Connection, query: str, params: dict[str, Any]) -> bool:
 
 async def retry_item(
     conn: Connection, item: ClaimedItem, *, delay_seconds: float, error: str,
-    now: datetime | None = None,
+    settled: bool = False, now: datetime | None = None,
 ) -> bool:
-    """Back to pending after ``delay_seconds``; False if the fence no longer holds."""
+    """Back to pending after ``delay_seconds``; False if the fence no longer holds.
+    ``settled``: the caller booked the attempt's real usage (else a reservation is booked as
+    an estimate)."""
     return await _fenced(
         conn, "retry_item",
-        {**fence(item), "now": now, "delay_seconds": delay_seconds, "error": error},
+        {**fence(item), "now": now, "delay_seconds": delay_seconds, "error": error,
+         "settled": settled},
     )
 
 
 async def finish_item(
-    conn: Connection, item: ClaimedItem, *, status: str, error: str,
+    conn: Connection, item: ClaimedItem, *, status: str, error: str, settled: bool = False,
     now: datetime | None = None,
 ) -> bool:
     """Final 'failed' or 'cancelled' with the reason; False if the fence no longer holds."""
     if status not in ("failed", "cancelled"):
         raise ValueError(f"finish_item: status must be failed or cancelled, not {status!r}")
     return await _fenced(
-        conn, "finish_item", {**fence(item), "now": now, "status": status, "error": error}
+        conn, "finish_item",
+        {**fence(item), "now": now, "status": status, "error": error, "settled": settled}
     )
 
 
 async def release_item(
-    conn: Connection, item: ClaimedItem, *, status: str = "pending",
-    error: str | None = None, blocked_on: date | None = None, now: datetime | None = None,
+    conn: Connection, item: ClaimedItem, *, status: str = "pending", called: bool = False,
+    delay_seconds: float = 0.0, error: str | None = None, blocked_on: date | None = None,
+    now: datetime | None = None,
 ) -> bool:
-    """Hand the item back without charging its attempt: ``pending`` (shutdown) or ``blocked``
-    by the cost breaker on ``blocked_on``."""
+    """Hand the item back: ``pending`` (shutdown; after ``delay_seconds``) or ``blocked`` by the
+    cost breaker on ``blocked_on``. Before the generator call started (``called`` false) the
+    attempt is given back and the reservation released; after it, the attempt stays used and
+    the reservation is booked as an estimate (the call may have been billed)."""
     if status not in ("pending", "blocked"):
         raise ValueError(f"release_item: status must be pending or blocked, not {status!r}")
     return await _fenced(
         conn, "release_item",
-        {**fence(item), "now": now, "status": status, "error": error,
+        {**fence(item), "now": now, "status": status, "error": error, "called": called,
+         "delay_seconds": delay_seconds,
          "blocked_on": blocked_on if status == "blocked" else None},
     )
 
