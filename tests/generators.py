@@ -7,7 +7,8 @@ Title prefixes:
   ``slow:S``        sleep S seconds, then write the template episode
   ``slow-once:S``   sleep S seconds on attempt 1 only (a crashed or frozen first attempt)
   ``flaky:N``       retryable failure on attempts 1..N, then success
-  ``rate-limited``  retryable failure with retry_after=0.1 on attempt 1, then success
+  ``rate-limited[:S]``  retryable failure with retry_after=S (default 0.1) on attempt 1,
+                    then success
   ``fail-always``   retryable failure on every attempt
   ``permanent``     permanent failure
   ``raises``        an unexpected exception (a plugin bug)
@@ -87,7 +88,8 @@ async def scripted(request: GenerationRequest) -> GenerationResult:
     elif kind == "flaky" and request.attempt <= int(arg.split()[0]):
         raise RetryableGenerationError(f"provider overloaded (attempt {request.attempt})")
     elif kind == "rate-limited" and request.attempt == 1:
-        raise RetryableGenerationError("429 Too Many Requests", retry_after=0.1)
+        raise RetryableGenerationError("429 Too Many Requests",
+                                       retry_after=float(arg.split()[0]) if arg else 0.1)
     elif kind == "fail-always":
         raise RetryableGenerationError(f"upstream 503 on attempt {request.attempt}")
     elif kind == "permanent":
