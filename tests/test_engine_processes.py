@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .conftest import require_binary
+from .conftest import REQUIRE_ALL, require_binary
 from .factories import make_queue_item, make_tenant
 from .workers import start_worker, wait_until
 
@@ -250,8 +250,13 @@ def test_daemon_recovers_when_its_database_connections_are_killed(
 def test_poll_only_mode_through_pgbouncer_in_transaction_mode(
     db_url: str, db: Conn, tmp_path: Path
 ) -> None:
-    """No LISTEN, no prepared statements, no session state: items complete exactly once."""
+    """No LISTEN, no prepared statements, no session state: items complete exactly once.
+
+    The first two are checked where they would happen, on the server: the test database logs
+    every statement its sessions run (``log_statement = all``, set on the database, read back
+    from the server's log), and no session of the run issued LISTEN or a named prepare."""
     pgbouncer = require_binary("pgbouncer")
+    server_log = ServerLog.find(db)
     params = conninfo_to_dict(db_url)
     port = _free_port()
     # Its own world-readable directory: PgBouncer runs as another user when we are root.
@@ -283,6 +288,7 @@ def test_poll_only_mode_through_pgbouncer_in_transaction_mode(
                             user=params.get("user", os.environ.get("USER", "root")))
         wait_until(lambda: _accepts(via), 20, "pgbouncer to accept connections")
         seed_many(db, orgs=5, items=200)
+        server_log.start(db)
         env = {"MF_LISTEN": "off", "MF_PREPARED_STATEMENTS": "off", "MF_CONCURRENCY": "8"}
         workers = [start_worker(via, "--burst", log=tmp_path / f"w{i}.log",
                                 MF_WORKER_ID=f"pooled-{i}", **env) for i in range(2)]
@@ -297,6 +303,56 @@ def test_poll_only_mode_through_pgbouncer_in_transaction_mode(
     assert scalar(db, "SELECT count(*) FROM episodes WHERE status = 'ready'") == 200
     assert scalar(db, "SELECT count(DISTINCT project_id) FROM episodes") == 200
     assert scalar(db, "SELECT count(*) FROM planning_notes WHERE status = 'incorporated'") == 200
+    statements = server_log.statements(db)
+    assert len(statements) > 200  # the log really shows the run's statements
+    assert [s for s in statements if "LISTEN" in s.upper()] == []
+    # psycopg's server-side prepares are named `_pg3_N`; unnamed statements are fine.
+    assert [s for s in statements if "execute _pg3" in s or "PREPARE" in s.upper()] == []
+
+
+class ServerLog:
+    """The PostgreSQL server's own log file, for what a database's sessions ran.
+
+    The Debian cluster (the one CI uses) logs to a file ``pg_lsclusters`` names; a server
+    with its logging collector on names it through ``pg_current_logfile()``. Elsewhere the
+    check is skipped (failed under MF_TEST_REQUIRE_ALL, as for a missing tool)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    @classmethod
+    def find(cls, db: Conn) -> ServerLog:
+        row = db.execute("SELECT pg_current_logfile() AS f, current_setting('data_directory')"
+                         " AS d, current_setting('port') AS p").fetchone()
+        assert row is not None
+        candidates = [Path(row["d"]) / row["f"]] if row["f"] else []
+        if shutil.which("pg_lsclusters"):
+            listing = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True,
+                                     text=True, check=False).stdout
+            candidates += [Path(f[6]) for f in map(str.split, listing.splitlines())
+                           if len(f) >= 7 and f[2] == row["p"] and f[5] == row["d"]]
+        for path in candidates:
+            if os.access(path, os.R_OK):
+                return cls(path)
+        message = "cannot read the PostgreSQL server's log to check statements server-side"
+        if REQUIRE_ALL:
+            pytest.fail(message)
+        pytest.skip(message)
+
+    def start(self, db: Conn) -> None:
+        """Log every statement of the database's new sessions from now on."""
+        dbname = scalar(db, "SELECT current_database()")
+        db.execute(f'ALTER DATABASE "{dbname}" SET log_statement = \'all\'')
+        self.offset = self.path.stat().st_size
+
+    def statements(self, db: Conn) -> list[str]:
+        """The statements logged for this database since :meth:`start`."""
+        dbname = scalar(db, "SELECT current_database()")
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            text = handle.read().decode(errors="replace")
+        return [line for line in text.splitlines()
+                if f"@{dbname} " in line and ("statement: " in line or "execute " in line)]
 
 
 def _free_port() -> int:
