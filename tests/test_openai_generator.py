@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import tomllib
+import traceback
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -102,6 +103,9 @@ class FakeLLM:
         self.script: deque[Reply] = deque()
         self.last: Reply | None = None
         self.seen: list[Seen] = []
+        # What went wrong inside the server (a test's broken script, a bad request): the
+        # handler's thread cannot fail the test, so the ``llm`` fixture fails it afterwards.
+        self.errors: list[str] = []
         self.lock = threading.Lock()
         fake = self
 
@@ -137,7 +141,7 @@ class FakeLLM:
             block_on_close = False
 
             def handle_error(self, request: Any, client_address: Any) -> None:
-                pass
+                fake.errors.append(traceback.format_exc())
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -201,6 +205,7 @@ def llm() -> Iterator[FakeLLM]:
     server = FakeLLM().start()
     yield server
     server.stop()
+    assert server.errors == [], "the fake LLM server failed:\n" + "\n".join(server.errors)
 
 
 @pytest.fixture
