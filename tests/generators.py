@@ -12,6 +12,7 @@ Title prefixes:
   ``fail-always``   retryable failure on every attempt
   ``permanent``     permanent failure
   ``raises``        an unexpected exception (a plugin bug)
+  ``unreachable``   the provider's host refuses the connection (``ConnectionRefusedError``)
   ``invalid:KIND``  an invalid result of KIND (see ``INVALID``)
   ``costly:S``      sleep S seconds, then report gpt-4o usage costing exactly £0.50
   ``wedge:S``       block the whole event loop for S seconds (a plugin calling sync I/O)
@@ -96,6 +97,8 @@ async def scripted(request: GenerationRequest) -> GenerationResult:
         raise PermanentGenerationError("400 Bad Request: content refused")
     elif kind == "raises":
         raise KeyError("choices")
+    elif kind == "unreachable":
+        raise ConnectionRefusedError(111, "Connection refused")
     elif kind == "invalid":
         return INVALID[arg.split()[0]](_good(request))
     elif kind == "wedge":
