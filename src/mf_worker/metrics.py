@@ -50,7 +50,7 @@ class Metrics:
         # The client would also export a `<name>_created` gauge (a Unix time) beside every
         # counter and histogram: undocumented series that break the naming rules above and
         # that no dashboard or alert reads. Process-wide, like the client's own switch.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the client
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.attempts = Counter(
             "mf_worker_attempts_total", "Attempts at queue items, by how they ended.",
