@@ -117,7 +117,7 @@ def test_pricing_file_overrides_and_a_malformed_entry_is_named(tmp_path: Path) -
 @pytest.mark.slow
 @pytest.mark.xdist_group("processes")
 def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
-    db_url: str, db: Conn, tmp_path: Path
+    db_url: str, worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     """£2.50 and £0.50 per generation: exactly five start, fifteen are blocked, spend stays
     within the limit, and the aggregate equals the raw rows.
@@ -129,7 +129,8 @@ def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
     names = {f"w{i}" for i in range(4)}
     with psycopg.connect(db_url) as gate:
         gate.execute("LOCK TABLE episode_schedule_queue IN ACCESS EXCLUSIVE MODE")
-        workers = [start_worker(db_url, "--burst", log=tmp_path / f"{name}.log",
+        # As the least-privilege role: reservations and the breaker under row-level security.
+        workers = [start_worker(worker_role_url, "--burst", log=tmp_path / f"{name}.log",
                                 MF_CONCURRENCY="5", MF_POOL_MAX_SIZE="8", MF_WORKER_ID=name)
                    for name in sorted(names)]
         try:
@@ -403,7 +404,8 @@ def test_webhook_gives_up_after_its_attempts_and_notifier_specs_are_checked(
 ) -> None:
     _Hook.failures_left = 10
     notifier = WebhookNotifier(webhook, attempts=3, backoff=0.01)
-    trip = Trip("org_x", datetime.now(UTC).date(), Decimal(1), Decimal(1), 3, "Daily limit exceeded")
+    trip = Trip("org_x", datetime.now(UTC).date(), Decimal(1), Decimal(1), 3,
+                "Daily limit exceeded")
     with pytest.raises(Exception, match="webhook answered 500"):
         asyncio.run(notifier.notify(trip))
     assert _Hook.failures_left == 7

@@ -3,6 +3,8 @@
 These tests start real daemons against the test's database and act on them the way production
 does: SIGKILL, SIGSTOP/SIGCONT, SIGTERM, terminated database backends, a real PgBouncer. They
 share one xdist group so they never compete with each other for the server's connections.
+The daemons log in as the documented least-privilege role (``worker_role_url``), so row-level
+security applies to everything they do, as in production; the test reads as the owner.
 """
 
 from __future__ import annotations
@@ -90,13 +92,13 @@ def seed_many(conn: Conn, *, orgs: int, items: int, title: str = "fast") -> None
 
 
 def test_exactly_once_with_four_racing_worker_processes(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     """4 processes × concurrency 8 over 2,000 due items in 50 orgs: every item completes once,
     one episode each, every note incorporated once, aggregates equal the raw rows."""
     seed_many(db, orgs=50, items=2000)
     workers = [
-        start_worker(db_url, "--burst", log=tmp_path / f"w{i}.log",
+        start_worker(worker_role_url, "--burst", log=tmp_path / f"w{i}.log",
                      MF_CONCURRENCY="8", MF_POOL_MAX_SIZE="10", MF_WORKER_ID=f"racer-{i}")
         for i in range(4)
     ]
@@ -134,11 +136,12 @@ def test_exactly_once_with_four_racing_worker_processes(
 
 
 def test_sigkilled_worker_is_recovered_after_its_lease_expires(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     t = make_tenant(db, title="slow-once:60")
     item = make_queue_item(db, t["project"])
-    a = start_worker(db_url, log=tmp_path / "a.log", MF_LEASE_SECONDS=LEASE, MF_WORKER_ID="a")
+    a = start_worker(worker_role_url, log=tmp_path / "a.log", MF_LEASE_SECONDS=LEASE,
+                     MF_WORKER_ID="a")
     # Killed inside the generation: its prepare has committed the episode row.
     wait_until(lambda: scalar(db, "SELECT count(*) FROM episodes WHERE project_id = %s"
                                   " AND status = 'generating'", t["project"]["id"]) == 1,
@@ -147,7 +150,8 @@ def test_sigkilled_worker_is_recovered_after_its_lease_expires(
     a.wait(timeout=10)
     assert status_of(db, item["id"])["status"] == "processing"  # nobody released it
 
-    b = start_worker(db_url, log=tmp_path / "b.log", MF_LEASE_SECONDS=LEASE, MF_WORKER_ID="b")
+    b = start_worker(worker_role_url, log=tmp_path / "b.log", MF_LEASE_SECONDS=LEASE,
+                     MF_WORKER_ID="b")
     try:
         wait_until(lambda: status_of(db, item["id"])["status"] == "completed", 60,
                    "b to reap and complete the item")
@@ -164,18 +168,20 @@ def test_sigkilled_worker_is_recovered_after_its_lease_expires(
 
 
 def test_frozen_worker_loses_its_lease_and_writes_nothing_when_it_resumes(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     """SIGSTOP mid-generation; another worker completes the item; SIGCONT: the frozen worker's
     write is fenced out and exactly one episode (one set of blocks, one usage row) exists."""
     t = make_tenant(db, title="slow-once:3")
     item = make_queue_item(db, t["project"])
-    a = start_worker(db_url, log=tmp_path / "a.log", MF_LEASE_SECONDS=LEASE, MF_WORKER_ID="a")
+    a = start_worker(worker_role_url, log=tmp_path / "a.log", MF_LEASE_SECONDS=LEASE,
+                     MF_WORKER_ID="a")
     wait_until(lambda: scalar(db, "SELECT count(*) FROM episodes WHERE project_id = %s"
                                   " AND status = 'generating'", t["project"]["id"]) == 1,
                60, "a to claim and start generating")
     a.send_signal(signal.SIGSTOP)
-    b = start_worker(db_url, log=tmp_path / "b.log", MF_LEASE_SECONDS=LEASE, MF_WORKER_ID="b")
+    b = start_worker(worker_role_url, log=tmp_path / "b.log", MF_LEASE_SECONDS=LEASE,
+                     MF_WORKER_ID="b")
     try:
         wait_until(lambda: status_of(db, item["id"])["status"] == "completed", 60,
                    "b to take over and complete")
@@ -197,13 +203,15 @@ def test_frozen_worker_loses_its_lease_and_writes_nothing_when_it_resumes(
 
 
 def test_heartbeat_keeps_a_long_generation_and_other_workers_leave_it_alone(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     t = make_tenant(db, title=f"slow:{2.5 * float(LEASE)}")  # two and a half leases
     item = make_queue_item(db, t["project"])
-    a = start_worker(db_url, log=tmp_path / "a.log", MF_LEASE_SECONDS=LEASE, MF_WORKER_ID="a")
+    a = start_worker(worker_role_url, log=tmp_path / "a.log", MF_LEASE_SECONDS=LEASE,
+                     MF_WORKER_ID="a")
     wait_until(lambda: status_of(db, item["id"])["locked_by"] == "a", 30, "a to claim")
-    b = start_worker(db_url, log=tmp_path / "b.log", MF_LEASE_SECONDS=LEASE, MF_WORKER_ID="b")
+    b = start_worker(worker_role_url, log=tmp_path / "b.log", MF_LEASE_SECONDS=LEASE,
+                     MF_WORKER_ID="b")
     try:
         wait_until(lambda: status_of(db, item["id"])["status"] == "completed", 60, "completion")
     finally:
@@ -214,11 +222,12 @@ def test_heartbeat_keeps_a_long_generation_and_other_workers_leave_it_alone(
 
 
 def test_sigterm_drains_within_the_grace_and_hands_back_the_rest(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     quick = make_queue_item(db, make_tenant(db, title="slow:1")["project"])
     stuck = make_queue_item(db, make_tenant(db, title="slow:120")["project"])
-    a = start_worker(db_url, log=tmp_path / "a.log", MF_SHUTDOWN_GRACE="3", MF_WORKER_ID="a")
+    a = start_worker(worker_role_url, log=tmp_path / "a.log", MF_SHUTDOWN_GRACE="3",
+                     MF_WORKER_ID="a")
     wait_until(lambda: all(status_of(db, i["id"])["status"] == "processing"
                            for i in (quick, stuck)), 30, "both items in flight")
     a.send_signal(signal.SIGTERM)
@@ -232,11 +241,36 @@ def test_sigterm_drains_within_the_grace_and_hands_back_the_rest(
     assert '"item_released"' in (tmp_path / "a.log").read_text()
 
 
+def test_a_second_sigterm_during_the_drain_exits_at_once_with_130(
+    worker_role_url: str, db: Conn, tmp_path: Path
+) -> None:
+    """The operator who sends SIGTERM twice means "now": the daemon stops draining and exits
+    130 without handing its item back (the reaper returns it when the lease expires)."""
+    stuck = make_queue_item(db, make_tenant(db, title="slow:120")["project"])
+    log = tmp_path / "a.log"
+    a = start_worker(worker_role_url, log=log, MF_SHUTDOWN_GRACE="300", MF_WORKER_ID="a")
+    try:
+        wait_until(lambda: status_of(db, stuck["id"])["status"] == "processing", 30,
+                   "the item in flight")
+        a.send_signal(signal.SIGTERM)
+        wait_until(lambda: '"draining"' in log.read_text(), 30, "the drain to begin")
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(timeout=60) == 130  # well inside the 300 s grace
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert '"second_signal_exiting_now"' in log.read_text()
+    assert '"item_released"' not in log.read_text()
+    held = status_of(db, stuck["id"])
+    assert (held["status"], held["locked_by"]) == ("processing", "a")
+
+
 def test_daemon_recovers_when_its_database_connections_are_killed(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     seed_many(db, orgs=4, items=40, title="slow:0.3")
-    a = start_worker(db_url, log=tmp_path / "a.log", MF_CONCURRENCY="4",
+    a = start_worker(worker_role_url, log=tmp_path / "a.log", MF_CONCURRENCY="4",
                      MF_LEASE_SECONDS=LEASE, MF_WORKER_ID="a")
     try:
         completed = ("SELECT count(*) FROM episode_schedule_queue WHERE status = 'completed'")
@@ -255,7 +289,7 @@ def test_daemon_recovers_when_its_database_connections_are_killed(
 
 
 def test_poll_only_mode_through_pgbouncer_in_transaction_mode(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     """No LISTEN, no prepared statements, no session state: items complete exactly once.
 
@@ -264,13 +298,13 @@ def test_poll_only_mode_through_pgbouncer_in_transaction_mode(
     from the server's log), and no session of the run issued LISTEN or a named prepare."""
     pgbouncer = require_binary("pgbouncer")
     server_log = ServerLog.find(db)
-    params = conninfo_to_dict(db_url)
+    params = conninfo_to_dict(worker_role_url)
     port = _free_port()
     # Its own world-readable directory: PgBouncer runs as another user when we are root.
     home = Path(tempfile.mkdtemp(prefix="mf-pgbouncer-"))
     os.chmod(home, 0o755)
     conf = home / "pgbouncer.ini"
-    (home / "users.txt").write_text('"root" ""\n')
+    (home / "users.txt").write_text(f'"{params["user"]}" ""\n')
     target = " ".join(f"{k}={v}" for k, v in {
         "host": params.get("host", "/var/run/postgresql"), "port": params.get("port", 5432),
         "dbname": params["dbname"]}.items())
@@ -292,7 +326,7 @@ def test_poll_only_mode_through_pgbouncer_in_transaction_mode(
     bouncer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         via = make_conninfo("", host="127.0.0.1", port=port, dbname=params["dbname"],
-                            user=params.get("user", os.environ.get("USER", "root")))
+                            user=params["user"])
         wait_until(lambda: _accepts(via), 20, "pgbouncer to accept connections")
         seed_many(db, orgs=5, items=200)
         server_log.start(db)

@@ -60,7 +60,7 @@ def scraped_families(text: str, metrics: Metrics) -> dict[str, tuple[str, dict[s
             if label != "le":
                 families[family][1].setdefault(label, set()).add(value)
     # Families with labels but no child yet: their declared label names (no values seen).
-    for collector in list(metrics.registry._collector_to_names):  # noqa: SLF001
+    for collector in list(metrics.registry._collector_to_names):
         for family in collector.describe() if hasattr(collector, "describe") else ():
             name = family.name + ("_total" if family.type == "counter" else "")
             labelnames = getattr(collector, "_labelnames", ())
