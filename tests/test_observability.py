@@ -1,5 +1,7 @@
 """Metrics, health and logs, read the way operators read them: from a running daemon's endpoint,
-through promtool and a real Prometheus server, and from its JSON log lines."""
+through promtool and a real Prometheus server, and from its JSON log lines. The daemons log in
+as the documented least-privilege role, so the queue depth they export is read through
+row-level security as in production."""
 
 from __future__ import annotations
 
@@ -54,13 +56,13 @@ def with_password(url: str, password: str) -> str:
 
 
 def test_scraped_metrics_move_by_the_right_amounts_and_pass_promtool(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     t = make_tenant(db)
     for title in ["ok"] * 10 + ["permanent"] * 2 + ["flaky:1"]:
         make_queue_item(db, make_project(db, t["user"], title=title))
     log = tmp_path / "w.log"
-    worker = start_worker(with_password(db_url, "s3cr3t-pw"), log=log, MF_CONCURRENCY="4")
+    worker = start_worker(with_password(worker_role_url, "s3cr3t-pw"), log=log, MF_CONCURRENCY="4")
     scraped: list[str] = []
 
     def settled() -> bool:
@@ -123,11 +125,13 @@ def test_scraped_metrics_move_by_the_right_amounts_and_pass_promtool(
     assert checked.returncode == 0 and checked.stdout + checked.stderr == "", checked.stderr
 
 
-def test_a_real_prometheus_scrapes_the_daemon(db_url: str, db: Conn, tmp_path: Path) -> None:
+def test_a_real_prometheus_scrapes_the_daemon(
+    worker_role_url: str, db: Conn, tmp_path: Path
+) -> None:
     prometheus = require_binary("prometheus")
     make_queue_item(db, make_tenant(db)["project"])
     log = tmp_path / "w.log"
-    worker = start_worker(db_url, log=log)
+    worker = start_worker(worker_role_url, log=log)
     home = Path(tempfile.mkdtemp(prefix="mf-prometheus-"))
     try:
         port = port_of(log)
@@ -165,10 +169,10 @@ def test_a_real_prometheus_scrapes_the_daemon(db_url: str, db: Conn, tmp_path: P
 
 
 def test_healthz_turns_503_while_the_claim_loop_is_wedged(
-    db_url: str, db: Conn, tmp_path: Path
+    worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
     log = tmp_path / "w.log"
-    worker = start_worker(db_url, log=log, MF_HEALTH_STALL_SECONDS="1", MF_CONCURRENCY="1")
+    worker = start_worker(worker_role_url, log=log, MF_HEALTH_STALL_SECONDS="1", MF_CONCURRENCY="1")
     try:
         port = port_of(log)
         healthz = f"http://127.0.0.1:{port}/healthz"
@@ -186,12 +190,12 @@ def test_healthz_turns_503_while_the_claim_loop_is_wedged(
 
 
 def test_readyz_follows_the_database(
-    db_url: str, db: Conn, pg_admin_url: str, tmp_path: Path
+    worker_role_url: str, db: Conn, pg_admin_url: str, tmp_path: Path
 ) -> None:
     admin = psycopg.connect(pg_admin_url, autocommit=True)
     log = tmp_path / "w.log"
-    worker = start_worker(db_url, log=log)
-    dbname = conninfo_to_dict(db_url)["dbname"]
+    worker = start_worker(worker_role_url, log=log)
+    dbname = conninfo_to_dict(worker_role_url)["dbname"]
     try:
         readyz = f"http://127.0.0.1:{port_of(log)}/readyz"
         wait_until(lambda: http_get(readyz)[0] == 200, 20, "ready")
