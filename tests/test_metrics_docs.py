@@ -15,8 +15,6 @@ from mf_worker.metrics import Metrics
 
 from .workers import ROOT, http_get
 
-# Label names a family declares but has no sample for until something happens (a model's
-# first tokens, the reaper's first item): the scrape cannot show them, the metric can.
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? \S+$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -60,6 +58,8 @@ def scraped_families(text: str, metrics: Metrics) -> dict[str, tuple[str, dict[s
             if label != "le":
                 families[family][1].setdefault(label, set()).add(value)
     # Families with labels but no child yet: their declared label names (no values seen).
+    # Label names a family declares but has no sample for until something happens (a model's
+    # first tokens, the reaper's first item): the scrape cannot show them, the metric can.
     for collector in list(metrics.registry._collector_to_names):
         for family in collector.describe() if hasattr(collector, "describe") else ():
             name = family.name + ("_total" if family.type == "counter" else "")
