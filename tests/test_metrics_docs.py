@@ -57,7 +57,6 @@ def scraped_families(text: str, metrics: Metrics) -> dict[str, tuple[str, dict[s
         for label, value in _LABEL.findall(match.group(2) or ""):
             if label != "le":
                 families[family][1].setdefault(label, set()).add(value)
-    # Families with labels but no child yet: their declared label names (no values seen).
     # Label names a family declares but has no sample for until something happens (a model's
     # first tokens, the reaper's first item): the scrape cannot show them, the metric can.
     for collector in list(metrics.registry._collector_to_names):
