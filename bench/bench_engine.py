@@ -254,7 +254,7 @@ async def _drain_queue(url: str, batch: int, connections: int) -> tuple[int, flo
             )
             if not items:
                 return done
-            done += len(await complete_items(conn, items, worker=worker))
+            done += len(await complete_items(conn, items))
 
     try:
         started = time.perf_counter()

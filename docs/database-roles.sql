@@ -34,8 +34,23 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'worker_role') \gexec
 ALTER ROLE :"worker_role" PASSWORD :worker_password;
 GRANT mf_cross_org TO :"worker_role";
 
+-- Temporary objects are how a session shadows the tables a function names; nobody here needs
+-- them. (The SECURITY DEFINER functions also pin their search_path since migration 0004: this
+-- is the second lock on the same door.) Affects every role of this database that relies on
+-- PUBLIC's default TEMP; grant it back to a role that really needs it.
+REVOKE TEMPORARY ON DATABASE :"DBNAME" FROM PUBLIC;
+
 GRANT USAGE ON SCHEMA public TO :"worker_role";
-GRANT SELECT ON ALL TABLES IN SCHEMA public TO :"worker_role";
+-- What the worker reads: everything it works on, but of users only what scheduling needs (the
+-- zone), never an address or a name.
+SELECT format('GRANT SELECT ON %s TO %I',
+              string_agg(format('%I.%I', schemaname, tablename), ', '), :'worker_role')
+FROM pg_tables
+WHERE schemaname = 'public' AND tablename <> 'users' \gexec
+REVOKE SELECT ON users FROM :"worker_role";
+GRANT SELECT (id, organization_id, timezone) ON users TO :"worker_role";
+-- Claims draw their claim token from this sequence.
+GRANT USAGE ON SEQUENCE episode_schedule_queue_claim_token_seq TO :"worker_role";
 -- What the worker writes.
 GRANT INSERT, UPDATE, DELETE ON episode_schedule_queue TO :"worker_role";
 GRANT INSERT, UPDATE ON episodes, planning_notes, token_usage_daily, cost_limit_trips
@@ -43,6 +58,20 @@ GRANT INSERT, UPDATE ON episodes, planning_notes, token_usage_daily, cost_limit_
 GRANT INSERT ON blocks, token_usage, agent_memory, user_events, audit_log TO :"worker_role";
 -- The scheduler only maintains the next_scheduled_at cache on projects.
 GRANT UPDATE (next_scheduled_at) ON projects TO :"worker_role";
+-- The `email` notifier (MF_NOTIFIER=…,email without MF_MAIL_TO) mails the users of the one
+-- organisation the transaction acts for, through this function; the worker still cannot read
+-- users.email itself.
+GRANT EXECUTE ON FUNCTION mf_organization_emails(text) TO :"worker_role";
 
--- `mf-worker migrate` is best run as the schema owner (a separate role). Running it as the
--- worker role would make that role the owner of new tables, and owners bypass RLS.
+-- No statement of the worker waits for a lock or runs for ever, whichever way it connects:
+-- mf-worker sends these as startup options (MF_DB_LOCK_TIMEOUT, MF_DB_STATEMENT_TIMEOUT), but
+-- a transaction-mode pooler refuses startup options, and the role's own defaults still apply.
+ALTER ROLE :"worker_role" SET lock_timeout = '5s';
+ALTER ROLE :"worker_role" SET statement_timeout = '30s';
+ALTER ROLE :"worker_role" SET idle_in_transaction_session_timeout = '30s';
+
+-- `mf-worker migrate` is best run as the schema owner: a separate role that is not a superuser
+-- (see docs/operations.md, "Database roles"). Running it as the worker role would make that
+-- role the owner of new tables, and owners bypass RLS; running it as a superuser makes the
+-- SECURITY DEFINER functions run as a superuser, which their pinned search_path makes safe
+-- but which is more power than they need.

@@ -280,7 +280,7 @@ def test_reservation_is_released_after_a_failed_attempt_and_after_a_reaped_lease
                 assert [c.id for c in claimed] == [item["id"]]
                 # A worker's prepare step: reserve the worst case and create the episode.
                 prepared = await prepare_generations(
-                    conn, claimed, worker="ghost", now=now,
+                    conn, claimed, now=now,
                     worst_case=lambda _request: Decimal("1.25"), default_limit=Decimal(50),
                 )
                 assert isinstance(prepared[0], Prepared), prepared
@@ -321,7 +321,7 @@ def test_a_free_attempt_reserves_nothing_but_is_refused_once_the_day_is_over_the
                 claimed = await queue.claim_due_items(conn, worker="w", limit=2,
                                                       lease_seconds=30)
                 outcomes = await prepare_generations(
-                    conn, claimed, worker="w", now=now,
+                    conn, claimed, now=now,
                     worst_case=lambda _request: Decimal(0), default_limit=Decimal(50),
                 )
                 cur = await conn.execute(

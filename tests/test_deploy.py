@@ -710,6 +710,104 @@ def kubernetes_documents() -> dict[tuple[str, str], dict[str, Any]]:
     return docs
 
 
+# Kinds of the Prometheus operator: kubernetes-validate ships no schema for them (their shape is
+# checked by test_kubernetes_manifests_are_safe_to_run and promtool instead).
+NO_BUNDLED_SCHEMA = frozenset({"PodMonitor", "PrometheusRule"})
+
+
+def render_kustomization(folder: Path, *, use_kubectl: bool = True) -> list[dict[str, Any]]:
+    """``kubectl kustomize FOLDER`` when kubectl is installed; otherwise the same rendering done
+    here for the features this kustomization uses (its resources, ``namespace`` and ``images``),
+    so the check does not depend on a tool Debian does not ship (this machine kind has it)."""
+    kubectl = shutil.which("kubectl") if use_kubectl else None
+    if kubectl is not None:
+        rendered = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True,
+                                  text=True, timeout=60, check=False)
+        assert rendered.returncode == 0, rendered.stderr
+        return [d for d in yaml.safe_load_all(rendered.stdout) if d is not None]
+    (kustomization,) = load_yaml_documents(folder / "kustomization.yaml")
+    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "resources", "images"}, (
+        "kustomization.yaml uses a feature this fallback does not render: install kubectl")
+    images = {i["name"]: i for i in kustomization.get("images", [])}
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        for doc in load_yaml_documents(folder / resource):
+            if "namespace" in kustomization and doc["kind"] != "Namespace":
+                doc.setdefault("metadata", {})["namespace"] = kustomization["namespace"]
+            for pod in _pod_specs(doc):
+                for container in (*pod.get("containers", []), *pod.get("initContainers", [])):
+                    name, _, _tag = container["image"].partition(":")
+                    if name in images:
+                        new = images[name]
+                        container["image"] = f"{new.get('newName', name)}:{new['newTag']}"
+            docs.append(doc)
+    return docs
+
+
+def _pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec", {})
+    if doc["kind"] == "CronJob":
+        spec = spec.get("jobTemplate", {}).get("spec", {})
+    template = spec.get("template", {}).get("spec")
+    return [template] if template else []
+
+
+def validate_strictly(doc: dict[str, Any]) -> None:
+    """kubernetes-validate against its bundled schemas, offline, rejecting unknown fields."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_rendered_kubernetes_manifests_validate_strictly_offline() -> None:
+    """Every object `kubectl kustomize deploy/kubernetes` renders, and the migrate Job and the
+    Secret example applied beside it, is valid against the Kubernetes schemas (strict: no
+    unknown fields), except the two Prometheus-operator kinds, which have no bundled schema."""
+    rendered = render_kustomization(DEPLOY / "kubernetes")
+    extra = [*load_yaml_documents(DEPLOY / "kubernetes" / "migrate-job.yaml"),
+             *load_yaml_documents(DEPLOY / "kubernetes" / "secret.example.yaml")]
+    kinds = [d["kind"] for d in rendered]
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "Namespace"} <= set(kinds)
+    checked = [d for d in (*rendered, *extra) if d["kind"] not in NO_BUNDLED_SCHEMA]
+    for doc in checked:
+        validate_strictly(doc)
+    assert len(checked) == len(rendered) + len(extra) - len(NO_BUNDLED_SCHEMA)
+
+
+def test_the_fallback_rendering_equals_kubectl_kustomize() -> None:
+    """Where kubectl is missing the test renders the kustomization itself: that rendering must
+    be exactly what kubectl renders, object for object."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: nothing to compare the fallback with")
+
+    def by_name(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+    folder = DEPLOY / "kubernetes"
+    assert by_name(render_kustomization(folder, use_kubectl=False)) == by_name(
+        render_kustomization(folder))
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    (lambda d: d["spec"]["template"]["spec"]["containers"][0].update(imagePullPolicyy="Always"),
+     "imagePullPolicyy"),
+    (lambda d: d["spec"].update(replicas="two"), "two"),
+    (lambda d: d["spec"]["template"]["spec"]["containers"][0].pop("name"), "name"),
+])
+def test_a_broken_manifest_fails_validation(
+    breakage: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    """The check has teeth: a misspelt field, a wrong type or a missing required field in the
+    Deployment is rejected, naming it."""
+    import kubernetes_validate
+
+    deployment = next(d for d in render_kustomization(DEPLOY / "kubernetes")
+                      if d["kind"] == "Deployment")
+    breakage(deployment)
+    with pytest.raises(kubernetes_validate.ValidationError, match=message):
+        validate_strictly(deployment)
+
+
 def test_kubernetes_manifests_are_safe_to_run() -> None:
     """Deployment: liveness on /healthz, readiness on /readyz, resources, a termination grace
     period above MF_SHUTDOWN_GRACE, non-root with a read-only root filesystem; a migrate Job, a

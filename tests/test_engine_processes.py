@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .conftest import REQUIRE_ALL, require_binary
 from .factories import make_queue_item, make_tenant
-from .workers import start_worker, wait_until
+from .workers import ROOT, start_worker, wait_until, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
 
@@ -329,8 +330,17 @@ def test_poll_only_mode_through_pgbouncer_in_transaction_mode(
                             user=params["user"])
         wait_until(lambda: _accepts(via), 20, "pgbouncer to accept connections")
         seed_many(db, orgs=5, items=200)
-        server_log.start(db)
-        env = {"MF_LISTEN": "off", "MF_PREPARED_STATEMENTS": "off", "MF_CONCURRENCY": "8"}
+        # As docs/operations.md says for a transaction-mode pooler (which refuses startup
+        # options; the timeouts then come from the role).
+        env = {"MF_LISTEN": "off", "MF_PREPARED_STATEMENTS": "off", "MF_CONCURRENCY": "8",
+               "MF_DB_LOCK_TIMEOUT": "0", "MF_DB_STATEMENT_TIMEOUT": "0"}
+        refused = subprocess.run(
+            [sys.executable, "-m", "mf_worker", "run", "--burst"],
+            env=worker_env(via, MF_LISTEN="off", MF_PREPARED_STATEMENTS="off"),
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+        assert refused.returncode != 0
+        assert "MF_DB_LOCK_TIMEOUT" in refused.stderr and "set both to 0" in refused.stderr
+        server_log.start(db)  # from here on: the run whose statements are checked
         workers = [start_worker(via, "--burst", log=tmp_path / f"w{i}.log",
                                 MF_WORKER_ID=f"pooled-{i}", **env) for i in range(2)]
         codes = [w.wait(timeout=180) for w in workers]

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -166,9 +166,11 @@ def test_migrate_status_flags_a_released_migration_that_was_edited(db_url: str, 
 def test_run_once_id_refuses_an_item_that_is_not_pending(db_url: str, db: Conn) -> None:
     t = make_tenant(db)
     done = make_queue_item(db, t["project"], status="completed", completed_at=datetime.now(UTC))
-    held = make_queue_item(db, make_project(db, t["user"]), status="processing",
-                           locked_by="other-host", lease_expires_at=datetime.now(UTC)
-                           + timedelta(minutes=5), attempt_count=1)
+    held = make_queue_item(db, make_project(db, t["user"]))
+    # Held by another worker (as a claim leaves it; the claim trigger draws its token).
+    db.execute("UPDATE episode_schedule_queue SET status = 'processing', attempt_count = 1,"
+               " locked_by = 'other-host', lease_expires_at = now() + interval '5 minutes'"
+               " WHERE id = %s", [held["id"]])
     for item_id, reason in [
         (done["id"], f"{done['id']} is completed, not pending (use `mf-worker retry` first)"),
         (held["id"], f"{held['id']} is being processed by other-host"),

@@ -16,7 +16,7 @@ EXPECTED_TABLES = {
     "organizations", "users", "projects", "episodes", "blocks", "episode_schedule_queue",
     "token_usage", "token_usage_daily", "planning_notes", "agent_memory", "user_events",
     "audit_log", "chat_sessions", "chat_messages", "highlights", "mf_schema_migrations",
-    "cost_limit_trips",
+    "cost_limit_trips", "memory_migrations",
 }
 
 
@@ -121,3 +121,56 @@ def test_a_failing_migration_rolls_back_and_names_itself(
         asyncio.run(run())
     assert "half_done" not in tables(empty_db_url)
     assert "organizations" in tables(empty_db_url), "earlier migrations stay applied"
+
+
+def test_migrations_and_roles_apply_as_a_non_superuser_database_owner(pg_admin_url: str) -> None:
+    """As deploy/ and docs/operations.md run them: `mf-worker migrate` and database-roles.sql
+    as an owner that is not a superuser (CREATEROLE, owns the database); the definer functions
+    then belong to that ordinary role, and the worker role works under it."""
+    import uuid
+
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from .conftest import require_binary
+    from .workers import ROOT, run_burst
+
+    suffix = uuid.uuid4().hex[:10]
+    owner, worker, dbname = f"mf_test_owner_{suffix}", f"mf_test_wk_{suffix}", f"mf_o_{suffix}"
+    admin = psycopg.connect(pg_admin_url, autocommit=True)
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS CREATEROLE").format(
+        sql.Identifier(owner)))
+    admin.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(
+        sql.Identifier(dbname), sql.Identifier(owner)))
+    params = conninfo_to_dict(pg_admin_url)
+    as_owner = make_conninfo("", **{**params, "dbname": dbname, "user": owner})
+    try:
+        migrated = cli("migrate", url=as_owner)
+        assert migrated.returncode == 0, migrated.stderr
+        applied = subprocess.run(
+            [require_binary("psql"), as_owner, "-v", f"worker_role={worker}",
+             "-v", "worker_password='x'", "-f", str(ROOT / "docs" / "database-roles.sql")],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert applied.returncode == 0, applied.stderr
+        with psycopg.connect(as_owner, autocommit=True) as conn:
+            owners = conn.execute(
+                "SELECT DISTINCT r.rolname, r.rolsuper FROM pg_proc p"
+                " JOIN pg_roles r ON r.oid = p.proowner WHERE p.prosecdef").fetchall()
+            assert owners == [(owner, False)]
+            conn.execute("INSERT INTO organizations (id, name) VALUES ('org_1', 'A')")
+            conn.execute("INSERT INTO users (id, organization_id, email, timezone)"
+                         " VALUES ('usr_1', 'org_1', 'a@example.com', 'UTC')")
+            conn.execute("INSERT INTO projects (id, organization_id, user_id, title,"
+                         " cadence_config) VALUES ('prj_1', 'org_1', 'usr_1', 'T',"
+                         " '{\"mode\": \"daily\"}')")
+            conn.execute("INSERT INTO episode_schedule_queue (id, project_id, organization_id,"
+                         " scheduled_for) VALUES ('queue_1', 'prj_1', 'org_1', now())")
+        as_worker = make_conninfo("", **{**params, "dbname": dbname, "user": worker})
+        reports = run_burst(as_worker, generator="template")
+        assert [r.outcome.value for r in reports] == ["success"]
+    finally:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(dbname)))
+        for role in (worker, owner):
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        admin.close()

@@ -783,7 +783,8 @@ def test_engine_stores_the_episode_with_the_servers_token_counts(
 
     state = item_state(db, item["id"])
     assert state["status"] == "completed"
-    assert llm_env.seen[0].headers["idempotency-key"] == item["id"]
+    # One key per claim: the item's id and this attempt's claim token.
+    assert llm_env.seen[0].headers["idempotency-key"] == f"{item['id']}:{state['claim_token']}"
     usage = one(db, "SELECT * FROM token_usage WHERE episode_id = %s", state["episode_id"])
     assert (usage["model"], usage["prompt_tokens"], usage["completion_tokens"]) == (
         MODEL, 812, 240)
@@ -926,7 +927,8 @@ def test_generate_builds_the_same_request_as_the_worker(db_url: str, db: Conn) -
         Outcome.SUCCESS)
     (engine,) = CAPTURE.requests
 
-    assert previewed.idempotency_key.startswith("preview-") and engine.idempotency_key == item["id"]
+    assert previewed.idempotency_key.startswith("preview-")
+    assert engine.idempotency_key.startswith(f"{item['id']}:")
     assert dataclasses.replace(previewed, idempotency_key="k") == dataclasses.replace(
         engine, idempotency_key="k")
     assert previewed.local_date == date(2026, 3, 5) and previewed.episode_number == 2

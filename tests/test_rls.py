@@ -20,6 +20,7 @@ TENANT_TABLES = [
     "organizations", "users", "projects", "episodes", "blocks", "episode_schedule_queue",
     "token_usage", "token_usage_daily", "planning_notes", "agent_memory", "user_events",
     "audit_log", "chat_sessions", "chat_messages", "highlights", "cost_limit_trips",
+    "memory_migrations",
 ]
 
 
@@ -191,3 +192,63 @@ def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
                       [datetime.now(UTC) - timedelta(minutes=1)]).fetchone() == {"n": 3}
     assert db.execute("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s",
                       [role]).fetchone() == {"rolsuper": False, "rolbypassrls": False}
+
+
+def test_status_and_notification_retries_work_under_the_least_privilege_role(
+    db_url: str, worker_role_url: str, db: Conn
+) -> None:
+    """As the documented worker role (cross-organisation reads, no tenant content): status sees
+    which projects' memories were migrated (by the owner), and the budget loop re-sends a trip
+    whose notification failed. (The email lookup needs its EXECUTE grant: operations.md.)"""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from psycopg.types.json import Jsonb
+
+    from mf_worker.cost.budget import BudgetLoop, Trip
+    from mf_worker.db import open_pool
+    from mf_worker.memories import migrate_memories
+    from mf_worker.status import read_snapshot
+
+    from .conftest import settings_for
+
+    as_worker = worker_role_url
+    sent: list[Trip] = []
+
+    class Recorder:
+        async def notify(self, trip: Trip) -> None:
+            sent.append(trip)
+
+    migrated = make_tenant(db, memories=Jsonb([f"m{i}" for i in range(60)]))
+    waiting = make_tenant(db, memories=Jsonb([f"m{i}" for i in range(51)]))
+    org = migrated["org"]["id"]
+    db.execute("INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp,"
+               " next_notify_at) VALUES (%s, current_date, 5, 5, now() - interval '1 s')",
+               [org])
+
+    async def as_the_worker() -> dict[str, object]:
+        # The one-off migration runs as the schema owner, like `mf-worker migrate`.
+        owner = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            async with owner.connection() as conn:
+                await migrate_memories(conn, project_id=migrated["project"]["id"],
+                                       min_count=1, dry_run=False)
+        finally:
+            await owner.close()
+        pool = await open_pool(settings_for(as_worker), max_size=2)
+        try:
+            async with pool.connection() as conn:
+                snapshot = await read_snapshot(conn, default_limit_gbp=Decimal(50))
+            loop = BudgetLoop(pool, 60, policy="resume", default_limit=Decimal(50),
+                              reserve_per_item=Decimal("0.5"), notifier=Recorder())
+            await loop.run_once(datetime.now(UTC) + timedelta(seconds=1))
+            return snapshot.memory_migration
+        finally:
+            await pool.close()
+
+    memory = asyncio.run(as_the_worker())
+    assert [p["project_id"] for p in memory["projects"]] == [waiting["project"]["id"]]
+    assert [(t.organization_id, t.spent_gbp) for t in sent] == [(org, Decimal(5))]
+    trip = db.execute("SELECT notified_at FROM cost_limit_trips").fetchone()
+    assert trip is not None and trip["notified_at"] is not None

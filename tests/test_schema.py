@@ -54,6 +54,22 @@ def _memory(conn: Conn, t: dict[str, Any], **kw: Any) -> None:
     )
 
 
+def _memory_migration(conn: Conn, t: dict[str, Any], **kw: Any) -> None:
+    row = {"entries": 0, "copied": 0, "skipped": 0, **kw}
+    conn.execute(
+        "INSERT INTO memory_migrations (project_id, organization_id, entries, copied, skipped)"
+        " VALUES (%(p)s, %(o)s, %(entries)s, %(copied)s, %(skipped)s)",
+        {"p": t["project"]["id"], "o": t["org"]["id"], **row},
+    )
+
+
+def _daily_column(conn: Conn, t: dict[str, Any], column: str, value: Any) -> None:
+    conn.execute(
+        f"INSERT INTO token_usage_daily (organization_id, date, {column})"
+        " VALUES (%s, current_date, %s)", [t["org"]["id"], value],
+    )
+
+
 def _daily(conn: Conn, t: dict[str, Any], **kw: Any) -> None:
     row = {"total_tokens": 0, "total_cost_gbp": 0, "episode_count": 0, **kw}
     conn.execute(
@@ -112,7 +128,10 @@ BAD_VALUES: dict[str, Any] = {
     "queue unknown status": lambda c, t: make_queue_item(c, t["project"], status="running"),
     "queue negative attempts": lambda c, t: make_queue_item(c, t["project"], attempt_count=-1),
     "queue processing without lease": lambda c, t: make_queue_item(
-        c, t["project"], status="processing"),
+        c, t["project"], status="processing", claim_token=1),
+    "queue processing without claim token": lambda c, t: make_queue_item(
+        c, t["project"], status="processing", locked_by="w",
+        lease_expires_at=datetime.now(UTC)),
     "queue completed without time": lambda c, t: make_queue_item(
         c, t["project"], status="completed"),
     "queue metadata not an object": lambda c, t: make_queue_item(
@@ -128,6 +147,22 @@ BAD_VALUES: dict[str, Any] = {
     "daily negative reservation": lambda c, t: c.execute(
         "INSERT INTO token_usage_daily (organization_id, date, reserved_gbp)"
         " VALUES (%s, current_date, -1)", [t["org"]["id"]]),
+    "daily hourly tokens not 24 hours": lambda c, t: _daily_column(c, t, "hourly_tokens",
+                                                                   [0] * 23),
+    "daily negative hourly peak": lambda c, t: _daily_column(c, t, "hourly_peak", -1),
+    "daily peak hour 24": lambda c, t: _daily_column(c, t, "peak_hour", 24),
+    "trip negative notify attempts": lambda c, t: c.execute(
+        "INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp,"
+        " notify_attempts) VALUES (%s, current_date, 1, 1, -1)", [t["org"]["id"]]),
+    "audit blank actor": lambda c, t: c.execute(
+        "INSERT INTO audit_log (organization_id, action, actor) VALUES (%s, 'x', ' ')",
+        [t["org"]["id"]]),
+    "memory migration negative entries": lambda c, t: _memory_migration(c, t, entries=-1),
+    "memory migration negative copied": lambda c, t: _memory_migration(c, t, copied=-1),
+    "memory migration negative skipped": lambda c, t: _memory_migration(c, t, skipped=-1),
+    "memory empty source": lambda c, t: c.execute(
+        "INSERT INTO agent_memory (project_id, organization_id, content, source)"
+        " VALUES (%s, %s, 'x', '')", [t["project"]["id"], t["org"]["id"]]),
     "queue negative reservation": lambda c, t: make_queue_item(
         c, t["project"], reserved_cost_gbp=-1, reserved_on=NOW.date()),
     "queue reservation without day": lambda c, t: make_queue_item(

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from decimal import Decimal
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
+from mf_worker.db import connect
+from mf_worker.db import migrate as migrate_mod
+from mf_worker.db.migrate import load_migrations
+
+from .conftest import settings_for
 from .factories import make_tenant
 
 OPERATIONS = ("episode_generation", "project_onboarding", "chat")
@@ -94,3 +101,114 @@ def test_usage_on_different_utc_days_lands_in_different_rows(
         {"date": "2026-03-01", "total_tokens": 30, "episode_count": 2},
         {"date": "2026-03-02", "total_tokens": 15, "episode_count": 1},
     ]
+
+
+def _insert_at_hours(url: str, org: str, seed: int, count: int,
+                     barrier: threading.Barrier) -> None:
+    rng = random.Random(seed)
+    with psycopg.connect(url, autocommit=True) as conn:
+        barrier.wait()
+        for _ in range(count):
+            hour = rng.choice((3, 9, 10, 17))  # few hours, so their totals race and tie often
+            conn.execute(
+                "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+                " completion_tokens, cost_gbp, created_at)"
+                " VALUES (%s, 'episode_generation', 'm', %s, 0, 0, %s)",
+                [org, rng.randint(0, 50), f"2026-05-04T{hour:02d}:{rng.randint(0, 59):02d}:00Z"],
+            )
+
+
+def test_hourly_peak_is_the_busiest_utc_hour_after_concurrent_inserts(
+    db_url: str, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """hourly_peak/peak_hour equal what the raw rows say (the earliest hour on a tie), even when
+    eight connections insert into the same day's row at once."""
+    org = make_tenant(db)["org"]["id"]
+    threads, per_thread = 8, 60
+    barrier = threading.Barrier(threads)
+    workers = [
+        threading.Thread(target=_insert_at_hours, args=(db_url, org, seed, per_thread, barrier))
+        for seed in range(threads)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    expected = db.execute(
+        "SELECT extract(hour FROM created_at AT TIME ZONE 'UTC')::int AS hour,"
+        " sum(total_tokens) AS tokens FROM token_usage GROUP BY 1"
+        " ORDER BY tokens DESC, hour LIMIT 1"
+    ).fetchone()
+    assert expected is not None
+    row = db.execute(
+        "SELECT hourly_peak, peak_hour FROM token_usage_daily WHERE organization_id = %s"
+        " AND date = '2026-05-04'", [org]
+    ).fetchone()
+    assert row == {"hourly_peak": expected["tokens"], "peak_hour": expected["hour"]}
+
+
+def test_hourly_peak_follows_the_hour_that_overtakes(
+    db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """A later hour that overtakes the peak becomes peak_hour; a tie keeps the earlier hour;
+    hours are UTC whatever the inserting timestamp's offset."""
+    org = make_tenant(db)["org"]["id"]
+
+    def use(tokens: int, at: str) -> dict[str, Any] | None:
+        db.execute(
+            "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+            " completion_tokens, cost_gbp, created_at)"
+            " VALUES (%s, 'chat', 'm', %s, 0, 0, %s)", [org, tokens, at],
+        )
+        return db.execute(
+            "SELECT hourly_peak, peak_hour FROM token_usage_daily WHERE organization_id = %s",
+            [org],
+        ).fetchone()
+
+    assert use(100, "2026-05-04T08:10:00Z") == {"hourly_peak": 100, "peak_hour": 8}
+    assert use(60, "2026-05-04T14:00:00+02:00") == {"hourly_peak": 100, "peak_hour": 8}
+    assert use(40, "2026-05-04T12:59:59Z") == {"hourly_peak": 100, "peak_hour": 8}  # tie: 8
+    assert use(1, "2026-05-04T12:30:00Z") == {"hourly_peak": 101, "peak_hour": 12}
+    assert use(50, "2026-05-04T08:00:00Z") == {"hourly_peak": 150, "peak_hour": 8}
+
+
+def test_migration_0006_fills_hourly_peak_for_existing_days(
+    empty_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Days aggregated before the columns existed get hourly_tokens, hourly_peak and peak_hour
+    from their raw rows when migration 0006 runs; later inserts continue from there."""
+    everything = load_migrations()
+    monkeypatch.setattr(migrate_mod, "load_migrations",
+                        lambda: [m for m in everything if m.version < 6])
+
+    async def migrate() -> None:
+        conn = await connect(settings_for(empty_db_url))
+        async with conn:
+            await migrate_mod.apply_migrations(conn)
+
+    asyncio.run(migrate())
+    with psycopg.connect(empty_db_url, autocommit=True, row_factory=dict_row) as db:
+        org = make_tenant(db)["org"]["id"]
+
+        def use(tokens: int, at: str) -> None:
+            db.execute(
+                "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+                " completion_tokens, cost_gbp, created_at)"
+                " VALUES (%s, 'chat', 'm', %s, 0, 0, %s)", [org, tokens, at],
+            )
+
+        use(30, "2026-05-04T07:10:00Z")
+        use(50, "2026-05-04T21:10:00Z")
+        use(20, "2026-05-04T07:50:00Z")
+        monkeypatch.setattr(migrate_mod, "load_migrations", lambda: everything)
+        asyncio.run(migrate())
+        row = db.execute("SELECT hourly_tokens, hourly_peak, peak_hour FROM token_usage_daily"
+                         " WHERE organization_id = %s", [org]).fetchone()
+        assert row is not None
+        assert (row["hourly_peak"], row["peak_hour"]) == (50, 7)  # tie 50/50: the earlier hour
+        assert row["hourly_tokens"][7] == 50 and row["hourly_tokens"][21] == 50
+        assert sum(row["hourly_tokens"]) == 100
+        use(1, "2026-05-04T21:59:00Z")
+        assert db.execute("SELECT hourly_peak, peak_hour FROM token_usage_daily"
+                          " WHERE organization_id = %s", [org]).fetchone() == {
+            "hourly_peak": 51, "peak_hour": 21}

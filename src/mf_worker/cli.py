@@ -20,6 +20,7 @@ import typer
 from psycopg_pool import PoolTimeout
 
 from . import __version__
+from .audit import default_actor, validate_actor
 from .cost.pricing import load_price_table
 from .db import Connection, Pool, connect, open_pool
 from .db.migrate import apply_migrations, migration_status
@@ -36,6 +37,7 @@ from .generation.preview import (
     run_preview,
 )
 from .logs import configure_logging, get_logger, register_secret
+from .memories import TRIGGER_MEMORIES, ProjectReport, migrate_memories, render_report
 from .scheduling.scheduler import Scheduler, SchedulerResult, enqueue_item
 from .settings import Settings, describe_settings, load_settings
 from .status import Snapshot, cancel_queue_item, read_snapshot, render_snapshot, retry_queue_item
@@ -64,6 +66,14 @@ DatabaseUrl = Annotated[
 ]
 LogFormat = Annotated[
     str | None, typer.Option("--log-format", help="auto, json or console ($MF_LOG_FORMAT).")
+]
+Actor = Annotated[
+    str | None,
+    typer.Option(
+        "--actor",
+        help="Who is acting, for the audit log (default: the OS user running the command).",
+        show_default=False,
+    ),
 ]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="Log level ($MF_LOG_LEVEL).")]
 
@@ -324,19 +334,31 @@ def enqueue(
     replace: Annotated[
         bool, typer.Option("--replace", help="Cancel the project's waiting item first.")
     ] = False,
+    actor: Actor = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Add an extra item for a project, now or at a given time (support and debugging)."""
     settings = build_settings(database_url=database_url)
     when = _parse_instant(at) if at else None
+    who = _actor(actor)
 
     async def main() -> tuple[str, datetime]:
         async with _database(settings) as conn:
             return await enqueue_item(conn, project_id, at=when, replace=replace,
-                                      now=datetime.now(UTC))
+                                      now=datetime.now(UTC), actor=who)
 
     item_id, due = run_async(main)
     typer.echo(f"enqueued {item_id} for {project_id}, due {due.isoformat()}")
+
+
+def _actor(flag: str | None) -> str:
+    """``--actor`` checked, else the OS user: who an operator command is audited under."""
+    if flag is None:
+        return default_actor()
+    try:
+        return validate_actor(flag)
+    except ValueError as exc:
+        _fail(f"--actor={flag!r}: {exc}", EXIT_CONFIG)
 
 
 def _parse_instant(text: str) -> datetime:
@@ -369,14 +391,16 @@ def status(
 @app.command()
 def retry(
     item_id: Annotated[str, typer.Argument(help="Queue item id (queue_…).")],
+    actor: Actor = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Make a failed, cancelled or blocked item pending and due now, with fresh attempts."""
     settings = build_settings(database_url=database_url)
+    who = _actor(actor)
 
     async def main() -> None:
         async with _database(settings) as conn:
-            await retry_queue_item(conn, item_id)
+            await retry_queue_item(conn, item_id, actor=who)
 
     run_async(main)
     typer.echo(f"{item_id} is pending and due now")
@@ -388,17 +412,69 @@ def cancel(
     reason: Annotated[str, typer.Option(
         "--reason", help="Recorded as last_error, and on the episode an attempt started."
     )] = "cancelled by an operator",
+    actor: Actor = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Cancel a pending, blocked or processing item (the project's next one follows)."""
     settings = build_settings(database_url=database_url)
+    who = _actor(actor)
 
     async def main() -> None:
         async with _database(settings) as conn:
-            await cancel_queue_item(conn, item_id, reason)
+            await cancel_queue_item(conn, item_id, reason, actor=who)
 
     run_async(main)
     typer.echo(f"{item_id} cancelled")
+
+
+memories_app = typer.Typer(help="The agent's memories: migrate projects.memories (JSON) into "
+                                "agent_memory.", no_args_is_help=True)
+app.add_typer(memories_app, name="memories")
+
+
+@memories_app.command("migrate")
+def memories_migrate(
+    project: Annotated[str | None, typer.Option(
+        "--project", help="Only this project (default: every project with enough memories).",
+        show_default=False)] = None,
+    min_count: Annotated[int | None, typer.Option(
+        "--min-count", help=f"Projects with at least this many entries (default "
+        f"{TRIGGER_MEMORIES}, the seed's trigger; 1 with --project).", show_default=False,
+    )] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Report what would be copied; write nothing.")] = False,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Memories per transaction.")] = 500,
+    max_batches: Annotated[int | None, typer.Option(
+        "--max-batches", help="Stop after this many batches (run it in slices; the next run "
+        "resumes).", show_default=False)] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Copy projects.memories entries into agent_memory, acting for each organisation.
+    Idempotent: a second run (or one after an interruption) copies nothing twice."""
+    settings = build_settings(database_url=database_url)
+    minimum = min_count if min_count is not None else (1 if project else TRIGGER_MEMORIES)
+    for flag, value in (("--min-count", minimum), ("--batch-size", batch_size),
+                        ("--max-batches", max_batches)):
+        if value is not None and value < 1:
+            _fail(f"{flag}={value}: must be at least 1", EXIT_CONFIG)
+
+    def show(report: ProjectReport) -> None:
+        for line in render_report(report, dry_run=dry_run):
+            typer.echo(line)
+
+    async def main() -> list[ProjectReport]:
+        async with _database(settings) as conn:
+            return await migrate_memories(
+                conn, project_id=project, min_count=minimum, dry_run=dry_run,
+                batch_size=batch_size, max_batches=max_batches, on_report=show)
+
+    reports = run_async(main)
+    verb = "to copy" if dry_run else "copied"
+    total = sum(r.to_copy if dry_run else r.copied for r in reports)
+    typer.echo(f"{len(reports)} projects: {total} memories {verb}, "
+               f"{sum(r.already for r in reports)} already there, "
+               f"{sum(len(r.skipped) for r in reports)} skipped")
 
 
 @app.command()

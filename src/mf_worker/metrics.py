@@ -85,6 +85,10 @@ class Metrics:
         self.cost_limit_trips = Counter(
             "mf_worker_cost_limit_trips_total",
             "Items blocked by an organisation's daily cost limit.", registry=r)
+        self.notifications = Counter(
+            "mf_worker_cost_limit_notifications_total",
+            "Attempts to notify a cost-limit trip (all of MF_NOTIFIER), by outcome: delivered, "
+            "failed (retried later by the budget loop).", ["outcome"], registry=r)
         self.reaped = Counter(
             "mf_worker_items_reaped_total",
             "Items whose lease expired (a lost worker), by what the reaper did.", ["result"],
@@ -107,6 +111,8 @@ class Metrics:
             self.attempts.labels(outcome.value)
         for reason in FailureReason:
             self.failures.labels(reason.value)
+        for notified in ("delivered", "failed"):
+            self.notifications.labels(notified)
         if process_metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -129,6 +135,9 @@ class Metrics:
                 self.tokens.labels(usage.model, "prompt").inc(usage.prompt_tokens)
                 self.tokens.labels(usage.model, "completion").inc(usage.completion_tokens)
                 self.cost.labels(usage.model).inc(float(cost))
+
+    def on_notified(self, delivered: bool) -> None:
+        self.notifications.labels("delivered" if delivered else "failed").inc()
 
     def on_claimed(self, items: Iterable[ClaimedItem], claimed_at: float) -> None:
         for item in items:

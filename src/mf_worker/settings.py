@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import psycopg.conninfo
 
+from .cost.smtp import parse_address, parse_address_list, parse_smtp_url
 from .errors import ConfigError
 from .systemd import credential as read_credential
 
@@ -116,6 +117,32 @@ def _url(raw: str) -> Secret:
     if not text.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL")
     return Secret(text)
+
+
+BUILT_IN_NOTIFIERS: Final = ("log", "webhook", "email")
+
+
+def _notifiers(raw: str) -> str:
+    """A comma-separated list of notifiers, normalised to ``a,b`` (each at most once)."""
+    names: list[str] = []
+    for entry in raw.split(","):
+        name = entry.strip()
+        if not name:
+            raise ValueError("an empty entry; give e.g. log,webhook,email")
+        if name.lower() in BUILT_IN_NOTIFIERS:
+            name = name.lower()
+        elif ":" not in name:
+            raise ValueError(f"{name!r} is not one of {', '.join(BUILT_IN_NOTIFIERS)} "
+                             "or package.module:attr")
+        if name in names:
+            raise ValueError(f"{name!r} is listed twice")
+        names.append(name)
+    return ",".join(names)
+
+
+def _smtp_url(raw: str) -> Secret:
+    parse_smtp_url(raw)
+    return Secret(raw.strip())
 
 
 def _optional_addr(raw: str) -> str:
@@ -282,6 +309,23 @@ class Settings:
         "connections are held only while reading or writing, never during a generation). "
         "Count them against `max_connections` across all replicas.",
     )
+    db_lock_timeout: float = _setting(
+        "MF_DB_LOCK_TIMEOUT",
+        5.0,
+        _float(0.0),
+        "Seconds a worker statement may wait for a row lock someone else holds (PostgreSQL "
+        "`lock_timeout`) before it gives up and is retried; the heartbeat never waits, it "
+        "skips locked rows. `0` sends no setting: behind a transaction-mode pooler, which "
+        "rejects startup options, set it on the role instead (docs/database-roles.sql does).",
+    )
+    db_statement_timeout: float = _setting(
+        "MF_DB_STATEMENT_TIMEOUT",
+        30.0,
+        _float(0.0),
+        "Seconds one worker statement may run (PostgreSQL `statement_timeout`, and "
+        "`idle_in_transaction_session_timeout` likewise) before it is cancelled and retried. "
+        "`0` sends no setting (see `MF_DB_LOCK_TIMEOUT`). Migrations and the CLI are exempt.",
+    )
     lease_seconds: float = _setting(
         "MF_LEASE_SECONDS",
         120.0,
@@ -358,9 +402,10 @@ class Settings:
     notifier: str = _setting(
         "MF_NOTIFIER",
         "log",
-        _text,
-        "How operators hear of a cost-limit trip (once per organisation per day): `log`, "
-        "`webhook`, or `package.module:attr`.",
+        _notifiers,
+        "Who hears of a cost-limit trip (once per organisation per UTC day, retried until "
+        "delivered): a comma-separated list of `log`, `webhook` (the operator), `email` (the "
+        "organisation's users) and `package.module:attr`, e.g. `log,webhook,email`.",
     )
     notify_webhook_url: Secret | None = _setting(
         "MF_NOTIFY_WEBHOOK_URL",
@@ -368,6 +413,30 @@ class Settings:
         _url,
         "Where the `webhook` notifier POSTs its JSON (retried, 5 s timeout). Never logged.",
         secret=True,
+    )
+    smtp_url: Secret | None = _setting(
+        "MF_SMTP_URL",
+        None,
+        _smtp_url,
+        "`email` notifier: the SMTP server, `smtp://[user:password@]host[:587]` (STARTTLS when "
+        "offered; `?starttls=require` insists, `?starttls=off` never) or "
+        "`smtps://…[:465]` (TLS from the start). A password is only ever sent encrypted. "
+        "Never logged.",
+        secret=True,
+    )
+    mail_from: str | None = _setting(
+        "MF_MAIL_FROM",
+        None,
+        parse_address,
+        "`email` notifier: the sender, e.g. `Many Futures <costs@example.org>`.",
+    )
+    mail_to: tuple[str, ...] | None = _setting(
+        "MF_MAIL_TO",
+        None,
+        parse_address_list,
+        "`email` notifier: comma-separated addresses that get every organisation's mail "
+        "instead of its users (e.g. a support inbox, or a worker role that may not read users' "
+        "addresses).",
     )
     llm_base_url: str | None = _setting(
         "MF_LLM_BASE_URL", None, _text,
@@ -448,6 +517,11 @@ class Settings:
         "MF_LOG_LEVEL", "info", _log_level, "debug, info, warning, error or critical.",
         flag="--log-level",
     )
+
+    @property
+    def notifiers(self) -> tuple[str, ...]:
+        """``MF_NOTIFIER`` as a list of names."""
+        return tuple(self.notifier.split(","))
 
     def __post_init__(self) -> None:
         if not self.worker_id:

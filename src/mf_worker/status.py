@@ -3,7 +3,8 @@
 The snapshot is read from the database, so any replica (or a laptop with the URL) reports the
 same truth: counts by status, the lag of the oldest due item, expired leases (a worker died and
 the reaper has not run yet), failed and blocked items with their errors, and projects that have
-no next item (usually an invalid cadence or zone).
+no next item (usually an invalid cadence or zone), and the projects that meet the seed's
+triggers for migrating their memories to ``agent_memory``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from typing import Any
 
 import psycopg
 
+from . import queue
+from .audit import record_operator_action
 from .cost.budget import list_blocked_orgs
 from .db import Connection, act_for
 from .db.sql import load_queries
 from .errors import MfWorkerError
+from .memories import read_migration_triggers
 
 _Q = load_queries(__package__ or "mf_worker", "status.sql")
 
@@ -35,6 +39,7 @@ class Snapshot:
     blocked: list[dict[str, Any]] = field(default_factory=list)
     projects_without_item: int = 0
     blocked_orgs: list[dict[str, Any]] = field(default_factory=list)
+    memory_migration: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +78,7 @@ async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: 
         projects_without_item=without["projects"] if without else 0,
         blocked_orgs=[_plain(r) for r in await list_blocked_orgs(
             conn, day=now.astimezone(UTC).date(), default_limit=default_limit_gbp)],
+        memory_migration=await read_migration_triggers(conn, now=now, limit=limit),
     )
 
 
@@ -97,6 +103,16 @@ def render_snapshot(snapshot: Snapshot) -> str:
         lines += [f"  {o['organization_id']}  spent £{Decimal(o['spent_gbp']):.2f} of "
                   f"£{Decimal(o['limit_gbp']):.2f} today  ({o['items']} items blocked since "
                   f"{o['blocked_on']})" for o in snapshot.blocked_orgs]
+    memory = snapshot.memory_migration
+    if memory.get("projects"):
+        lines.append(f"projects with {memory['min_memories']}+ memories in projects.memories, "
+                     "not (fully) migrated (run `mf-worker memories migrate`):")
+        lines += [f"  {p['project_id']}  org {p['organization_id']}  {p['memories']} memories"
+                  for p in memory["projects"]]
+    if memory.get("three_months_since_launch") and memory.get("unmigrated_projects"):
+        lines.append(f"launched on {memory['launched_on']}, over three months ago, and "
+                     f"{memory['unmigrated_projects']} projects keep memories only in "
+                     "projects.memories: run `mf-worker memories migrate --min-count 1`")
     sections = (("expired leases (worker lost; the reaper will return them)",
                  snapshot.expired_leases, "locked_by"),
                 ("failed items", snapshot.failed, "last_error"),
@@ -109,15 +125,16 @@ def render_snapshot(snapshot: Snapshot) -> str:
     return "\n".join(lines)
 
 
-async def retry_queue_item(conn: Connection, item_id: str) -> None:
+async def retry_queue_item(conn: Connection, item_id: str, *, actor: str) -> None:
     """Make a failed/cancelled/blocked item pending and due now, with fresh attempts; its
-    episode, if it failed with the item, is generating again."""
+    episode, if it failed with the item, is generating again. Audited under ``actor``."""
     try:
         async with conn.transaction():
             cur = await conn.execute(_Q["retry_item_now"], {"id": item_id})
             row = await cur.fetchone()
             if row is not None:
                 await _update_episode(conn, row, "reopen_retried_episode", {})
+                await _audit(conn, row, actor=actor, action="queue_item.retry")
     except psycopg.errors.UniqueViolation:
         raise MfWorkerError(
             f"{item_id}: its project already has another open item; cancel that one first"
@@ -126,16 +143,15 @@ async def retry_queue_item(conn: Connection, item_id: str) -> None:
         raise MfWorkerError(await _why_not(conn, item_id, "retried"))
 
 
-async def cancel_queue_item(conn: Connection, item_id: str, reason: str) -> None:
+async def cancel_queue_item(conn: Connection, item_id: str, reason: str, *, actor: str) -> None:
     """Cancel a pending, blocked or processing item (a running generation's write is fenced
-    out) and fail the episode an attempt had started. The scheduler plans the project's
-    following occurrence on its next pass."""
+    out by its claim token; the episode an attempt had started fails with the reason, by the
+    queue's trigger). The scheduler plans the project's following occurrence on its next
+    pass. Audited under ``actor``."""
     async with conn.transaction():
-        cur = await conn.execute(_Q["cancel_item_now"], {"id": item_id, "reason": reason})
-        row = await cur.fetchone()
+        row = await queue.cancel_item_by_operator(conn, item_id, reason=reason)
         if row is not None:
-            await _update_episode(conn, row, "fail_cancelled_episode",
-                                  {"error": f"cancelled: {reason}"})
+            await _audit(conn, row, actor=actor, action="queue_item.cancel")
     if row is None:
         raise MfWorkerError(await _why_not(conn, item_id, "cancelled"))
 
@@ -149,6 +165,13 @@ async def _update_episode(
         return
     await act_for(conn, item["organization_id"])
     await conn.execute(_Q[query], {"episode_id": item["episode_id"], **params})
+
+
+async def _audit(conn: Connection, row: dict[str, Any], *, actor: str, action: str) -> None:
+    await record_operator_action(
+        conn, actor=actor, organization_id=row["organization_id"], action=action,
+        item_id=row["id"], old_status=row["old_status"], new_status=row["status"],
+    )
 
 
 async def get_queue_item(conn: Connection, item_id: str) -> dict[str, Any] | None:

@@ -36,28 +36,21 @@ SELECT * FROM episode_schedule_queue WHERE id = %(id)s;
 
 -- name: retry_item_now
 -- `mf-worker retry`: a failed, cancelled or blocked item (or a pending one that is backing off)
--- becomes pending and due now, with a fresh set of attempts.
-UPDATE episode_schedule_queue
+-- becomes pending and due now, with a fresh set of attempts. `old_status` is for the audit row.
+WITH old AS (
+    SELECT id, status FROM episode_schedule_queue
+    WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'blocked', 'pending')
+    FOR UPDATE
+)
+UPDATE episode_schedule_queue q
 SET status = 'pending', run_after = now(), attempt_count = 0, last_error = NULL,
     completed_at = NULL
-WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'blocked', 'pending')
-RETURNING id, status, organization_id, episode_id;
+FROM old
+WHERE q.id = old.id
+RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;
 
 -- name: reopen_retried_episode
 -- The retried item's episode (failed with it) is generating again, so the attempts to come
 -- add to its history. Runs acting for the item's organisation.
 UPDATE episodes SET status = 'generating'
 WHERE id = %(episode_id)s AND status = 'failed';
-
--- name: cancel_item_now
-UPDATE episode_schedule_queue
-SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL
-WHERE id = %(id)s AND status IN ('pending', 'blocked', 'processing')
-RETURNING id, organization_id, episode_id;
-
--- name: fail_cancelled_episode
--- An attempt had started the cancelled item's episode: it fails with the reason instead of
--- staying 'generating' for ever. Runs acting for the item's organisation.
-UPDATE episodes
-SET status = 'failed', generation_errors = generation_errors || %(error)s::text
-WHERE id = %(episode_id)s AND status = 'generating';

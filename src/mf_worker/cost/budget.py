@@ -8,8 +8,10 @@ not to be over the limit already). Releasing is the database's job: a trigger gi
 reservation back whenever the item leaves ``processing`` (see migration 0002). When the budget
 cannot cover an item, the breaker blocks it and the organisation's other pending items without
 charging an attempt, records the trip once per organisation and UTC day (user event, audit row,
-operator notification), and :class:`BudgetLoop` releases the blocked items when the day turns
-(policy ``resume`` or ``skip``) or as soon as the limit is raised.
+notifications), and :class:`BudgetLoop` releases the blocked items when the day turns
+(policy ``resume`` or ``skip``) or as soon as the limit is raised. Notifications are at least
+once: the trip row records when they succeeded (``notified_at``), and the budget loop re-sends
+a trip whose notification failed or was interrupted, with backoff, for the rest of its day.
 """
 
 from __future__ import annotations
@@ -19,21 +21,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final, Protocol
 
 from .. import queue
 from ..db import Connection, Pool, as_org
 from ..db.sql import load_queries
 from ..engine.loops import PeriodicLoop
-from ..errors import MfWorkerError
+from ..errors import MfWorkerError, describe_error
 from ..generation import GenerationRequest, Generator, estimate_max_usage
 from ..ids import new_id
+from ..logs import get_logger
 from ..queue import ClaimedItem
 from .pricing import PriceTable
 
 _Q = load_queries(__package__ or "mf_worker.cost", "budget.sql")
 
 POLICIES = ("resume", "skip")
+
+# How long a process that is sending a trip's notifications holds them before another process
+# may send them again (the notifiers' own retries take well under a minute).
+NOTIFY_LEASE_SECONDS: Final = 300.0
 
 
 class CostLimitReached(MfWorkerError):
@@ -68,7 +75,7 @@ RESERVE_BUDGET = _Q["reserve_budget"]
 
 
 def reservation_params(
-    item: ClaimedItem, *, worker: str, amount: Decimal, day: date, default_limit: Decimal,
+    item: ClaimedItem, *, amount: Decimal, day: date, default_limit: Decimal,
     new_episode_id: str | None, sequence_number: int,
 ) -> dict[str, Any]:
     """Parameters of :data:`RESERVE_BUDGET` for one attempt of ``item``: reserve ``amount`` on
@@ -76,7 +83,7 @@ def reservation_params(
     The statement runs inside the caller's transaction acting for the item's organisation
     (several may pipeline in one transaction; see ``engine.episodes.prepare_generations``)."""
     return {
-        "id": item.id, "attempt": item.attempt, "worker": worker,
+        **queue.fence(item),
         "organization_id": item.organization_id, "project_id": item.project_id,
         "amount": amount, "date": day, "default_limit": default_limit,
         "new_episode_id": new_episode_id, "sequence_number": sequence_number,
@@ -121,13 +128,13 @@ class Trip:
 
 
 async def trip_breaker(
-    conn: Connection, item: ClaimedItem, reached: CostLimitReached, *, worker: str
+    conn: Connection, item: ClaimedItem, reached: CostLimitReached
 ) -> Trip | None:
     """Block the item (no attempt charged) and the organisation's pending items; record the
     trip. Returns the Trip when this call was the day's first (the caller then notifies)."""
     org, day = item.organization_id, reached.day
     async with as_org(conn, org):
-        await queue.release_item(conn, item, worker=worker, status="blocked",
+        await queue.release_item(conn, item, status="blocked",
                                  error=str(reached), blocked_on=day)
         cur = await conn.execute(
             _Q["block_org_pending_items"],
@@ -137,7 +144,7 @@ async def trip_breaker(
         cur = await conn.execute(
             _Q["record_trip"],
             {"organization_id": org, "date": day, "spent_gbp": reached.spent,
-             "limit_gbp": reached.limit},
+             "limit_gbp": reached.limit, "lease_seconds": NOTIFY_LEASE_SECONDS},
         )
         if await cur.fetchone() is None:
             return None
@@ -154,10 +161,50 @@ async def trip_breaker(
     return trip
 
 
+class TripNotifier(Protocol):
+    async def notify(self, trip: Trip) -> None:
+        """Deliver one trip; raise to signal failure."""
+
+
 async def mark_notified(conn: Connection, trip: Trip) -> None:
     async with as_org(conn, trip.organization_id):
         await conn.execute(_Q["mark_trip_notified"],
                            {"organization_id": trip.organization_id, "date": trip.date})
+
+
+async def record_notify_failure(conn: Connection, trip: Trip, error: str) -> None:
+    """The trip stays un-notified; its next attempt is backed off."""
+    async with as_org(conn, trip.organization_id):
+        await conn.execute(_Q["record_trip_notify_failure"], {
+            "organization_id": trip.organization_id, "date": trip.date, "error": error[:2000]})
+
+
+async def deliver_trip(pool: Pool, notifier: TripNotifier, trip: Trip,
+                       on_notified: Callable[[bool], None] | None = None) -> bool:
+    """Notify; record the success, or the failure for a later retry. True when delivered
+    (also passed to ``on_notified``, the metrics' subscription). Never raises: if even the
+    record cannot be written, the sending lease runs out and the budget loop sends the trip
+    again (at least once)."""
+    log = get_logger("mf_worker.notify")
+    error: str | None = None
+    try:
+        await notifier.notify(trip)
+    except Exception as exc:  # the items are blocked either way; say so loudly
+        error = describe_error(exc)
+        log.error("notification_failed", error=error, organization_id=trip.organization_id,
+                  date=trip.date.isoformat())
+    try:
+        async with pool.connection() as conn:
+            if error is None:
+                await mark_notified(conn, trip)
+            else:
+                await record_notify_failure(conn, trip, error)
+    except Exception as exc:
+        log.error("notification_record_failed", error=describe_error(exc),
+                  organization_id=trip.organization_id, delivered=error is None)
+    if on_notified is not None:
+        on_notified(error is None)
+    return error is None
 
 
 async def list_blocked_orgs(
@@ -173,6 +220,7 @@ async def list_blocked_orgs(
 class BudgetResult:
     resumed: int = 0
     skipped: int = 0
+    notified: int = 0
 
 
 class BudgetLoop(PeriodicLoop):
@@ -184,21 +232,27 @@ class BudgetLoop(PeriodicLoop):
     def __init__(
         self, pool: Pool, interval: float, *, policy: str, default_limit: Decimal,
         reserve_per_item: Decimal, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        notifier: TripNotifier | None = None,
+        on_notified: Callable[[bool], None] | None = None,
     ) -> None:
         super().__init__(interval)
         if policy not in POLICIES:
             raise ValueError(f"cost limit policy must be one of {POLICIES}, not {policy!r}")
         self._pool, self._policy, self._clock = pool, policy, clock
         self._default_limit, self._reserve = default_limit, reserve_per_item
+        self._notifier, self._on_notified = notifier, on_notified
 
     async def run_once(self, now: datetime | None = None) -> BudgetResult:
-        today = (now or self._clock()).astimezone(UTC).date()
+        now = now or self._clock()
+        today = now.astimezone(UTC).date()
         result = BudgetResult()
+        if self._notifier is not None:
+            result.notified = await self.resend_notifications(now)
         async with self._pool.connection() as conn:
             blocked = await list_blocked_orgs(conn, day=today, default_limit=self._default_limit)
             for org in blocked:
                 params = {"organization_id": org["organization_id"], "date": today,
-                          "now": now or self._clock()}
+                          "now": now}
                 new_day = org["blocked_on"] < today
                 room = org["spent_gbp"] + org["reserved_gbp"] + self._reserve <= org["limit_gbp"]
                 async with as_org(conn, org["organization_id"]):
@@ -216,3 +270,29 @@ class BudgetLoop(PeriodicLoop):
                             "organization_id"], items=len(resumed),
                             reason="new day" if new_day else "limit raised")
         return result
+
+    async def resend_notifications(self, now: datetime) -> int:
+        """Send again today's trips whose notification failed or was interrupted and whose
+        next attempt is due; each is claimed first, so two processes never send one at once."""
+        assert self._notifier is not None
+        today, sent = now.astimezone(UTC).date(), 0
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(_Q["list_trips_to_notify"], {"date": today, "now": now})
+            due = await cur.fetchall()
+        for row in due:
+            params = {"organization_id": row["organization_id"], "date": row["date"],
+                      "now": now, "lease_seconds": NOTIFY_LEASE_SECONDS}
+            async with self._pool.connection() as conn, as_org(conn, row["organization_id"]):
+                claimed = await (await conn.execute(_Q["claim_trip_notification"], params))\
+                    .fetchone()
+            if claimed is None:
+                continue
+            trip = Trip(
+                row["organization_id"], row["date"], row["spent_gbp"], row["limit_gbp"],
+                row["blocked_items"],
+                f"Daily limit exceeded: £{row['spent_gbp']:.2f} spent of "
+                f"£{row['limit_gbp']:.2f} on {row['date'].isoformat()} (UTC)",
+            )
+            self._log.info("notification_retried", organization_id=trip.organization_id)
+            sent += await deliver_trip(self._pool, self._notifier, trip, self._on_notified)
+        return sent

@@ -10,19 +10,21 @@
 -- generation_attempts and generation_errors keep the history across retries. A refusal writes
 -- nothing. `reserved` is 1 when granted; the spend and limit (as they were before this
 -- statement) explain a refusal. Item lock before aggregate lock: the final write's order.
+-- Idempotent per claim: a retried prepare finds its own reservation and reserves nothing more.
 -- A free attempt (amount 0: a local model, the template) reserves and notes no amount, so
 -- neither it nor its release writes the organisation's hot aggregate row: it cannot push the
 -- day over the limit, so it only needs the day not to be over already, which a read decides.
 WITH held AS (
-    SELECT id FROM episode_schedule_queue
-    WHERE id = %(id)s AND attempt_count = %(attempt)s AND status = 'processing'
-      AND locked_by = %(worker)s
+    -- `already`: this claim reserved before (the reservation lives exactly as long as the
+    -- claim, see migration 0002), so this is a prepare retried after its commit was lost.
+    SELECT id, reserved_cost_gbp IS NOT NULL AS already FROM episode_schedule_queue
+    WHERE id = %(id)s AND claim_token = %(token)s AND status = 'processing'
     FOR UPDATE
 ), reserved AS (
     INSERT INTO token_usage_daily AS d (organization_id, date, reserved_gbp)
     SELECT o.id, %(date)s, %(amount)s
     FROM organizations o, held
-    WHERE o.id = %(organization_id)s AND %(amount)s > 0
+    WHERE o.id = %(organization_id)s AND %(amount)s > 0 AND NOT held.already
       AND %(amount)s <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
     ON CONFLICT (organization_id, date) DO UPDATE
     SET reserved_gbp = d.reserved_gbp + EXCLUDED.reserved_gbp
@@ -35,11 +37,12 @@ WITH held AS (
     FROM organizations o
     CROSS JOIN held
     LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = %(date)s
-    WHERE o.id = %(organization_id)s AND %(amount)s = 0
+    WHERE o.id = %(organization_id)s AND %(amount)s = 0 AND NOT held.already
       AND coalesce(d.total_cost_gbp + d.reserved_gbp, 0)
           <= coalesce(o.daily_cost_limit_gbp, %(default_limit)s)
 ), granted AS (
     SELECT 1 FROM reserved UNION ALL SELECT 1 FROM free
+    UNION ALL SELECT 1 FROM held WHERE already
 ), noted AS (
     UPDATE episode_schedule_queue
     SET episode_id        = coalesce(%(new_episode_id)s, episode_id),
@@ -47,6 +50,7 @@ WITH held AS (
         reserved_on       = CASE WHEN %(amount)s > 0 THEN %(date)s::date END
     FROM granted
     WHERE episode_schedule_queue.id = %(id)s
+      AND NOT EXISTS (SELECT 1 FROM held WHERE already)
       AND (%(amount)s > 0 OR %(new_episode_id)s::text IS NOT NULL)
 ), created AS (
     INSERT INTO episodes (id, project_id, organization_id, sequence_number, status)
@@ -70,14 +74,48 @@ RETURNING id;
 
 -- name: record_trip
 -- Whoever inserts the day's row writes the event, the audit row and notifies: once per day.
-INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp)
-VALUES (%(organization_id)s, %(date)s, %(spent_gbp)s, %(limit_gbp)s)
+-- next_notify_at is that worker's lease on the sending: the budget loop retries the trip only
+-- if it is still un-notified when the lease has run out (a crash, a hung notifier).
+INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp, next_notify_at)
+VALUES (%(organization_id)s, %(date)s, %(spent_gbp)s, %(limit_gbp)s,
+        now() + make_interval(secs => %(lease_seconds)s))
 ON CONFLICT (organization_id, date) DO NOTHING
 RETURNING organization_id;
 
 -- name: mark_trip_notified
-UPDATE cost_limit_trips SET notified_at = now()
+UPDATE cost_limit_trips
+SET notified_at = now(), notify_attempts = notify_attempts + 1, last_notify_error = NULL,
+    next_notify_at = NULL
 WHERE organization_id = %(organization_id)s AND date = %(date)s;
+
+-- name: record_trip_notify_failure
+-- Try again after 2, 4, 8 … minutes, at most an hour apart.
+UPDATE cost_limit_trips
+SET notify_attempts = notify_attempts + 1, last_notify_error = %(error)s,
+    next_notify_at = now() + least(interval '1 minute' * power(2, least(notify_attempts + 1, 6)),
+                                   interval '1 hour')
+WHERE organization_id = %(organization_id)s AND date = %(date)s AND notified_at IS NULL;
+
+-- name: list_trips_to_notify
+-- The day's trips whose notification has not succeeded and whose next attempt is due (across
+-- organisations: cost_limit_trips' cross_org_read policy). An older day's trip is left alone:
+-- its items have resumed, and a "limit reached" mail would only confuse.
+SELECT t.organization_id, t.date, t.spent_gbp, t.limit_gbp,
+       (SELECT count(*) FROM episode_schedule_queue q
+        WHERE q.organization_id = t.organization_id AND q.status = 'blocked'
+          AND q.blocked_on = t.date) AS blocked_items
+FROM cost_limit_trips t
+WHERE t.notified_at IS NULL AND t.date = %(date)s AND t.next_notify_at <= %(now)s
+ORDER BY t.next_notify_at;
+
+-- name: claim_trip_notification
+-- Acting for the organisation: take the lease on sending it again (no other process sends it
+-- until the lease runs out). Returns nothing when someone else did first.
+UPDATE cost_limit_trips
+SET next_notify_at = %(now)s::timestamptz + make_interval(secs => %(lease_seconds)s)
+WHERE organization_id = %(organization_id)s AND date = %(date)s AND notified_at IS NULL
+  AND next_notify_at <= %(now)s
+RETURNING organization_id;
 
 -- name: insert_trip_event
 INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)

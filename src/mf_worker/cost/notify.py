@@ -1,10 +1,12 @@
-"""Telling the operator that an organisation hit its daily cost limit: the notifier plugins.
+"""Telling people that an organisation hit its daily cost limit: the notifier plugins.
 
 ``log`` (the default) writes a warning line; ``webhook`` POSTs the trip as JSON to
 ``MF_NOTIFY_WEBHOOK_URL`` with a timeout and retries (tenacity), using only the standard
-library in a thread. A third-party notifier is any object with ``async notify(trip)``, loaded
-by ``module:attr``. A notifier that keeps failing is logged, never fatal: the items are blocked
-either way.
+library in a thread; ``email`` writes to the organisation's users (``mail``). A third-party
+notifier is any object with ``async notify(trip)``, loaded by ``module:attr``. ``MF_NOTIFIER``
+lists several (``log,webhook,email``): each is tried, and the trip counts as notified when all
+succeeded. A notifier that fails is logged, never fatal (the items are blocked either way), and
+the budget loop tries the trip again later: notifications are at least once.
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from datetime import date
 from typing import Protocol, runtime_checkable
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from ..errors import MfWorkerError, PluginLoadError
+from ..db import Pool
+from ..errors import MfWorkerError, PluginLoadError, describe_error
 from ..generation.loader import import_target
 from ..logs import get_logger
+from ..settings import Settings
 from .budget import Trip
+from .mail import EmailNotifier, database_contacts
+from .smtp import parse_smtp_url
 
 
 @runtime_checkable
@@ -100,3 +107,54 @@ def load_notifier(spec: str, webhook_url: str | None) -> Notifier:
     if not isinstance(notifier, Notifier):
         raise PluginLoadError(f"MF_NOTIFIER={spec!r}: {module}.{attr} has no async notify(trip)")
     return notifier
+
+
+class NotificationError(MfWorkerError):
+    """One or more of the configured notifiers failed (each named with its error)."""
+
+
+class MultiNotifier:
+    """Several notifiers in turn. One that already delivered a trip is not asked again when
+    the trip is retried by this process (a restart may repeat it: at least once)."""
+
+    def __init__(self, notifiers: list[tuple[str, Notifier]]) -> None:
+        self.notifiers = notifiers
+        self._delivered: set[tuple[str, str, date]] = set()
+
+    async def notify(self, trip: Trip) -> None:
+        # Only the current days matter: forget what was delivered for older ones.
+        self._delivered = {k for k in self._delivered if k[2] >= trip.date}
+        failures: list[str] = []
+        for name, notifier in self.notifiers:
+            key = (name, trip.organization_id, trip.date)
+            if key in self._delivered:
+                continue
+            try:
+                await notifier.notify(trip)
+            except Exception as exc:
+                failures.append(f"{name}: {describe_error(exc)}")
+                continue
+            self._delivered.add(key)
+        if failures:
+            raise NotificationError("; ".join(failures))
+
+
+def build_notifier(settings: Settings, pool: Pool | None) -> Notifier:
+    """The notifier ``MF_NOTIFIER`` names (several: a :class:`MultiNotifier`), each checked now
+    so a missing setting stops start-up. ``pool`` serves the email notifier's look-ups."""
+    built: list[tuple[str, Notifier]] = []
+    for name in settings.notifiers:
+        if name == "email":
+            if settings.smtp_url is None:
+                raise PluginLoadError("MF_NOTIFIER=email needs MF_SMTP_URL (smtp:// or smtps://)")
+            if settings.mail_from is None:
+                raise PluginLoadError("MF_NOTIFIER=email needs MF_MAIL_FROM (the sender)")
+            built.append((name, EmailNotifier(
+                parse_smtp_url(settings.smtp_url.reveal()), settings.mail_from,
+                database_contacts(pool), mail_to=settings.mail_to,
+                policy=settings.cost_limit_policy,
+            )))
+        else:
+            webhook = settings.notify_webhook_url.reveal() if settings.notify_webhook_url else None
+            built.append((name, load_notifier(name, webhook)))
+    return built[0][1] if len(built) == 1 else MultiNotifier(built)

@@ -17,6 +17,7 @@ from psycopg import sql as pgsql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from ..errors import ConfigError
 from ..settings import Settings
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
@@ -24,15 +25,38 @@ Pool = AsyncConnectionPool[Connection]
 
 __all__ = [
     "Connection", "Pool", "act_for", "as_org", "connect", "connection_kwargs", "open_pool",
+    "timeout_options",
 ]
 
 
+# TCP keepalives: a peer that vanished without closing (a failover, a dropped NAT entry) is
+# noticed within about a minute instead of the kernel's two hours.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+              "keepalives_count": 3}
+
+
 def connection_kwargs(settings: Settings) -> dict[str, Any]:
-    """Options every connection gets: dict rows, and no prepared statements if told so."""
-    kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": True}
+    """Options every connection gets: dict rows, TCP keepalives, and no prepared statements if
+    told so."""
+    kwargs: dict[str, Any] = {"row_factory": dict_row, "autocommit": True, **KEEPALIVES}
     if not settings.prepared_statements:
         kwargs["prepare_threshold"] = None
     return kwargs
+
+
+def timeout_options(settings: Settings) -> dict[str, str]:
+    """The worker's pooled connections wait for no lock and run no statement for ever: a row
+    someone else holds (an operator's open transaction) or a runaway query fails and is
+    retried instead of wedging a loop. Sent as startup options (no extra round trip); a
+    timeout of 0 sends nothing (for poolers that refuse options: set it on the role)."""
+    settings_ms = {
+        "lock_timeout": settings.db_lock_timeout,
+        "statement_timeout": settings.db_statement_timeout,
+        "idle_in_transaction_session_timeout": settings.db_statement_timeout,
+    }
+    options = " ".join(f"-c {name}={round(seconds * 1000)}"
+                       for name, seconds in settings_ms.items() if seconds > 0)
+    return {"options": options} if options else {}
 
 
 async def connect(settings: Settings, **extra: Any) -> Connection:
@@ -48,6 +72,9 @@ async def connect(settings: Settings, **extra: Any) -> Connection:
 
 async def open_pool(settings: Settings, *, max_size: int | None = None) -> Pool:
     """The process's connection pool, opened and checked (fails fast if the database is down)."""
+    timeouts = timeout_options(settings)
+    if timeouts:
+        await _check_startup_options_accepted(settings, timeouts)
     size = max_size or settings.pool_size
     pool = Pool(
         settings.require_database_url(),
@@ -60,6 +87,7 @@ async def open_pool(settings: Settings, *, max_size: int | None = None) -> Pool:
             # the engine's statements afresh four times first and short runs seldom had a plan.
             "prepare_threshold": 0,
             **connection_kwargs(settings),
+            **timeouts,
             "application_name": f"mf-worker {settings.worker_id}"[:63],
         },
         open=False,
@@ -68,6 +96,23 @@ async def open_pool(settings: Settings, *, max_size: int | None = None) -> Pool:
     )
     await pool.open(wait=True, timeout=30.0)
     return pool
+
+
+async def _check_startup_options_accepted(settings: Settings, options: dict[str, str]) -> None:
+    """A transaction-mode pooler (PgBouncer, Supavisor) refuses startup options outright; say
+    what to do instead of letting the pool retry for half a minute."""
+    try:
+        conn = await connect(settings, **options)
+    except psycopg.OperationalError as exc:
+        if "unsupported startup parameter" in str(exc):
+            raise ConfigError(
+                "the database server (a pooler?) refuses startup options, so "
+                "MF_DB_LOCK_TIMEOUT and MF_DB_STATEMENT_TIMEOUT cannot be sent: set both to 0 "
+                "and set the timeouts on the worker's role instead (docs/database-roles.sql "
+                "does; docs/operations.md, \"Behind PgBouncer or Supavisor\")"
+            ) from None
+        return  # any other failure: the pool reports it as it always has
+    await conn.close()
 
 
 @asynccontextmanager

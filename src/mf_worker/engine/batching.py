@@ -11,7 +11,8 @@ A flush returns one outcome per value, an exception being the outcome of that va
 the flush itself raises, the batch is split: each value is flushed on its own, so one bad item
 (a constraint the data breaks) fails only itself. Errors listed in ``shared_errors`` (the
 database being away, which the flush has already retried) are not worth splitting: every
-value of the batch gets them.
+value of the batch gets them — except those also in ``item_errors`` (a lock timeout on one
+item's row), which are split like any other.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Batcher(Generic[V, R]):
         max_flushes: int = 1,
         min_share: int = 1,
         shared_errors: tuple[type[BaseException], ...] = (),
+        item_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._flush = flush
         self._name = name
@@ -50,6 +52,7 @@ class Batcher(Generic[V, R]):
         self._max_flushes = max_flushes
         self._min_share = min_share
         self._shared_errors = shared_errors
+        self._item_errors = item_errors
         self._waiting: list[tuple[V, asyncio.Future[R]]] = []
         self._flushers: set[asyncio.Task[None]] = set()  # running, strongly referenced
         self._busy = 0  # flushers inside a flush (the others are about to take a batch)
@@ -98,7 +101,9 @@ class Batcher(Generic[V, R]):
                 future.cancel()
             raise
         except Exception as exc:
-            if len(batch) == 1 or isinstance(exc, self._shared_errors):
+            shared = (isinstance(exc, self._shared_errors)
+                      and not isinstance(exc, self._item_errors))
+            if len(batch) == 1 or shared:
                 outcomes = [exc] * len(batch)
             else:
                 get_logger("mf_worker.batching").warning(

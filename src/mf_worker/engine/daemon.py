@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import queue
 from ..cost.budget import Budget, BudgetLoop
-from ..cost.notify import load_notifier
+from ..cost.notify import build_notifier
 from ..cost.pricing import PriceTable, load_price_table
 from ..db import Connection, Pool, open_pool
 from ..db.migrate import ensure_schema_current
@@ -70,10 +70,9 @@ async def build(
     prices = prices or load_price_table(settings.pricing_file)
     budget = Budget(prices=prices, default_limit=settings.daily_cost_limit_gbp,
                     reserve_per_item=settings.cost_reserve_gbp)
-    webhook = settings.notify_webhook_url.reveal() if settings.notify_webhook_url else None
-    notifier = load_notifier(settings.notifier, webhook)
     pool = await open_pool(settings)
     try:
+        notifier = build_notifier(settings, pool)
         async with pool.connection() as conn:
             await ensure_schema_current(conn)
     except BaseException:
@@ -84,6 +83,7 @@ async def build(
                     observers=[metrics.on_attempt, *(observers or [])])
     worker.claim_listeners.append(metrics.on_claimed)
     worker.tick_listeners.append(metrics.on_claim_loop_tick)
+    worker.notify_listeners.append(metrics.on_notified)
     loops: list[PeriodicLoop] = [
         Heartbeat(worker),
         Reaper(pool, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
@@ -96,7 +96,8 @@ async def build(
         loops.append(BudgetLoop(pool, settings.scheduler_interval,
                                 policy=settings.cost_limit_policy,
                                 default_limit=settings.daily_cost_limit_gbp,
-                                reserve_per_item=settings.cost_reserve_gbp, clock=clock))
+                                reserve_per_item=settings.cost_reserve_gbp, clock=clock,
+                                notifier=notifier, on_notified=metrics.on_notified))
     listener = Listener(settings, worker.wake) if settings.listen else None
     return Components(settings, pool, worker, loops, listener, metrics)
 
@@ -253,12 +254,12 @@ async def run_one(components: Components, item_id: str | None = None) -> Outcome
     heartbeat = Heartbeat(worker)
     beat = asyncio.create_task(heartbeat.run(), name="heartbeat")
     entry = InFlight(item=item)
-    worker.in_flight[item.id] = entry
+    worker.in_flight[item.token] = entry
     try:
         entry.task = asyncio.create_task(worker.process(entry))
         return await entry.task
     finally:
-        worker.in_flight.pop(item.id, None)
+        worker.in_flight.pop(item.token, None)
         heartbeat.stop()
         beat.cancel()
         await asyncio.gather(beat, return_exceptions=True)

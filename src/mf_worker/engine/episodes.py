@@ -26,7 +26,7 @@ from .. import queue
 from ..cost.budget import RESERVE_BUDGET, CostLimitReached, refusal, reservation_params
 from ..db import Connection, act_for, as_org
 from ..db.sql import load_queries
-from ..errors import InvalidItemError
+from ..errors import InvalidItemError, MfWorkerError
 from ..generation import (
     GenerationRequest,
     GenerationResult,
@@ -51,8 +51,8 @@ class ItemUnavailable(InvalidItemError):
     """The item's project was deleted, paused or archived: the item is cancelled, not failed."""
 
 
-class LeaseLost(Exception):
-    """The fence no longer holds: another worker (or the reaper) owns this item now."""
+class LeaseLost(MfWorkerError):
+    """The fence no longer holds: this claim was reaped, cancelled or taken over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,7 @@ class Prepared:
 
     request: GenerationRequest
     episode_id: str
+    new_episode: bool  # no earlier attempt (nor an earlier run of this prepare) created it
     user_id: str
     cadence_config: Any
     delivery_time: time
@@ -93,7 +94,6 @@ async def prepare_generations(
     conn: Connection,
     items: Sequence[ClaimedItem],
     *,
-    worker: str,
     now: datetime,
     worst_case: Callable[[GenerationRequest], Decimal],
     default_limit: Decimal,
@@ -103,6 +103,8 @@ async def prepare_generations(
     attempt). One outcome per item, in order: Prepared, or ItemUnavailable (cancel it),
     InvalidItemError (fail it), CostLimitReached (block it; nothing was written for it) or
     LeaseLost. A database error raises for the whole batch, which then wrote nothing.
+    Idempotent per claim: run again for the same claims (after a commit whose acknowledgement
+    was lost), it finds their reservations and episodes instead of adding new ones.
     """
     outcomes: list[PrepareOutcome | None] = [None] * len(items)
     loads: dict[int, Any] = {}
@@ -119,7 +121,8 @@ async def prepare_generations(
                 acting = item.organization_id
                 await act_for(conn, acting)
             loads[i] = await conn.execute(
-                _Q["load_generation_context"], _context_params(item.project_id, item.episode_id)
+                _Q["load_generation_context"],
+                _context_params(item.project_id, item.episode_id, queue_id=item.id),
             )
         await pipeline.sync()
         acting = None
@@ -137,10 +140,8 @@ async def prepare_generations(
             reservations[i] = (prepared, amount, await conn.execute(
                 RESERVE_BUDGET,
                 reservation_params(
-                    item, worker=worker, amount=amount, day=day, default_limit=default_limit,
-                    # A fresh id unless an earlier attempt's episode row was found.
-                    new_episode_id=(None if prepared.episode_id == item.episode_id
-                                    else prepared.episode_id),
+                    item, amount=amount, day=day, default_limit=default_limit,
+                    new_episode_id=prepared.episode_id if prepared.new_episode else None,
                     sequence_number=prepared.request.episode_number,
                 ),
             ))
@@ -170,6 +171,7 @@ def _prepared(item: ClaimedItem, project: dict[str, Any] | None) -> Prepared:
     return Prepared(
         request=build_request(item, project, zone, number),
         episode_id=existing["id"] if existing else new_id("ep"),
+        new_episode=existing is None,
         user_id=project["user_id"],
         cadence_config=project["cadence_config"],
         delivery_time=project["delivery_time"],
@@ -177,9 +179,12 @@ def _prepared(item: ClaimedItem, project: dict[str, Any] | None) -> Prepared:
     )
 
 
-def _context_params(project_id: str, episode_id: str | None) -> dict[str, Any]:
-    return {"project_id": project_id, "episode_id": episode_id, "max_notes": MAX_NOTES,
-            "max_memories": MAX_MEMORIES, "max_previous": MAX_PREVIOUS_EPISODES}
+def _context_params(
+    project_id: str, episode_id: str | None, *, queue_id: str | None = None
+) -> dict[str, Any]:
+    return {"project_id": project_id, "episode_id": episode_id, "queue_id": queue_id,
+            "max_notes": MAX_NOTES, "max_memories": MAX_MEMORIES,
+            "max_previous": MAX_PREVIOUS_EPISODES}
 
 
 async def load_generation_context(
@@ -215,8 +220,9 @@ def build_request(
         planning_notes=tuple(PlanningNote(**n) for n in project["notes"]),
         memories=tuple(memories),
         previous_episodes=tuple(PreviousEpisode(**e) for e in project["previous_episodes"]),
-        # Stable across retries of the item, so a provider can recognise a repeated call.
-        idempotency_key=item.id,
+        # One per claim: a call repeated within the attempt is recognised, while a new attempt
+        # is never answered with an earlier attempt's (perhaps broken) reply.
+        idempotency_key=f"{item.id}:{item.token}",
     )
 
 
@@ -236,17 +242,14 @@ def _project_memories(stored: Any) -> list[Memory]:
     return found
 
 
-async def cancel_item(conn: Connection, item: ClaimedItem, *, reason: str, worker: str) -> bool:
-    """Cancel an item whose project is gone or inactive; False if the fence no longer holds."""
+async def cancel_item(conn: Connection, item: ClaimedItem, *, reason: str) -> bool:
+    """Cancel an item whose project is gone or inactive (the queue's trigger fails the episode
+    an earlier attempt started); False if the fence no longer holds."""
     async with as_org(conn, item.organization_id):
-        return await queue.finish_item(
-            conn, item, worker=worker, status="cancelled", error=reason
-        )
+        return await queue.finish_item(conn, item, status="cancelled", error=reason)
 
 
-async def write_episodes(
-    conn: Connection, writes: Sequence[EpisodeWrite], *, worker: str
-) -> list[WriteOutcome]:
+async def write_episodes(conn: Connection, writes: Sequence[EpisodeWrite]) -> list[WriteOutcome]:
     """The final writes of a batch, in one transaction and one round trip; per item, in order,
     None when written, or LeaseLost when the claim is no longer ours (nothing written for it).
     A database error raises for the whole batch, which then wrote nothing."""
@@ -258,7 +261,7 @@ async def write_episodes(
             if write.item.organization_id != acting:
                 acting = write.item.organization_id
                 await act_for(conn, acting)
-            cursors[i] = await conn.execute(_Q["complete_episode"], _episode_params(write, worker))
+            cursors[i] = await conn.execute(_Q["complete_episode"], _episode_params(write))
     outcomes: list[WriteOutcome] = []
     for i, write in enumerate(writes):
         row = await cursors[i].fetchone()
@@ -266,7 +269,7 @@ async def write_episodes(
     return outcomes
 
 
-def _episode_params(write: EpisodeWrite, worker: str) -> dict[str, Any]:
+def _episode_params(write: EpisodeWrite) -> dict[str, Any]:
     item, prepared, result = write.item, write.prepared, write.result
     org, project_id, episode_id = item.organization_id, item.project_id, prepared.episode_id
     blocks, usages, memories = result.blocks, result.usages, result.new_memories
@@ -279,9 +282,7 @@ def _episode_params(write: EpisodeWrite, worker: str) -> dict[str, Any]:
         "tokens": sum(u.total_tokens for u in usages),
     }
     return {
-        "id": item.id,
-        "attempt": item.attempt,
-        "worker": worker,
+        **queue.fence(item),
         "episode_id": episode_id,
         "title": result.title,
         "organization_id": org,
@@ -337,24 +338,21 @@ async def write_failure(
     *,
     error: str,
     retry_in: float | None,
-    worker: str,
 ) -> bool:
     """Record a failed generator call: retry after ``retry_in`` seconds, or fail for good
-    (``retry_in`` None). False when the fence no longer holds (nothing written)."""
+    (``retry_in`` None; the queue's trigger then fails the episode). Raises LeaseLost when the
+    fence no longer holds (nothing written)."""
     async with as_org(conn, item.organization_id):
         if retry_in is None:
-            held = await queue.finish_item(conn, item, worker=worker, status="failed",
-                                           error=error)
+            held = await queue.finish_item(conn, item, status="failed", error=error)
         else:
-            held = await queue.retry_item(conn, item, worker=worker, delay_seconds=retry_in,
-                                          error=error)
+            held = await queue.retry_item(conn, item, delay_seconds=retry_in, error=error)
         if not held:
             raise LeaseLost(item.id)
         if episode_id is not None:
             await conn.execute(
                 _Q["record_episode_error"],
-                {"episode_id": episode_id, "error": f"attempt {item.attempt}: {error}",
-                 "final": retry_in is None},
+                {"episode_id": episode_id, "error": f"attempt {item.attempt}: {error}"},
             )
     return True
 
@@ -368,6 +366,5 @@ async def record_lost_attempts(conn: Connection, reaped: list[queue.ReapedItem])
         await act_for(conn, item.organization_id)
         await conn.execute(
             _Q["record_episode_error"],
-            {"episode_id": item.episode_id, "error": f"attempt {item.attempt}: {item.error}",
-             "final": item.status == "failed"},
+            {"episode_id": item.episode_id, "error": f"attempt {item.attempt}: {item.error}"},
         )

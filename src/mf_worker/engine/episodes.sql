@@ -6,9 +6,13 @@
 -- One round trip: the project, its owner's zone, pending notes, memories, recent episodes.
 SELECT p.id, p.user_id, p.title, p.description, p.cadence_config, p.delivery_time, p.status,
        p.memories, u.timezone,
-       -- The episode an earlier attempt of this item created, if any.
+       -- The episode an earlier attempt of this item created, if any: as the queue row says
+       -- now (a prepare retried after its commit was lost finds its own), else as given.
        (SELECT jsonb_build_object('id', e.id, 'sequence_number', e.sequence_number)
-          FROM episodes e WHERE e.id = %(episode_id)s) AS existing_episode,
+          FROM episodes e
+         WHERE e.id = coalesce((SELECT q.episode_id FROM episode_schedule_queue q
+                                 WHERE q.id = %(queue_id)s), %(episode_id)s))
+       AS existing_episode,
        (SELECT coalesce(max(e.sequence_number), 0) FROM episodes e
          WHERE e.project_id = p.id) AS last_sequence_number,
        (SELECT coalesce(jsonb_agg(jsonb_build_object('id', n.id, 'note', n.note)
@@ -36,16 +40,17 @@ JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.id = %(project_id)s;
 
 -- name: record_episode_error
--- A failed generator call: count it and keep its error; 'failed' when the item gives up.
+-- A failed generator call: count it and keep its error. When the item gave up, the queue's
+-- trigger (migration 0004) has already failed the episode in this transaction.
 UPDATE episodes
 SET generation_attempts = generation_attempts + 1,
-    generation_errors   = generation_errors || %(error)s::text,
-    status              = CASE WHEN %(final)s THEN 'failed' ELSE status END
-WHERE id = %(episode_id)s AND status = 'generating';
+    generation_errors   = generation_errors || %(error)s::text
+WHERE id = %(episode_id)s AND status IN ('generating', 'failed');
 
 -- name: complete_episode
 -- The final write of one item, in one statement so that a batch of items pipelines in one
--- transaction (lists arrive as JSON: one parameter each, cheap to send and to unpack): the fenced completion first (it takes the item's row lock; the reservation
+-- transaction (lists arrive as JSON: one parameter each, cheap to send and to unpack): the
+-- completion first, fenced on the claim token (it takes the item's row lock; the reservation
 -- trigger settles the budget), then — only if the fence held, because every other part reads
 -- from `fence` — the episode ready, its blocks, the token usage (the daily aggregate follows by
 -- trigger), the incorporated planning notes (only those still pending for this project), new
@@ -61,9 +66,8 @@ WITH fence AS (
         lease_expires_at = NULL,
         last_error       = NULL
     WHERE id = %(id)s
-      AND attempt_count = %(attempt)s
+      AND claim_token = %(token)s
       AND status = 'processing'
-      AND locked_by = %(worker)s
     RETURNING id
 ), episode AS (
     UPDATE episodes

@@ -1,11 +1,12 @@
 """Leases: the heartbeat that keeps this worker's claims alive, and the reaper that returns the
 claims of workers that died.
 
-A claim is a lease with an expiry. The heartbeat extends the leases of every item in flight in
-one statement every third of the lease; an item missing from the answer was reaped or taken
-over, so its generation is abandoned. The reaper (in every daemon; concurrent reapers skip each
-other's rows) returns items whose lease expired to pending, or to failed when their attempts
-are used up, and records the lost attempt in the episode's history.
+A claim is a lease with an expiry. The heartbeat extends the leases of every claim in flight in
+one statement every third of the lease, skipping rows someone else has locked (renewed on the
+next beat) rather than waiting for them; a claim missing from the answer was reaped, cancelled
+or taken over, so its generation is abandoned. The reaper (in every daemon; concurrent reapers
+skip each other's rows) returns items whose lease expired to pending, or to failed when their
+attempts are used up, and records the lost attempt in the episode's history.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .worker import Worker
 
 
 class Heartbeat(PeriodicLoop):
-    """Extends the leases of the worker's in-flight items."""
+    """Extends the leases of the worker's in-flight claims."""
 
     name = "heartbeat"
 
@@ -29,21 +30,26 @@ class Heartbeat(PeriodicLoop):
         super().__init__(worker.settings.lease_seconds / 3)
         self.worker = worker
 
-    async def run_once(self) -> set[str]:
-        """Extend what is held; return the ids found lost (and abandon their generations)."""
+    async def run_once(self) -> set[int]:
+        """Extend what is held; return the claim tokens found lost (and abandon their
+        generations). Everything is compared by claim token, so an item that this worker
+        claimed again while the statement ran is a different claim, never mistaken for the
+        lost one."""
         items = [e.item for e in self.worker.in_flight.values()]
         if not items:
             return set()
         async with self.worker.pool.connection() as conn:
-            held = await queue.extend_leases(
-                conn, items, worker=self.worker.worker_id,
-                lease_seconds=self.worker.settings.lease_seconds,
+            renewal = await queue.extend_leases(
+                conn, items, lease_seconds=self.worker.settings.lease_seconds,
             )
-        lost = {i.id for i in items} - held
-        # Items that finished while the statement ran are not lost, merely gone.
+        lost = {i.token for i in items} - renewal.held
+        # Claims that finished while the statement ran are not lost, merely gone.
         lost &= set(self.worker.in_flight)
-        for item_id in lost:
-            self._log.warning("lease_lost", queue_id=item_id)
+        for token in lost:
+            item = self.worker.in_flight[token].item
+            self._log.warning("lease_lost", queue_id=item.id, attempt=item.attempt)
+        if renewal.skipped:
+            self._log.info("lease_renewal_skipped", locked_elsewhere=len(renewal.skipped))
         self.worker.abandon_lost(lost)
         return lost
 

@@ -26,13 +26,15 @@ import psycopg
 from psycopg_pool import PoolTimeout
 from tenacity import (
     AsyncRetrying,
+    retry_base,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_delay,
     wait_exponential_jitter,
 )
 
 from .. import queue
-from ..cost.budget import Budget, CostLimitReached, mark_notified, trip_breaker
+from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier
 from ..db import Connection, Pool
 from ..errors import InvalidItemError, describe_error
@@ -65,8 +67,12 @@ from .episodes import (
 T = TypeVar("T")
 
 # Errors worth retrying on the database side: a dropped connection, a restart, a failover, a
-# deadlock or serialisation failure (psycopg files those under OperationalError too).
+# deadlock or serialisation failure (psycopg files those under OperationalError too), and a
+# lock or statement timeout (MF_DB_LOCK_TIMEOUT, MF_DB_STATEMENT_TIMEOUT).
 TRANSIENT_DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
+# The timeouts among them that concern one item's rows (someone holds its lock), not the
+# database as a whole: a batch that meets one is split, not retried whole.
+ITEM_DB_ERRORS = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
 MAX_ERROR_CHARS = 2000
 # Most items one prepare or final-write transaction takes: bounds how long a batch holds its
 # row locks, and what one failing item costs (a failed batch is retried item by item).
@@ -166,19 +172,25 @@ class Worker:
         self.notifier: Notifier = notifier or LogNotifier()
         self.clock = clock
         self.observers = list(observers or [])
-        self.in_flight: dict[str, InFlight] = {}
+        # Keyed by claim token, never by item id: the same item can be claimed again by this
+        # very worker (reaped, or cancelled and retried) while its old attempt still runs.
+        self.in_flight: dict[int, InFlight] = {}
         # Subscribers (metrics, the systemd watchdog): claims with their time, loop ticks.
         self.claim_listeners: list[Callable[[list[ClaimedItem], float], None]] = []
         self.tick_listeners: list[Callable[[int], None]] = []
+        # Told whether each cost-limit notification this worker sent was delivered.
+        self.notify_listeners: list[Callable[[bool], None]] = []
         self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
         self.wake = asyncio.Event()
         self._claim_chunk = min(MAX_CLAIM, max(1, -(-settings.concurrency // CLAIM_SHARE)))
         self._prepares: Batcher[ClaimedItem, Prepared] = Batcher(
             self._prepare_batch, name="prepare", max_batch=MAX_BATCH, max_flushes=FLUSHES,
-            min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS)
+            min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
+            item_errors=ITEM_DB_ERRORS)
         self._writes: Batcher[EpisodeWrite, None] = Batcher(
             self._write_batch, name="final write", max_batch=MAX_BATCH, max_flushes=FLUSHES,
-            min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS)
+            min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
+            item_errors=ITEM_DB_ERRORS)
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._log = get_logger("mf_worker.worker")
@@ -262,12 +274,13 @@ class Worker:
 
     def _start(self, item: ClaimedItem) -> None:
         entry = InFlight(item=item)
-        self.in_flight[item.id] = entry
+        self.in_flight[item.token] = entry
         entry.task = asyncio.create_task(self.process(entry), name=f"item {item.id}")
-        entry.task.add_done_callback(partial(self._finished, item.id))
+        entry.task.add_done_callback(partial(self._finished, item.token))
 
-    def _finished(self, item_id: str, _task: object = None) -> None:
-        self.in_flight.pop(item_id, None)
+    def _finished(self, token: int, _task: object = None) -> None:
+        """A task removes its own claim's entry, and only that one."""
+        self.in_flight.pop(token, None)
         self._slot_freed.set()
 
     def stop(self) -> None:
@@ -320,7 +333,7 @@ class Worker:
             return
         except ItemUnavailable as exc:
             reason = str(exc)
-            await self._db(partial(cancel_item, item=item, reason=reason, worker=self.worker_id))
+            await self._db(partial(cancel_item, item=item, reason=reason))
             report.outcome, report.error = Outcome.CANCELLED, reason
             return
         except InvalidItemError as exc:
@@ -347,13 +360,13 @@ class Worker:
 
     async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:
         return await self._db(partial(
-            prepare_generations, items=items, worker=self.worker_id, now=self.clock(),
+            prepare_generations, items=items, now=self.clock(),
             worst_case=partial(self.budget.worst_case, self.generator),
             default_limit=self.budget.default_limit,
-        ))
+        ), alone=len(items) == 1)
 
     async def _write_batch(self, writes: list[EpisodeWrite]) -> list[WriteOutcome]:
-        return await self._db(partial(write_episodes, writes=writes, worker=self.worker_id))
+        return await self._db(partial(write_episodes, writes=writes), alone=len(writes) == 1)
 
     async def _generate(
         self, prepared: Prepared
@@ -393,8 +406,7 @@ class Worker:
             message = f"gave up after {item.attempt} attempts: {message}"[:MAX_ERROR_CHARS]
         episode_id = prepared.episode_id if prepared else item.episode_id
         await self._db(
-            lambda conn: write_failure(conn, item, episode_id, error=message, retry_in=retry_in,
-                                       worker=self.worker_id)
+            lambda conn: write_failure(conn, item, episode_id, error=message, retry_in=retry_in)
         )
         report.outcome = Outcome.RETRY if retry_in is not None else Outcome.FAILED
         report.reason, report.error = failure.reason, message
@@ -407,19 +419,17 @@ class Worker:
                     report: AttemptReport) -> None:
         """The budget cannot cover this item: block it and its organisation's pending items
         (no attempt charged); the day's first trip notifies the operator."""
-        trip = await self._db(partial(trip_breaker, item=item, reached=reached,
-                                      worker=self.worker_id))
+        trip = await self._db(partial(trip_breaker, item=item, reached=reached))
         report.outcome, report.error = Outcome.BLOCKED, str(reached)
         self._log.warning("item_blocked_by_cost_limit", error=str(reached),
                           first_today=trip is not None)
         if trip is None:
             return
-        try:
-            await self.notifier.notify(trip)
-            await self._db(partial(mark_notified, trip=trip))
-        except Exception as exc:  # the items are blocked either way; say so loudly
-            self._log.error("notification_failed", error=describe_error(exc),
-                            organization_id=trip.organization_id)
+        await deliver_trip(self.pool, self.notifier, trip, self._notified)
+
+    def _notified(self, delivered: bool) -> None:
+        for listener in self.notify_listeners:
+            listener(delivered)
 
     def _report(self, report: AttemptReport) -> None:
         key = report.outcome.value
@@ -433,11 +443,18 @@ class Worker:
         for observer in self.observers:
             observer(report)
 
-    async def _db(self, work: Callable[[Connection], Awaitable[T]]) -> T:
+    async def _db(self, work: Callable[[Connection], Awaitable[T]], *, alone: bool = True) -> T:
         """Run one transaction-sized unit of work on a pooled connection, retrying the whole
-        unit (never half a transaction) while the database is unreachable, up to one lease."""
+        unit (never half a transaction) while the database is unreachable, up to one lease.
+
+        A unit of several items (``alone`` false) is not retried on a lock or statement
+        timeout: one item's row locked by someone else must not hold up the rest, so the
+        batcher splits the batch instead and retries each item alone."""
+        retryable: retry_base = retry_if_exception_type(TRANSIENT_DB_ERRORS)
+        if not alone:
+            retryable = retryable & retry_if_not_exception_type(ITEM_DB_ERRORS)
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TRANSIENT_DB_ERRORS),
+            retry=retryable,
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
             stop=stop_after_delay(self.settings.lease_seconds),
             reraise=True,
@@ -449,10 +466,11 @@ class Worker:
 
     # -- leases and shutdown -------------------------------------------------------------------
 
-    def abandon_lost(self, lost_ids: set[str]) -> None:
-        """The heartbeat found these leases gone: stop generating (the write would be refused)."""
-        for item_id in lost_ids:
-            entry = self.in_flight.get(item_id)
+    def abandon_lost(self, lost: set[int]) -> None:
+        """The heartbeat found these claims (tokens) gone: stop generating (the write would be
+        refused). A newer claim of the same item is another entry, untouched."""
+        for token in lost:
+            entry = self.in_flight.get(token)
             if entry is None or entry.phase != "generating" or entry.task is None:
                 continue
             entry.lost = True
@@ -474,7 +492,7 @@ class Worker:
         for entry in leftovers:
             try:
                 held = await self._db(
-                    partial(queue.release_item, item=entry.item, worker=self.worker_id)
+                    partial(queue.release_item, item=entry.item)
                 )
             except TRANSIENT_DB_ERRORS as exc:
                 self._log.error("release_failed", queue_id=entry.item.id,

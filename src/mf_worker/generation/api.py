@@ -101,11 +101,13 @@ _ZERO = timedelta(0)
 class GenerationRequest:
     """Everything a generator needs to write one episode, and nothing it must not touch.
 
-    `attempt` is 1-based and grows on every retry of the same queue item, while
-    `idempotency_key` stays the same across retries: pass it to an LLM API that supports
-    idempotent requests so a retried call is not billed twice. `scheduled_for` is the UTC
-    instant the episode was due; `local_date` is that instant's date in the project's timezone,
-    which is the date a reader would put on the episode.
+    `attempt` is 1-based and grows on every retry of the same queue item. `idempotency_key`
+    belongs to this attempt's claim alone: pass it to an LLM API that supports idempotent
+    requests, so a call the plugin repeats within the attempt (a dropped connection) is not
+    billed twice; every new attempt (a retry, a re-claim after a crash, an operator's `retry`)
+    gets a new key, so a gateway that honours keys never replays an earlier attempt's reply.
+    `scheduled_for` is the UTC instant the episode was due; `local_date` is that instant's date
+    in the project's timezone, which is the date a reader would put on the episode.
 
     The constructor checks the two invariants plugins rely on (1-based attempt, UTC-aware
     `scheduled_for`) and turns list arguments into tuples so a request is really immutable.

@@ -95,9 +95,9 @@ async def build_preview_request(
         item_id, scheduled_for, attempt = "preview", now, 1
         number = project["last_sequence_number"] + 1
     item = ClaimedItem(
-        id=item_id, project_id=project_id, organization_id=org, scheduled_for=scheduled_for,
-        run_after=scheduled_for, attempt=max(attempt, 1), episode_id=None, metadata={},
-        lease_expires_at=now,
+        id=item_id, token=0, project_id=project_id, organization_id=org,
+        scheduled_for=scheduled_for, run_after=scheduled_for, attempt=max(attempt, 1),
+        episode_id=None, metadata={}, lease_expires_at=now,
     )
     # The engine's own request builder: the same fields, the same memory handling.
     request = episodes.build_request(item, project, zone, number)

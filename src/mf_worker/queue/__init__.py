@@ -6,11 +6,14 @@ engine, the CLI and the benchmarks drive the queue only through these functions.
 
 from .store import (
     ClaimedItem,
+    LeaseRenewal,
     ReapedItem,
+    cancel_item_by_operator,
     claim_due_items,
     claim_item_by_id,
     complete_items,
     extend_leases,
+    fence,
     finish_item,
     next_due_at,
     prune_finished_items,
@@ -21,11 +24,14 @@ from .store import (
 
 __all__ = [
     "ClaimedItem",
+    "LeaseRenewal",
     "ReapedItem",
+    "cancel_item_by_operator",
     "claim_due_items",
     "claim_item_by_id",
     "complete_items",
     "extend_leases",
+    "fence",
     "finish_item",
     "next_due_at",
     "prune_finished_items",

@@ -1,8 +1,11 @@
--- The queue's own state machine (mf_worker.queue.store). Every transition out of 'processing'
--- is fenced: it only matches the row while this worker still holds this attempt, so a worker
--- that lost its lease (crashed, frozen, partitioned) can never overwrite a newer attempt.
--- A generation's completion is fenced the same way inside its final write (complete_episode in
--- engine/episodes.sql), so that the episode and the completion are one statement.
+-- The queue's own state machine (mf_worker.queue.store): the one owner of every statement that
+-- moves an item out of 'processing'. Each is fenced on the claim token: every claim draws a new
+-- value from a sequence (migration 0004), so a worker that lost its claim (crashed, frozen,
+-- partitioned, cancelled by an operator, reaped and re-claimed — even by itself) matches
+-- nothing. The fence is `id = … AND claim_token = … AND status = 'processing'`. A generation's
+-- completion is fenced the same way inside its final write (complete_episode in
+-- engine/episodes.sql), and its budget reservation inside reserve_budget (cost/budget.sql), so
+-- that each stays one statement.
 --
 --   pending ──claim──▶ processing ──complete──▶ completed
 --      ▲                 │  │ └──fail────────▶ failed
@@ -13,8 +16,8 @@
 
 -- name: claim_due_items
 -- Batched: one short transaction claims up to `limit` due items in run_after order, skipping
--- rows other workers have locked. attempt_count counts generator calls (a release gives the
--- attempt back).
+-- rows other workers have locked. Each claim draws a new claim token. attempt_count counts
+-- generator calls (a release gives the attempt back).
 WITH due AS (
     SELECT id
     FROM episode_schedule_queue
@@ -30,10 +33,11 @@ SET status           = 'processing',
     picked_up_at     = coalesce(q.picked_up_at, coalesce(%(now)s, now())),
     last_attempt_at  = coalesce(%(now)s, now()),
     locked_by        = %(worker)s,
+    claim_token      = nextval('episode_schedule_queue_claim_token_seq'),
     lease_expires_at = coalesce(%(now)s, now()) + make_interval(secs => %(lease_seconds)s)
 FROM due
 WHERE q.id = due.id
-RETURNING q.id, q.project_id, q.organization_id, q.scheduled_for, q.run_after,
+RETURNING q.id, q.claim_token, q.project_id, q.organization_id, q.scheduled_for, q.run_after,
           q.attempt_count, q.episode_id, q.metadata, q.lease_expires_at;
 
 -- name: claim_item_by_id
@@ -44,23 +48,41 @@ SET status           = 'processing',
     picked_up_at     = coalesce(q.picked_up_at, coalesce(%(now)s, now())),
     last_attempt_at  = coalesce(%(now)s, now()),
     locked_by        = %(worker)s,
+    claim_token      = nextval('episode_schedule_queue_claim_token_seq'),
     lease_expires_at = coalesce(%(now)s, now()) + make_interval(secs => %(lease_seconds)s)
 WHERE q.id = (SELECT id FROM episode_schedule_queue
               WHERE id = %(id)s AND status = 'pending' FOR UPDATE SKIP LOCKED)
-RETURNING q.id, q.project_id, q.organization_id, q.scheduled_for, q.run_after,
+RETURNING q.id, q.claim_token, q.project_id, q.organization_id, q.scheduled_for, q.run_after,
           q.attempt_count, q.episode_id, q.metadata, q.lease_expires_at;
 
 -- name: extend_leases
--- The heartbeat: one statement for all of this worker's in-flight items. Items missing from
--- the result have lost their lease (reaped, cancelled, or taken over).
-UPDATE episode_schedule_queue AS q
-SET lease_expires_at = coalesce(%(now)s, now()) + make_interval(secs => %(lease_seconds)s)
-FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS held(id, attempt)
-WHERE q.id = held.id
-  AND q.attempt_count = held.attempt
-  AND q.status = 'processing'
-  AND q.locked_by = %(worker)s
-RETURNING q.id;
+-- The heartbeat: one statement for all of this worker's in-flight claims. It skips rows that
+-- someone else has locked (an operator's open `SELECT … FOR UPDATE`, a cancel in progress)
+-- instead of waiting for them, so one locked row cannot stall every other lease; such a claim
+-- is still ours (`extended` false) and is renewed on the next beat. Claims missing from the
+-- result are lost (reaped, cancelled, taken over). `lease_expires_at` is set first: a test
+-- recognises the heartbeat by it.
+WITH held AS (
+    SELECT q.id, q.claim_token
+    FROM episode_schedule_queue AS q
+    JOIN unnest(%(ids)s::text[], %(tokens)s::bigint[]) AS mine(id, token)
+      ON q.id = mine.id AND q.claim_token = mine.token
+    WHERE q.status = 'processing'
+), lockable AS (
+    SELECT q.id
+    FROM episode_schedule_queue AS q
+    WHERE q.id IN (SELECT id FROM held)
+    FOR UPDATE SKIP LOCKED
+), extended AS (
+    UPDATE episode_schedule_queue AS q
+    SET lease_expires_at = coalesce(%(now)s, now()) + make_interval(secs => %(lease_seconds)s)
+    FROM lockable, held
+    WHERE q.id = lockable.id AND held.id = q.id
+      AND q.claim_token = held.claim_token AND q.status = 'processing'
+    RETURNING q.id
+)
+SELECT held.claim_token, extended.id IS NOT NULL AS extended
+FROM held LEFT JOIN extended ON extended.id = held.id;
 
 -- name: complete_items
 -- Fenced completion of a batch (the queue machinery alone; the full pipeline completes each
@@ -71,11 +93,10 @@ SET status           = 'completed',
     locked_by        = NULL,
     lease_expires_at = NULL,
     last_error       = NULL
-FROM unnest(%(ids)s::text[], %(attempts)s::int[]) AS done(id, attempt)
+FROM unnest(%(ids)s::text[], %(tokens)s::bigint[]) AS done(id, token)
 WHERE q.id = done.id
-  AND q.attempt_count = done.attempt
+  AND q.claim_token = done.token
   AND q.status = 'processing'
-  AND q.locked_by = %(worker)s
 RETURNING q.id;
 
 -- name: retry_item
@@ -87,9 +108,8 @@ SET status           = 'pending',
     locked_by        = NULL,
     lease_expires_at = NULL
 WHERE id = %(id)s
-  AND attempt_count = %(attempt)s
+  AND claim_token = %(token)s
   AND status = 'processing'
-  AND locked_by = %(worker)s
 RETURNING id;
 
 -- name: finish_item
@@ -101,9 +121,8 @@ SET status           = %(status)s,
     locked_by        = NULL,
     lease_expires_at = NULL
 WHERE id = %(id)s
-  AND attempt_count = %(attempt)s
+  AND claim_token = %(token)s
   AND status = 'processing'
-  AND locked_by = %(worker)s
 RETURNING id;
 
 -- name: release_item
@@ -118,10 +137,25 @@ SET status           = %(status)s,
     locked_by        = NULL,
     lease_expires_at = NULL
 WHERE id = %(id)s
-  AND attempt_count = %(attempt)s
+  AND claim_token = %(token)s
   AND status = 'processing'
-  AND locked_by = %(worker)s
 RETURNING id;
+
+-- name: cancel_item_by_operator
+-- `mf-worker cancel`: a pending, blocked or processing item is cancelled with the reason. A
+-- generation in flight is fenced out by its claim token (its write, heartbeat and failure all
+-- match nothing); the trigger of migration 0004 fails the episode an attempt had started.
+-- `old_status` is for the operator's audit row.
+WITH old AS (
+    SELECT id, status FROM episode_schedule_queue
+    WHERE id = %(id)s AND status IN ('pending', 'blocked', 'processing')
+    FOR UPDATE
+)
+UPDATE episode_schedule_queue q
+SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL
+FROM old
+WHERE q.id = old.id
+RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;
 
 -- name: reap_expired_leases
 -- Items whose worker stopped heartbeating: back to pending, or failed when the attempts are

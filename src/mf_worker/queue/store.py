@@ -1,8 +1,9 @@
 """Queue transitions as plain async functions; each is one statement, fenced where it matters.
 
-A claimed item is identified for every later transition by ``(id, attempt)`` plus the worker's
-id: the fence. Functions that change one claimed item return whether the fence still held, so
-the caller learns that it lost the lease instead of silently writing over someone else's work.
+Every claim carries a claim token that never repeats (a sequence value drawn by the claim), and
+every later transition of that claim matches ``(id, token)`` while the item is processing: the
+fence. Functions that change one claimed item return whether the fence still held, so the caller
+learns that it lost the claim instead of silently writing over someone else's work.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ _Q = load_queries(__package__ or "mf_worker.queue", "queries.sql")
 
 @dataclass(frozen=True, slots=True)
 class ClaimedItem:
-    """A queue item this worker holds: the fence is (id, attempt, worker)."""
+    """A queue item this worker holds: the fence is (id, token). ``attempt`` counts generator
+    calls (the attempt budget); ``token`` is this claim's and no other's."""
 
     id: str
+    token: int
     project_id: str | None
     organization_id: str
     scheduled_for: datetime
@@ -36,6 +39,7 @@ class ClaimedItem:
     def from_row(cls, row: dict[str, Any]) -> ClaimedItem:
         return cls(
             id=row["id"],
+            token=row["claim_token"],
             project_id=row["project_id"],
             organization_id=row["organization_id"],
             scheduled_for=row["scheduled_for"],
@@ -84,42 +88,58 @@ async def claim_item_by_id(
     return ClaimedItem.from_row(row) if row else None
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRenewal:
+    """What one heartbeat found: the claims still held (``renewed`` or, locked by someone else
+    this time, ``skipped``) — any other claim it asked about is lost."""
+
+    renewed: set[int]
+    skipped: set[int]
+
+    @property
+    def held(self) -> set[int]:
+        return self.renewed | self.skipped
+
+
 async def extend_leases(
-    conn: Connection, items: Sequence[ClaimedItem], *, worker: str, lease_seconds: float,
+    conn: Connection, items: Sequence[ClaimedItem], *, lease_seconds: float,
     now: datetime | None = None,
-) -> set[str]:
-    """Heartbeat: extend the leases still held; return the ids that were extended."""
+) -> LeaseRenewal:
+    """Heartbeat: extend the leases of the claims still held, skipping rows someone else has
+    locked (they stay held and are renewed next time)."""
     if not items:
-        return set()
+        return LeaseRenewal(set(), set())
     cur = await conn.execute(
         _Q["extend_leases"],
         {
             "ids": [i.id for i in items],
-            "attempts": [i.attempt for i in items],
-            "worker": worker,
+            "tokens": [i.token for i in items],
             "lease_seconds": lease_seconds,
             "now": now,
         },
     )
-    return {r["id"] for r in await cur.fetchall()}
+    rows = await cur.fetchall()
+    return LeaseRenewal(renewed={r["claim_token"] for r in rows if r["extended"]},
+                        skipped={r["claim_token"] for r in rows if not r["extended"]})
 
 
 async def complete_items(
-    conn: Connection, items: Sequence[ClaimedItem], *, worker: str, now: datetime | None = None
+    conn: Connection, items: Sequence[ClaimedItem], *, now: datetime | None = None
 ) -> set[str]:
     """Fenced completion of a batch; returns the ids that completed (others lost the lease)."""
     if not items:
         return set()
     cur = await conn.execute(
         _Q["complete_items"],
-        {"ids": [i.id for i in items], "attempts": [i.attempt for i in items],
-         "worker": worker, "now": now},
+        {"ids": [i.id for i in items], "tokens": [i.token for i in items], "now": now},
     )
     return {r["id"] for r in await cur.fetchall()}
 
 
-def _fence(item: ClaimedItem, worker: str, now: datetime | None) -> dict[str, Any]:
-    return {"id": item.id, "attempt": item.attempt, "worker": worker, "now": now}
+def fence(item: ClaimedItem) -> dict[str, Any]:
+    """The parameters every fenced statement matches a claim by (``id``, ``token``): the queue's
+    own statements, the final write and the budget reservation alike."""
+    return {"id": item.id, "token": item.token}
 
 
 async def _fenced(conn: Connection, query: str, params: dict[str, Any]) -> bool:
@@ -128,30 +148,30 @@ async def _fenced(conn: Connection, query: str, params: dict[str, Any]) -> bool:
 
 
 async def retry_item(
-    conn: Connection, item: ClaimedItem, *, worker: str, delay_seconds: float, error: str,
+    conn: Connection, item: ClaimedItem, *, delay_seconds: float, error: str,
     now: datetime | None = None,
 ) -> bool:
     """Back to pending after ``delay_seconds``; False if the fence no longer holds."""
     return await _fenced(
         conn, "retry_item",
-        {**_fence(item, worker, now), "delay_seconds": delay_seconds, "error": error},
+        {**fence(item), "now": now, "delay_seconds": delay_seconds, "error": error},
     )
 
 
 async def finish_item(
-    conn: Connection, item: ClaimedItem, *, worker: str, status: str, error: str,
+    conn: Connection, item: ClaimedItem, *, status: str, error: str,
     now: datetime | None = None,
 ) -> bool:
     """Final 'failed' or 'cancelled' with the reason; False if the fence no longer holds."""
     if status not in ("failed", "cancelled"):
         raise ValueError(f"finish_item: status must be failed or cancelled, not {status!r}")
     return await _fenced(
-        conn, "finish_item", {**_fence(item, worker, now), "status": status, "error": error}
+        conn, "finish_item", {**fence(item), "now": now, "status": status, "error": error}
     )
 
 
 async def release_item(
-    conn: Connection, item: ClaimedItem, *, worker: str, status: str = "pending",
+    conn: Connection, item: ClaimedItem, *, status: str = "pending",
     error: str | None = None, blocked_on: date | None = None, now: datetime | None = None,
 ) -> bool:
     """Hand the item back without charging its attempt: ``pending`` (shutdown) or ``blocked``
@@ -160,9 +180,20 @@ async def release_item(
         raise ValueError(f"release_item: status must be pending or blocked, not {status!r}")
     return await _fenced(
         conn, "release_item",
-        {**_fence(item, worker, now), "status": status, "error": error,
+        {**fence(item), "now": now, "status": status, "error": error,
          "blocked_on": blocked_on if status == "blocked" else None},
     )
+
+
+async def cancel_item_by_operator(
+    conn: Connection, item_id: str, *, reason: str
+) -> dict[str, Any] | None:
+    """``mf-worker cancel``: cancel a pending, blocked or processing item (a generation in
+    flight is fenced out). Returns the item's id, organisation and episode, or None when it
+    is in no state to cancel."""
+    cur = await conn.execute(_Q["cancel_item_by_operator"], {"id": item_id, "reason": reason})
+    row: dict[str, Any] | None = await cur.fetchone()
+    return row
 
 
 async def reap_expired_leases(

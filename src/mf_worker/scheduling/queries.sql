@@ -110,10 +110,17 @@ WHERE p.id = %(project_id)s
 FOR UPDATE OF p;
 
 -- name: cancel_open_pending_item
-UPDATE episode_schedule_queue
+-- `enqueue --replace`; `old_status` is for the audit row.
+WITH old AS (
+    SELECT id, status FROM episode_schedule_queue
+    WHERE id = %(id)s AND status IN ('pending', 'blocked')
+    FOR UPDATE
+)
+UPDATE episode_schedule_queue q
 SET status = 'cancelled', last_error = %(reason)s
-WHERE id = %(id)s AND status IN ('pending', 'blocked')
-RETURNING id;
+FROM old
+WHERE q.id = old.id
+RETURNING q.id, q.organization_id, old.status AS old_status;
 
 -- name: insert_next_item
 -- One item for one project (the final write's next occurrence, `enqueue`), and the cache, in

@@ -16,6 +16,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from ..audit import record_operator_action
 from ..db import Connection, Pool
 from ..db.sql import load_queries
 from ..engine.loops import PeriodicLoop
@@ -244,12 +245,14 @@ async def _insert_item(
 
 
 async def enqueue_item(
-    conn: Connection, project_id: str, *, at: datetime | None, replace: bool, now: datetime
+    conn: Connection, project_id: str, *, at: datetime | None, replace: bool, now: datetime,
+    actor: str,
 ) -> tuple[str, datetime]:
     """Add an extra item for a project now (or at ``at``); for support and debugging.
 
     Refuses when the project already has an open item, unless ``replace`` cancels the waiting
     one (an item being processed is never replaced). Returns the new item's id and due time.
+    The new item (and a replaced one) is audited under ``actor``.
     """
     async with conn.transaction():
         cur = await conn.execute(_Q["get_project_for_enqueue"], {"project_id": project_id})
@@ -260,6 +263,7 @@ async def enqueue_item(
             raise ProjectNotSchedulable(
                 f"project {project_id} is {project['status']}; only active projects get episodes"
             )
+        replaced: dict[str, Any] | None = None
         if project["open_item_id"] is not None:
             open_desc = (
                 f"{project['open_item_id']} ({project['open_item_status']}, due "
@@ -274,7 +278,8 @@ async def enqueue_item(
                 _Q["cancel_open_pending_item"],
                 {"id": project["open_item_id"], "reason": "replaced by mf-worker enqueue"},
             )
-            if await cur.fetchone() is None:
+            replaced = await cur.fetchone()
+            if replaced is None:
                 raise ProjectNotSchedulable(
                     f"project {project_id}'s open item {open_desc} is being processed and "
                     "cannot be replaced; try again when it has finished"
@@ -297,5 +302,15 @@ async def enqueue_item(
                                  organization_id=project["organization_id"], plan=plan)
         if row is None:  # a scheduler slipped one in between: the index decided
             raise ProjectNotSchedulable(f"project {project_id} got an open item concurrently")
-    item_id: str = row["id"]
+        item_id: str = row["id"]
+        await record_operator_action(
+            conn, actor=actor, organization_id=project["organization_id"],
+            action="queue_item.enqueue", item_id=item_id, old_status=None, new_status="pending",
+        )
+        if replaced is not None:
+            await record_operator_action(
+                conn, actor=actor, organization_id=project["organization_id"],
+                action="queue_item.replace", item_id=project["open_item_id"],
+                old_status=replaced["old_status"], new_status="cancelled",
+            )
     return item_id, when

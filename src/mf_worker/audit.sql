@@ -1,0 +1,9 @@
+-- The audit trail of operators' commands (mf_worker.audit).
+
+-- name: insert_operator_action
+-- Runs acting for the item's organisation (audit_log has row-level security). user_id is NULL:
+-- an operator is not a product user; `actor` names them.
+INSERT INTO audit_log (id, user_id, organization_id, action, resource_id, old_value, new_value,
+                       actor)
+VALUES (%(id)s, NULL, %(organization_id)s, %(action)s, %(resource_id)s, %(old_value)s,
+        %(new_value)s, %(actor)s);
