@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench readme clean
+.PHONY: setup demo test coverage lint bench readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n auto --dist loadgroup
 
+# The whole suite under coverage.py, the worker processes it starts included (pyproject's
+# [tool.coverage.*]); prints line coverage of src/ per module. Separate from `make test`,
+# which CI runs: measuring slows every process down.
+coverage: setup
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m coverage run -m pytest -n auto --dist loadgroup
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m coverage combine --quiet
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m coverage report
+
 # The code is formatted by hand to 100 columns (ruff format would rewrap most files), so lint
 # is ruff's rules and mypy --strict, both clean.
 lint: setup
@@ -35,4 +44,5 @@ bench: setup
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		.coverage .coverage.*

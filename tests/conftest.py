@@ -8,16 +8,21 @@ without seeing each other's rows, and a test may do anything to its database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import errors, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from mf_worker.db import connect
@@ -122,3 +127,41 @@ def captured_logs() -> Iterator[io.StringIO]:
     configure_logging("json", "debug", stream=buffer)
     yield buffer
     configure_logging("json", "warning", stream=sys.stderr)
+
+
+ROLES_SQL = Path(__file__).resolve().parent.parent / "docs" / "database-roles.sql"
+
+
+def ensure_cross_org_role(conn: psycopg.Connection[Any]) -> None:
+    """The operator-created capability role (cluster-wide); tolerate a concurrent creator."""
+    with contextlib.suppress(errors.UniqueViolation):
+        conn.execute(
+            "DO $$ BEGIN CREATE ROLE mf_cross_org NOLOGIN;"
+            " EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        )
+
+
+@pytest.fixture
+def worker_role_url(db_url: str, db: psycopg.Connection[dict[str, Any]]) -> Iterator[str]:
+    """``db_url`` logged in as the documented least-privilege worker role: a fresh role made by
+    applying docs/database-roles.sql with psql, as an operator does (no superuser, no
+    BYPASSRLS, not the tables' owner, member of mf_cross_org). Row-level security applies to
+    everything the worker does through it, unlike the superuser the other tests connect as."""
+    role = f"mf_test_worker_{uuid.uuid4().hex[:10]}"
+    psql = require_binary("psql")
+    # Roles are cluster-wide: tests on other xdist workers may be creating it right now,
+    # which the script's "create if missing" would race.
+    ensure_cross_org_role(db)
+    applied = subprocess.run(
+        [psql, db_url, "-v", f"worker_role={role}", "-v", "worker_password='x'",
+         "-f", str(ROLES_SQL)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert applied.returncode == 0, applied.stderr
+    try:
+        yield make_conninfo("", **{**conninfo_to_dict(db_url), "user": role})
+    finally:
+        # Whatever still runs as the role (a killed test's worker) must not keep it alive.
+        db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                   [role])
+        db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

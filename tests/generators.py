@@ -7,10 +7,12 @@ Title prefixes:
   ``slow:S``        sleep S seconds, then write the template episode
   ``slow-once:S``   sleep S seconds on attempt 1 only (a crashed or frozen first attempt)
   ``flaky:N``       retryable failure on attempts 1..N, then success
-  ``rate-limited``  retryable failure with retry_after=0.1 on attempt 1, then success
+  ``rate-limited[:S]``  retryable failure with retry_after=S (default 0.1) on attempt 1,
+                    then success
   ``fail-always``   retryable failure on every attempt
   ``permanent``     permanent failure
   ``raises``        an unexpected exception (a plugin bug)
+  ``unreachable``   the provider's host refuses the connection (``ConnectionRefusedError``)
   ``invalid:KIND``  an invalid result of KIND (see ``INVALID``)
   ``costly:S``      sleep S seconds, then report gpt-4o usage costing exactly £0.50
   ``costly-invalid`` an invalid result (empty title) that reports £0.50 of gpt-4o usage: a
@@ -90,13 +92,16 @@ async def scripted(request: GenerationRequest) -> GenerationResult:
     elif kind == "flaky" and request.attempt <= int(arg.split()[0]):
         raise RetryableGenerationError(f"provider overloaded (attempt {request.attempt})")
     elif kind == "rate-limited" and request.attempt == 1:
-        raise RetryableGenerationError("429 Too Many Requests", retry_after=0.1)
+        raise RetryableGenerationError("429 Too Many Requests",
+                                       retry_after=float(arg.split()[0]) if arg else 0.1)
     elif kind == "fail-always":
         raise RetryableGenerationError(f"upstream 503 on attempt {request.attempt}")
     elif kind == "permanent":
         raise PermanentGenerationError("400 Bad Request: content refused")
     elif kind == "raises":
         raise KeyError("choices")
+    elif kind == "unreachable":
+        raise ConnectionRefusedError(111, "Connection refused")
     elif kind == "invalid":
         return INVALID[arg.split()[0]](_good(request))
     elif kind == "wedge":

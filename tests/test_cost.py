@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from time import monotonic, sleep
 from typing import Any, ClassVar
 
 import psycopg
@@ -32,13 +33,37 @@ from .factories import make_org, make_project, make_queue_item, make_user
 from .workers import run_burst, start_worker
 
 Conn = psycopg.Connection[dict[str, Any]]
-TODAY = datetime.now(UTC)
 
 
 def scalar(conn: Conn, sql: str, *params: Any) -> Any:
     row = conn.execute(sql, params).fetchone()
     assert row is not None
     return next(iter(row.values()))
+
+
+def on_trip_day(db: Conn, days: int = 0) -> datetime:
+    """The time now, moved onto the UTC day the breaker tripped (plus ``days``).
+
+    The day of a trip is the worker's, read while it ran; a test that reads its own clock
+    afterwards would speak of another day if midnight UTC fell in between."""
+    day = scalar(db, "SELECT date FROM cost_limit_trips")
+    now = datetime.now(UTC)
+    return now + timedelta(days=(day - now.date()).days + days)
+
+
+def wait_until_gated(db: Conn, names: set[str], timeout: float = 60) -> None:
+    """Wait until every named process has a session waiting for a lock (the test's gate)."""
+    deadline = monotonic() + timeout
+    while True:
+        row = db.execute(
+            "SELECT count(DISTINCT application_name) AS n FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = ANY(%s)"
+            " AND wait_event_type = 'Lock'", [[f"mf-worker {n}" for n in names]]).fetchone()
+        if row is not None and row["n"] == len(names):
+            return
+        if monotonic() > deadline:
+            pytest.fail("the workers never reached the gate")
+        sleep(0.02)
 
 
 def org_with_items(conn: Conn, n: int, title: str, limit: str | None = "2.50") -> dict[str, Any]:
@@ -89,14 +114,37 @@ def test_pricing_file_overrides_and_a_malformed_entry_is_named(tmp_path: Path) -
 # -- the budget under concurrency -----------------------------------------------------------
 
 
-def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
-    db_url: str, db: Conn, tmp_path: Path
+@pytest.mark.slow
+@pytest.mark.xdist_group("processes")
+def test_four_racing_worker_processes_start_exactly_five_generations_within_budget(
+    db_url: str, worker_role_url: str, db: Conn, tmp_path: Path
 ) -> None:
-    """£2.50 and £0.50 per generation: exactly five start, fifteen are blocked, spend stays
-    within the limit, and the aggregate equals the raw rows."""
-    org = org_with_items(db, 20, "costly:0.5", limit="2.50")
-    workers = [start_worker(db_url, "--burst", log=tmp_path / f"w{i}.log", MF_CONCURRENCY="5",
-                            MF_POOL_MAX_SIZE="8", MF_WORKER_ID=f"w{i}") for i in range(4)]
+    """£2.50 and £0.50 per generation, twenty items: exactly five start, fifteen are blocked
+    (after waiting out the reservations in flight), spend stays within the limit, and the
+    aggregate equals the raw rows.
+
+    Process start-up takes longer than the whole run, so without help the first process
+    claims and reserves everything alone and nothing races (3 of 3 runs). A gate makes the
+    race real: the test locks the queue until all four processes wait for it, then lets them
+    go at once. Each process holds at most two items, for two seconds each, so one process
+    cannot take all five reservations in the instant before the others prepare (with five
+    items each, one busy-machine run saw a single process win all five)."""
+    org = org_with_items(db, 20, "costly:2", limit="2.50")
+    names = {f"w{i}" for i in range(4)}
+    with psycopg.connect(db_url) as gate:
+        gate.execute("LOCK TABLE episode_schedule_queue IN ACCESS EXCLUSIVE MODE")
+        # As the least-privilege role: reservations and the breaker under row-level security.
+        workers = [start_worker(worker_role_url, "--burst", log=tmp_path / f"{name}.log",
+                                MF_CONCURRENCY="2", MF_POOL_MAX_SIZE="6", MF_WORKER_ID=name)
+                   for name in sorted(names)]
+        try:
+            wait_until_gated(db, names)
+        except BaseException:
+            for w in workers:
+                w.kill()
+                w.wait()
+            raise
+        gate.commit()  # open the gate
     assert [w.wait(timeout=120) for w in workers] == [0, 0, 0, 0]
 
     assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE status = 'completed'"
@@ -106,7 +154,7 @@ def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
     # refused by spend. Bring the waiting ones forward instead of sleeping out their wait.
     db.execute("UPDATE episode_schedule_queue SET run_after = now()"
                " WHERE status = 'pending' AND scheduled_for <= now()")
-    again = start_worker(db_url, "--burst", log=tmp_path / "w4.log", MF_WORKER_ID="w4")
+    again = start_worker(worker_role_url, "--burst", log=tmp_path / "w4.log", MF_WORKER_ID="w4")
     assert again.wait(timeout=120) == 0
     # The twenty seeded items (completed projects' next occurrences are later and may be
     # blocked too, depending on timing).
@@ -119,7 +167,9 @@ def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
     daily = db.execute("SELECT * FROM token_usage_daily WHERE organization_id = %s",
                        [org["id"]]).fetchone()
     assert daily is not None
-    assert daily["total_cost_gbp"] == Decimal("2.5") <= Decimal("2.50")
+    assert daily["total_cost_gbp"] == 5 * Decimal("0.50")
+    limit = scalar(db, "SELECT daily_cost_limit_gbp FROM organizations WHERE id = %s", org["id"])
+    assert daily["total_cost_gbp"] <= limit
     assert daily["total_cost_gbp"] == scalar(db, "SELECT sum(cost_gbp) FROM token_usage")
     assert daily["reserved_gbp"] == 0  # every reservation was settled or released
     assert scalar(db, "SELECT count(*) FROM user_events"
@@ -127,10 +177,14 @@ def test_twenty_racing_workers_start_exactly_five_generations_within_budget(
     assert scalar(db, "SELECT count(*) FROM audit_log WHERE action = 'cost_limit.block'") == 1
     trip = db.execute("SELECT * FROM cost_limit_trips").fetchone()
     assert trip is not None and trip["notified_at"] is not None
-    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(5))
-    assert logs.count('"event": "cost_limit_reached"') == 1  # the log notifier, once
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in sorted(names | {"w4"})}
+    assert "".join(logs.values()).count('"event": "cost_limit_reached"') == 1  # once
     # Claimed items that met the limit say so; items still waiting were blocked with them.
-    assert 1 <= logs.count('"event": "item_blocked_by_cost_limit"') <= 15
+    assert 1 <= "".join(logs.values()).count('"event": "item_blocked_by_cost_limit"') <= 15
+    # The race happened: the five reservations were won by more than one process.
+    reserved_by = {name: log.count('"event": "item_completed"') for name, log in logs.items()}
+    assert sum(reserved_by.values()) == 5
+    assert sum(1 for n in reserved_by.values() if n > 0) >= 2, reserved_by
 
 
 def test_status_shows_blocked_organisations_with_spend_and_limit(
@@ -169,9 +223,9 @@ def test_next_utc_day_resumes_blocked_items_under_policy_resume(db_url: str, db:
     org_with_items(db, 3, "costly:0", limit="0.50")
     reports = run_burst(db_url, concurrency=1)
     assert sorted(r.outcome for r in reports) == [Outcome.BLOCKED, Outcome.SUCCESS]
-    assert _budget_pass(db_url, "resume", TODAY).resumed == 0  # same day, no room
+    assert _budget_pass(db_url, "resume", on_trip_day(db)).resumed == 0  # same day, no room
     # Blocked: the two items that met the limit and the completed project's next occurrence.
-    result = _budget_pass(db_url, "resume", TODAY + timedelta(days=1))
+    result = _budget_pass(db_url, "resume", on_trip_day(db, days=1))
     assert result.resumed == 3
     due = db.execute("SELECT blocked_on FROM episode_schedule_queue WHERE status = 'pending'"
                      " AND run_after <= now()").fetchall()
@@ -187,7 +241,7 @@ def test_next_utc_day_skips_blocked_items_under_policy_skip(db_url: str, db: Con
     # The completed project's next occurrence was blocked too; make it one a week away.
     db.execute("UPDATE episode_schedule_queue SET scheduled_for = now() + interval '7 days'"
                " WHERE status = 'blocked' AND attempt_count = 0 AND scheduled_for > now()")
-    result = _budget_pass(db_url, "skip", TODAY + timedelta(days=1))
+    result = _budget_pass(db_url, "skip", on_trip_day(db, days=1))
     assert (result.skipped, result.resumed) == (2, 1)  # the not-yet-due one just resumes
     cancelled = db.execute("SELECT project_id, last_error FROM episode_schedule_queue"
                            " WHERE status = 'cancelled'").fetchall()
@@ -198,14 +252,16 @@ def test_next_utc_day_skips_blocked_items_under_policy_skip(db_url: str, db: Con
     for c in cancelled:
         assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE project_id = %s"
                           " AND status = 'pending'", c["project_id"]) == 1
-    assert org["id"]
+    # Nothing of the organisation is left blocked once the new day has been handled.
+    assert scalar(db, "SELECT count(*) FROM episode_schedule_queue WHERE status = 'blocked'"
+                      " AND organization_id = %s", org["id"]) == 0
 
 
 def test_raising_the_limit_releases_blocked_items_the_same_day(db_url: str, db: Conn) -> None:
     org = org_with_items(db, 3, "costly:0", limit="0.50")
     run_burst(db_url, concurrency=1)
     db.execute("UPDATE organizations SET daily_cost_limit_gbp = 10 WHERE id = %s", [org["id"]])
-    assert _budget_pass(db_url, "resume", TODAY).resumed == 3
+    assert _budget_pass(db_url, "resume", on_trip_day(db)).resumed == 3
     reports = run_burst(db_url, concurrency=2)
     assert [r.outcome for r in reports] == [Outcome.SUCCESS, Outcome.SUCCESS]
 
@@ -221,6 +277,7 @@ def test_reservation_is_released_after_a_failed_attempt_and_after_a_reaped_lease
     # A worker that reserved and then vanished: the reaper's return releases the money.
     db.execute("UPDATE projects SET title = 'fine'")
     item = make_queue_item(db, make_project(db, make_user(db, org)))
+    now = datetime.now(UTC)
 
     async def claim_reserve_and_reap() -> Decimal:
         pool = await open_pool(settings_for(db_url), max_size=2)
@@ -231,7 +288,7 @@ def test_reservation_is_released_after_a_failed_attempt_and_after_a_reaped_lease
                 assert [c.id for c in claimed] == [item["id"]]
                 # A worker's prepare step: reserve the worst case and create the episode.
                 prepared = await prepare_generations(
-                    conn, claimed, now=TODAY,
+                    conn, claimed, now=now,
                     worst_case=lambda _request: Decimal("1.25"), default_limit=Decimal(50),
                 )
                 assert isinstance(prepared[0], Prepared), prepared
@@ -260,9 +317,10 @@ def test_a_free_attempt_reserves_nothing_but_is_refused_once_the_day_is_over_the
     (spend from elsewhere) still gets nothing generated."""
     under = org_with_items(db, 1, "free under", limit="1")
     over = org_with_items(db, 1, "free over", limit="1")
+    now = datetime.now(UTC)  # the day of the spend below and of the reservations
     db.execute("INSERT INTO token_usage_daily (organization_id, date, total_cost_gbp)"
                " VALUES (%s, %s, 0.50), (%s, %s, 1.50)",
-               [under["id"], TODAY.date(), over["id"], TODAY.date()])
+               [under["id"], now.date(), over["id"], now.date()])
 
     async def prepare_both() -> tuple[dict[str, object], list[dict[str, Any]]]:
         pool = await open_pool(settings_for(db_url), max_size=2)
@@ -271,7 +329,7 @@ def test_a_free_attempt_reserves_nothing_but_is_refused_once_the_day_is_over_the
                 claimed = await queue.claim_due_items(conn, worker="w", limit=2,
                                                       lease_seconds=30)
                 outcomes = await prepare_generations(
-                    conn, claimed, now=TODAY,
+                    conn, claimed, now=now,
                     worst_case=lambda _request: Decimal(0), default_limit=Decimal(50),
                 )
                 cur = await conn.execute(
@@ -338,6 +396,7 @@ def test_webhook_notifies_once_per_org_per_day_and_retries_a_500(
     db_url: str, db: Conn, webhook: str
 ) -> None:
     org = org_with_items(db, 4, "costly:0", limit="0.50")
+    before = datetime.now(UTC)
     run_burst(db_url, concurrency=1, notifier="webhook", notify_webhook_url=webhook)
     # The same day, again: more items blocked, no second notification.
     db.execute("UPDATE episode_schedule_queue SET status = 'pending', blocked_on = NULL"
@@ -347,7 +406,8 @@ def test_webhook_notifies_once_per_org_per_day_and_retries_a_500(
     note = _Hook.received[0]
     assert note["event"] == "cost_limit_reached" and note["organization_id"] == org["id"]
     assert note["limit_gbp"] == "0.5000" and note["spent_gbp"] == "0.500000"
-    assert note["date"] == TODAY.date().isoformat()
+    after = datetime.now(UTC)
+    assert note["date"] in {before.date().isoformat(), after.date().isoformat()}
 
 
 def test_webhook_gives_up_after_its_attempts_and_notifier_specs_are_checked(
@@ -355,7 +415,8 @@ def test_webhook_gives_up_after_its_attempts_and_notifier_specs_are_checked(
 ) -> None:
     _Hook.failures_left = 10
     notifier = WebhookNotifier(webhook, attempts=3, backoff=0.01)
-    trip = Trip("org_x", TODAY.date(), Decimal(1), Decimal(1), 3, "Daily limit exceeded")
+    trip = Trip("org_x", datetime.now(UTC).date(), Decimal(1), Decimal(1), 3,
+                "Daily limit exceeded")
     with pytest.raises(Exception, match="webhook answered 500"):
         asyncio.run(notifier.notify(trip))
     assert _Hook.failures_left == 7

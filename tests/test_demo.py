@@ -19,7 +19,8 @@ import pytest
 from .factories import make_queue_item, make_tenant
 from .workers import ROOT, worker_env
 
-pytestmark = pytest.mark.slow
+# The demo runs an embedded PostgreSQL and a worker: it stays off the lease tests' cores.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
 
 Conn = psycopg.Connection[dict[str, Any]]
 PROJECTS = 4  # one per time zone in mf_worker.demo

@@ -329,12 +329,14 @@ def test_the_daemon_reports_ready_feeds_the_watchdog_and_reports_stopping(
     db_url: str, tmp_path: Path, notify_socket: tuple[str, NotifyListener]
 ) -> None:
     """`mf-worker run` under a Type=notify unit: READY=1 (with a status) once its HTTP server
-    answers, WATCHDOG=1 every WATCHDOG_USEC/2 (never letting the 2 s watchdog lapse), STOPPING=1
+    answers, WATCHDOG=1 every WATCHDOG_USEC/2 (never letting the 4 s watchdog lapse), STOPPING=1
     as soon as SIGTERM arrives, then a clean exit. The Dockerfile's HEALTHCHECK command passes
     against it, and fails once it is gone."""
     path, listener = notify_socket
     log = tmp_path / "w.log"
-    worker = start_worker(db_url, log=log, NOTIFY_SOCKET=path, WATCHDOG_USEC="2000000")
+    # 4 s, fed every 2 s: a keep-alive may be late by a claim-loop tick on a busy machine,
+    # and only one as late as the whole interval fails (with 2 s that margin was 1 s).
+    worker = start_worker(db_url, log=log, NOTIFY_SOCKET=path, WATCHDOG_USEC="4000000")
     try:
         listener.collect_until(lambda m: len(m) >= 1, 30, "READY=1")
         first = listener.messages[0][1].split("\n")
@@ -352,11 +354,11 @@ def test_the_daemon_reports_ready_feeds_the_watchdog_and_reports_stopping(
         )
 
         listener.collect_until(
-            lambda m: len(listener.states("WATCHDOG=1")) >= 5, 30, "five keep-alives"
+            lambda m: len(listener.states("WATCHDOG=1")) >= 4, 30, "four keep-alives"
         )
         feeds = listener.states("WATCHDOG=1")
-        assert min(gaps(feeds)) >= 0.9  # rate-limited to half the interval
-        assert max(gaps(feeds)) < 2.0  # and never as late as the interval itself
+        assert min(gaps(feeds)) >= 1.8  # rate-limited to half the interval
+        assert max(gaps(feeds)) < 4.0  # and never as late as the interval itself
         assert listener.states("STOPPING=1") == []
 
         worker.send_signal(signal.SIGTERM)
@@ -378,16 +380,16 @@ def test_the_daemon_reports_ready_feeds_the_watchdog_and_reports_stopping(
 def test_a_wedged_claim_loop_stops_feeding_the_watchdog(
     db_url: str, db: Conn, tmp_path: Path, notify_socket: tuple[str, NotifyListener]
 ) -> None:
-    """A plugin that blocks the event loop for 6 s (longer than the 2 s WatchdogSec) leaves a
-    6 s hole in the keep-alives, so systemd would kill and restart the worker; when the loop
-    runs again the keep-alives resume and the item completes."""
+    """A plugin that blocks the event loop for 8 s (longer than the 4 s WatchdogSec) leaves a
+    hole of at least 8 s in the keep-alives, so systemd would kill and restart the worker; when
+    the loop runs again the keep-alives resume and the item completes."""
     path, listener = notify_socket
     log = tmp_path / "w.log"
     worker = start_worker(
         db_url,
         log=log,
         NOTIFY_SOCKET=path,
-        WATCHDOG_USEC="2000000",
+        WATCHDOG_USEC="4000000",
         MF_HEALTH_STALL_SECONDS="1",
         MF_CONCURRENCY="1",
     )
@@ -397,7 +399,7 @@ def test_a_wedged_claim_loop_stops_feeding_the_watchdog(
         )
         # One transaction, or the daemon's scheduler may give the project its own item first.
         with db.transaction():
-            item = make_queue_item(db, make_tenant(db, title="wedge:6")["project"])
+            item = make_queue_item(db, make_tenant(db, title="wedge:8")["project"])
 
         def completed() -> bool:
             row = db.execute(
@@ -415,9 +417,9 @@ def test_a_wedged_claim_loop_stops_feeding_the_watchdog(
     finally:
         assert stop(worker) == 0
     feeds = listener.states("WATCHDOG=1")
-    holes = [g for g in gaps(feeds) if g > 2.0]
+    holes = [g for g in gaps(feeds) if g > 4.0]  # longer than WatchdogSec: a restart
     assert len(holes) == 1, gaps(feeds)
-    assert 5.0 <= holes[0] <= 9.0
+    assert holes[0] >= 7.5  # the wedge itself, however busy the machine (no upper bound)
 
 
 @pytest.mark.slow

@@ -12,14 +12,19 @@ from typing import Any
 import psycopg
 import pytest
 
-from mf_worker.engine.backoff import CAP_SECONDS, retry_delay
+from mf_worker.engine.backoff import retry_delay
 from mf_worker.engine.worker import Outcome
 
 from .factories import make_note, make_project, make_queue_item, make_tenant, make_user
 from .workers import ROOT, run_burst, run_single, worker_env
 
 Conn = psycopg.Connection[dict[str, Any]]
-NOW = datetime.now(UTC)
+
+
+def utcnow() -> datetime:
+    """Read the clock inside each test, never at import: collection and run can be minutes
+    apart (a whole suite on a busy machine), across 09:00 London or midnight."""
+    return datetime.now(UTC)
 
 
 def one(conn: Conn, sql: str, *params: Any) -> dict[str, Any]:
@@ -40,7 +45,8 @@ def test_success_writes_everything_in_one_go(db_url: str, db: Conn) -> None:
     """Episode, blocks, usage, notes, memory, audit, event, completion and the next item."""
     t = make_tenant(db, cadence={"mode": "weekly", "days": [1]})
     notes = [make_note(db, t["project"], note=n) for n in ("More on policy", "Less jargon")]
-    item = make_queue_item(db, t["project"], scheduled_for=NOW - timedelta(minutes=5))
+    before = utcnow()
+    item = make_queue_item(db, t["project"], scheduled_for=before - timedelta(minutes=5))
 
     reports = run_burst(db_url)
 
@@ -71,7 +77,7 @@ def test_success_writes_everything_in_one_go(db_url: str, db: Conn) -> None:
     event = one(db, "SELECT * FROM user_events WHERE event_type = 'episode_generated'")
     assert event["user_id"] == t["user"]["id"]
     nxt = one(db, "SELECT * FROM episode_schedule_queue WHERE status = 'pending'")
-    assert nxt["project_id"] == t["project"]["id"] and nxt["scheduled_for"] > NOW
+    assert nxt["project_id"] == t["project"]["id"] and nxt["scheduled_for"] > before
     assert nxt["scheduled_for"].astimezone(UTC).weekday() == 0  # Monday (London, 09:00)
     project = one(db, "SELECT next_scheduled_at FROM projects WHERE id = %s", t["project"]["id"])
     assert project["next_scheduled_at"] == nxt["scheduled_for"]
@@ -80,11 +86,15 @@ def test_success_writes_everything_in_one_go(db_url: str, db: Conn) -> None:
 def test_missed_slots_are_not_caught_up_after_an_outage(db_url: str, db: Conn) -> None:
     """An item due ten days ago (daily cadence) is followed by one in the future, not ten."""
     t = make_tenant(db, cadence={"mode": "daily"})
-    make_queue_item(db, t["project"], scheduled_for=NOW - timedelta(days=10))
+    before = utcnow()
+    make_queue_item(db, t["project"], scheduled_for=before - timedelta(days=10))
     run_burst(db_url)
+    after = utcnow()
     pending = db.execute(
         "SELECT scheduled_for FROM episode_schedule_queue WHERE status = 'pending'").fetchall()
-    assert len(pending) == 1 and NOW < pending[0]["scheduled_for"] <= NOW + timedelta(days=1)
+    # The worker read its clock between `before` and `after`; the next 09:00 follows it
+    # within a day, whichever side of 09:00 London the run fell.
+    assert len(pending) == 1 and before < pending[0]["scheduled_for"] <= after + timedelta(days=1)
 
 
 def test_retry_then_success_keeps_the_first_error_in_the_episode_history(
@@ -98,7 +108,7 @@ def test_retry_then_success_keeps_the_first_error_in_the_episode_history(
     state = item_state(db, item["id"])
     assert state["status"] == "pending" and state["attempt_count"] == 1
     assert "provider overloaded" in state["last_error"]
-    assert state["run_after"] > state["last_attempt_at"]  # backing off
+    assert 0.8 <= backoff_of(state) <= 1.2  # attempt 1 backs off 1 s ± 20 %
 
     make_due(db)
     second = run_burst(db_url)
@@ -112,16 +122,41 @@ def test_retry_then_success_keeps_the_first_error_in_the_episode_history(
     assert one(db, "SELECT count(*) AS n FROM episodes")["n"] == 1
 
 
-def test_retry_after_from_the_provider_is_honoured(db_url: str, db: Conn) -> None:
-    """A provider's retry_after that is shorter than the backoff does not shorten it; the item
-    comes back once due and succeeds."""
-    t = make_tenant(db, title="rate-limited")
+def backoff_of(state: dict[str, Any]) -> float:
+    """Seconds the failure write put between its own transaction and ``run_after``.
+
+    ``run_after`` is ``now() + delay`` and the touch trigger stamps ``updated_at = now()`` in
+    the same transaction, so this is the delay the worker chose, exactly, however long the
+    attempt took on a busy machine (``last_attempt_at`` is the claim, earlier by that long)."""
+    return float((state["run_after"] - state["updated_at"]).total_seconds())
+
+
+def test_retry_after_from_the_provider_is_honoured_and_the_item_comes_back(
+    db_url: str, db: Conn
+) -> None:
+    """A provider's retry_after longer than the backoff sets the delay: the item is not claimed
+    before it, and once due it comes back and succeeds on attempt 2."""
+    t = make_tenant(db, title="rate-limited:30")
     item = make_queue_item(db, t["project"])
-    reports = run_burst(db_url)
-    assert [r.outcome for r in reports] == [Outcome.RETRY]
+    assert [r.outcome for r in run_burst(db_url)] == [Outcome.RETRY]
     state = item_state(db, item["id"])
-    delay = (state["run_after"] - state["last_attempt_at"]).total_seconds()
-    assert 0.7 <= delay <= 1.3  # the 1 s backoff (±20 %) is longer than retry_after=0.1
+    assert backoff_of(state) == 30.0  # not the 1 s backoff
+    assert "429" in state["last_error"]
+
+    assert run_burst(db_url) == []  # not due yet: nothing is claimed
+    make_due(db)
+    assert [r.outcome for r in run_burst(db_url)] == [Outcome.SUCCESS]
+    assert (item_state(db, item["id"])["status"], item_state(db, item["id"])["attempt_count"]
+            ) == ("completed", 2)
+
+
+def test_a_retry_after_shorter_than_the_backoff_does_not_shorten_it(
+    db_url: str, db: Conn
+) -> None:
+    t = make_tenant(db, title="rate-limited:0.1")
+    item = make_queue_item(db, t["project"])
+    assert [r.outcome for r in run_burst(db_url)] == [Outcome.RETRY]
+    assert 0.8 <= backoff_of(item_state(db, item["id"])) <= 1.2  # the 1 s backoff ± 20 %
 
 
 def test_always_failing_item_fails_after_max_attempts(db_url: str, db: Conn) -> None:
@@ -227,7 +262,7 @@ def test_unknown_owner_timezone_fails_that_item_with_a_clear_error(
 
 def test_run_once_processes_one_named_item_even_if_not_due(db_url: str, db: Conn) -> None:
     t = make_tenant(db)
-    later = make_queue_item(db, t["project"], scheduled_for=NOW + timedelta(days=3))
+    later = make_queue_item(db, t["project"], scheduled_for=utcnow() + timedelta(days=3))
     assert run_single(db_url) is None  # nothing due
     assert run_single(db_url, later["id"]) is Outcome.SUCCESS
     assert item_state(db, later["id"])["status"] == "completed"
@@ -309,15 +344,22 @@ def test_cli_commands_without_database_need_no_url() -> None:
 
 
 def test_backoff_doubles_from_one_second_with_jitter_and_a_five_minute_cap() -> None:
+    """The documented rule, in literal seconds (not the module's constants): 1, 2, 4 … ± 20 %,
+    really spread (a delay without jitter fails), never above 300 s; a provider's longer
+    Retry-After wins up to an hour, a shorter one changes nothing."""
     import random
 
     rng = random.Random(7)
-    for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 8), (9, 256)]:
-        delay = retry_delay(attempt, rng=rng)
-        assert 0.8 * base <= delay <= 1.2 * base
-    assert all(retry_delay(n, rng=rng) <= CAP_SECONDS for n in range(10, 60))
+    for attempt, base in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (9, 256.0)]:
+        delays = [retry_delay(attempt, rng=rng) for _ in range(200)]
+        assert 0.8 * base <= min(delays) and max(delays) <= 1.2 * base, attempt
+        assert min(delays) < 0.85 * base and max(delays) > 1.15 * base, attempt  # jitter
+    capped = [retry_delay(n, rng=rng) for n in range(10, 60) for _ in range(20)]
+    assert max(capped) == 300.0 and min(capped) >= 240.0  # capped after the jitter
+    assert len(set(capped)) > 100  # still jittered below the cap
     assert retry_delay(1, retry_after=42.0, rng=rng) == 42.0  # the provider's wish wins
     assert retry_delay(1, retry_after=10**9, rng=rng) == 3600.0  # but not forever
+    assert retry_delay(5, retry_after=0.5, rng=rng) >= 0.8 * 16  # a shorter one is ignored
 
 
 def test_pruner_deletes_old_finished_items_in_batches_and_keeps_episodes(
@@ -418,7 +460,7 @@ def test_an_item_the_database_refuses_fails_alone_and_its_batch_mates_complete(
     # end together make the writes arrive as one wave too, as they do under load.
     title = "together:4" if step == "final write" else "prompt"
     tenants = [make_tenant(db, title=title) for _ in range(4)]
-    items = [make_queue_item(db, t["project"], scheduled_for=NOW - timedelta(minutes=1))
+    items = [make_queue_item(db, t["project"], scheduled_for=utcnow() - timedelta(minutes=1))
              for t in tenants]
     bad = tenants[2]["project"]["id"]
     db.execute(f"ALTER TABLE episodes ADD CONSTRAINT test_poison {poison.format(project=bad)}")

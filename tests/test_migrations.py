@@ -63,6 +63,8 @@ def test_migrate_status_lists_pending_on_an_empty_database(empty_db_url: str) ->
     assert tables(empty_db_url) == set(), "--status must not change the database"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # racing processes: off the lease tests' cores
 def test_two_racing_migrate_processes_both_succeed_and_apply_once(empty_db_url: str) -> None:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MF_")}
     environ.update({"MF_DATABASE_URL": empty_db_url, "MF_LOG_FORMAT": "json"})

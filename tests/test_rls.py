@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 from psycopg import errors, sql
 from psycopg.rows import dict_row
 
+from .conftest import ensure_cross_org_role
 from .factories import make_episode, make_queue_item, make_tenant
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -22,15 +22,6 @@ TENANT_TABLES = [
     "audit_log", "chat_sessions", "chat_messages", "highlights", "cost_limit_trips",
     "memory_migrations",
 ]
-
-
-def ensure_cross_org_role(conn: Conn) -> None:
-    """The operator-created capability role (cluster-wide); tolerate a concurrent creator."""
-    with contextlib.suppress(errors.UniqueViolation):
-        conn.execute(
-            "DO $$ BEGIN CREATE ROLE mf_cross_org NOLOGIN;"
-            " EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
-        )
 
 
 @pytest.fixture
@@ -147,85 +138,72 @@ def test_usage_insert_as_org_moves_the_aggregate_under_rls(
 
 
 def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
-    db_url: str, db: Conn
+    worker_role_url: str, db: Conn
 ) -> None:
     """docs/database-roles.sql applied with psql; the scheduler, claims, the final write, the
     reaper and the budget all work as that role (no superuser, no BYPASSRLS, not the owner)."""
     import asyncio
-    import subprocess
     from datetime import UTC, datetime, timedelta
 
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.conninfo import conninfo_to_dict
 
     from mf_worker import queue
     from mf_worker.db import open_pool
     from mf_worker.engine.lease import Reaper
     from mf_worker.scheduling.scheduler import Scheduler
 
-    from .conftest import require_binary, settings_for
+    from .conftest import settings_for
     from .factories import make_note
-    from .workers import ROOT, run_burst
+    from .workers import run_burst
 
-    role = f"mf_test_worker_{uuid.uuid4().hex[:10]}"
-    psql = require_binary("psql")
-    applied = subprocess.run(
-        [psql, db_url, "-v", f"worker_role={role}", "-v", "worker_password='x'",
-         "-f", str(ROOT / "docs" / "database-roles.sql")],
-        capture_output=True, text=True, timeout=60, check=False)
-    assert applied.returncode == 0, applied.stderr
-    try:
-        tenants = [make_tenant(db) for _ in range(3)]
-        for t in tenants:
-            make_note(db, t["project"])
-        as_worker = make_conninfo("", **{**conninfo_to_dict(db_url), "user": role})
+    as_worker = worker_role_url
+    role = conninfo_to_dict(as_worker)["user"]
+    tenants = [make_tenant(db) for _ in range(3)]
+    for t in tenants:
+        make_note(db, t["project"])
 
-        async def schedule_and_reap() -> None:
-            pool = await open_pool(settings_for(as_worker), max_size=2)
-            try:
-                result = await Scheduler(pool, 1.0).run_once()
-                assert result.created == 3 and not result.invalid
-                async with pool.connection() as conn:
-                    await conn.execute("UPDATE episode_schedule_queue SET run_after = now()")
-                    claimed = await queue.claim_due_items(conn, worker="ghost", limit=1,
-                                                          lease_seconds=60)
-                    assert len(claimed) == 1
-                    await conn.execute(
-                        "UPDATE episode_schedule_queue SET lease_expires_at = now()"
-                        " - interval '1 s' WHERE locked_by = 'ghost'")
-                reaped = await Reaper(pool, lease_seconds=60, max_attempts=3).run_once()
-                assert [r.status for r in reaped] == ["pending"]
-            finally:
-                await pool.close()
+    async def schedule_and_reap() -> None:
+        pool = await open_pool(settings_for(as_worker), max_size=2)
+        try:
+            result = await Scheduler(pool, 1.0).run_once()
+            assert result.created == 3 and not result.invalid
+            async with pool.connection() as conn:
+                await conn.execute("UPDATE episode_schedule_queue SET run_after = now()")
+                claimed = await queue.claim_due_items(conn, worker="ghost", limit=1,
+                                                      lease_seconds=60)
+                assert len(claimed) == 1
+                await conn.execute(
+                    "UPDATE episode_schedule_queue SET lease_expires_at = now()"
+                    " - interval '1 s' WHERE locked_by = 'ghost'")
+            reaped = await Reaper(pool, lease_seconds=60, max_attempts=3).run_once()
+            assert [r.status for r in reaped] == ["pending"]
+        finally:
+            await pool.close()
 
-        asyncio.run(schedule_and_reap())
-        reports = run_burst(as_worker, generator="template")
-        assert [r.outcome.value for r in reports] == ["success"] * 3
-        assert db.execute("SELECT count(*) AS n FROM episodes WHERE status = 'ready'"
-                          ).fetchone() == {"n": 3}
-        assert db.execute("SELECT count(*) AS n FROM planning_notes"
-                          " WHERE status = 'incorporated'").fetchone() == {"n": 3}
-        assert db.execute("SELECT count(*) AS n FROM episode_schedule_queue"
-                          " WHERE status = 'pending' AND scheduled_for > %s",
-                          [datetime.now(UTC) - timedelta(minutes=1)]).fetchone() == {"n": 3}
-        assert db.execute("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s",
-                          [role]).fetchone() == {"rolsuper": False, "rolbypassrls": False}
-    finally:
-        db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    asyncio.run(schedule_and_reap())
+    reports = run_burst(as_worker, generator="template")
+    assert [r.outcome.value for r in reports] == ["success"] * 3
+    assert db.execute("SELECT count(*) AS n FROM episodes WHERE status = 'ready'"
+                      ).fetchone() == {"n": 3}
+    assert db.execute("SELECT count(*) AS n FROM planning_notes"
+                      " WHERE status = 'incorporated'").fetchone() == {"n": 3}
+    assert db.execute("SELECT count(*) AS n FROM episode_schedule_queue"
+                      " WHERE status = 'pending' AND scheduled_for > %s",
+                      [datetime.now(UTC) - timedelta(minutes=1)]).fetchone() == {"n": 3}
+    assert db.execute("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = %s",
+                      [role]).fetchone() == {"rolsuper": False, "rolbypassrls": False}
 
 
 def test_status_and_notification_retries_work_under_the_least_privilege_role(
-    db_url: str, db: Conn
+    db_url: str, worker_role_url: str, db: Conn
 ) -> None:
     """As the documented worker role (cross-organisation reads, no tenant content): status sees
     which projects' memories were migrated (by the owner), and the budget loop re-sends a trip
     whose notification failed. (The email lookup needs its EXECUTE grant: operations.md.)"""
     import asyncio
-    import subprocess
     from datetime import UTC, datetime, timedelta
     from decimal import Decimal
 
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg.types.json import Jsonb
 
     from mf_worker.cost.budget import BudgetLoop, Trip
@@ -233,56 +211,44 @@ def test_status_and_notification_retries_work_under_the_least_privilege_role(
     from mf_worker.memories import migrate_memories
     from mf_worker.status import read_snapshot
 
-    from .conftest import require_binary, settings_for
-    from .workers import ROOT
+    from .conftest import settings_for
 
-    role = f"mf_test_worker_{uuid.uuid4().hex[:10]}"
-    psql = require_binary("psql")
-    applied = subprocess.run(
-        [psql, db_url, "-v", f"worker_role={role}", "-v", "worker_password='x'",
-         "-f", str(ROOT / "docs" / "database-roles.sql")],
-        capture_output=True, text=True, timeout=60, check=False)
-    assert applied.returncode == 0, applied.stderr
+    as_worker = worker_role_url
     sent: list[Trip] = []
 
     class Recorder:
         async def notify(self, trip: Trip) -> None:
             sent.append(trip)
 
-    try:
-        migrated = make_tenant(db, memories=Jsonb([f"m{i}" for i in range(60)]))
-        waiting = make_tenant(db, memories=Jsonb([f"m{i}" for i in range(51)]))
-        org = migrated["org"]["id"]
-        db.execute("INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp,"
-                   " next_notify_at) VALUES (%s, current_date, 5, 5, now() - interval '1 s')",
-                   [org])
-        as_worker = make_conninfo("", **{**conninfo_to_dict(db_url), "user": role})
+    migrated = make_tenant(db, memories=Jsonb([f"m{i}" for i in range(60)]))
+    waiting = make_tenant(db, memories=Jsonb([f"m{i}" for i in range(51)]))
+    org = migrated["org"]["id"]
+    db.execute("INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp,"
+               " next_notify_at) VALUES (%s, current_date, 5, 5, now() - interval '1 s')",
+               [org])
 
-        async def as_the_worker() -> dict[str, object]:
-            # The one-off migration runs as the schema owner, like `mf-worker migrate`.
-            owner = await open_pool(settings_for(db_url), max_size=2)
-            try:
-                async with owner.connection() as conn:
-                    await migrate_memories(conn, project_id=migrated["project"]["id"],
-                                           min_count=1, dry_run=False)
-            finally:
-                await owner.close()
-            pool = await open_pool(settings_for(as_worker), max_size=2)
-            try:
-                async with pool.connection() as conn:
-                    snapshot = await read_snapshot(conn, default_limit_gbp=Decimal(50))
-                loop = BudgetLoop(pool, 60, policy="resume", default_limit=Decimal(50),
-                                  reserve_per_item=Decimal("0.5"), notifier=Recorder())
-                await loop.run_once(datetime.now(UTC) + timedelta(seconds=1))
-                return snapshot.memory_migration
-            finally:
-                await pool.close()
+    async def as_the_worker() -> dict[str, object]:
+        # The one-off migration runs as the schema owner, like `mf-worker migrate`.
+        owner = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            async with owner.connection() as conn:
+                await migrate_memories(conn, project_id=migrated["project"]["id"],
+                                       min_count=1, dry_run=False)
+        finally:
+            await owner.close()
+        pool = await open_pool(settings_for(as_worker), max_size=2)
+        try:
+            async with pool.connection() as conn:
+                snapshot = await read_snapshot(conn, default_limit_gbp=Decimal(50))
+            loop = BudgetLoop(pool, 60, policy="resume", default_limit=Decimal(50),
+                              reserve_per_item=Decimal("0.5"), notifier=Recorder())
+            await loop.run_once(datetime.now(UTC) + timedelta(seconds=1))
+            return snapshot.memory_migration
+        finally:
+            await pool.close()
 
-        memory = asyncio.run(as_the_worker())
-        assert [p["project_id"] for p in memory["projects"]] == [waiting["project"]["id"]]
-        assert [(t.organization_id, t.spent_gbp) for t in sent] == [(org, Decimal(5))]
-        trip = db.execute("SELECT notified_at FROM cost_limit_trips").fetchone()
-        assert trip is not None and trip["notified_at"] is not None
-    finally:
-        db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    memory = asyncio.run(as_the_worker())
+    assert [p["project_id"] for p in memory["projects"]] == [waiting["project"]["id"]]
+    assert [(t.organization_id, t.spent_gbp) for t in sent] == [(org, Decimal(5))]
+    trip = db.execute("SELECT notified_at FROM cost_limit_trips").fetchone()
+    assert trip is not None and trip["notified_at"] is not None

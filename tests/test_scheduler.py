@@ -503,6 +503,7 @@ def wait_until_blocked(db: Conn, procs: list[subprocess.Popen[str]], timeout: fl
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_two_scheduler_processes_racing_create_exactly_one_item_per_project(
     db_url: str, db: Conn
 ) -> None:

@@ -51,32 +51,35 @@ def test_daily_aggregate_equals_raw_rows_after_concurrent_inserts(
     for w in workers:
         w.join()
 
+    # Grouped by UTC day as the trigger groups them: inserts that straddle midnight UTC land
+    # in two rows per organisation, and the test must not fail for it.
     raw = {
-        (r["organization_id"], r["operation"]): r
+        (r["organization_id"], r["day"], r["operation"]): r
         for r in db.execute(
-            "SELECT organization_id, operation, sum(total_tokens) AS tokens,"
-            " sum(cost_gbp) AS cost, count(*) AS n FROM token_usage"
-            " GROUP BY organization_id, operation"
+            "SELECT organization_id, (created_at AT TIME ZONE 'UTC')::date AS day, operation,"
+            " sum(total_tokens) AS tokens, sum(cost_gbp) AS cost, count(*) AS n"
+            " FROM token_usage GROUP BY 1, 2, 3"
         ).fetchall()
     }
     assert sum(r["n"] for r in raw.values()) == threads * per_thread
     with psycopg.connect(db_url, row_factory=dict_row) as conn:
         daily = conn.execute(
-            "SELECT * FROM token_usage_daily ORDER BY organization_id"
+            "SELECT * FROM token_usage_daily ORDER BY organization_id, date"
         ).fetchall()
     assert {d["organization_id"] for d in daily} == set(orgs)
+    assert {(d["organization_id"], d["date"]) for d in daily} == {k[:2] for k in raw}
     for day in daily:
-        org = day["organization_id"]
-        rows = [raw[(org, op)] for op in OPERATIONS if (org, op) in raw]
+        org = (day["organization_id"], day["date"])
+        rows = [raw[(*org, op)] for op in OPERATIONS if (*org, op) in raw]
         assert day["total_tokens"] == sum(r["tokens"] for r in rows)
         assert day["total_cost_gbp"] == sum(r["cost"] for r in rows)
-        assert day["episode_count"] == raw.get((org, "episode_generation"), {"n": 0})["n"]
+        assert day["episode_count"] == raw.get((*org, "episode_generation"), {"n": 0})["n"]
         for op in OPERATIONS:
-            if (org, op) not in raw:
+            if (*org, op) not in raw:
                 continue
             entry = day["operation_breakdown"][op]
-            assert entry["tokens"] == raw[(org, op)]["tokens"]
-            assert Decimal(str(entry["cost"])) == raw[(org, op)]["cost"]
+            assert entry["tokens"] == raw[(*org, op)]["tokens"]
+            assert Decimal(str(entry["cost"])) == raw[(*org, op)]["cost"]
 
 
 def test_usage_on_different_utc_days_lands_in_different_rows(

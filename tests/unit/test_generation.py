@@ -300,7 +300,20 @@ def test_validate_accepts_boundary_values() -> None:
         incorporated_note_ids=[],
         new_memories=[MemoryDraft("m", importance=0), MemoryDraft("n", importance=1)],
     )
-    validate_result(result, REQUEST, max_episode_bytes=MIB)
+    checked = validate_result(result, REQUEST, max_episode_bytes=MIB)
+    # Accepted unchanged: nothing at a boundary is clamped, dropped or rounded away.
+    assert checked.title == "x" * 500
+    assert [(b.content, b.confidence) for b in checked.blocks] == [("a", 0), ("b", 1),
+                                                                  ("c", 1.0)]
+    assert checked.usage == (TokenUsage("m", 0, 0),)
+    assert [m.importance for m in checked.new_memories] == [0, 1]
+    # One step past each boundary is refused (so the values above really were the edges).
+    for beyond in (ok_result(title="x" * 501),
+                   ok_result(blocks=[BlockDraft("a", None, 1.0001)]),
+                   ok_result(blocks=[BlockDraft("a", None, -0.0001)]),
+                   ok_result(new_memories=[MemoryDraft("m", importance=1.0001)])):
+        with pytest.raises(InvalidOutputError):
+            validate_result(beyond, REQUEST, max_episode_bytes=MIB)
 
 
 nan, inf = math.nan, math.inf
