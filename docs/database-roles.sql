@@ -49,8 +49,9 @@ FROM pg_tables
 WHERE schemaname = 'public' AND tablename <> 'users' \gexec
 REVOKE SELECT ON users FROM :"worker_role";
 GRANT SELECT (id, organization_id, timezone) ON users TO :"worker_role";
--- Claims draw their claim token from this sequence.
-GRANT USAGE ON SEQUENCE episode_schedule_queue_claim_token_seq TO :"worker_role";
+-- Claims draw their claim token from this sequence (migration 0004 grants it to mf_cross_org
+-- too, when the role exists at migration time).
+GRANT USAGE ON SEQUENCE episode_schedule_queue_claim_token_seq TO mf_cross_org;
 -- What the worker writes.
 GRANT INSERT, UPDATE, DELETE ON episode_schedule_queue TO :"worker_role";
 GRANT INSERT, UPDATE ON episodes, planning_notes, token_usage_daily, cost_limit_trips

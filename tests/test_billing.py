@@ -71,6 +71,22 @@ def test_a_refusal_that_carries_usage_books_it(db_url: str, db: Conn) -> None:
     assert daily(db, org["id"])["total_cost_gbp"] == HALF
 
 
+def test_status_shows_estimated_spend_apart_from_measured(db_url: str, db: Conn) -> None:
+    """One call measured (£0.50), one abandoned with its £1.25 reservation booked: status says
+    which is which."""
+    from .test_engine import cli
+
+    org = org_with_items(db, 1, "costly-refused", limit="5")
+    run_burst(db_url)
+    make_queue_item(db, make_project(db, make_user(db, org)))
+    asyncio.run(_claim_and_prepare(db_url, Decimal("1.25")))
+    _reap(db_url, db)
+    result = cli("status", url=db_url)
+    assert result.returncode == 0, result.stderr
+    assert f"{org['id']}  £0.50 measured + £1.25 estimated, £0.00 reserved, limit £5.00" in (
+        result.stdout)
+
+
 def test_a_timed_out_generation_books_its_reserved_worst_case_as_an_estimate(
     db_url: str, db: Conn
 ) -> None:

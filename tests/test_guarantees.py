@@ -34,7 +34,6 @@ from mf_worker.status import cancel_queue_item, retry_queue_item
 
 from .conftest import settings_for
 from .factories import make_episode, make_queue_item, make_tenant
-from .roles import documented_worker_role
 from .workers import run_burst
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -393,11 +392,12 @@ def test_a_prepare_retried_after_its_commit_was_lost_reserves_and_creates_once(
 # -- what the worker role may do ----------------------------------------------------------------
 
 
-def test_the_worker_role_reads_users_zone_but_not_their_email(db_url: str, db: Conn) -> None:
+def test_the_worker_role_reads_users_zone_but_not_their_email(
+    db: Conn, worker_role_url: str
+) -> None:
     """Case 8: the worker needs a user's id, organisation and zone, never their address."""
     make_tenant(db)
-    with documented_worker_role(db_url, db) as as_worker, \
-            psycopg.connect(as_worker, autocommit=True, row_factory=dict_row) as conn:
+    with psycopg.connect(worker_role_url, autocommit=True, row_factory=dict_row) as conn:
         rows = conn.execute("SELECT id, organization_id, timezone FROM users").fetchall()
         assert len(rows) == 1
         with pytest.raises(errors.InsufficientPrivilege):
@@ -435,14 +435,17 @@ def _role_of(conninfo: str) -> str:
     return str(conninfo_to_dict(conninfo)["user"])
 
 
-def test_a_temporary_table_cannot_hijack_the_usage_trigger(db_url: str, db: Conn) -> None:
+def test_a_temporary_table_cannot_hijack_the_usage_trigger(
+    db: Conn, worker_role_url: str
+) -> None:
     """Case 1, replayed: as the documented worker role (even granted TEMP, which the documented
     roles revoke), a temporary `token_usage_daily` with a trigger must neither receive the
     aggregate's upsert nor run with the definer's rights: the usage reaches the real aggregate
     and the other organisation's episode stays unread."""
     mine, theirs = make_tenant(db), make_tenant(db)
     make_episode(db, theirs["project"], title="Their secret plans", status="ready")
-    with documented_worker_role(db_url, db) as as_worker:
+    as_worker = worker_role_url
+    if True:  # (one block, as before the fixture existed)
         with psycopg.connect(as_worker, autocommit=True) as conn, \
                 pytest.raises(errors.InsufficientPrivilege):
             conn.execute("CREATE TEMP TABLE probe (x int)")
@@ -476,13 +479,14 @@ def test_a_temporary_table_cannot_hijack_the_usage_trigger(db_url: str, db: Conn
 
 
 def test_nobody_can_attach_the_definer_functions_to_a_table_of_their_own(
-    db_url: str, db: Conn
+    db: Conn, worker_role_url: str
 ) -> None:
     """Case 1, the other door: a role that owns a table (a temporary one) must not be able to
     fire the usage trigger's definer function from it, which would write any organisation's
     aggregate with the owner's rights."""
     theirs = make_tenant(db)
-    with documented_worker_role(db_url, db) as as_worker:
+    as_worker = worker_role_url
+    if True:  # (one block, as before the fixture existed)
         _grant_temp(db, _role_of(as_worker))
         with psycopg.connect(as_worker, autocommit=True) as conn:
             conn.execute("CREATE TEMP TABLE fake (organization_id text, created_at timestamptz,"
@@ -630,3 +634,87 @@ def test_a_claim_by_an_older_worker_still_draws_a_new_token(db_url: str, db: Con
                " lease_expires_at = NULL WHERE id = %s", [item["id"]])
     second = one(db, old_claim, item["id"])["claim_token"]
     assert first is not None and second is not None and second != first
+
+
+def test_a_prepare_retried_while_the_first_commit_is_still_in_flight_reuses_its_episode(
+    db_url: str, db: Conn
+) -> None:
+    """Case 7, the harder interleaving: the retry reads its context before the first run's
+    commit is visible (so it picks a new episode id), then waits on the item's row until that
+    commit lands. It must still end with the first run's episode and one reservation."""
+    t = make_tenant(db)
+    make_queue_item(db, t["project"], scheduled_for=datetime.now(UTC) - timedelta(minutes=1))
+
+    async def go() -> tuple[Any, Any]:
+        first_conn = await connect(settings_for(db_url))
+        second_conn = await connect(settings_for(db_url))
+        async with first_conn, second_conn:
+            [claimed] = await queue.claim_due_items(first_conn, worker="w1", limit=1,
+                                                    lease_seconds=60)
+
+            async def prepare(conn: Any) -> Any:
+                [outcome] = await prepare_generations(
+                    conn, [claimed], now=None, worst_case=lambda _r: Decimal("0.50"),
+                    default_limit=Decimal(50))
+                return outcome
+
+            await first_conn.execute("BEGIN")
+            first = await prepare(first_conn)  # runs inside the open transaction
+            retry = asyncio.create_task(prepare(second_conn))
+            await eventually(lambda: one(db, "SELECT count(*) AS n FROM pg_locks"
+                                             " WHERE NOT granted")["n"] >= 1,
+                             "the retry to wait on the item's row")
+            await first_conn.execute("COMMIT")
+            return first, await asyncio.wait_for(retry, 30)
+
+    first, second = asyncio.run(go())
+    assert isinstance(first, Prepared) and isinstance(second, Prepared), (first, second)
+    assert second.episode_id == first.episode_id
+    assert one(db, "SELECT count(*) AS n FROM episodes")["n"] == 1
+    assert one(db, "SELECT reserved_gbp FROM token_usage_daily")["reserved_gbp"] == Decimal(
+        "0.50")
+
+
+def test_an_older_worker_still_records_its_last_error_on_the_failed_episode(
+    db_url: str, db: Conn
+) -> None:
+    """During a rolling upgrade an older mf-worker fails an item and then, in the same
+    transaction, records the attempt on the episode only while it is still 'generating'. The
+    queue's episode trigger runs at commit, so that record is kept."""
+    _, item, episode = _item_with_a_started_episode(
+        db, scheduled_for=datetime.now(UTC) - timedelta(hours=1))
+    db.execute("UPDATE episode_schedule_queue SET status = 'processing', locked_by = 'old',"
+               " lease_expires_at = now() + interval '1 minute' WHERE id = %s", [item["id"]])
+    with db.transaction():
+        db.execute("UPDATE episode_schedule_queue SET status = 'failed', last_error = 'boom',"
+                   " locked_by = NULL, lease_expires_at = NULL WHERE id = %s", [item["id"]])
+        recorded = db.execute(
+            "UPDATE episodes SET generation_attempts = generation_attempts + 1,"
+            " generation_errors = generation_errors || 'attempt 2: boom'::text"
+            " WHERE id = %s AND status = 'generating'", [episode["id"]])
+        assert recorded.rowcount == 1
+    ended = one(db, "SELECT status, generation_errors FROM episodes WHERE id = %s",
+                episode["id"])
+    assert ended == {"status": "failed", "generation_errors": ["attempt 2: boom"]}
+
+
+def test_timeouts_keep_the_options_already_in_the_database_url(db_url: str) -> None:
+    """`?options=-c …` in MF_DATABASE_URL (a search_path, a provider's endpoint id) is kept;
+    the timeouts are added after it."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    url = make_conninfo("", **{**conninfo_to_dict(db_url), "options": "-c work_mem=77MB"})
+
+    async def go() -> dict[str, str]:
+        pool = await open_pool(settings_for(url, db_lock_timeout=3.0), max_size=1)
+        try:
+            async with pool.connection() as conn:
+                cur = await conn.execute("SELECT current_setting('work_mem') AS work_mem,"
+                                         " current_setting('lock_timeout') AS lock")
+                row = await cur.fetchone()
+                assert row is not None
+                return dict(row)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(go()) == {"work_mem": "77MB", "lock": "3s"}

@@ -637,6 +637,30 @@ def test_a_refusal_is_permanent_and_quotes_the_model(llm_env: FakeLLM) -> None:
     assert isinstance(err, PermanentGenerationError)
     assert str(err) == "the model refused: I can't help with that request."
     assert len(llm_env.seen) == 1
+    # A refused reply was billed: the error carries the server's usage, for the worker to book.
+    assert [(u.prompt_tokens, u.completion_tokens) for u in err.usages] == [(321, 123)]
+
+
+def test_a_repair_turn_that_still_fails_reports_both_calls_usage(llm_env: FakeLLM) -> None:
+    """Two billed calls and still no episode: both usages travel with the error."""
+    llm_env.reply(chat("not json", usage=(100, 10)), chat("still not json", usage=(200, 20)))
+    err = failure()
+    assert isinstance(err, PermanentGenerationError)
+    assert [(u.prompt_tokens, u.completion_tokens) for u in err.usages] == [(100, 10),
+                                                                           (200, 20)]
+
+
+def test_a_reply_larger_than_the_cap_is_not_read_whole(
+    llm_env: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body far beyond what max_tokens can produce (a broken server or proxy) fails the
+    attempt, naming the cap, instead of filling the worker's memory."""
+    monkeypatch.setenv("MF_LLM_MAX_TOKENS", "100")  # cap: 64 × 100 + 64 KiB = 71,936 bytes
+    huge = chat("x" * 2_000_000)
+    llm_env.reply(huge)
+    err = failure()
+    assert isinstance(err, PermanentGenerationError)
+    assert "larger than 71,936 bytes" in str(err)
 
 
 def test_a_reply_withheld_by_a_content_filter_is_permanent(llm_env: FakeLLM) -> None:

@@ -324,7 +324,9 @@ class Settings:
         _float(0.0),
         "Seconds one worker statement may run (PostgreSQL `statement_timeout`, and "
         "`idle_in_transaction_session_timeout` likewise) before it is cancelled and retried. "
-        "`0` sends no setting (see `MF_DB_LOCK_TIMEOUT`). Migrations and the CLI are exempt.",
+        "`0` sends no setting (see `MF_DB_LOCK_TIMEOUT`). Sent on the worker's pooled "
+        "connections (`run`, `run-once`, `schedule`); the role-level defaults of "
+        "docs/database-roles.sql apply to every command that logs in as the worker role.",
     )
     lease_seconds: float = _setting(
         "MF_LEASE_SECONDS",

@@ -39,6 +39,7 @@ class Snapshot:
     blocked: list[dict[str, Any]] = field(default_factory=list)
     projects_without_item: int = 0
     blocked_orgs: list[dict[str, Any]] = field(default_factory=list)
+    spend_today: list[dict[str, Any]] = field(default_factory=list)
     memory_migration: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -78,6 +79,8 @@ async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: 
         projects_without_item=without["projects"] if without else 0,
         blocked_orgs=[_plain(r) for r in await list_blocked_orgs(
             conn, day=now.astimezone(UTC).date(), default_limit=default_limit_gbp)],
+        spend_today=await rows("list_spend_today", date=now.astimezone(UTC).date(),
+                               default_limit=default_limit_gbp),
         memory_migration=await read_migration_triggers(conn, now=now, limit=limit),
     )
 
@@ -102,7 +105,17 @@ def render_snapshot(snapshot: Snapshot) -> str:
         lines.append("organisations over their daily cost limit:")
         lines += [f"  {o['organization_id']}  spent £{Decimal(o['spent_gbp']):.2f} of "
                   f"£{Decimal(o['limit_gbp']):.2f} today  ({o['items']} items blocked since "
-                  f"{o['blocked_on']})" for o in snapshot.blocked_orgs]
+                  f"{o['blocked_on']})"
+                  + (f"  £{Decimal(o['estimated_gbp']):.2f} of it estimated"
+                     if Decimal(o["estimated_gbp"]) else "")
+                  for o in snapshot.blocked_orgs]
+    if snapshot.spend_today:
+        lines.append("spend today (UTC), largest first: measured + estimated (reserved "
+                     "worst cases of calls whose usage is unknown), reserved in flight, limit:")
+        lines += [f"  {o['organization_id']}  £{Decimal(o['measured_gbp']):.2f} measured + "
+                  f"£{Decimal(o['estimated_gbp']):.2f} estimated, "
+                  f"£{Decimal(o['reserved_gbp']):.2f} reserved, limit "
+                  f"£{Decimal(o['limit_gbp']):.2f}" for o in snapshot.spend_today]
     memory = snapshot.memory_migration
     if memory.get("projects"):
         lines.append(f"projects with {memory['min_memories']}+ memories in projects.memories, "

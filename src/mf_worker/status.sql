@@ -54,3 +54,16 @@ RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_sta
 -- add to its history. Runs acting for the item's organisation.
 UPDATE episodes SET status = 'generating'
 WHERE id = %(episode_id)s AND status = 'failed';
+
+-- name: list_spend_today
+-- Today's biggest spenders (UTC day): measured spend (real usage), the part of it that is
+-- estimated (reserved worst cases booked for calls whose usage is unknown), reservations in
+-- flight, and the limit. Reads the daily aggregate only.
+SELECT d.organization_id, d.total_cost_gbp - d.estimated_cost_gbp AS measured_gbp,
+       d.estimated_cost_gbp AS estimated_gbp, d.reserved_gbp,
+       coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
+FROM token_usage_daily d
+JOIN organizations o ON o.id = d.organization_id
+WHERE d.date = %(date)s AND (d.total_cost_gbp > 0 OR d.reserved_gbp > 0)
+ORDER BY d.total_cost_gbp + d.reserved_gbp DESC, d.organization_id
+LIMIT %(limit)s;

@@ -21,7 +21,7 @@ WITH today AS (
 ), held AS (
     -- `already`: this claim reserved before (the reservation lives exactly as long as the
     -- claim, see migration 0002), so this is a prepare retried after its commit was lost.
-    SELECT id, reserved_cost_gbp IS NOT NULL AS already FROM episode_schedule_queue
+    SELECT id, episode_id, reserved_cost_gbp IS NOT NULL AS already FROM episode_schedule_queue
     WHERE id = %(id)s AND claim_token = %(token)s AND status = 'processing'
     FOR UPDATE
 ), reserved AS (
@@ -63,8 +63,12 @@ WITH today AS (
            'generating'
     FROM granted
     WHERE %(new_episode_id)s::text IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM held WHERE already)
 )
+-- `episode_id`: the episode this claim's earlier run created (a retry whose context was read
+-- before that run's commit became visible would otherwise name a new one).
 SELECT (SELECT count(*) FROM held) AS held, (SELECT count(*) FROM granted) AS reserved,
+       (SELECT episode_id FROM held WHERE already) AS episode_id,
        today.day,
        coalesce(d.total_cost_gbp, 0) AS spent_gbp, coalesce(d.reserved_gbp, 0) AS reserved_gbp,
        coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql as pgsql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -54,9 +55,14 @@ def timeout_options(settings: Settings) -> dict[str, str]:
         "statement_timeout": settings.db_statement_timeout,
         "idle_in_transaction_session_timeout": settings.db_statement_timeout,
     }
-    options = " ".join(f"-c {name}={round(seconds * 1000)}"
-                       for name, seconds in settings_ms.items() if seconds > 0)
-    return {"options": options} if options else {}
+    ours = " ".join(f"-c {name}={max(1, round(seconds * 1000))}"  # 0 ms would mean "none"
+                    for name, seconds in settings_ms.items() if seconds > 0)
+    if not ours:
+        return {}
+    # Options already in the URL (`?options=-c search_path=…`, a provider's endpoint id) stay;
+    # ours come after them.
+    given = conninfo_to_dict(settings.require_database_url()).get("options")
+    return {"options": f"{given} {ours}" if given else ours}
 
 
 async def connect(settings: Settings, **extra: Any) -> Connection:

@@ -156,9 +156,14 @@ async def prepare_generations(
         if row is not None and not row["held"]:
             outcomes[i] = LeaseLost(items[i].id)
             continue
-        outcomes[i] = refusal(
-            row, items[i], amount=amount, day=day or datetime.now(UTC).date()
-        ) or replace(prepared, billing_day=row["day"] if row else day, reserved_gbp=amount)
+        refused = refusal(row, items[i], amount=amount, day=day or datetime.now(UTC).date())
+        if refused is not None:
+            outcomes[i] = refused
+            continue
+        assert row is not None
+        if row["episode_id"] is not None:  # this claim's earlier run made the episode
+            prepared = replace(prepared, episode_id=row["episode_id"], new_episode=False)
+        outcomes[i] = replace(prepared, billing_day=row["day"], reserved_gbp=amount)
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
 

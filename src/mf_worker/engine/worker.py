@@ -69,8 +69,10 @@ T = TypeVar("T")
 
 # Errors worth retrying on the database side: a dropped connection, a restart, a failover, a
 # deadlock or serialisation failure (psycopg files those under OperationalError too), and a
-# lock or statement timeout (MF_DB_LOCK_TIMEOUT, MF_DB_STATEMENT_TIMEOUT).
-TRANSIENT_DB_ERRORS = (psycopg.OperationalError, PoolTimeout)
+# lock, statement or idle-in-transaction timeout (MF_DB_LOCK_TIMEOUT, MF_DB_STATEMENT_TIMEOUT;
+# the last one is an InternalError to psycopg, raised when a unit stalled mid-transaction).
+TRANSIENT_DB_ERRORS = (psycopg.OperationalError, PoolTimeout,
+                       psycopg.errors.IdleInTransactionSessionTimeout)
 # The timeouts among them that concern one item's rows (someone holds its lock), not the
 # database as a whole: a batch that meets one is split, not retried whole.
 ITEM_DB_ERRORS = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)

@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 from mf_worker.errors import ConfigError, PluginLoadError
 from mf_worker.generation.api import (
     BlockDraft,
+    GenerationError,
     GenerationRequest,
     GenerationResult,
     MemoryDraft,
@@ -92,7 +93,8 @@ ENV_VARIABLES: Final[tuple[tuple[str, str, str], ...]] = (
      "`$CREDENTIALS_DIRECTORY/mf_llm_api_key`, systemd's `LoadCredential=`)."),
     ("MF_LLM_MAX_TOKENS", "1500",
      "Most tokens the model may write per call (`max_tokens`); with the one repair turn an "
-     "episode can use twice this."),
+     "episode can use twice this. A reply body is read up to 64 bytes per token plus 64 KiB "
+     "(about 160 KiB at 1500); a larger one fails the attempt instead of filling memory."),
     ("MF_LLM_TEMPERATURE", "0.7", "Sampling temperature, 0 to 2 (0: most deterministic)."),
     ("MF_LLM_JSON_MODE", "on",
      "Ask for `response_format: json_object` (JSON mode; a JSON grammar on llama.cpp). Turn "
@@ -357,8 +359,12 @@ class OpenAICompatibleGenerator:
                       {"role": "assistant", "content": first.content[:_BAD_REPLY_CHARS]},
                       {"role": "user", "content": repair_prompt(exc.reason)}]
             # A key of its own: a provider that deduplicates would replay the broken reply.
-            second = await self._complete(repair, f"{request.idempotency_key}:repair",
-                                          call="repair")
+            try:
+                second = await self._complete(repair, f"{request.idempotency_key}:repair",
+                                              call="repair")
+            except GenerationError as failed:  # the draft was billed all the same
+                failed.usages = (*usages, *failed.usages)
+                raise
             usages.append(second.usage)
             try:
                 parsed = _interpret(parse_reply(second.content, second.finish_reason), request)
@@ -370,7 +376,7 @@ class OpenAICompatibleGenerator:
                 if rescued is None:
                     raise PermanentGenerationError(
                         "the model's reply is not the requested JSON, even after one repair "
-                        f"attempt: {again.reason}"
+                        f"attempt: {again.reason}", usages=usages,
                     ) from None
                 parsed = rescued
         usage = TokenUsage(
@@ -450,10 +456,12 @@ class OpenAICompatibleGenerator:
             headers["Authorization"] = f"Bearer {self._key}"
         client = self._http()
         try:
-            async with asyncio.timeout(config.timeout):
-                response = await client.post(
-                    f"{config.base_url}/chat/completions", json=body, headers=headers
-                )
+            async with asyncio.timeout(config.timeout), client.stream(
+                "POST", f"{config.base_url}/chat/completions", json=body, headers=headers
+            ) as streamed:
+                content = await self._read_capped(streamed)
+                response = httpx.Response(streamed.status_code, headers=streamed.headers,
+                                          content=content, request=streamed.request)
         except (TimeoutError, httpx.TimeoutException):
             raise RetryableGenerationError(
                 f"LLM server {config.server} did not answer within {config.timeout:g} s "
@@ -466,6 +474,29 @@ class OpenAICompatibleGenerator:
             ) from None
         self._check_status(response)
         return self._reply(response, messages, call)
+
+    async def _read_capped(self, streamed: httpx.Response) -> bytes:
+        """The body, read only up to :meth:`max_reply_bytes`: a server (or a proxy in front of
+        it) that sends more is broken, and must not fill the worker's memory."""
+        limit = self.max_reply_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in streamed.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise PermanentGenerationError(
+                    f"LLM server {self.config.server} sent a reply larger than {limit:,} bytes "
+                    f"(HTTP {streamed.status_code}); reading stopped (64 bytes per "
+                    "MF_LLM_MAX_TOKENS token plus 64 KiB)"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @property
+    def max_reply_bytes(self) -> int:
+        """The largest reply body read: 64 bytes per ``max_tokens`` token (JSON escapes can
+        take six bytes per character) plus 64 KiB for the envelope."""
+        return 64 * self.config.max_tokens + 64 * 1024
 
     def _check_status(self, response: httpx.Response) -> None:
         status = response.status_code
@@ -506,16 +537,23 @@ class OpenAICompatibleGenerator:
         message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
         finish_reason = choice.get("finish_reason")
         finish = finish_reason if isinstance(finish_reason, str) else None
-        refusal = message.get("refusal")
-        if isinstance(refusal, str) and refusal.strip():
-            raise PermanentGenerationError(
-                f"the model refused: {self._scrub(_one_line(refusal))[:_SERVER_MESSAGE_CHARS]}"
-            )
-        if finish == "content_filter":
-            raise PermanentGenerationError("the model's reply was withheld by a content filter")
         content = message.get("content")
         text = content if isinstance(content, str) else ""
-        usage = self._usage(payload.get("usage"), messages, text, call, finish)
+        refusal = message.get("refusal")
+        refused = isinstance(refusal, str) and bool(refusal.strip())
+        # Counted before a refusal is raised: a refused or filtered reply was billed too.
+        usage = self._usage(payload.get("usage"), messages,
+                            refusal if refused and isinstance(refusal, str) else text,
+                            call, finish)
+        if refused:
+            assert isinstance(refusal, str)
+            raise PermanentGenerationError(
+                f"the model refused: {self._scrub(_one_line(refusal))[:_SERVER_MESSAGE_CHARS]}",
+                usages=[usage],
+            )
+        if finish == "content_filter":
+            raise PermanentGenerationError(
+                "the model's reply was withheld by a content filter", usages=[usage])
         return _Reply(content=text, finish_reason=finish, usage=usage)
 
     def _usage(self, raw: object, messages: list[dict[str, str]], text: str, call: str,

@@ -23,6 +23,15 @@ WHERE status = 'processing';
 ALTER TABLE episode_schedule_queue
     ADD CONSTRAINT episode_schedule_queue_claimed_with_token
         CHECK (status <> 'processing' OR claim_token IS NOT NULL);
+-- Whoever may claim across organisations may draw tokens: granted here, not only in
+-- docs/database-roles.sql, so that workers keep claiming between this migration and the next
+-- run of the roles file (the role is operator-made and may not exist; then the file grants it).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'mf_cross_org') THEN
+        GRANT USAGE ON SEQUENCE episode_schedule_queue_claim_token_seq TO mf_cross_org;
+    END IF;
+END $$;
 
 -- A claim that does not draw a token itself (an older mf-worker during a rolling upgrade) gets
 -- one here, so that no claim can ever carry a token an earlier claim had. mf-worker's own
@@ -113,7 +122,7 @@ END $$;
 -- An attempt creates the item's episode ('generating') and retries reuse it. Whatever ends the
 -- item without success — a failure, the reaper giving up, or a cancellation by anyone (an
 -- operator, the scheduler for a paused project, the worker for an unavailable one, the cost
--- policy `skip`, `enqueue --replace`) — fails that episode in the same statement's transaction,
+-- policy `skip`, `enqueue --replace`) — fails that episode in the same transaction (at commit),
 -- so none stays 'generating' for ever. A cancellation's reason is added to the episode's
 -- history here; a failure's error was recorded by the attempt that failed. SECURITY DEFINER:
 -- cross-organisation callers (the scheduler) cannot see episodes; the composite foreign key
@@ -136,8 +145,12 @@ BEGIN
       AND status = 'generating';
     RETURN NULL;
 END $$;
-CREATE TRIGGER episode_schedule_queue_fail_open_episode
+-- Deferred to commit: the statement that ended the item may go on to record the attempt's error
+-- on the episode in the same transaction (an older mf-worker does so only while the episode is
+-- still 'generating'), and the history must keep it.
+CREATE CONSTRAINT TRIGGER episode_schedule_queue_fail_open_episode
     AFTER UPDATE OF status ON episode_schedule_queue
+    DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW
     WHEN (NEW.status IN ('failed', 'cancelled') AND OLD.status IS DISTINCT FROM NEW.status
           AND NEW.episode_id IS NOT NULL)
