@@ -224,7 +224,15 @@ def test_every_invalid_output_fails_its_item_only(db_url: str, db: Conn) -> None
         assert needle in state["last_error"], (kind, state["last_error"])
     assert item_state(db, good)["status"] == "completed"
     assert one(db, "SELECT count(*) AS n FROM episodes WHERE status = 'ready'")["n"] == 1
-    assert one(db, "SELECT count(*) AS n FROM token_usage")["n"] == 1
+    assert one(db, "SELECT count(*) AS n FROM blocks b JOIN episodes e ON e.id = b.episode_id"
+                   " WHERE e.status <> 'ready'")["n"] == 0
+    # The calls were billed all the same: their usage is booked against their failed episodes
+    # (#14), one real row for the good item's ready episode.
+    assert one(db, "SELECT count(*) AS n FROM token_usage t JOIN episodes e"
+                   " ON e.id = t.episode_id WHERE e.status = 'ready'")["n"] == 1
+    assert one(db, "SELECT count(*) AS n FROM token_usage t LEFT JOIN episodes e"
+                   " ON e.id = t.episode_id WHERE e.status IS DISTINCT FROM 'ready'"
+                   " AND e.status IS DISTINCT FROM 'failed'")["n"] == 0
 
 
 def test_item_of_paused_or_deleted_project_is_cancelled_with_a_reason(

@@ -151,6 +151,11 @@ BAD_VALUES: dict[str, Any] = {
                                                                    [0] * 23),
     "daily negative hourly peak": lambda c, t: _daily_column(c, t, "hourly_peak", -1),
     "daily peak hour 24": lambda c, t: _daily_column(c, t, "peak_hour", 24),
+    "daily negative estimated cost": lambda c, t: _daily_column(c, t, "estimated_cost_gbp",
+                                                                -1),
+    "trip negative needed": lambda c, t: c.execute(
+        "INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp,"
+        " needed_gbp) VALUES (%s, current_date, 1, 1, -1)", [t["org"]["id"]]),
     "trip negative notify attempts": lambda c, t: c.execute(
         "INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp,"
         " notify_attempts) VALUES (%s, current_date, 1, 1, -1)", [t["org"]["id"]]),
