@@ -159,12 +159,14 @@ class _Failure:
 def _known_usages(usages: Sequence[object]) -> tuple[TokenUsage, ...]:
     """The usages a failed attempt reported, if every one is well formed; otherwise none (the
     reserved worst case is then booked as an estimate instead of garbage)."""
-    def sane(u: object) -> bool:
-        return (isinstance(u, TokenUsage) and isinstance(u.model, str) and bool(u.model.strip())
-                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                        for n in (u.prompt_tokens, u.completion_tokens)))
-    return tuple(u for u in usages if isinstance(u, TokenUsage)) if all(
-        sane(u) for u in usages) else ()
+    known = tuple(u for u in usages if isinstance(u, TokenUsage) and _sane(u))
+    return known if len(known) == len(usages) else ()
+
+
+def _sane(usage: TokenUsage) -> bool:
+    counts = (usage.prompt_tokens, usage.completion_tokens)
+    return (isinstance(usage.model, str) and bool(usage.model.strip())
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts))
 
 
 class Worker:
