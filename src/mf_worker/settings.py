@@ -484,6 +484,15 @@ class Settings:
         _float(0.1),
         "Seconds between scheduler passes (each active project keeps one open queue item).",
     )
+    lead_seconds: float = _setting(
+        "MF_LEAD_SECONDS",
+        900.0,
+        _float(0.0),
+        "How long before its delivery instant an episode may be generated (the lead window): "
+        "the scheduler sets `run_after = scheduled_for - lead`, claims go earliest deadline "
+        "first, and an episode finished early stays `scheduled` until the publisher makes it "
+        "`ready` at the instant. `0` generates at the delivery instant.",
+    )
     worker_id: str = _setting(
         "MF_WORKER_ID",
         "",

@@ -77,6 +77,7 @@ class EpisodeWrite:
     result: GenerationResult
     costs: tuple[Decimal, ...]  # GBP per usage of ``result``
     now: datetime
+    lead_seconds: float = 0.0  # the next item is claimable this long before it is due
 
 
 # What one item of a batch came to: a value, or the exception that explains why not.
@@ -312,6 +313,7 @@ def _episode_params(write: EpisodeWrite) -> dict[str, Any]:
         "next_id": new_id("queue"),
         "next_scheduled_for": plan.scheduled_for if plan else None,
         "next_metadata": Jsonb(plan.metadata if plan else None),
+        "lead_seconds": write.lead_seconds,
     }
 
 

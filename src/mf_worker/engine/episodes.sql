@@ -118,7 +118,8 @@ WITH fence AS (
     INSERT INTO episode_schedule_queue
         (id, project_id, organization_id, scheduled_for, run_after, metadata)
     SELECT %(next_id)s, %(project_id)s, %(organization_id)s, %(next_scheduled_for)s,
-           %(next_scheduled_for)s, %(next_metadata)s
+           %(next_scheduled_for)s::timestamptz - make_interval(secs => %(lead_seconds)s),
+           %(next_metadata)s
     FROM fence
     WHERE %(next_scheduled_for)s::timestamptz IS NOT NULL
     ON CONFLICT (project_id) WHERE status IN ('pending', 'processing', 'blocked') DO NOTHING

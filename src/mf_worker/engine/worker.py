@@ -355,7 +355,8 @@ class Worker:
         assert result is not None
         costs = tuple(self.budget.prices.cost(u) for u in result.usages)
         await self._writes.submit(EpisodeWrite(item=item, prepared=prepared, result=result,
-                                               costs=costs, now=self.clock()))
+                                               costs=costs, now=self.clock(),
+                                               lead_seconds=self.settings.lead_seconds))
         report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
 
     async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:
