@@ -9,20 +9,25 @@ clock, and the publisher's pass is given the instant as ``now``; nothing sleeps 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from mf_worker import queue
 from mf_worker.cost.budget import BudgetLoop
 from mf_worker.db import connect, open_pool
+from mf_worker.engine.publisher import TIMER_SLACK, Publisher, PublishResult
+from mf_worker.engine.worker import Outcome
+from mf_worker.metrics import Metrics
 from mf_worker.scheduling.cadence import next_occurrence
 from mf_worker.scheduling.scheduler import Scheduler, enqueue_item
+from mf_worker.status import read_snapshot, render_snapshot
 
 from .conftest import settings_for
-from .factories import make_queue_item, make_tenant
+from .factories import make_note, make_queue_item, make_tenant
 from .workers import run_burst
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -158,3 +163,288 @@ def test_items_resumed_after_a_cost_block_keep_their_lead_window(db_url: str, db
     resumed = one(db, "SELECT * FROM episode_schedule_queue WHERE id = %s", item["id"])
     assert resumed["status"] == "pending"
     assert resumed["run_after"] == instant - LEAD
+
+
+# -- publish at the instant, not before --------------------------------------------------------
+
+
+def publisher_pass(db_url: str, now: datetime | None) -> PublishResult:
+    async def main() -> PublishResult:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            return await Publisher(pool).run_once(now=now)
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+def early_item(db: Conn, t: dict[str, Any], instant: datetime, **kw: Any) -> dict[str, Any]:
+    """An item due at ``instant`` (in the future) whose lead window has begun."""
+    return make_queue_item(db, t["project"], scheduled_for=instant,
+                           run_after=datetime.now(UTC) - timedelta(seconds=1), **kw)
+
+
+def episode_of(db: Conn, item_id: str) -> dict[str, Any]:
+    return one(db, "SELECT e.* FROM episodes e JOIN episode_schedule_queue q"
+                   " ON q.episode_id = e.id WHERE q.id = %s", item_id)
+
+
+def events(db: Conn, kind: str) -> list[dict[str, Any]]:
+    return db.execute("SELECT * FROM user_events WHERE event_type = %s", [kind]).fetchall()
+
+
+def test_episode_finished_before_its_instant_is_scheduled_and_published_at_it(
+    db_url: str, db: Conn
+) -> None:
+    """Generated in the lead window, the episode is 'scheduled' (the app does not show it): no
+    published_at, no episode_ready event. A publisher pass a second before the instant leaves
+    it; the pass at the instant makes it 'ready', published_at = the instant, with the event."""
+    t = make_tenant(db)
+    instant = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    item = early_item(db, t, instant)
+
+    reports = run_burst(db_url)
+    assert [r.outcome for r in reports] == [Outcome.SUCCESS]
+    episode = episode_of(db, item["id"])
+    assert (episode["status"], episode["published_at"]) == ("scheduled", None)
+    queued = one(db, "SELECT * FROM episode_schedule_queue WHERE id = %s", item["id"])
+    assert (queued["status"], queued["delivery"]) == ("completed", "scheduled")
+    assert events(db, "episode_ready") == []
+
+    assert publisher_pass(db_url, instant - timedelta(seconds=1)).published == []
+    assert episode_of(db, item["id"])["status"] == "scheduled"
+
+    result = publisher_pass(db_url, instant)
+    assert [p.queue_id for p in result.published] == [item["id"]]
+    episode = episode_of(db, item["id"])
+    assert (episode["status"], episode["published_at"]) == ("ready", instant)
+    ready = events(db, "episode_ready")
+    assert len(ready) == 1 and ready[0]["user_id"] == t["user"]["id"]
+    assert ready[0]["event_data"]["episode_id"] == episode["id"]
+    queued = one(db, "SELECT * FROM episode_schedule_queue WHERE id = %s", item["id"])
+    assert (queued["delivery"], queued["published_at"]) == ("published", instant)
+    assert publisher_pass(db_url, instant + timedelta(seconds=5)).published == []  # once only
+
+
+def test_episode_finished_after_its_instant_is_ready_at_once_and_reported_late(
+    db_url: str, db: Conn
+) -> None:
+    t = make_tenant(db)
+    instant = datetime.now(UTC) - timedelta(minutes=3)
+    item = make_queue_item(db, t["project"], scheduled_for=instant)
+    reports = run_burst(db_url)
+    episode = episode_of(db, item["id"])
+    assert episode["status"] == "ready" and episode["published_at"] >= instant
+    assert len(events(db, "episode_ready")) == 1
+    delivery = reports[0].delivery
+    assert delivery is not None and delivery.published_at == episode["published_at"]
+    assert delivery.lateness_seconds is not None and delivery.lateness_seconds >= 180
+
+
+def test_publisher_sleeps_until_the_next_instant_not_an_interval(db_url: str, db: Conn) -> None:
+    """The timer is set to the next waiting instant (plus a few ms), never past max_wait."""
+    fixed = datetime(2030, 1, 1, 8, 59, 50, tzinfo=UTC)
+    result = PublishResult(next_at=datetime(2030, 1, 1, 9, 0, tzinfo=UTC))
+
+    async def main() -> tuple[float, float, float]:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            publisher = Publisher(pool, max_wait=30.0, clock=lambda: fixed)
+            return (publisher.next_delay(result), publisher.next_delay(PublishResult()),
+                    Publisher(pool, max_wait=5.0, clock=lambda: fixed).next_delay(result))
+        finally:
+            await pool.close()
+
+    timer, idle, capped = asyncio.run(main())
+    assert timer == 10.0 + TIMER_SLACK
+    assert (idle, capped) == (30.0, 5.0)
+
+
+def test_publisher_loop_publishes_when_its_timer_fires(db_url: str, db: Conn) -> None:
+    """The running loop (max_wait an hour, so only the timer can wake it in time) publishes an
+    episode whose instant is half a second away, never before that instant."""
+    t = make_tenant(db)
+    instant = datetime.now(UTC) + timedelta(seconds=30)
+    item = early_item(db, t, instant)
+    run_burst(db_url)
+    db.execute("UPDATE episode_schedule_queue SET scheduled_for = now() + interval '0.5 s'"
+               " WHERE id = %s", [item["id"]])
+
+    async def main() -> None:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        publisher = Publisher(pool, max_wait=3600.0)
+        task = asyncio.create_task(publisher.run())
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if episode_of(db, item["id"])["status"] == "ready":
+                    break
+        finally:
+            publisher.stop()
+            await task
+            await pool.close()
+
+    asyncio.run(main())
+    episode = episode_of(db, item["id"])
+    queued = one(db, "SELECT * FROM episode_schedule_queue WHERE id = %s", item["id"])
+    assert episode["status"] == "ready"
+    assert episode["published_at"] >= queued["scheduled_for"]
+
+
+# -- changes before the instant ----------------------------------------------------------------
+
+
+def test_pausing_a_project_before_the_instant_withdraws_its_episode(
+    db_url: str, db: Conn
+) -> None:
+    """Kept, 'withdrawn' with the reason, never 'ready', no event; its usage stays booked; the
+    planning notes it used are pending again for the next episode."""
+    t = make_tenant(db)
+    note = make_note(db, t["project"], note="More on policy")
+    instant = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    item = early_item(db, t, instant)
+    run_burst(db_url)
+    used = one(db, "SELECT * FROM planning_notes WHERE id = %s", note["id"])
+    assert used["status"] == "incorporated"
+
+    db.execute("UPDATE projects SET status = 'paused' WHERE id = %s", [t["project"]["id"]])
+    result = publisher_pass(db_url, instant)
+    assert result.published == [] and [w.reason for w in result.withdrawn] == ["project paused"]
+    episode = episode_of(db, item["id"])
+    assert (episode["status"], episode["withdrawn_reason"]) == ("withdrawn", "project paused")
+    assert episode["published_at"] is None and events(db, "episode_ready") == []
+    usage = one(db, "SELECT count(*) AS n FROM token_usage WHERE episode_id = %s", episode["id"])
+    assert usage["n"] == 1
+    back = one(db, "SELECT * FROM planning_notes WHERE id = %s", note["id"])
+    assert (back["status"], back["episode_id"], back["processed_at"]) == ("pending", None, None)
+    queued = one(db, "SELECT * FROM episode_schedule_queue WHERE id = %s", item["id"])
+    assert queued["delivery"] == "withdrawn"
+    assert queued["last_error"] == "episode withdrawn: project paused"
+    audit = one(db, "SELECT count(*) AS n FROM audit_log WHERE action = 'episode.withdraw'")
+    assert audit["n"] == 1
+
+
+def test_a_project_paused_and_resumed_before_the_instant_gets_its_episode(
+    db_url: str, db: Conn
+) -> None:
+    t = make_tenant(db)
+    instant = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    item = early_item(db, t, instant)
+    run_burst(db_url)
+    db.execute("UPDATE projects SET status = 'paused' WHERE id = %s", [t["project"]["id"]])
+    db.execute("UPDATE projects SET status = 'active' WHERE id = %s", [t["project"]["id"]])
+    assert len(publisher_pass(db_url, instant).published) == 1
+    assert episode_of(db, item["id"])["status"] == "ready"
+
+
+def test_rescheduling_a_project_before_the_instant_withdraws_its_episode(
+    db_url: str, db: Conn
+) -> None:
+    """The slot was 09:00 London; the user moved delivery to 10:00 before it: 09:00 is no
+    longer one of the project's occurrences, so that episode is withdrawn."""
+    cadence = {"mode": "daily", "days": []}
+    t = make_tenant(db, cadence=cadence)
+    instant = next_occurrence(cadence, time(9, 0), "Europe/London", datetime.now(UTC))
+    item = early_item(db, t, instant, metadata=Jsonb({
+        "cadence": cadence, "delivery_time": "09:00:00", "user_timezone": "Europe/London"}))
+    run_burst(db_url)
+    db.execute("UPDATE projects SET delivery_time = '10:00' WHERE id = %s", [t["project"]["id"]])
+    result = publisher_pass(db_url, instant)
+    assert [w.reason for w in result.withdrawn] == ["project rescheduled"]
+    assert episode_of(db, item["id"])["status"] == "withdrawn"
+
+
+def test_deleting_a_project_before_the_instant_withdraws_its_episode(
+    db_url: str, db: Conn
+) -> None:
+    """The episode goes with the project (the cascade: the user deleted their content), the
+    usage stays booked, and the queue item records the withdrawal; nothing is published."""
+    t = make_tenant(db)
+    instant = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    item = early_item(db, t, instant)
+    run_burst(db_url)
+    db.execute("DELETE FROM projects WHERE id = %s", [t["project"]["id"]])
+    result = publisher_pass(db_url, instant)
+    assert [w.reason for w in result.withdrawn] == ["project deleted"]
+    queued = one(db, "SELECT * FROM episode_schedule_queue WHERE id = %s", item["id"])
+    assert (queued["delivery"], queued["last_error"]) == (
+        "withdrawn", "episode withdrawn: project deleted")
+    assert one(db, "SELECT count(*) AS n FROM token_usage")["n"] == 1
+    assert events(db, "episode_ready") == []
+
+
+def test_notes_added_after_the_generation_wait_for_the_next_episode(
+    db_url: str, db: Conn
+) -> None:
+    """A note written while the episode waits for its instant is not marked incorporated by
+    its publication; the next generation receives it."""
+    t = make_tenant(db)
+    instant = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    item = early_item(db, t, instant)
+    run_burst(db_url)
+    assert episode_of(db, item["id"])["status"] == "scheduled"
+    late_note = make_note(db, t["project"], note="Cover the new subsidy")
+    publisher_pass(db_url, instant)
+    note = one(db, "SELECT * FROM planning_notes WHERE id = %s", late_note["id"])
+    assert (note["status"], note["episode_id"]) == ("pending", None)
+
+    db.execute("UPDATE episode_schedule_queue SET run_after = now(), scheduled_for = now()"
+               " WHERE status = 'pending'")
+    run_burst(db_url)
+    note = one(db, "SELECT * FROM planning_notes WHERE id = %s", late_note["id"])
+    assert note["status"] == "incorporated"
+    assert note["episode_id"] != episode_of(db, item["id"])["id"]
+
+
+# -- lateness is measured ----------------------------------------------------------------------
+
+
+def test_an_item_blocked_past_its_instant_is_late_in_status_and_counted_late(
+    db_url: str, db: Conn
+) -> None:
+    """Blocked by the cost limit until the next UTC day, the item is listed as late by
+    `status` and counted by the late-items gauge while it waits; resumed and generated, its
+    episode is published at once and counted late, with its lateness in the histogram."""
+    t = make_tenant(db)
+    instant = datetime.now(UTC) - timedelta(hours=2)
+    item = make_queue_item(db, t["project"], scheduled_for=instant, status="blocked",
+                           blocked_on=datetime.now(UTC).date(), last_error="cost limit")
+
+    async def snapshot() -> Any:
+        conn = await connect(settings_for(db_url))
+        async with conn:
+            return await read_snapshot(conn, default_limit_gbp=Decimal(50))
+
+    snap = asyncio.run(snapshot())
+    assert snap.late_items == 1 and [i["id"] for i in snap.late] == [item["id"]]
+    assert f"{item['id']}" in render_snapshot(snap) and "late 2.0 h" in render_snapshot(snap)
+
+    db.execute("UPDATE episode_schedule_queue SET status = 'pending', blocked_on = NULL,"
+               " run_after = now() WHERE id = %s", [item["id"]])
+    metrics = Metrics(concurrency=1, process_metrics=False)
+    for report in run_burst(db_url):
+        metrics.on_attempt(report)
+    assert metrics.registry.get_sample_value(
+        "mf_worker_episodes_published_total", {"timing": "late"}) == 1
+    assert metrics.registry.get_sample_value(
+        "mf_worker_episodes_published_total", {"timing": "on_time"}) == 0
+    assert metrics.registry.get_sample_value(
+        "mf_worker_delivery_lateness_seconds_bucket", {"le": "3600.0"}) == 0
+    assert metrics.registry.get_sample_value(
+        "mf_worker_delivery_lateness_seconds_bucket", {"le": "7200.0"}) == 0
+    assert asyncio.run(snapshot()).late_items == 0
+
+
+def test_an_episode_published_by_the_timer_is_counted_on_time(db_url: str, db: Conn) -> None:
+    t = make_tenant(db)
+    instant = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    early_item(db, t, instant)
+    run_burst(db_url)
+    metrics = Metrics(concurrency=1, process_metrics=False)
+    for publication in publisher_pass(db_url, instant + timedelta(milliseconds=40)).published:
+        metrics.on_published(publication)
+    assert metrics.registry.get_sample_value(
+        "mf_worker_episodes_published_total", {"timing": "on_time"}) == 1
+    assert metrics.registry.get_sample_value(
+        "mf_worker_delivery_lateness_seconds_bucket", {"le": "0.05"}) == 1

@@ -197,7 +197,8 @@ def test_readyz_follows_the_database(
 def test_every_metric_is_documented() -> None:
     metrics = Metrics(concurrency=1, process_metrics=False)
     names = {m.name for m in metrics.registry.collect()}
-    names |= {"mf_worker_queue_items", "mf_worker_queue_oldest_due_age_seconds"}
+    names |= {"mf_worker_queue_items", "mf_worker_queue_oldest_due_age_seconds",
+              "mf_worker_queue_late_items"}
     doc = (ROOT / "docs" / "metrics.md").read_text()
     missing = sorted(n for n in names if f"`{n}" not in doc)
     assert missing == []

@@ -54,7 +54,10 @@ WHERE id = %(episode_id)s AND status IN ('generating', 'failed');
 -- trigger settles the budget), then — only if the fence held, because every other part reads
 -- from `fence` — the episode ready, its blocks, the token usage (the daily aggregate follows by
 -- trigger), the incorporated planning notes (only those still pending for this project), new
--- memories, the audit row, the user event, and the project's next item with its cache. The
+-- memories, the audit row, the user events, and the project's next item with its cache. The
+-- episode is visible ('ready', published_at, the `episode_ready` event) only if its delivery
+-- instant has come; finished before it, it is 'scheduled' and the publisher (engine/
+-- publisher.sql) makes it ready at the instant. The
 -- next item selects FROM fence, so the completed row has left the open-item index before the
 -- insert checks it. `held` 0 means the claim is no longer ours and nothing was written.
 WITH fence AS (
@@ -64,14 +67,18 @@ WITH fence AS (
         episode_id       = %(episode_id)s,
         locked_by        = NULL,
         lease_expires_at = NULL,
-        last_error       = NULL
+        last_error       = NULL,
+        delivery         = CASE WHEN scheduled_for > now() THEN 'scheduled' ELSE 'published' END,
+        published_at     = CASE WHEN scheduled_for > now() THEN NULL ELSE now() END
     WHERE id = %(id)s
       AND claim_token = %(token)s
       AND status = 'processing'
-    RETURNING id
+    RETURNING id, scheduled_for, delivery, published_at
 ), episode AS (
     UPDATE episodes
-    SET status = 'ready', title = %(title)s, generation_attempts = generation_attempts + 1
+    SET status = CASE WHEN fence.delivery = 'scheduled' THEN 'scheduled' ELSE 'ready' END,
+        published_at = fence.published_at,
+        title = %(title)s, generation_attempts = generation_attempts + 1
     FROM fence
     WHERE episodes.id = %(episode_id)s
 ), new_blocks AS (
@@ -113,6 +120,11 @@ WITH fence AS (
     INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
     SELECT %(event_id)s, %(user_id)s, %(organization_id)s, 'episode_generated', %(event_data)s
     FROM fence
+), ready_event AS (
+    INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
+    SELECT %(ready_event_id)s, %(user_id)s, %(organization_id)s, 'episode_ready', %(event_data)s
+    FROM fence
+    WHERE fence.delivery = 'published'
 ), next_item AS (
     -- NULL when the project's cadence or zone is now invalid (the scheduler reports that).
     INSERT INTO episode_schedule_queue
@@ -130,4 +142,5 @@ WITH fence AS (
     WHERE p.id = next_item.project_id
       AND p.next_scheduled_at IS DISTINCT FROM next_item.scheduled_for
 )
-SELECT count(*) AS held FROM fence;
+SELECT count(*) AS held, max(scheduled_for) AS scheduled_for, max(published_at) AS published_at
+FROM fence;

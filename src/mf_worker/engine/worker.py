@@ -52,6 +52,7 @@ from ..settings import Settings
 from .backoff import retry_delay
 from .batching import Batcher
 from .episodes import (
+    Delivery,
     EpisodeWrite,
     ItemUnavailable,
     LeaseLost,
@@ -137,6 +138,7 @@ class AttemptReport:
     item_seconds: float = 0.0
     result: GenerationResult | None = None
     costs: tuple[Decimal, ...] = ()  # GBP per usage of ``result``
+    delivery: Delivery | None = None  # a success: due when, and visible since when (if yet)
 
 
 Observer = Callable[[AttemptReport], None]
@@ -187,7 +189,7 @@ class Worker:
             self._prepare_batch, name="prepare", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
             item_errors=ITEM_DB_ERRORS)
-        self._writes: Batcher[EpisodeWrite, None] = Batcher(
+        self._writes: Batcher[EpisodeWrite, Delivery] = Batcher(
             self._write_batch, name="final write", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
             item_errors=ITEM_DB_ERRORS)
@@ -354,9 +356,9 @@ class Worker:
             return
         assert result is not None
         costs = tuple(self.budget.prices.cost(u) for u in result.usages)
-        await self._writes.submit(EpisodeWrite(item=item, prepared=prepared, result=result,
-                                               costs=costs, now=self.clock(),
-                                               lead_seconds=self.settings.lead_seconds))
+        report.delivery = await self._writes.submit(EpisodeWrite(
+            item=item, prepared=prepared, result=result, costs=costs, now=self.clock(),
+            lead_seconds=self.settings.lead_seconds))
         report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
 
     async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:
