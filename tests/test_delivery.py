@@ -19,8 +19,10 @@ from psycopg.types.json import Jsonb
 from mf_worker import queue
 from mf_worker.cost.budget import BudgetLoop
 from mf_worker.db import connect, open_pool
+from mf_worker.engine.daemon import build, serve
 from mf_worker.engine.publisher import TIMER_SLACK, Publisher, PublishResult
 from mf_worker.engine.worker import Outcome
+from mf_worker.generation import load_generator
 from mf_worker.metrics import Metrics
 from mf_worker.scheduling.cadence import next_occurrence
 from mf_worker.scheduling.scheduler import Scheduler, enqueue_item
@@ -28,7 +30,7 @@ from mf_worker.status import read_snapshot, render_snapshot
 
 from .conftest import settings_for
 from .factories import make_note, make_queue_item, make_tenant
-from .workers import run_burst
+from .workers import SCRIPTED, run_burst
 
 Conn = psycopg.Connection[dict[str, Any]]
 LEAD = timedelta(minutes=15)
@@ -190,6 +192,13 @@ def episode_of(db: Conn, item_id: str) -> dict[str, Any]:
                    " ON q.episode_id = e.id WHERE q.id = %s", item_id)
 
 
+def status_of(db: Conn, item_id: str) -> str | None:
+    """The item's episode's status (None while it has none yet)."""
+    row = db.execute("SELECT e.status FROM episodes e JOIN episode_schedule_queue q"
+                     " ON q.episode_id = e.id WHERE q.id = %s", [item_id]).fetchone()
+    return None if row is None else str(row["status"])
+
+
 def events(db: Conn, kind: str) -> list[dict[str, Any]]:
     return db.execute("SELECT * FROM user_events WHERE event_type = %s", [kind]).fetchall()
 
@@ -278,7 +287,7 @@ def test_publisher_loop_publishes_when_its_timer_fires(db_url: str, db: Conn) ->
         try:
             for _ in range(200):
                 await asyncio.sleep(0.05)
-                if episode_of(db, item["id"])["status"] == "ready":
+                if status_of(db, item["id"]) == "ready":
                     break
         finally:
             publisher.stop()
@@ -448,3 +457,32 @@ def test_an_episode_published_by_the_timer_is_counted_on_time(db_url: str, db: C
         "mf_worker_episodes_published_total", {"timing": "on_time"}) == 1
     assert metrics.registry.get_sample_value(
         "mf_worker_delivery_lateness_seconds_bucket", {"le": "0.05"}) == 1
+
+
+def test_the_daemon_publishes_an_early_episode_at_its_instant_not_at_its_poll(
+    db_url: str, db: Conn
+) -> None:
+    """`mf-worker run` as wired by build(): with a one-minute poll interval and no LISTEN,
+    the publisher would next look a minute after start; the worker's final write resets its
+    timer to the episode's instant (2 s ahead), so the episode is ready well within the
+    minute, and never before its instant."""
+    t = make_tenant(db)
+    item = early_item(db, t, datetime.now(UTC) + timedelta(seconds=2))
+
+    async def main() -> None:
+        settings = settings_for(db_url, poll_interval=60.0, listen=False)
+        components = await build(settings, generator=load_generator(SCRIPTED))
+        daemon = asyncio.create_task(serve(components, install_signals=False))
+        try:
+            for _ in range(400):  # 20 s: a third of the poll interval
+                await asyncio.sleep(0.05)
+                if status_of(db, item["id"]) == "ready":
+                    break
+        finally:
+            components.worker.stop()
+            await daemon
+
+    asyncio.run(main())
+    episode = episode_of(db, item["id"])
+    assert episode["status"] == "ready"
+    assert episode["published_at"] >= item["scheduled_for"]
