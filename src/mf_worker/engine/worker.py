@@ -438,6 +438,9 @@ class Worker:
         key = report.outcome.value
         fields: dict[str, Any] = {"outcome": key, "seconds": round(report.item_seconds, 4)}
         if report.outcome is Outcome.SUCCESS:
+            if report.delivery is not None and report.delivery.published_at is None:
+                # Finished in the lead window: the publisher makes it visible at its instant.
+                fields["publishes_at"] = report.delivery.scheduled_for.isoformat()
             self._log.info("item_completed", **fields)
         elif report.outcome is Outcome.LEASE_LOST:
             self._log.warning("lease_lost", error=report.error, **fields)
