@@ -486,3 +486,21 @@ def test_the_daemon_publishes_an_early_episode_at_its_instant_not_at_its_poll(
     episode = episode_of(db, item["id"])
     assert episode["status"] == "ready"
     assert episode["published_at"] >= item["scheduled_for"]
+
+
+def test_a_retry_inside_the_window_still_publishes_at_the_instant(
+    db_url: str, db: Conn
+) -> None:
+    """A transient failure in the lead window backs off (run_after moves, scheduled_for does
+    not); the retry succeeds before the instant, so the episode waits and is published then."""
+    t = make_tenant(db, title="flaky:1")
+    instant = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    item = early_item(db, t, instant)
+    assert [r.outcome for r in run_burst(db_url)] == [Outcome.RETRY]
+    backing_off = one(db, "SELECT * FROM episode_schedule_queue WHERE id = %s", item["id"])
+    assert backing_off["scheduled_for"] == instant and backing_off["run_after"] < instant
+    db.execute("UPDATE episode_schedule_queue SET run_after = now() WHERE id = %s", [item["id"]])
+    assert [r.outcome for r in run_burst(db_url)] == [Outcome.SUCCESS]
+    assert episode_of(db, item["id"])["status"] == "scheduled"
+    assert len(publisher_pass(db_url, instant).published) == 1
+    assert episode_of(db, item["id"])["status"] == "ready"
