@@ -230,7 +230,8 @@ def test_episode_finished_before_its_instant_is_scheduled_and_published_at_it(
     assert (episode["status"], episode["published_at"]) == ("ready", instant)
     ready = events(db, "episode_ready")
     assert len(ready) == 1 and ready[0]["user_id"] == t["user"]["id"]
-    assert ready[0]["event_data"]["episode_id"] == episode["id"]
+    assert ready[0]["event_data"] == {"episode_id": episode["id"],
+                                      "project_id": t["project"]["id"], "sequence_number": 1}
     queued = one(db, "SELECT * FROM episode_schedule_queue WHERE id = %s", item["id"])
     assert (queued["delivery"], queued["published_at"]) == ("published", instant)
     assert publisher_pass(db_url, instant + timedelta(seconds=5)).published == []  # once only

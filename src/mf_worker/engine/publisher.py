@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from psycopg.types.json import Jsonb
-
 from ..db import Pool, act_for
 from ..db.sql import load_queries
 from ..ids import new_id
@@ -174,8 +172,6 @@ class Publisher(PeriodicLoop):
                         "id": row["id"], "episode_id": row["episode_id"], "now": now,
                         "event_id": new_id("evt"), "user_id": row["user_id"],
                         "organization_id": acting,
-                        "event_data": Jsonb({"episode_id": row["episode_id"],
-                                             "project_id": row["project_id"]}),
                     })))
             for row, cursor in pending:
                 done = await cursor.fetchone()

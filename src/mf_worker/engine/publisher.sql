@@ -36,10 +36,13 @@ WITH item AS (
     SET status = 'ready', published_at = item.published_at
     FROM item
     WHERE episodes.id = %(episode_id)s AND episodes.status = 'scheduled'
-    RETURNING episodes.id
+    RETURNING episodes.id, episodes.project_id, episodes.sequence_number
 ), event AS (
+    -- The same event data as the final write's, for an episode ready at once.
     INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
-    SELECT %(event_id)s, %(user_id)s, %(organization_id)s, 'episode_ready', %(event_data)s
+    SELECT %(event_id)s, %(user_id)s, %(organization_id)s, 'episode_ready',
+           jsonb_build_object('episode_id', episode.id, 'project_id', episode.project_id,
+                              'sequence_number', episode.sequence_number)
     FROM episode
 )
 SELECT (SELECT published_at FROM item) AS published_at;
