@@ -87,7 +87,7 @@ async def build(
     def wake_publisher(report: AttemptReport) -> None:
         # An episode finished early may be due before the publisher's timer: reset it.
         if report.delivery is not None and report.delivery.published_at is None:
-            publisher.wake()
+            publisher.expect(report.delivery.scheduled_for)
 
     worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
                     observers=[metrics.on_attempt, wake_publisher, *(observers or [])])

@@ -111,6 +111,7 @@ class Publisher(PeriodicLoop):
         self._clock = clock
         self._on_published = on_published
         self._on_withdrawn = on_withdrawn
+        self._timer_at: datetime | None = None  # the instant the timer is set for
         self._batch_size = batch_size
 
     async def run_once(self, now: datetime | None = None) -> PublishResult:
@@ -126,6 +127,7 @@ class Publisher(PeriodicLoop):
         async with self._pool.connection() as conn:
             row = await (await conn.execute(_Q["next_publication_at"])).fetchone()
         result.next_at = row["due_at"] if row else None
+        self._timer_at = result.next_at
         for withdrawal in result.withdrawn:
             with bind_item(queue_id=withdrawal.queue_id,
                            organization_id=withdrawal.organization_id):
@@ -180,6 +182,13 @@ class Publisher(PeriodicLoop):
                         row["id"], row["organization_id"], row["episode_id"],
                         row["scheduled_for"], done["published_at"]))
         return published, withdrawn, len(rows) == self._batch_size
+
+    def expect(self, instant: datetime) -> None:
+        """An episode now waits for ``instant``: run a pass to reset the timer if it is set
+        later (or not at all). A burst of episodes for one instant wakes the loop once."""
+        if self._timer_at is None or instant < self._timer_at:
+            self._timer_at = instant
+            self.wake()
 
     def next_delay(self, result: Any) -> float:
         """Until the next waiting instant, but at most ``max_wait`` (the interval)."""
