@@ -287,7 +287,8 @@ class Settings:
         5.0,
         _float(0.01),
         "Seconds between claim polls when idle; the fallback behind LISTEN/NOTIFY, and what "
-        "catches items that become due by the clock.",
+        "catches items that become due by the clock. Also the longest the publisher sleeps "
+        "between looks (its timer is set to the next delivery instant).",
         flag="--poll-interval",
     )
     listen: bool = _setting(
