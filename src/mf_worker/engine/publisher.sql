@@ -25,18 +25,24 @@ LIMIT %(limit)s
 FOR UPDATE OF q SKIP LOCKED;
 
 -- name: publish_episode
--- Acting for the item's organisation: the episode becomes visible now, with the user event.
-WITH item AS (
-    UPDATE episode_schedule_queue
-    SET delivery = 'published', published_at = coalesce(%(now)s, now())
-    WHERE id = %(id)s AND delivery = 'scheduled'
-    RETURNING id, published_at
-), episode AS (
+-- Acting for the item's organisation (whose row list_due_publications locked in this
+-- transaction): the episode becomes visible now, with the user event. An episode that is no
+-- longer 'scheduled' (changed by hand) is left alone and its item marked withdrawn, so the
+-- item never waits again and nothing is counted as published that was not.
+WITH episode AS (
     UPDATE episodes
-    SET status = 'ready', published_at = item.published_at
-    FROM item
-    WHERE episodes.id = %(episode_id)s AND episodes.status = 'scheduled'
-    RETURNING episodes.id, episodes.project_id, episodes.sequence_number
+    SET status = 'ready', published_at = coalesce(%(now)s, now())
+    WHERE id = %(episode_id)s AND status = 'scheduled'
+    RETURNING id, project_id, sequence_number, published_at
+), item AS (
+    UPDATE episode_schedule_queue
+    SET delivery     = CASE WHEN EXISTS (SELECT 1 FROM episode) THEN 'published'
+                            ELSE 'withdrawn' END,
+        published_at = (SELECT published_at FROM episode),
+        last_error   = CASE WHEN EXISTS (SELECT 1 FROM episode) THEN last_error
+                            ELSE 'episode withdrawn: it was no longer scheduled' END
+    WHERE id = %(id)s AND delivery = 'scheduled'
+    RETURNING published_at
 ), event AS (
     -- The same event data as the final write's, for an episode ready at once.
     INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
