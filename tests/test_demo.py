@@ -35,8 +35,10 @@ def _assert_episodes_listed(stdout: str) -> None:
     episodes = re.findall(r"^  \[(\w+)\] \S+ +#1 .+\((\d+) blocks, (\d+) tokens", stdout,
                           re.MULTILINE)
     assert len(episodes) == PROJECTS, stdout
-    assert all(status == "ready" and int(blocks) > 0 and int(tokens) > 0
+    # Generated ahead of 09:00 local (the lead window), published at it: scheduled until then.
+    assert all(status == "scheduled" and int(blocks) > 0 and int(tokens) > 0
                for status, blocks, tokens in episodes), stdout
+    assert stdout.count("visible at ") == PROJECTS, stdout
     # Each project's first item completed and its next occurrence is pending.
     assert stdout.count("  completed ") == PROJECTS and stdout.count("  pending ") == PROJECTS
     assert f"{PROJECTS} episodes" in stdout  # the daily aggregate
@@ -95,11 +97,11 @@ def test_demo_uses_the_database_in_mf_database_url_and_says_so(db_url: str, db: 
     assert "embedded PostgreSQL" not in done.stdout
     _assert_episodes_listed(done.stdout)
     counts = db.execute(
-        "SELECT (SELECT count(*) FROM episodes WHERE status = 'ready') AS ready,"
+        "SELECT (SELECT count(*) FROM episodes WHERE status = 'scheduled') AS scheduled,"
         " (SELECT count(*) FROM token_usage) AS usages,"
         " (SELECT count(*) FROM episode_schedule_queue WHERE status = 'pending') AS next"
     ).fetchone()
-    assert counts == {"ready": PROJECTS, "usages": PROJECTS, "next": PROJECTS}
+    assert counts == {"scheduled": PROJECTS, "usages": PROJECTS, "next": PROJECTS}
 
 
 def test_demo_refuses_a_database_with_other_open_items(db_url: str, db: Conn) -> None:

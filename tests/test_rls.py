@@ -150,6 +150,7 @@ def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
     from mf_worker import queue
     from mf_worker.db import open_pool
     from mf_worker.engine.lease import Reaper
+    from mf_worker.engine.publisher import Publisher
     from mf_worker.scheduling.scheduler import Scheduler
 
     from .conftest import settings_for
@@ -183,6 +184,22 @@ def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
     asyncio.run(schedule_and_reap())
     reports = run_burst(as_worker, generator="template")
     assert [r.outcome.value for r in reports] == ["success"] * 3
+    # Planned ahead, generated in their lead window: scheduled until the instant, when the
+    # publisher (as the same role) makes them ready.
+    assert db.execute("SELECT count(*) AS n FROM episodes WHERE status = 'scheduled'"
+                      ).fetchone() == {"n": 3}
+
+    async def publish() -> int:
+        pool = await open_pool(settings_for(as_worker), max_size=2)
+        try:
+            latest = db.execute("SELECT max(scheduled_for) AS at FROM episode_schedule_queue"
+                                " WHERE delivery = 'scheduled'").fetchone()
+            assert latest is not None
+            return len((await Publisher(pool).run_once(now=latest["at"])).published)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(publish()) == 3
     assert db.execute("SELECT count(*) AS n FROM episodes WHERE status = 'ready'"
                       ).fetchone() == {"n": 3}
     assert db.execute("SELECT count(*) AS n FROM planning_notes"

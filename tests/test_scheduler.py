@@ -581,7 +581,9 @@ def test_enqueue_cli_adds_refuses_and_replaces_manual_items(db_url: str, db: Con
     assert first.returncode == 0, first.stderr
     item = open_item(db, pid)
     assert first.stdout.strip() == f"enqueued {item['id']} for {pid}, due {at.isoformat()}"
-    assert (item["status"], item["scheduled_for"], item["run_after"]) == ("pending", at, at)
+    # Claimable MF_LEAD_SECONDS (15 minutes by default) before it is due.
+    assert (item["status"], item["scheduled_for"], item["run_after"]) == (
+        "pending", at, at - timedelta(minutes=15))
     assert item["metadata"]["manual"] is True
     assert item["metadata"]["user_timezone"] == "Europe/London"
     assert item["metadata"]["user_local_time"] == "2030-01-01T09:00:00+00:00"

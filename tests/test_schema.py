@@ -121,6 +121,12 @@ BAD_VALUES: dict[str, Any] = {
     "episode negative attempts": lambda c, t: make_episode(
         c, t["project"], generation_attempts=-1),
     "episode ready without title": lambda c, t: make_episode(c, t["project"], status="ready"),
+    "episode withdrawn without reason": lambda c, t: make_episode(
+        c, t["project"], status="withdrawn", title="t"),
+    "queue unknown delivery": lambda c, t: make_queue_item(
+        c, t["project"], status="completed", completed_at=NOW, delivery="sent"),
+    "queue delivery before completion": lambda c, t: make_queue_item(
+        c, t["project"], delivery="scheduled"),
     "block unknown type": lambda c, t: _block(c, t, type="HTML"),
     "block negative position": lambda c, t: _block(c, t, position=-1),
     "block confidence 7": lambda c, t: _block(c, t, confidence=7.0),

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ({"MF_LISTEN": "maybe"}, "MF_LISTEN='maybe': must be one of on/off"),
         ({"MF_LOG_FORMAT": "xml"}, "MF_LOG_FORMAT='xml': must be one of auto, json, console"),
         ({"MF_LEASE_SECONDS": "1"}, "MF_LEASE_SECONDS='1': must be at least 2"),
+        ({"MF_LEAD_SECONDS": "-1"}, "MF_LEAD_SECONDS='-1': must be at least 0"),
+        ({"MF_LEAD_SECONDS": "86400"}, "MF_LEAD_SECONDS='86400': must be at most 21600"),
         ({"MF_DATABASE_URL": "mysql://x"}, "MF_DATABASE_URL='***': must be a postgresql:// URL"),
         ({"MF_DATABASE_URL": "just words"}, "MF_DATABASE_URL='***': must be a postgresql://"),
     ],

@@ -307,7 +307,8 @@ def schedule(
     async def main() -> SchedulerResult:
         pool = await _open_pool(settings)
         try:
-            return await Scheduler(pool, settings.scheduler_interval).run_once()
+            return await Scheduler(pool, settings.scheduler_interval,
+                                   lead_seconds=settings.lead_seconds).run_once()
         finally:
             await pool.close()
 
@@ -345,7 +346,8 @@ def enqueue(
     async def main() -> tuple[str, datetime]:
         async with _database(settings) as conn:
             return await enqueue_item(conn, project_id, at=when, replace=replace,
-                                      now=datetime.now(UTC), actor=who)
+                                      now=datetime.now(UTC), actor=who,
+                                      lead_seconds=settings.lead_seconds)
 
     item_id, due = run_async(main)
     typer.echo(f"enqueued {item_id} for {project_id}, due {due.isoformat()}")

@@ -136,8 +136,8 @@ async def run_demo(settings: Settings, say: Callable[[str], None]) -> None:
         scheduled = await Scheduler(components.pool, 1.0).run_once()
         async with components.pool.connection() as pconn:
             await pconn.execute(_Q["make_org_items_due"], {"organization_id": org_id})
-        say(f"scheduled {scheduled.created} first episodes and made them due now; "
-            "running the worker until the queue is drained …")
+        say(f"scheduled {scheduled.created} first episodes (due at 09:00 local) and opened "
+            "their lead window now; running the worker until the queue is drained …")
         await serve(components, burst=True, install_signals=False)
 
         conn = await connect(settings)
@@ -152,6 +152,9 @@ async def _print_summary(conn: Connection, org_id: str, say: Callable[[str], Non
         say(f"  [{row['status']}] {row['timezone']:18} #{row['sequence_number']} "
             f"{row['title']}  ({row['blocks']} blocks, {row['tokens']} tokens, "
             f"{row['notes_used']} planning notes used)")
+        if row["publishes_at"] is not None:
+            say(f"      visible at {row['publishes_at']:%Y-%m-%d %H:%M} UTC, its delivery "
+                "instant (a running `mf-worker run` publishes it then)")
     say("\nQueue:")
     for row in await (await conn.execute(_Q["summarise_queue"], params)).fetchall():
         say(f"  {row['status']:10} {row['timezone']:18} due {row['scheduled_for']:%Y-%m-%d %H:%M}"

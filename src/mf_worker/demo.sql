@@ -18,7 +18,8 @@ INSERT INTO planning_notes (id, project_id, organization_id, user_id, note)
 VALUES (%(id)s, %(project_id)s, %(organization_id)s, %(user_id)s, %(note)s);
 
 -- name: make_org_items_due
--- The demo does not wait for 09:00 in four time zones: the first items become due now.
+-- The demo does not wait for 09:00 in four time zones: the first items become claimable now,
+-- as if their lead window had opened. Their episodes then wait ('scheduled') for 09:00.
 UPDATE episode_schedule_queue SET run_after = now()
 WHERE organization_id = %(organization_id)s AND status = 'pending';
 
@@ -27,7 +28,9 @@ SELECT p.title AS project, u.timezone, e.sequence_number, e.title, e.status,
        (SELECT count(*) FROM blocks b WHERE b.episode_id = e.id) AS blocks,
        (SELECT coalesce(sum(t.total_tokens), 0) FROM token_usage t
          WHERE t.episode_id = e.id) AS tokens,
-       (SELECT count(*) FROM planning_notes n WHERE n.episode_id = e.id) AS notes_used
+       (SELECT count(*) FROM planning_notes n WHERE n.episode_id = e.id) AS notes_used,
+       (SELECT q.scheduled_for FROM episode_schedule_queue q
+         WHERE q.episode_id = e.id AND q.delivery = 'scheduled') AS publishes_at
 FROM episodes e
 JOIN projects p ON p.id = e.project_id
 JOIN users u ON u.id = p.user_id

@@ -30,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .engine.publisher import ON_TIME_SECONDS, Publication, Withdrawal
 from .engine.worker import AttemptReport, FailureReason, Outcome
 from .queue import ClaimedItem, ReapedItem
 
@@ -39,6 +40,11 @@ STATUSES = ("pending", "processing", "completed", "failed", "cancelled", "blocke
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                     600)
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+# Seconds after the delivery instant: the publisher's timer (ms), a burst's tail (minutes), an
+# item blocked by the cost limit until the next UTC day (hours).
+LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800,
+                    3600, 7200, 21600, 86400)
+TIMINGS = ("on_time", "late")
 
 QueueReader = Callable[[], dict[str, Any]]
 
@@ -70,6 +76,18 @@ class Metrics:
             "mf_worker_queue_lag_seconds",
             "Delay between an item becoming due (run_after) and its claim.",
             buckets=LAG_BUCKETS, registry=r)
+        self.lateness = Histogram(
+            "mf_worker_delivery_lateness_seconds",
+            "Publish time minus delivery instant of each episode made visible (ready).",
+            buckets=LATENESS_BUCKETS, registry=r)
+        self.published = Counter(
+            "mf_worker_episodes_published_total",
+            f"Episodes made visible, by timing: on_time (within {ON_TIME_SECONDS:g} s of the "
+            "delivery instant) or late.", ["timing"], registry=r)
+        self.withdrawn = Counter(
+            "mf_worker_episodes_withdrawn_total",
+            "Episodes generated early but withdrawn before their instant (project paused, "
+            "archived, deleted or rescheduled).", registry=r)
         self.in_flight = Gauge(
             "mf_worker_in_flight_items", "Items this process is working on.", registry=r)
         self.concurrency = Gauge(
@@ -117,6 +135,8 @@ class Metrics:
             self.attempts.labels(outcome.value)
         for reason in FailureReason:
             self.failures.labels(reason.value)
+        for timing in TIMINGS:
+            self.published.labels(timing)
         for notified in ("delivered", "failed"):
             self.notifications.labels(notified)
         if process_metrics:
@@ -139,11 +159,24 @@ class Metrics:
         overrun = sum(report.costs, Decimal(0)) - report.reserved_gbp
         if overrun > 0:
             self.cost_overrun.inc(float(overrun))
+        if report.delivery is not None and report.delivery.lateness_seconds is not None:
+            self._delivered(report.delivery.lateness_seconds)  # finished after its instant
         if report.outcome is Outcome.SUCCESS and report.result is not None:
             for usage, cost in zip(report.result.usages, report.costs, strict=False):
                 self.tokens.labels(usage.model, "prompt").inc(usage.prompt_tokens)
                 self.tokens.labels(usage.model, "completion").inc(usage.completion_tokens)
                 self.cost.labels(usage.model).inc(float(cost))
+
+    def on_published(self, publication: Publication) -> None:
+        """Observer for the publisher: an episode made visible at (or after) its instant."""
+        self._delivered(publication.lateness_seconds)
+
+    def on_withdrawn(self, _withdrawal: Withdrawal) -> None:
+        self.withdrawn.inc()
+
+    def _delivered(self, lateness: float) -> None:
+        self.lateness.observe(max(lateness, 0.0))
+        self.published.labels("on_time" if lateness <= ON_TIME_SECONDS else "late").inc()
 
     def on_notified(self, delivered: bool) -> None:
         self.notifications.labels("delivered" if delivered else "failed").inc()
@@ -198,3 +231,8 @@ class _QueueCollector(Collector):
             "mf_worker_queue_oldest_due_age_seconds",
             "How long the oldest due pending item has been waiting (0 when none is due).",
             value=self._cached["oldest_due_age_seconds"] or 0.0)
+        yield GaugeMetricFamily(
+            "mf_worker_queue_late_items",
+            "Items whose delivery instant has passed while their episode is not visible yet "
+            "(waiting, running, blocked, or not published within a second).",
+            value=self._cached.get("late_items", 0))

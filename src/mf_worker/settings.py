@@ -79,7 +79,7 @@ def _int(minimum: int, maximum: int | None = None) -> Parser:
     return parse
 
 
-def _float(minimum: float, *, exclusive: bool = False) -> Parser:
+def _float(minimum: float, *, exclusive: bool = False, maximum: float | None = None) -> Parser:
     def parse(raw: str) -> float:
         try:
             value = float(raw.strip())
@@ -89,6 +89,8 @@ def _float(minimum: float, *, exclusive: bool = False) -> Parser:
             raise ValueError("must be a finite number")
         if value < minimum or (exclusive and value == minimum):
             raise ValueError(f"must be {'greater than' if exclusive else 'at least'} {minimum:g}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be at most {maximum:g}")
         return value
 
     return parse
@@ -285,7 +287,8 @@ class Settings:
         5.0,
         _float(0.01),
         "Seconds between claim polls when idle; the fallback behind LISTEN/NOTIFY, and what "
-        "catches items that become due by the clock.",
+        "catches items that become due by the clock. Also the longest the publisher sleeps "
+        "between looks (its timer is set to the next delivery instant).",
         flag="--poll-interval",
     )
     listen: bool = _setting(
@@ -485,6 +488,17 @@ class Settings:
         30.0,
         _float(0.1),
         "Seconds between scheduler passes (each active project keeps one open queue item).",
+    )
+    lead_seconds: float = _setting(
+        "MF_LEAD_SECONDS",
+        900.0,
+        _float(0.0, maximum=21600.0),
+        "How long before its delivery instant an episode may be generated (the lead window): "
+        "the scheduler sets `run_after = scheduled_for - lead`, claims go earliest deadline "
+        "first, and an episode finished early stays `scheduled` until the publisher makes it "
+        "`ready` at the instant. `0` generates at the delivery instant. At most 21600 (6 h): "
+        "shorter than the gap between two occurrences (a day at least), so finishing one "
+        "episode never makes the next one claimable at once.",
     )
     worker_id: str = _setting(
         "MF_WORKER_ID",

@@ -34,6 +34,8 @@ class Snapshot:
     counts: dict[str, int]
     due_items: int
     oldest_due_lag_seconds: float | None
+    late_items: int = 0
+    late: list[dict[str, Any]] = field(default_factory=list)
     expired_leases: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     blocked: list[dict[str, Any]] = field(default_factory=list)
@@ -54,9 +56,11 @@ async def read_queue_depth(conn: Connection, *, now: datetime | None = None) -> 
         counts[row["status"]] = row["items"]
     due = await (await conn.execute(_Q["oldest_due_pending"])).fetchone()
     oldest = due["oldest_due"] if due else None
+    late = await (await conn.execute(_Q["count_late_items"])).fetchone()
     return {"counts": counts, "due_items": due["due_items"] if due else 0,
             "oldest_due_age_seconds": max((now - oldest).total_seconds(), 0.0) if oldest
-            else None}
+            else None,
+            "late_items": late["late_items"] if late else 0}
 
 
 async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: int = 20,
@@ -73,6 +77,8 @@ async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: 
         counts=depth["counts"],
         due_items=depth["due_items"],
         oldest_due_lag_seconds=depth["oldest_due_age_seconds"],
+        late_items=depth["late_items"],
+        late=await rows("list_late_items"),
         expired_leases=await rows("list_expired_leases"),
         failed=await rows("list_items_in_status", status="failed"),
         blocked=await rows("list_items_in_status", status="blocked"),
@@ -83,6 +89,14 @@ async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: 
                                default_limit=default_limit_gbp),
         memory_migration=await read_migration_triggers(conn, now=now, limit=limit),
     )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +112,11 @@ def render_snapshot(snapshot: Snapshot) -> str:
     lag = snapshot.oldest_due_lag_seconds
     lines.append(f"due now: {snapshot.due_items} (oldest waiting "
                  f"{'-' if lag is None else f'{lag:.1f} s'})")
+    lines.append(f"late (delivery instant passed, episode not visible): {snapshot.late_items}")
+    lines += [f"  {i['id']}  project {i['project_id']}  org {i['organization_id']}  "
+              f"{i['status']}  due {i['scheduled_for']}  late {_duration(i['late_seconds'])}"
+              + (f"  {i['last_error']}" if i.get("last_error") else "")
+              for i in snapshot.late]
     lines.append(f"active projects without a next item: {snapshot.projects_without_item}"
                  + ("  (run `mf-worker schedule` to see why)"
                     if snapshot.projects_without_item else ""))

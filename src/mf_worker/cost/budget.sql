@@ -158,9 +158,10 @@ GROUP BY q.organization_id, d.total_cost_gbp, d.estimated_cost_gbp, d.reserved_g
 ORDER BY q.organization_id;
 
 -- name: resume_blocked_items
--- Back to pending: items already due run as soon as possible, later ones at their own time.
+-- Back to pending: items already due run as soon as possible, later ones at their own time
+-- (run_after, which blocking leaves alone: a lead window before the delivery instant).
 UPDATE episode_schedule_queue
-SET status = 'pending', run_after = greatest(scheduled_for, now()), blocked_on = NULL,
+SET status = 'pending', run_after = greatest(run_after, now()), blocked_on = NULL,
     last_error = NULL
 WHERE organization_id = %(organization_id)s AND status = 'blocked' AND blocked_on IS NOT NULL
 RETURNING id;

@@ -35,9 +35,10 @@ from ..status import get_queue_item, read_queue_depth
 from ..systemd import SystemdNotifier
 from .lease import Heartbeat, Reaper
 from .loops import PeriodicLoop
+from .publisher import Publisher
 from .retention import Pruner
 from .wakeup import Listener
-from .worker import InFlight, Observer, Outcome, Worker
+from .worker import AttemptReport, InFlight, Observer, Outcome, Worker
 
 EXIT_ON_SECOND_SIGNAL = 130
 
@@ -79,8 +80,17 @@ async def build(
         await pool.close()
         raise
     metrics = Metrics(concurrency=settings.concurrency)
+    publisher = Publisher(pool, max_wait=settings.poll_interval, clock=clock,
+                          on_published=metrics.on_published,
+                          on_withdrawn=metrics.on_withdrawn)
+
+    def wake_publisher(report: AttemptReport) -> None:
+        # An episode finished early may be due before the publisher's timer: reset it.
+        if report.delivery is not None and report.delivery.published_at is None:
+            publisher.expect(report.delivery.scheduled_for)
+
     worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
-                    observers=[metrics.on_attempt, *(observers or [])])
+                    observers=[metrics.on_attempt, wake_publisher, *(observers or [])])
     worker.claim_listeners.append(metrics.on_claimed)
     worker.tick_listeners.append(metrics.on_claim_loop_tick)
     worker.notify_listeners.append(metrics.on_notified)
@@ -89,10 +99,12 @@ async def build(
         Reaper(pool, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
                on_reaped=metrics.on_reaped),
         Pruner(pool, retention_days=settings.retention_days),
+        publisher,
     ]
     if scheduler:
         loops.append(Scheduler(pool, settings.scheduler_interval, clock=clock,
-                               on_pass=metrics.on_scheduled))
+                               on_pass=metrics.on_scheduled,
+                               lead_seconds=settings.lead_seconds))
         loops.append(BudgetLoop(pool, settings.scheduler_interval,
                                 policy=settings.cost_limit_policy,
                                 default_limit=settings.daily_cost_limit_gbp,

@@ -82,11 +82,28 @@ class EpisodeWrite:
     result: GenerationResult
     costs: tuple[Decimal, ...]  # GBP per usage of ``result``
     now: datetime
+    lead_seconds: float = 0.0  # the next item is claimable this long before it is due
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """When a written episode is due, and when it became visible: ``published_at`` None means
+    it finished before its instant and is ``scheduled`` (the publisher makes it ready then)."""
+
+    scheduled_for: datetime
+    published_at: datetime | None
+
+    @property
+    def lateness_seconds(self) -> float | None:
+        """Publish time minus delivery instant (None while not yet published)."""
+        if self.published_at is None:
+            return None
+        return (self.published_at - self.scheduled_for).total_seconds()
 
 
 # What one item of a batch came to: a value, or the exception that explains why not.
 PrepareOutcome = Prepared | ItemUnavailable | InvalidItemError | CostLimitReached | LeaseLost
-WriteOutcome = None | LeaseLost
+WriteOutcome = Delivery | LeaseLost
 
 
 def _org_order(items: Sequence[ClaimedItem]) -> list[int]:
@@ -264,7 +281,7 @@ async def cancel_item(conn: Connection, item: ClaimedItem, *, reason: str) -> bo
 
 async def write_episodes(conn: Connection, writes: Sequence[EpisodeWrite]) -> list[WriteOutcome]:
     """The final writes of a batch, in one transaction and one round trip; per item, in order,
-    None when written, or LeaseLost when the claim is no longer ours (nothing written for it).
+    its Delivery when written, or LeaseLost when the claim is no longer ours (nothing written).
     A database error raises for the whole batch, which then wrote nothing."""
     cursors: dict[int, Any] = {}
     async with conn.pipeline(), conn.transaction():
@@ -278,7 +295,8 @@ async def write_episodes(conn: Connection, writes: Sequence[EpisodeWrite]) -> li
     outcomes: list[WriteOutcome] = []
     for i, write in enumerate(writes):
         row = await cursors[i].fetchone()
-        outcomes.append(None if row and row["held"] else LeaseLost(write.item.id))
+        outcomes.append(Delivery(row["scheduled_for"], row["published_at"])
+                        if row and row["held"] else LeaseLost(write.item.id))
     return outcomes
 
 
@@ -316,12 +334,14 @@ def _episode_params(write: EpisodeWrite) -> dict[str, Any]:
         "audit_id": new_id("aud"),
         "summary": json.dumps(summary),
         "event_id": new_id("evt"),
+        "ready_event_id": new_id("evt"),
         "event_data": Jsonb({"episode_id": episode_id, "project_id": project_id,
                              "sequence_number": prepared.request.episode_number}),
         "billing_date": prepared.billing_day,
         "next_id": new_id("queue"),
         "next_scheduled_for": plan.scheduled_for if plan else None,
         "next_metadata": Jsonb(plan.metadata if plan else None),
+        "lead_seconds": write.lead_seconds,
     }
 
 

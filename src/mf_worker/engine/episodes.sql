@@ -65,7 +65,10 @@ FROM jsonb_to_recordset(%(usages)s::jsonb)
 -- reservation: the real usage is booked below, so the trigger books no estimate), then — only if the fence held, because every other part reads
 -- from `fence` — the episode ready, its blocks, the token usage (the daily aggregate follows by
 -- trigger), the incorporated planning notes (only those still pending for this project), new
--- memories, the audit row, the user event, and the project's next item with its cache. The
+-- memories, the audit row, the user events, and the project's next item with its cache. The
+-- episode is visible ('ready', published_at, the `episode_ready` event) only if its delivery
+-- instant has come; finished before it, it is 'scheduled' and the publisher (engine/
+-- publisher.sql) makes it ready at the instant. The
 -- next item selects FROM fence, so the completed row has left the open-item index before the
 -- insert checks it. `held` 0 means the claim is no longer ours and nothing was written.
 WITH fence AS (
@@ -76,14 +79,18 @@ WITH fence AS (
         reserved_cost_gbp = NULL,
         locked_by        = NULL,
         lease_expires_at = NULL,
-        last_error       = NULL
+        last_error       = NULL,
+        delivery         = CASE WHEN scheduled_for > now() THEN 'scheduled' ELSE 'published' END,
+        published_at     = CASE WHEN scheduled_for > now() THEN NULL ELSE now() END
     WHERE id = %(id)s
       AND claim_token = %(token)s
       AND status = 'processing'
-    RETURNING id
+    RETURNING id, scheduled_for, delivery, published_at
 ), episode AS (
     UPDATE episodes
-    SET status = 'ready', title = %(title)s, generation_attempts = generation_attempts + 1
+    SET status = CASE WHEN fence.delivery = 'scheduled' THEN 'scheduled' ELSE 'ready' END,
+        published_at = fence.published_at,
+        title = %(title)s, generation_attempts = generation_attempts + 1
     FROM fence
     WHERE episodes.id = %(episode_id)s
 ), new_blocks AS (
@@ -125,12 +132,18 @@ WITH fence AS (
     INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
     SELECT %(event_id)s, %(user_id)s, %(organization_id)s, 'episode_generated', %(event_data)s
     FROM fence
+), ready_event AS (
+    INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
+    SELECT %(ready_event_id)s, %(user_id)s, %(organization_id)s, 'episode_ready', %(event_data)s
+    FROM fence
+    WHERE fence.delivery = 'published'
 ), next_item AS (
     -- NULL when the project's cadence or zone is now invalid (the scheduler reports that).
     INSERT INTO episode_schedule_queue
         (id, project_id, organization_id, scheduled_for, run_after, metadata)
     SELECT %(next_id)s, %(project_id)s, %(organization_id)s, %(next_scheduled_for)s,
-           %(next_scheduled_for)s, %(next_metadata)s
+           %(next_scheduled_for)s::timestamptz - make_interval(secs => %(lead_seconds)s),
+           %(next_metadata)s
     FROM fence
     WHERE %(next_scheduled_for)s::timestamptz IS NOT NULL
     ON CONFLICT (project_id) WHERE status IN ('pending', 'processing', 'blocked') DO NOTHING
@@ -141,4 +154,5 @@ WITH fence AS (
     WHERE p.id = next_item.project_id
       AND p.next_scheduled_at IS DISTINCT FROM next_item.scheduled_for
 )
-SELECT count(*) AS held FROM fence;
+SELECT count(*) AS held, max(scheduled_for) AS scheduled_for, max(published_at) AS published_at
+FROM fence;

@@ -53,6 +53,7 @@ from ..settings import Settings
 from .backoff import retry_delay
 from .batching import Batcher
 from .episodes import (
+    Delivery,
     EpisodeWrite,
     ItemUnavailable,
     LeaseLost,
@@ -142,6 +143,7 @@ class AttemptReport:
     result: GenerationResult | None = None
     costs: tuple[Decimal, ...] = ()  # GBP per usage of ``result`` (or of a failed attempt)
     reserved_gbp: Decimal = Decimal(0)  # the worst case the attempt reserved
+    delivery: Delivery | None = None  # a success: due when, and visible since when (if yet)
 
 
 Observer = Callable[[AttemptReport], None]
@@ -206,7 +208,7 @@ class Worker:
             self._prepare_batch, name="prepare", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
             item_errors=ITEM_DB_ERRORS)
-        self._writes: Batcher[EpisodeWrite, None] = Batcher(
+        self._writes: Batcher[EpisodeWrite, Delivery] = Batcher(
             self._write_batch, name="final write", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
             item_errors=ITEM_DB_ERRORS)
@@ -374,8 +376,9 @@ class Worker:
             return
         assert result is not None
         costs = tuple(self.budget.prices.cost(u) for u in result.usages)
-        await self._writes.submit(EpisodeWrite(item=item, prepared=prepared, result=result,
-                                               costs=costs, now=self.clock()))
+        report.delivery = await self._writes.submit(EpisodeWrite(
+            item=item, prepared=prepared, result=result, costs=costs, now=self.clock(),
+            lead_seconds=self.settings.lead_seconds))
         report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
 
     async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:
@@ -467,6 +470,9 @@ class Worker:
         key = report.outcome.value
         fields: dict[str, Any] = {"outcome": key, "seconds": round(report.item_seconds, 4)}
         if report.outcome is Outcome.SUCCESS:
+            if report.delivery is not None and report.delivery.published_at is None:
+                # Finished in the lead window: the publisher makes it visible at its instant.
+                fields["publishes_at"] = report.delivery.scheduled_for.isoformat()
             self._log.info("item_completed", **fields)
         elif report.outcome is Outcome.LEASE_LOST:
             self._log.warning("lease_lost", error=report.error, **fields)

@@ -15,7 +15,9 @@
 -- the database's clock by default, so hosts with skewed clocks still agree.
 
 -- name: claim_due_items
--- Batched: one short transaction claims up to `limit` due items in run_after order, skipping
+-- Batched: one short transaction claims up to `limit` due items, earliest deadline first
+-- (scheduled_for: the delivery instant; items become due a lead window before it, so a burst
+-- is spread over the window and the items closest to their instant go first), skipping
 -- rows other workers have locked. Each claim draws a new claim token. attempt_count counts
 -- generator calls (a release gives the attempt back).
 WITH due AS (
@@ -23,7 +25,7 @@ WITH due AS (
     FROM episode_schedule_queue
     WHERE status = 'pending'
       AND run_after <= coalesce(%(now)s, now())
-    ORDER BY run_after, id
+    ORDER BY scheduled_for, run_after, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )

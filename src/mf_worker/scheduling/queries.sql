@@ -3,8 +3,12 @@
 -- guard against concurrent schedulers; a conflict is simply "someone else did it".
 
 -- name: list_projects_without_open_item
--- Keyset-paginated by project id so 100,000 projects never load at once.
-SELECT p.id, p.organization_id, p.cadence_config, p.delivery_time, u.timezone
+-- Keyset-paginated by project id so 100,000 projects never load at once. `generated_slot`:
+-- the latest instant this project already has an episode waiting for (generated in the lead
+-- window, not yet published), so that slot is not planned a second time.
+SELECT p.id, p.organization_id, p.cadence_config, p.delivery_time, u.timezone,
+       (SELECT max(w.scheduled_for) FROM episode_schedule_queue w
+         WHERE w.project_id = p.id AND w.delivery = 'scheduled') AS generated_slot
 FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.status = 'active'
@@ -16,9 +20,11 @@ ORDER BY p.id
 LIMIT %(limit)s;
 
 -- name: insert_planned_items
+-- Claimable a lead window before the delivery instant (MF_LEAD_SECONDS).
 INSERT INTO episode_schedule_queue
     (id, project_id, organization_id, scheduled_for, run_after, metadata)
-SELECT n.id, n.project_id, n.organization_id, n.scheduled_for, n.scheduled_for, n.metadata
+SELECT n.id, n.project_id, n.organization_id, n.scheduled_for,
+       n.scheduled_for - make_interval(secs => %(lead_seconds)s), n.metadata
 FROM unnest(%(ids)s::text[], %(project_ids)s::text[], %(organization_ids)s::text[],
             %(scheduled_for)s::timestamptz[], %(metadata)s::jsonb[])
      AS n(id, project_id, organization_id, scheduled_for, metadata)
@@ -47,7 +53,9 @@ WHERE p.id = n.id AND locked.id = n.id
 -- software (no metadata.cadence) are left alone. metadata.delivery_time is Python's isoformat
 -- (HH:MM:SS, or HH:MM:SS.ffffff with microseconds), which time::text does not reproduce for
 -- fractional seconds ('09:00:00.5'), so both spellings are compared (no cast that could fail).
-SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone
+SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone,
+       (SELECT max(w.scheduled_for) FROM episode_schedule_queue w
+         WHERE w.project_id = q.project_id AND w.delivery = 'scheduled') AS generated_slot
 FROM episode_schedule_queue q
 JOIN projects p ON p.id = q.project_id
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
@@ -68,7 +76,7 @@ LIMIT %(limit)s;
 -- name: reschedule_items
 UPDATE episode_schedule_queue q
 SET scheduled_for = n.scheduled_for,
-    run_after     = n.scheduled_for,
+    run_after     = n.scheduled_for - make_interval(secs => %(lead_seconds)s),
     metadata      = n.metadata
 FROM unnest(%(ids)s::text[], %(scheduled_for)s::timestamptz[], %(metadata)s::jsonb[])
      AS n(id, scheduled_for, metadata)
@@ -123,12 +131,13 @@ WHERE q.id = old.id
 RETURNING q.id, q.organization_id, old.status AS old_status;
 
 -- name: insert_next_item
--- One item for one project (the final write's next occurrence, `enqueue`), and the cache, in
--- one statement. Returns nothing when the project already has an open item.
+-- One item for one project (`enqueue`), claimable a lead window before it is due, and the
+-- cache, in one statement. Returns nothing when the project already has an open item.
 WITH inserted AS (
     INSERT INTO episode_schedule_queue
         (id, project_id, organization_id, scheduled_for, run_after, metadata)
-    VALUES (%(id)s, %(project_id)s, %(organization_id)s, %(scheduled_for)s, %(scheduled_for)s,
+    VALUES (%(id)s, %(project_id)s, %(organization_id)s, %(scheduled_for)s,
+            %(scheduled_for)s::timestamptz - make_interval(secs => %(lead_seconds)s),
             %(metadata)s)
     ON CONFLICT (project_id) WHERE status IN ('pending', 'processing', 'blocked') DO NOTHING
     RETURNING id, project_id, scheduled_for

@@ -2,7 +2,10 @@
 
 One pass (``Scheduler.run_once``) cancels items of paused, archived and deleted projects,
 re-plans waiting items whose project changed its cadence, delivery time or zone, and plans the
-next item of every active project that has none. Many daemons may run it at once: the unique
+next item of every active project that has none. An item is due at its delivery instant
+(``scheduled_for``) but claimable a lead window before it (``run_after = scheduled_for -
+lead``, ``MF_LEAD_SECONDS``); a slot whose episode was already generated in that window and
+waits to be published is never planned again. Many daemons may run it at once: the unique
 index on open items per project decides, and losing that race is not an error. A project whose
 cadence or zone is invalid gets no item; it is reported once per process and counted.
 """
@@ -85,9 +88,13 @@ class Scheduler(PeriodicLoop):
         on_invalid: Callable[[str, str], None] | None = None,
         on_pass: Callable[[int, int], None] | None = None,
         batch_size: int = BATCH_SIZE,
+        lead_seconds: float = 0.0,
     ) -> None:
         super().__init__(interval)
+        if lead_seconds < 0:
+            raise ValueError(f"scheduler: lead_seconds must not be negative, got {lead_seconds}")
         self._pool = pool
+        self._lead_seconds = lead_seconds
         self._clock = clock
         self._batch_size = batch_size
         self._on_invalid = on_invalid
@@ -132,7 +139,7 @@ class Scheduler(PeriodicLoop):
             after_id = rows[-1]["id"]
             planned = _plan_rows(rows, now, result)
             if planned:
-                created += await _insert_planned(conn, planned)
+                created += await _insert_planned(conn, planned, self._lead_seconds)
 
     async def _reschedule_stale(
         self, conn: Connection, now: datetime, result: SchedulerResult
@@ -156,6 +163,7 @@ class Scheduler(PeriodicLoop):
                         "ids": [row["id"] for row, _ in planned],
                         "scheduled_for": [p.scheduled_for for _, p in planned],
                         "metadata": [Jsonb(p.metadata) for _, p in planned],
+                        "lead_seconds": self._lead_seconds,
                     },
                 )
                 changed = await cur.fetchall()
@@ -170,6 +178,12 @@ def _plan_rows(
     for row in rows:
         try:
             plan = plan_next_item(row["cadence_config"], row["delivery_time"], row["timezone"], now)
+            generated = row.get("generated_slot")
+            if generated is not None and plan.scheduled_for == generated:
+                # That slot's episode exists (generated in the lead window, published at the
+                # instant): plan the one after it, or the project would get two.
+                plan = plan_next_item(row["cadence_config"], row["delivery_time"],
+                                      row["timezone"], generated)
         except CadenceError as exc:
             result.invalid[row[key]] = str(exc)
             continue
@@ -178,7 +192,7 @@ def _plan_rows(
 
 
 async def _insert_planned(
-    conn: Connection, planned: list[tuple[dict[str, Any], PlannedItem]]
+    conn: Connection, planned: list[tuple[dict[str, Any], PlannedItem]], lead_seconds: float
 ) -> int:
     async with conn.transaction():
         cur = await conn.execute(
@@ -189,6 +203,7 @@ async def _insert_planned(
                 "organization_ids": [row["organization_id"] for row, _ in planned],
                 "scheduled_for": [p.scheduled_for for _, p in planned],
                 "metadata": [Jsonb(p.metadata) for _, p in planned],
+                "lead_seconds": lead_seconds,
             },
         )
         inserted = await cur.fetchall()
@@ -219,17 +234,19 @@ async def cancel_items_of_unschedulable_projects(conn: Connection) -> int:
 
 
 async def insert_next_item(
-    conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem
+    conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem,
+    lead_seconds: float = 0.0,
 ) -> datetime | None:
     """Insert one planned item and refresh the project's cache, inside the caller's
     transaction. Returns its due time, or None when the project already has an open item."""
     row = await _insert_item(conn, project_id=project_id, organization_id=organization_id,
-                             plan=plan)
+                             plan=plan, lead_seconds=lead_seconds)
     return None if row is None else row["scheduled_for"]
 
 
 async def _insert_item(
-    conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem
+    conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem,
+    lead_seconds: float,
 ) -> dict[str, Any] | None:
     cur = await conn.execute(
         _Q["insert_next_item"],
@@ -239,6 +256,7 @@ async def _insert_item(
             "organization_id": organization_id,
             "scheduled_for": plan.scheduled_for,
             "metadata": Jsonb(plan.metadata),
+            "lead_seconds": lead_seconds,
         },
     )
     return await cur.fetchone()
@@ -246,9 +264,11 @@ async def _insert_item(
 
 async def enqueue_item(
     conn: Connection, project_id: str, *, at: datetime | None, replace: bool, now: datetime,
-    actor: str,
+    actor: str, lead_seconds: float = 0.0,
 ) -> tuple[str, datetime]:
     """Add an extra item for a project now (or at ``at``); for support and debugging.
+
+    The item is due at ``at`` (published then) and claimable ``lead_seconds`` before it.
 
     Refuses when the project already has an open item, unless ``replace`` cancels the waiting
     one (an item being processed is never replaced). Returns the new item's id and due time.
@@ -299,7 +319,8 @@ async def enqueue_item(
             },
         )
         row = await _insert_item(conn, project_id=project_id,
-                                 organization_id=project["organization_id"], plan=plan)
+                                 organization_id=project["organization_id"], plan=plan,
+                                 lead_seconds=lead_seconds)
         if row is None:  # a scheduler slipped one in between: the index decided
             raise ProjectNotSchedulable(f"project {project_id} got an open item concurrently")
         item_id: str = row["id"]
