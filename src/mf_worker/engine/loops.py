@@ -32,10 +32,14 @@ class PeriodicLoop(ABC):
     async def run_once(self) -> Any:
         """One pass; returns what it did (for tests and logs)."""
 
+    async def tick(self) -> Any:
+        """What ``run`` does every interval: one pass (a loop may pace itself across replicas)."""
+        return await self.run_once()
+
     async def run(self) -> None:
         while not self._stopped.is_set():
             try:
-                await self.run_once()
+                await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # one bad pass must not end the loop
