@@ -176,6 +176,13 @@ SELECT last_sweep_at FROM scheduler_state;
 -- name: stamp_sweep
 UPDATE scheduler_state SET last_sweep_at = %(now)s;
 
+-- name: clear_project_changes
+-- At the start of a sweep, in a transaction of its own that commits before the sweep reads
+-- anything: every committed change is seen by the sweep's reads, so the log of it can go (rows
+-- committed later stay for the next pass). If the sweep fails, it is not stamped and the next
+-- pass sweeps again.
+DELETE FROM scheduler_project_changes;
+
 -- name: take_project_changes
 -- A batch of logged projects, deleted in the transaction that handles them (a project logged
 -- again meanwhile waits for this transaction, then is logged anew).

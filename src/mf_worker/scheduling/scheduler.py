@@ -177,6 +177,7 @@ class Scheduler(PeriodicLoop):
     async def _sweep(self, conn: Connection, now: datetime, result: SchedulerResult) -> None:
         """Every project, as every pass did before the change log: the safety net."""
         result.swept = True
+        await conn.execute(_Q["clear_project_changes"])
         result.cancelled = await cancel_items_of_unschedulable_projects(conn)
         result.rescheduled = await self._reschedule_stale(conn, now, result)
         result.created = await self._plan_missing(conn, now, result)
