@@ -144,21 +144,25 @@ SELECT id, scheduled_for FROM inserted;
 -- One pass per fleet, and passes that touch only what changed (#16, migration 0009)
 -- ---------------------------------------------------------------------------------------------
 
+-- name: hold_fleet_lock_open
+-- The fleet's lock is a transaction-scoped advisory lock, taken in a transaction that a
+-- connection of its own keeps open for the whole pass (the pass runs on another connection).
+-- So it works through a transaction-mode pooler (the open transaction pins one server
+-- connection; a session lock would stay behind on whichever server connection took it), and it
+-- goes when the transaction ends: at the end of the pass, or when the process dies. The idle
+-- time of this one transaction may be long (a sweep at a million projects) but not endless (a
+-- frozen process must not stop the fleet's scheduling): MF_DB_STATEMENT_TIMEOUT's idle limit is
+-- lifted to 15 minutes for it, and lock_timeout for the wait of `mf-worker schedule`.
+SELECT set_config('idle_in_transaction_session_timeout', '900s', true),
+       set_config('lock_timeout', '0', true), set_config('statement_timeout', '0', true);
+
 -- name: try_fleet_lock
--- A session-level advisory lock held for the whole pass: whoever gets it plans, the rest skip.
-SELECT pg_try_advisory_lock(%(key)s) AS locked;
+-- Whoever gets it plans, the rest skip.
+SELECT pg_try_advisory_xact_lock(%(key)s) AS locked;
 
 -- name: wait_for_fleet_lock
--- `mf-worker schedule` by hand: wait for a running pass to end, then sweep. Run in a transaction
--- (the lock is the session's and outlives it) that lifts MF_DB_LOCK_TIMEOUT and
--- MF_DB_STATEMENT_TIMEOUT for this wait only: a sweep may take longer than either.
-SELECT pg_advisory_lock(%(key)s), true AS locked;
-
--- name: lift_timeouts_for_wait
-SELECT set_config('lock_timeout', '0', true), set_config('statement_timeout', '0', true);
-
--- name: release_fleet_lock
-SELECT pg_advisory_unlock(%(key)s) AS released;
+-- `mf-worker schedule` by hand: wait for a running pass to end, then sweep.
+SELECT pg_advisory_xact_lock(%(key)s), true AS locked;
 
 -- name: claim_paced_pass
 -- The loop's pass runs only if no replica ran one within `min_gap_seconds` (the database's

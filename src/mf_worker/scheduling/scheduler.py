@@ -4,10 +4,12 @@ A pass cancels items of paused, archived and deleted projects, re-plans waiting 
 project changed its cadence, delivery time or zone, and plans the next item of every active
 project that has none. Its cost follows what changed, not how many projects there are:
 
-* One pass per fleet. A pass holds a PostgreSQL advisory lock (``SCHEDULER_LOCK_KEY``) from start
-  to end; a replica that cannot take it skips. The daemon's loop (``tick``) also skips when any
-  replica ran a pass within the interval (``scheduler_state``, on the database's clock), so a
-  fleet of any size plans once per ``MF_SCHEDULER_INTERVAL``.
+* One pass per fleet. A pass holds a PostgreSQL advisory lock (``SCHEDULER_LOCK_KEY``) from
+  start to end, in a transaction that a second pooled connection keeps open (so it holds
+  through a transaction-mode pooler too, and goes with a dead process); a replica that cannot
+  take it skips. The daemon's loop (``tick``) also skips when any replica ran a pass within the
+  interval (``scheduler_state``, on the database's clock), so a fleet of any size plans once
+  per ``MF_SCHEDULER_INTERVAL``.
 * A steady pass reads the change log (``scheduler_project_changes``, kept by the triggers of
   migration 0009: new projects; changes of status, cadence, delivery time or owner; an owner's
   zone; an open item that ended without a next one) and handles only those projects, each batch
@@ -138,17 +140,15 @@ class Scheduler(PeriodicLoop):
         """
         now = now or self._clock()
         result = SchedulerResult()
-        async with self._pool.connection() as conn:
-            async with conn.transaction():
-                if wait:
-                    await conn.execute(_Q["lift_timeouts_for_wait"])
-                cur = await conn.execute(_Q["wait_for_fleet_lock" if wait else "try_fleet_lock"],
-                                         {"key": SCHEDULER_LOCK_KEY})
-                row = await cur.fetchone()
+        async with self._pool.connection() as lock_conn, lock_conn.transaction():
+            await lock_conn.execute(_Q["hold_fleet_lock_open"])
+            cur = await lock_conn.execute(_Q["wait_for_fleet_lock" if wait else "try_fleet_lock"],
+                                          {"key": SCHEDULER_LOCK_KEY})
+            row = await cur.fetchone()
             if not (row and row["locked"]):
                 result.skipped = True
                 return result
-            try:
+            async with self._pool.connection() as conn:
                 if paced:
                     cur = await conn.execute(
                         _Q["claim_paced_pass"],
@@ -163,8 +163,6 @@ class Scheduler(PeriodicLoop):
                 else:
                     result.cancelled = await cancel_items_of_deleted_projects(conn)
                 await self._handle_changes(conn, now, result)
-            finally:
-                await conn.execute(_Q["release_fleet_lock"], {"key": SCHEDULER_LOCK_KEY})
         self._report(result)
         return result
 

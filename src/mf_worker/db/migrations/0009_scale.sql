@@ -204,10 +204,10 @@ CREATE TRIGGER episode_schedule_queue_notify_due_update
     EXECUTE FUNCTION mf_queue_notify_due();
 
 ------------------------------------------------------------------------------------------------
--- Indexes behind the cascades from projects and users (a deleted one finds its rows by index)
+-- Indexes behind the cascades from projects and users (a deleted one finds its rows by index;
+-- episodes already have one: UNIQUE (project_id, sequence_number))
 ------------------------------------------------------------------------------------------------
 
 CREATE INDEX episode_schedule_queue_project_id_idx ON episode_schedule_queue (project_id);
-CREATE INDEX episodes_project_id_idx ON episodes (project_id);
 CREATE INDEX planning_notes_project_id_idx ON planning_notes (project_id);
 CREATE INDEX planning_notes_user_id_idx ON planning_notes (user_id);
