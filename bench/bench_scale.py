@@ -20,7 +20,8 @@ Then it prints, beside the same figure at the first size and their ratio:
   means this stays flat);
 * **scrape**: ``read_queue_depth`` (what ``/metrics`` reads), median of 5; and for reference
   the exact ``count(*) … GROUP BY status`` it no longer runs above 100,000 rows;
-* **cost check**: ``read_budget`` (the daily aggregate), median of 50.
+* **cost check**: what the limit check reads (the organisation's row of the daily aggregate
+  and its limit), median of 50.
 
 It creates a throwaway database ``mf_bench_scale_<random>`` per size on the server named by
 ``MF_BENCH_DATABASE_URL`` (a maintenance database URL; default ``postgresql:///postgres``) and
@@ -53,7 +54,6 @@ from psycopg.rows import dict_row
 from mf_worker import status
 from mf_worker.db import connect, open_pool
 from mf_worker.db.migrate import apply_migrations
-from mf_worker.db.sql import load_queries
 from mf_worker.logs import configure_logging
 from mf_worker.queue import store
 from mf_worker.scheduling.scheduler import Scheduler
@@ -212,11 +212,15 @@ async def measure(url: str, n: int) -> dict[str, Any]:
         await (await conn.execute("SELECT status, count(*) FROM episode_schedule_queue"
                                   " GROUP BY status")).fetchall()
         out["exact count (old scrape) ms"] = (time.perf_counter() - started) * 1000
-        budget = load_queries("mf_worker.cost", "budget.sql")["read_budget"]
+        # What the limit check reads (inside reserve_budget): the organisation's row of the
+        # daily aggregate and its limit, never the raw usage rows.
+        budget = ("SELECT coalesce(d.total_cost_gbp + d.reserved_gbp, 0) AS spent,"
+                  " coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp"
+                  " FROM organizations o LEFT JOIN token_usage_daily d"
+                  "   ON d.organization_id = o.id AND d.date = %(date)s"
+                  " WHERE o.id = %(organization_id)s")
         params = {"organization_id": "org_1", "date": datetime.now(UTC).date(),
-                  "default_limit": Decimal(50),
-                  "day_start": datetime.now(UTC).replace(hour=0, minute=0, second=0,
-                                                         microsecond=0)}
+                  "default_limit": Decimal(50)}
         checks = []
         for _ in range(50):
             started = time.perf_counter()
@@ -245,7 +249,7 @@ async def measure(url: str, n: int) -> dict[str, Any]:
             started = time.perf_counter()
             await pconn.execute(
                 "UPDATE users SET timezone = CASE timezone WHEN 'Asia/Tokyo' THEN 'Asia/Seoul'"
-                " ELSE 'Asia/Tokyo' END WHERE hashtext(id) %% 10 = 0")
+                " ELSE 'Asia/Tokyo' END WHERE hashtext(id) % 10 = 0")
             out["zone UPDATE s"] = time.perf_counter() - started
         started = time.perf_counter()
         moved = await scheduler.run_once(sweep=False)
