@@ -223,9 +223,10 @@ def test_retry_into_the_future_sends_no_notification(db_url: str, db: Conn) -> N
 
 
 def test_queue_depth_does_not_scan_the_history(db_url: str, db: Conn) -> None:
-    """Open statuses are counted through their partial indexes and terminal ones estimated from
-    the planner's statistics: reading the depth starts no sequential scan of the queue, and the
-    estimate is close to the truth."""
+    """In-flight statuses and due items are counted through their partial indexes, the rest
+    (pending grows with the projects, finished ones with the history) estimated from the
+    planner's statistics: reading the depth starts no sequential scan of the queue, and the
+    estimates are close to the truth."""
     org = make_org(db)
     user = make_user(db, org)
     db.execute(
@@ -251,7 +252,8 @@ def test_queue_depth_does_not_scan_the_history(db_url: str, db: Conn) -> None:
     depth = asyncio.run(read())
     db.execute("SELECT pg_stat_force_next_flush()")
     assert _seq_scans(db) == before
-    assert depth["counts"]["pending"] == 100 and depth["due_items"] == 100
+    assert depth["due_items"] == 100 and depth["counts"]["processing"] == 0
+    assert abs(depth["counts"]["pending"] - 100) <= 50
     assert abs(depth["counts"]["completed"] - 2000) <= 100
     assert abs(depth["counts"]["cancelled"] - 900) <= 100
 

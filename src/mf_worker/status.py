@@ -46,9 +46,10 @@ class Snapshot:
         return asdict(self)
 
 
-OPEN_STATUSES = ("pending", "processing", "blocked")
-# Below this many rows (the planner's estimate) the whole queue is counted exactly; above it the
-# finished statuses are estimated, so a scrape costs the same at 10 million rows as at 10,000.
+COUNTED_STATUSES = ("processing", "blocked")
+# Below this many rows (the planner's estimate) the whole queue is counted exactly; above it
+# pending and the finished statuses are estimated, so a scrape costs the same at 10 million
+# rows and a million projects as at 10,000.
 EXACT_COUNT_BELOW = 100_000
 
 
@@ -56,9 +57,11 @@ async def read_queue_depth(conn: Connection, *, now: datetime | None = None,
                            exact_below: int = EXACT_COUNT_BELOW) -> dict[str, Any]:
     """Counts by status and the oldest due item's age: what the metrics export.
 
-    Open statuses are always exact (partial indexes). Completed, failed and cancelled are exact
-    in a queue of fewer than ``exact_below`` rows, else estimated from the planner's statistics
-    (the table's size and the status column's sampled frequencies), never a scan of the history.
+    Processing and blocked are always exact (partial indexes), and so are the due items and the
+    oldest one's age. In a queue of ``exact_below`` rows or more, pending, completed, failed
+    and cancelled are estimated from the planner's statistics (the table's size and the status
+    column's sampled frequencies), never counted by scanning the history or every project's
+    waiting item; below it everything is counted exactly.
     """
     now = now or datetime.now(UTC)
     counts = dict.fromkeys(STATUSES, 0)
@@ -69,11 +72,11 @@ async def read_queue_depth(conn: Connection, *, now: datetime | None = None,
             counts[row["status"]] = row["items"]
     else:
         for value, freq in zip(est["vals"], est["freqs"], strict=True):
-            if value in counts and value not in OPEN_STATUSES:
+            if value in counts and value not in COUNTED_STATUSES:
                 counts[value] = round(rows * freq)
-        open_counts = await (await conn.execute(_Q["count_open_items"])).fetchone()
-        for status in OPEN_STATUSES:
-            counts[status] = open_counts[status] if open_counts else 0
+        exact = await (await conn.execute(_Q["count_in_flight_items"])).fetchone()
+        for status in COUNTED_STATUSES:
+            counts[status] = exact[status] if exact else 0
     due = await (await conn.execute(_Q["oldest_due_pending"])).fetchone()
     oldest = due["oldest_due"] if due else None
     return {"counts": counts, "due_items": due["due_items"] if due else 0,

@@ -4,10 +4,11 @@
 -- Exact, and a scan of the whole queue: for small queues and `mf-worker status`.
 SELECT status, count(*) AS items FROM episode_schedule_queue GROUP BY status;
 
--- name: count_open_items
--- The open statuses, each through a partial index (cheap whatever the history's size).
-SELECT (SELECT count(*) FROM episode_schedule_queue WHERE status = 'pending') AS pending,
-       (SELECT count(*) FROM episode_schedule_queue WHERE status = 'processing') AS processing,
+-- name: count_in_flight_items
+-- The statuses a large queue holds few of (the fleet's in-flight items, an organisation's
+-- blocked ones), each through its partial index. Pending grows with the projects (every active
+-- project has one waiting item), so a large queue estimates it like the finished statuses.
+SELECT (SELECT count(*) FROM episode_schedule_queue WHERE status = 'processing') AS processing,
        (SELECT count(*) FROM episode_schedule_queue WHERE status = 'blocked') AS blocked;
 
 -- name: estimate_items_by_status

@@ -198,16 +198,16 @@ WHERE c.project_id IN (SELECT project_id FROM scheduler_project_changes
 RETURNING c.project_id;
 
 -- name: cancel_items_of_inactive_projects_in
--- cancel_items_of_inactive_projects for the given projects only (found through the open-item
--- index).
+-- cancel_items_of_inactive_projects for the given projects only: each project by its key, its
+-- item through the open-item index on project_id = p.id. (Naming the ids on both sides let the
+-- planner scan both lists and join them with a filter, ids × ids probes per batch.)
 UPDATE episode_schedule_queue q
 SET status = 'cancelled',
     last_error = 'project ' || p.status
 FROM projects p
-WHERE q.project_id = p.id
-  AND p.id = ANY(%(ids)s::text[])
-  AND q.project_id = ANY(%(ids)s::text[])
+WHERE p.id = ANY(%(ids)s::text[])
   AND p.status <> 'active'
+  AND q.project_id = p.id
   AND q.status IN ('pending', 'blocked')
 RETURNING q.id, q.project_id;
 
