@@ -272,7 +272,8 @@ async def migrate(url: str) -> None:
 
 
 ORDER = [("claim p50 ms", "≤ 1.5×"), ("claim p99 ms", ""), ("heartbeat HOT %", "≥ 80 %"),
-         ("steady pass ms", "≤ 2×"), ("steady pass min ms", ""), ("catch-up projects", ""), ("catch-up pass s", ""),
+         ("steady pass ms", "≤ 2×"), ("steady pass min ms", ""), ("catch-up projects", ""),
+         ("catch-up pass s", ""),
          ("zone projects", ""), ("zone UPDATE s", ""), ("zone pass s", "linear"),
          ("zone pass µs/project", "flat"), ("scrape ms", "≤ 2×"),
          ("exact count (old scrape) ms", "reference"), ("cost check ms", ""),
