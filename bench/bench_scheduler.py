@@ -7,8 +7,11 @@ What it measures, for each size N:
   next occurrence in Python, bulk-insert with ``ON CONFLICT DO NOTHING``, refresh the
   ``projects.next_scheduled_at`` cache). Reported as seconds and items per second.
 * **steady pass**: the same N projects, each already with its open item; one pass finds nothing
-  to cancel, reschedule or create. This is what every daemon pays every
-  ``MF_SCHEDULER_INTERVAL`` seconds, so it should stay small.
+  to cancel, reschedule or create. This is what the fleet pays every ``MF_SCHEDULER_INTERVAL``
+  seconds (one replica, through the advisory lock): it reads the change log (empty here), so it
+  should not grow with N.
+* **sweep**: the full pass over every project (the safety net, hourly by default, and
+  ``mf-worker schedule``), finding nothing to do.
 
 Each figure is the median of ``--repeat`` runs; the queue is emptied (and the cache reset)
 between first-pass runs. The projects are seeded with one ``INSERT … SELECT generate_series``:
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import statistics
 import sys
@@ -131,7 +135,7 @@ def seed(url: str, size: int) -> None:
 def reset_queue(url: str) -> None:
     """Back to "no project has an item": empty queue, empty cache, fresh statistics."""
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE episode_schedule_queue")
+        conn.execute("TRUNCATE episode_schedule_queue, scheduler_project_changes")
         conn.execute(
             "UPDATE projects SET next_scheduled_at = NULL WHERE next_scheduled_at IS NOT NULL"
         )
@@ -152,15 +156,15 @@ async def _timed(action: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-async def measure(url: str, size: int, repeat: int) -> tuple[float, float]:
-    """Median seconds of a first pass and of a steady-state pass over ``size`` projects."""
+async def measure(url: str, size: int, repeat: int) -> tuple[float, float, float]:
+    """Median seconds of a first pass, a steady pass and a sweep over ``size`` projects."""
     pool: Pool = await open_pool(_settings(url), max_size=2)
     try:
         scheduler = Scheduler(pool, 1.0)
         firsts = []
         for _ in range(repeat):
             await asyncio.to_thread(reset_queue, url)
-            seconds, result = await _timed(scheduler.run_once)
+            seconds, result = await _timed(lambda: scheduler.run_once(sweep=True))
             if result.created != size or result.invalid:
                 raise RuntimeError(f"first pass over {size} projects did {result}")
             firsts.append(seconds)
@@ -168,13 +172,15 @@ async def measure(url: str, size: int, repeat: int) -> tuple[float, float]:
             raise RuntimeError("the queue does not hold one item per project")
         # Let autovacuum's job happen now, as it would between real passes.
         await asyncio.to_thread(_analyze_queue, url)
-        steadies = []
-        for _ in range(repeat):
-            seconds, result = await _timed(scheduler.run_once)
-            if result.created or result.rescheduled or result.cancelled:
-                raise RuntimeError(f"steady pass over {size} projects did {result}")
-            steadies.append(seconds)
-        return statistics.median(firsts), statistics.median(steadies)
+        figures: dict[bool, list[float]] = {False: [], True: []}
+        for sweep in (False, True):
+            for _ in range(repeat):
+                seconds, result = await _timed(functools.partial(scheduler.run_once, sweep=sweep))
+                if result.created or result.rescheduled or result.cancelled:
+                    raise RuntimeError(f"steady pass over {size} projects did {result}")
+                figures[sweep].append(seconds)
+        return (statistics.median(firsts), statistics.median(figures[False]),
+                statistics.median(figures[True]))
     finally:
         await pool.close()
 
@@ -219,14 +225,16 @@ def main(argv: list[str] | None = None) -> int:
             f"median of {args.repeat} run(s)",
             flush=True,
         )
-        header = f"{'projects':>10}  {'first pass s':>12}  {'items/s':>10}  {'steady pass s':>13}"
+        header = (f"{'projects':>10}  {'first pass s':>12}  {'items/s':>10}  {'steady pass s':>13}"
+                  f"  {'sweep s':>8}")
         print(header)
         print("-" * len(header), flush=True)
         for size in args.sizes:
             seed(url, size)
-            first, steady = asyncio.run(measure(url, size, args.repeat))
+            first, steady, sweep = asyncio.run(measure(url, size, args.repeat))
             print(
-                f"{size:>10,}  {first:>12.3f}  {size / first:>10,.0f}  {steady:>13.3f}", flush=True
+                f"{size:>10,}  {first:>12.3f}  {size / first:>10,.0f}  {steady:>13.4f}"
+                f"  {sweep:>8.3f}", flush=True
             )
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:

@@ -57,8 +57,11 @@ GRANT INSERT, UPDATE, DELETE ON episode_schedule_queue TO :"worker_role";
 GRANT INSERT, UPDATE ON episodes, planning_notes, token_usage_daily, cost_limit_trips
     TO :"worker_role";
 GRANT INSERT ON blocks, token_usage, agent_memory, user_events, audit_log TO :"worker_role";
--- The scheduler only maintains the next_scheduled_at cache on projects.
+-- The scheduler only maintains the next_scheduled_at cache on projects, drains its change log
+-- (filled by triggers, migration 0009) and paces the fleet's passes.
 GRANT UPDATE (next_scheduled_at) ON projects TO :"worker_role";
+GRANT UPDATE, DELETE ON scheduler_project_changes TO :"worker_role";
+GRANT UPDATE ON scheduler_state TO :"worker_role";
 -- The `email` notifier (MF_NOTIFIER=…,email without MF_MAIL_TO) mails the users of the one
 -- organisation the transaction acts for, through this function; the worker still cannot read
 -- users.email itself.

@@ -386,13 +386,10 @@ def test_pruner_deletes_old_finished_items_in_batches_and_keeps_episodes(
     run_burst(db_url)
     cancelled = make_queue_item(db, make_project(db, t["user"]), status="cancelled")
     fresh = make_queue_item(db, make_project(db, t["user"]), status="cancelled")
-    # Forty days pass for all but one (the touch trigger would otherwise stamp now()).
-    db.execute("ALTER TABLE episode_schedule_queue"
-               " DISABLE TRIGGER episode_schedule_queue_touch_updated_at")
-    db.execute("UPDATE episode_schedule_queue SET updated_at = now() - interval '40 days'"
+    # Forty days pass for all but one: the pruner reads when an item finished (finished_at,
+    # stamped once by trigger when it reached its final status).
+    db.execute("UPDATE episode_schedule_queue SET finished_at = now() - interval '40 days'"
                " WHERE status IN ('completed', 'cancelled') AND id <> %s", [fresh["id"]])
-    db.execute("ALTER TABLE episode_schedule_queue"
-               " ENABLE TRIGGER episode_schedule_queue_touch_updated_at")
 
     async def prune() -> int:
         pool = await open_pool(settings_for(db_url), max_size=2)

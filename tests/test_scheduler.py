@@ -382,8 +382,12 @@ def test_invalid_projects_get_no_item_and_are_reported_by_field(db_url: str, db:
     assert "Mars/Olympus" in result.invalid["prj_1_zone"]
     assert sorted(reported) == sorted(result.invalid.items())
 
-    # Still reported on the next pass (counted every time), still no item.
-    again = run_pass(db_url)
+    # A steady pass does not look at them again (nothing changed); a sweep (hourly by default)
+    # still reports them, still no item.
+    steady = run_pass(db_url, NOW + timedelta(seconds=1))
+    assert (steady.swept, steady.examined, steady.created, steady.invalid) == (False, 0, 0, {})
+    again = run_pass(db_url, NOW + timedelta(seconds=2), sweep_interval=1.0)
+    assert again.swept
     assert (again.created, set(again.invalid)) == (0, set(result.invalid))
 
     # Fixing the data gets the project its item.
@@ -508,6 +512,8 @@ def test_two_scheduler_processes_racing_create_exactly_one_item_per_project(
     db_url: str, db: Conn
 ) -> None:
     """Two `mf-worker schedule` processes at once: both succeed, 1,000 projects, 1,000 items.
+    (They take turns through the fleet's advisory lock; the unique index on open items stays
+    the guard against every other writer.)
 
     Process start-up jitter is longer than a whole pass, so without help one process would
     simply finish first. A gate makes the race real: the test holds an exclusive lock on

@@ -179,6 +179,8 @@ BAD_VALUES: dict[str, Any] = {
     "queue reservation without day": lambda c, t: make_queue_item(
         c, t["project"], reserved_cost_gbp=1),
     "note blank": lambda c, t: make_note(c, t["project"], note=" "),
+    "second scheduler state row": lambda c, t: c.execute(
+        "INSERT INTO scheduler_state (singleton) VALUES (false)"),
     "note unknown status": lambda c, t: make_note(c, t["project"], status="done"),
     "note incorporated without time": lambda c, t: make_note(
         c, t["project"], status="incorporated"),

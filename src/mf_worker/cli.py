@@ -300,15 +300,18 @@ def schedule(
     log_format: LogFormat = None,
     log_level: LogLevel = None,
 ) -> None:
-    """Run one scheduler pass: give every active project its next item; report invalid ones."""
+    """Run one full scheduler pass (a sweep of every project): give every active project its
+    next item; report invalid ones. A replica's pass in progress is waited for (one pass at a
+    time per fleet)."""
     settings = build_settings(database_url=database_url, log_format=log_format,
                               log_level=log_level)
 
     async def main() -> SchedulerResult:
         pool = await _open_pool(settings)
         try:
-            return await Scheduler(pool, settings.scheduler_interval,
-                                   lead_seconds=settings.lead_seconds).run_once()
+            scheduler = Scheduler(pool, settings.scheduler_interval,
+                                  lead_seconds=settings.lead_seconds)
+            return await scheduler.run_once(sweep=True, wait=True)
         finally:
             await pool.close()
 

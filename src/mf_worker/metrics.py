@@ -223,7 +223,8 @@ class _QueueCollector(Collector):
             return
         depth = GaugeMetricFamily("mf_worker_queue_items",
                                   "Queue items by status (the whole queue, read from the "
-                                  "database).", labels=["status"])
+                                  "database; pending, completed, failed and cancelled are "
+                                  "estimated above 100,000 rows).", labels=["status"])
         for status in STATUSES:
             depth.add_metric([status], self._cached["counts"].get(status, 0))
         yield depth

@@ -487,7 +487,15 @@ class Settings:
         "MF_SCHEDULER_INTERVAL",
         30.0,
         _float(0.1),
-        "Seconds between scheduler passes (each active project keeps one open queue item).",
+        "Seconds between scheduler passes of the whole fleet: one replica (whichever takes the "
+        "advisory lock) plans per interval, looking only at the projects that changed.",
+    )
+    scheduler_sweep_interval: float = _setting(
+        "MF_SCHEDULER_SWEEP_INTERVAL",
+        3600.0,
+        _float(1.0),
+        "Seconds between the scheduler's full sweeps, the safety net that re-checks every active "
+        "project instead of the changed ones (its cost grows with the number of projects).",
     )
     lead_seconds: float = _setting(
         "MF_LEAD_SECONDS",

@@ -1,7 +1,28 @@
 -- What `mf-worker status` (and the queue metrics) read. Cross-organisation, read-only.
 
 -- name: count_items_by_status
+-- Exact, and a scan of the whole queue: for small queues and `mf-worker status`.
 SELECT status, count(*) AS items FROM episode_schedule_queue GROUP BY status;
+
+-- name: count_in_flight_items
+-- The statuses a large queue holds few of (the fleet's in-flight items, an organisation's
+-- blocked ones), each through its partial index. Pending grows with the projects (every active
+-- project has one waiting item), so a large queue estimates it like the finished statuses.
+SELECT (SELECT count(*) FROM episode_schedule_queue WHERE status = 'processing') AS processing,
+       (SELECT count(*) FROM episode_schedule_queue WHERE status = 'blocked') AS blocked;
+
+-- name: estimate_items_by_status
+-- The planner's own estimate: rows per page at the last VACUUM/ANALYZE times the pages now,
+-- split by the status column's most common values (ANALYZE samples them; autovacuum
+-- re-analyses the queue after 2 % of it changed, migration 0001). rows < 0: never analysed.
+SELECT CASE WHEN c.reltuples < 0 OR c.relpages = 0 THEN c.reltuples
+            ELSE c.reltuples / c.relpages
+                 * (pg_relation_size(c.oid) / current_setting('block_size')::int) END AS rows,
+       s.most_common_vals::text::text[] AS vals, s.most_common_freqs AS freqs
+FROM pg_class c
+LEFT JOIN pg_stats s
+       ON s.schemaname = 'public' AND s.tablename = c.relname AND s.attname = 'status'
+WHERE c.oid = 'public.episode_schedule_queue'::regclass;
 
 -- name: oldest_due_pending
 -- Lag: how long the oldest due pending item has been waiting.

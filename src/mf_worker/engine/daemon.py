@@ -104,7 +104,8 @@ async def build(
     if scheduler:
         loops.append(Scheduler(pool, settings.scheduler_interval, clock=clock,
                                on_pass=metrics.on_scheduled,
-                               lead_seconds=settings.lead_seconds))
+                               lead_seconds=settings.lead_seconds,
+                               sweep_interval=settings.scheduler_sweep_interval))
         loops.append(BudgetLoop(pool, settings.scheduler_interval,
                                 policy=settings.cost_limit_policy,
                                 default_limit=settings.daily_cost_limit_gbp,

@@ -39,12 +39,16 @@ class PeriodicLoop(ABC):
         """Seconds to wait after a pass that returned ``result`` (default: the interval)."""
         return self.interval
 
+    async def tick(self) -> Any:
+        """What ``run`` does every interval: one pass (a loop may pace itself across replicas)."""
+        return await self.run_once()
+
     async def run(self) -> None:
         while not self._stopped.is_set():
             self._woken.clear()
             delay = self.interval
             try:
-                delay = self.next_delay(await self.run_once())
+                delay = self.next_delay(await self.tick())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # one bad pass must not end the loop

@@ -196,13 +196,14 @@ WHERE q.id = expired.id
 RETURNING q.id, q.organization_id, q.episode_id, q.status, q.attempt_count, q.last_error;
 
 -- name: prune_finished_items
--- Retention: completed and cancelled items past their time, in small batches so the pruner
--- never holds many locks or bloats one transaction. Episodes and usage rows are not touched.
+-- Retention: completed and cancelled items past their time (finished_at: set once when the item
+-- reached its final status, so no heartbeat or claim changes an indexed column), in small
+-- batches so the pruner never holds many locks or bloats one transaction. Episodes and usage rows are not touched.
 DELETE FROM episode_schedule_queue
 WHERE id IN (
     SELECT id FROM episode_schedule_queue
     WHERE status IN ('completed', 'cancelled')
-      AND updated_at < coalesce(%(now)s, now()) - make_interval(days => %(retention_days)s)
+      AND finished_at < coalesce(%(now)s, now()) - make_interval(days => %(retention_days)s)
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 );

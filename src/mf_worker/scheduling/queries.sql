@@ -148,3 +148,114 @@ WITH inserted AS (
       AND p.next_scheduled_at IS DISTINCT FROM inserted.scheduled_for
 )
 SELECT id, scheduled_for FROM inserted;
+
+-- ---------------------------------------------------------------------------------------------
+-- One pass per fleet, and passes that touch only what changed (#16, migration 0009)
+-- ---------------------------------------------------------------------------------------------
+
+-- name: hold_fleet_lock_open
+-- The fleet's lock is a transaction-scoped advisory lock, taken in a transaction that a
+-- connection of its own keeps open for the whole pass (the pass runs on another connection).
+-- So it works through a transaction-mode pooler (the open transaction pins one server
+-- connection; a session lock would stay behind on whichever server connection took it), and it
+-- goes when the transaction ends: at the end of the pass, or when the process dies. The idle
+-- time of this one transaction may be long (a sweep at a million projects) but not endless (a
+-- frozen process must not stop the fleet's scheduling): MF_DB_STATEMENT_TIMEOUT's idle limit is
+-- lifted to 15 minutes for it, and lock_timeout for the wait of `mf-worker schedule`.
+SELECT set_config('idle_in_transaction_session_timeout', '900s', true),
+       set_config('lock_timeout', '0', true), set_config('statement_timeout', '0', true);
+
+-- name: try_fleet_lock
+-- Whoever gets it plans, the rest skip.
+SELECT pg_try_advisory_xact_lock(%(key)s) AS locked;
+
+-- name: wait_for_fleet_lock
+-- `mf-worker schedule` by hand: wait for a running pass to end, then sweep.
+SELECT pg_advisory_xact_lock(%(key)s), true AS locked;
+
+-- name: claim_paced_pass
+-- The loop's pass runs only if no replica ran one within `min_gap_seconds` (the database's
+-- clock, shared by the fleet); claiming the slot and checking it are one statement.
+UPDATE scheduler_state
+SET last_pass_at = now()
+WHERE last_pass_at IS NULL
+   OR last_pass_at <= now() - make_interval(secs => %(min_gap_seconds)s)
+   OR last_pass_at > now()
+RETURNING last_pass_at;
+
+-- name: get_last_sweep
+SELECT last_sweep_at FROM scheduler_state;
+
+-- name: stamp_sweep
+UPDATE scheduler_state SET last_sweep_at = %(now)s;
+
+-- name: clear_project_changes
+-- At the start of a sweep, in a transaction of its own that commits before the sweep reads
+-- anything: every committed change is seen by the sweep's reads, so the log of it can go (rows
+-- committed later stay for the next pass). If the sweep fails, it is not stamped and the next
+-- pass sweeps again.
+DELETE FROM scheduler_project_changes;
+
+-- name: take_project_changes
+-- A batch of logged projects, deleted in the transaction that handles them (a project logged
+-- again meanwhile waits for this transaction, then is logged anew).
+DELETE FROM scheduler_project_changes c
+WHERE c.project_id IN (SELECT project_id FROM scheduler_project_changes
+                       ORDER BY project_id
+                       LIMIT %(limit)s
+                       FOR UPDATE SKIP LOCKED)
+RETURNING c.project_id;
+
+-- name: cancel_items_of_inactive_projects_in
+-- cancel_items_of_inactive_projects for the given projects only: each project by its key, its
+-- item through the open-item index on project_id = p.id. (Naming the ids on both sides let the
+-- planner scan both lists and join them with a filter, ids × ids probes per batch.)
+UPDATE episode_schedule_queue q
+SET status = 'cancelled',
+    last_error = 'project ' || p.status
+FROM projects p
+WHERE p.id = ANY(%(ids)s::text[])
+  AND p.status <> 'active'
+  AND q.project_id = p.id
+  AND q.status IN ('pending', 'blocked')
+RETURNING q.id, q.project_id;
+
+-- name: clear_next_scheduled_at_of_inactive_projects_in
+UPDATE projects
+SET next_scheduled_at = NULL
+WHERE id = ANY(%(ids)s::text[]) AND status <> 'active' AND next_scheduled_at IS NOT NULL;
+
+-- name: list_stale_pending_items_in
+-- list_stale_pending_items for the given projects only (keep the two in step).
+SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone,
+       (SELECT max(w.scheduled_for) FROM episode_schedule_queue w
+         WHERE w.project_id = q.project_id AND w.delivery = 'scheduled') AS generated_slot
+FROM episode_schedule_queue q
+JOIN projects p ON p.id = q.project_id
+JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
+WHERE q.project_id = ANY(%(ids)s::text[])
+  AND q.status = 'pending'
+  AND q.attempt_count = 0
+  AND p.status = 'active'
+  AND q.metadata ? 'cadence'
+  AND (q.metadata ->> 'manual') IS DISTINCT FROM 'true'
+  AND (q.metadata -> 'cadence' IS DISTINCT FROM p.cadence_config
+       OR q.metadata ->> 'user_timezone' IS DISTINCT FROM u.timezone
+       OR NOT coalesce(q.metadata ->> 'delivery_time'
+                       IN (p.delivery_time::text, to_char(p.delivery_time, 'HH24:MI:SS.US')),
+                       false))
+ORDER BY q.id;
+
+-- name: list_projects_without_open_item_in
+-- list_projects_without_open_item for the given projects only (keep the two in step).
+SELECT p.id, p.organization_id, p.cadence_config, p.delivery_time, u.timezone,
+       (SELECT max(w.scheduled_for) FROM episode_schedule_queue w
+         WHERE w.project_id = p.id AND w.delivery = 'scheduled') AS generated_slot
+FROM projects p
+JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
+WHERE p.id = ANY(%(ids)s::text[])
+  AND p.status = 'active'
+  AND NOT EXISTS (
+      SELECT 1 FROM episode_schedule_queue q
+      WHERE q.project_id = p.id AND q.status IN ('pending', 'processing', 'blocked'))
+ORDER BY p.id;

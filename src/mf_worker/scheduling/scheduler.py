@@ -1,13 +1,28 @@
 """The scheduler: every active project always has exactly one correct open queue item.
 
-One pass (``Scheduler.run_once``) cancels items of paused, archived and deleted projects,
-re-plans waiting items whose project changed its cadence, delivery time or zone, and plans the
-next item of every active project that has none. An item is due at its delivery instant
-(``scheduled_for``) but claimable a lead window before it (``run_after = scheduled_for -
-lead``, ``MF_LEAD_SECONDS``); a slot whose episode was already generated in that window and
-waits to be published is never planned again. Many daemons may run it at once: the unique
-index on open items per project decides, and losing that race is not an error. A project whose
-cadence or zone is invalid gets no item; it is reported once per process and counted.
+A pass cancels items of paused, archived and deleted projects, re-plans waiting items whose
+project changed its cadence, delivery time or zone, and plans the next item of every active
+project that has none. An item is due at its delivery instant (``scheduled_for``) but
+claimable a lead window before it (``run_after = scheduled_for - lead``, ``MF_LEAD_SECONDS``);
+a slot whose episode was already generated in that window and waits to be published is never
+planned again. Its cost follows what changed, not how many projects there are:
+
+* One pass per fleet. A pass holds a PostgreSQL advisory lock (``SCHEDULER_LOCK_KEY``) from
+  start to end, in a transaction that a second pooled connection keeps open (so it holds
+  through a transaction-mode pooler too, and goes with a dead process); a replica that cannot
+  take it skips. The daemon's loop (``tick``) also skips when any replica ran a pass within the
+  interval (``scheduler_state``, on the database's clock), so a fleet of any size plans once
+  per ``MF_SCHEDULER_INTERVAL``.
+* A steady pass reads the change log (``scheduler_project_changes``, kept by the triggers of
+  migration 0009: new projects; changes of status, cadence, delivery time or owner; an owner's
+  zone; an open item that ended without a next one) and handles only those projects, each batch
+  in the transaction that deletes its log rows.
+* A full sweep (the old pass: every project) runs every ``MF_SCHEDULER_SWEEP_INTERVAL`` as a
+  safety net, and whenever ``mf-worker schedule`` is run by hand.
+
+The unique index on open items per project still decides any race (an ``enqueue`` by hand, the
+final write planning the next item), and losing it is not an error. A project whose cadence or
+zone is invalid gets no item; it is reported once per process and counted.
 """
 
 from __future__ import annotations
@@ -30,6 +45,12 @@ from .cadence import CadenceError, next_occurrence, zone_for
 _Q = load_queries(__package__ or "mf_worker.scheduling", "queries.sql")
 
 BATCH_SIZE = 1000
+# The fleet's scheduler lock (pg_try_advisory_lock): any constant unlikely to collide with
+# other software's advisory locks; "mfsched" in ASCII.
+SCHEDULER_LOCK_KEY = 0x6D66_7363_6865_64
+# A paced pass runs when the last one (any replica's) started at least this share of the
+# interval ago: replicas' loops drift, and a strict "one interval" would skip one pass in two.
+PACING_SHARE = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +93,9 @@ class SchedulerResult:
     rescheduled: int = 0
     cancelled: int = 0
     invalid: dict[str, str] = field(default_factory=dict)  # project id → error
+    skipped: bool = False  # another replica holds the lock, or ran this interval's pass
+    swept: bool = False  # this pass was a full sweep of every project
+    examined: int = 0  # projects taken from the change log
 
 
 class Scheduler(PeriodicLoop):
@@ -89,6 +113,7 @@ class Scheduler(PeriodicLoop):
         on_pass: Callable[[int, int], None] | None = None,
         batch_size: int = BATCH_SIZE,
         lead_seconds: float = 0.0,
+        sweep_interval: float = 3600.0,
     ) -> None:
         super().__init__(interval)
         if lead_seconds < 0:
@@ -97,17 +122,103 @@ class Scheduler(PeriodicLoop):
         self._lead_seconds = lead_seconds
         self._clock = clock
         self._batch_size = batch_size
+        self._sweep_interval = sweep_interval
         self._on_invalid = on_invalid
         self._on_pass = on_pass
         self._reported: dict[str, str] = {}
+        # Projects known to be invalid, as of the last pass that looked at them (a sweep looks
+        # at all): what the invalid-projects gauge reports.
+        self._invalid: dict[str, str] = {}
 
-    async def run_once(self, now: datetime | None = None) -> SchedulerResult:
+    async def tick(self) -> SchedulerResult:
+        """The daemon's pass: skipped when any replica ran one within the interval."""
+        return await self.run_once(paced=True)
+
+    async def run_once(
+        self, now: datetime | None = None, *, paced: bool = False, sweep: bool | None = None,
+        wait: bool = False,
+    ) -> SchedulerResult:
+        """One pass, unless another replica holds the fleet's lock (``skipped``; with ``wait``,
+        after that replica's pass ends).
+
+        ``paced``: also skip when a pass ran within the interval. ``sweep``: True forces a full
+        sweep, False forbids one; None sweeps when the last sweep is older than the sweep
+        interval (or in the future of ``now``).
+        """
         now = now or self._clock()
         result = SchedulerResult()
-        async with self._pool.connection() as conn:
-            result.cancelled = await cancel_items_of_unschedulable_projects(conn)
-            result.rescheduled = await self._reschedule_stale(conn, now, result)
-            result.created = await self._plan_missing(conn, now, result)
+        async with self._pool.connection() as lock_conn, lock_conn.transaction():
+            await lock_conn.execute(_Q["hold_fleet_lock_open"])
+            cur = await lock_conn.execute(_Q["wait_for_fleet_lock" if wait else "try_fleet_lock"],
+                                          {"key": SCHEDULER_LOCK_KEY})
+            row = await cur.fetchone()
+            if not (row and row["locked"]):
+                result.skipped = True
+                return result
+            async with self._pool.connection() as conn:
+                if paced:
+                    cur = await conn.execute(
+                        _Q["claim_paced_pass"],
+                        {"min_gap_seconds": self.interval * PACING_SHARE})
+                    if await cur.fetchone() is None:
+                        result.skipped = True
+                        return result
+                if sweep is None:
+                    sweep = await self._sweep_due(conn, now)
+                if sweep:
+                    await self._sweep(conn, now, result)
+                else:
+                    result.cancelled = await cancel_items_of_deleted_projects(conn)
+                await self._handle_changes(conn, now, result)
+        self._report(result)
+        return result
+
+    async def _sweep_due(self, conn: Connection, now: datetime) -> bool:
+        row = await (await conn.execute(_Q["get_last_sweep"])).fetchone()
+        last = row["last_sweep_at"] if row else None
+        return (last is None or last > now
+                or (now - last).total_seconds() >= self._sweep_interval)
+
+    async def _sweep(self, conn: Connection, now: datetime, result: SchedulerResult) -> None:
+        """Every project, as every pass did before the change log: the safety net."""
+        result.swept = True
+        await conn.execute(_Q["clear_project_changes"])
+        result.cancelled = await cancel_items_of_unschedulable_projects(conn)
+        result.rescheduled = await self._reschedule_stale(conn, now, result)
+        result.created = await self._plan_missing(conn, now, result)
+        await conn.execute(_Q["stamp_sweep"], {"now": now})
+
+    async def _handle_changes(self, conn: Connection, now: datetime,
+                              result: SchedulerResult) -> None:
+        """Drain the change log in batches, each in the transaction that deletes its rows."""
+        while True:
+            async with conn.transaction():
+                cur = await conn.execute(_Q["take_project_changes"],
+                                         {"limit": self._batch_size})
+                ids = [r["project_id"] for r in await cur.fetchall()]
+                if not ids:
+                    return
+                result.examined += len(ids)
+                for project_id in ids:
+                    self._invalid.pop(project_id, None)
+                params = {"ids": ids}
+                cur = await conn.execute(_Q["cancel_items_of_inactive_projects_in"], params)
+                result.cancelled += len(await cur.fetchall())
+                await conn.execute(_Q["clear_next_scheduled_at_of_inactive_projects_in"], params)
+                cur = await conn.execute(_Q["list_stale_pending_items_in"], params)
+                stale = _plan_rows(await cur.fetchall(), now, result, key="project_id")
+                if stale:
+                    result.rescheduled += await _reschedule(conn, stale, self._lead_seconds)
+                cur = await conn.execute(_Q["list_projects_without_open_item_in"], params)
+                planned = _plan_rows(await cur.fetchall(), now, result)
+                if planned:
+                    result.created += await _insert_planned(conn, planned, self._lead_seconds)
+
+    def _report(self, result: SchedulerResult) -> None:
+        if result.swept:
+            self._invalid = dict(result.invalid)
+        else:
+            self._invalid.update(result.invalid)
         for project_id, error in result.invalid.items():
             if self._reported.get(project_id) != error:
                 self._log.warning("project_schedule_invalid", project_id=project_id, error=error)
@@ -115,7 +226,7 @@ class Scheduler(PeriodicLoop):
             if self._on_invalid is not None:
                 self._on_invalid(project_id, error)
         if self._on_pass is not None:
-            self._on_pass(result.created, len(result.invalid))
+            self._on_pass(result.created, len(self._invalid))
         if result.created or result.rescheduled or result.cancelled:
             self._log.info(
                 "scheduler_pass",
@@ -123,8 +234,9 @@ class Scheduler(PeriodicLoop):
                 rescheduled=result.rescheduled,
                 cancelled=result.cancelled,
                 invalid=len(result.invalid),
+                examined=result.examined,
+                swept=result.swept,
             )
-        return result
 
     async def _plan_missing(self, conn: Connection, now: datetime, result: SchedulerResult) -> int:
         created, after_id = 0, ""
@@ -153,22 +265,9 @@ class Scheduler(PeriodicLoop):
             if not rows:
                 return moved
             after_id = rows[-1]["id"]
-            planned = [(row, plan) for row, plan in _plan_rows(rows, now, result, key="project_id")]
-            if not planned:
-                continue
-            async with conn.transaction():
-                cur = await conn.execute(
-                    _Q["reschedule_items"],
-                    {
-                        "ids": [row["id"] for row, _ in planned],
-                        "scheduled_for": [p.scheduled_for for _, p in planned],
-                        "metadata": [Jsonb(p.metadata) for _, p in planned],
-                        "lead_seconds": self._lead_seconds,
-                    },
-                )
-                changed = await cur.fetchall()
-                await _cache(conn, changed)
-            moved += len(changed)
+            planned = _plan_rows(rows, now, result, key="project_id")
+            if planned:
+                moved += await _reschedule(conn, planned, self._lead_seconds)
 
 
 def _plan_rows(
@@ -189,6 +288,24 @@ def _plan_rows(
             continue
         planned.append((row, plan))
     return planned
+
+
+async def _reschedule(
+    conn: Connection, planned: list[tuple[dict[str, Any], PlannedItem]], lead_seconds: float
+) -> int:
+    async with conn.transaction():
+        cur = await conn.execute(
+            _Q["reschedule_items"],
+            {
+                "ids": [row["id"] for row, _ in planned],
+                "scheduled_for": [p.scheduled_for for _, p in planned],
+                "metadata": [Jsonb(p.metadata) for _, p in planned],
+                "lead_seconds": lead_seconds,
+            },
+        )
+        changed = await cur.fetchall()
+        await _cache(conn, changed)
+    return len(changed)
 
 
 async def _insert_planned(
@@ -231,6 +348,13 @@ async def cancel_items_of_unschedulable_projects(conn: Connection) -> int:
         cancelled += len(await cur.fetchall())
         await conn.execute(_Q["clear_next_scheduled_at_of_inactive_projects"])
     return cancelled
+
+
+async def cancel_items_of_deleted_projects(conn: Connection) -> int:
+    """Cancel waiting items whose project was deleted (found through the open-item index, so
+    every pass can afford it: a deletion leaves no project row to log)."""
+    cur = await conn.execute(_Q["cancel_items_of_deleted_projects"])
+    return len(await cur.fetchall())
 
 
 async def insert_next_item(
