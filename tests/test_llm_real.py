@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 MODEL = "smollm2-135m-instruct"  # any name: the server serves the one model it loaded
 MAX_TOKENS = 400
+FIXED_DUE = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)  # a Monday, 09:00 in Paris
 SERVER_START_SECONDS = 180
 RUN_SECONDS = 900  # generous: llama-cpp-python's JSON grammar is slow on long replies
 
@@ -126,8 +127,9 @@ def _scenario(conn: Conn, kind: str) -> dict[str, Any]:
             description="Lithium supply chains, battery recycling and refinery permits.",
             memories=Jsonb(["Prefers short bullet points"]),
         )
-        make_note(conn, project, note="More on refinery permits in Europe")
-        make_note(conn, project, note="Which recycling start-ups raised money?")
+        make_note(conn, project, note="More on refinery permits in Europe", id="note_permits")
+        make_note(conn, project, note="Which recycling start-ups raised money?",
+                  id="note_recycling")
     elif kind == "first-episode":
         project = make_project(conn, user, title="Urban farming",
                                description="Vertical farms, policy and local food prices.")
@@ -141,8 +143,11 @@ def _scenario(conn: Conn, kind: str) -> dict[str, Any]:
             "INSERT INTO blocks (id, episode_id, organization_id, content, position) "
             "VALUES ('blk_seed_1', %s, %s, 'Rates fell for the fifth week in a row.', 0)",
             [earlier["id"], org["id"]])
-        make_note(conn, project, note="Explain ammonia as a ship fuel")
-    item = make_queue_item(conn, project, scheduled_for=datetime.now(UTC) - timedelta(minutes=1))
+        make_note(conn, project, note="Explain ammonia as a ship fuel", id="note_ammonia")
+    # A fixed instant and fixed note ids: everything the prompt holds is the same on every run,
+    # so at temperature 0 the reply is too (fresh ids and today's date made a 135M model's
+    # reply differ from run to run, and now and then run past max_tokens).
+    item = make_queue_item(conn, project, scheduled_for=FIXED_DUE)
     return {"org": org, "project": project, "item": item}
 
 
