@@ -165,3 +165,22 @@ def test_connections_racing_for_one_key_are_granted_exactly_what_it_holds(
     grants = asyncio.run(main())
     assert len(grants) == 15 * connections
     assert grants.count(True) == 19
+
+
+def test_a_limit_the_provider_states_in_its_429_paces_a_fleet_that_configured_none(
+    db_url: str,
+) -> None:
+    unknown = Limits()
+
+    async def body(conn: Connection) -> list[Any]:
+        before = [await acquire(conn, KEY, limits=unknown, now=T0) for _ in range(30)]
+        await cool_down(conn, KEY, seconds=1, reason="rate_limited",
+                        stated=Limits(requests_per_minute=120), now=T0)
+        after = [await acquire(conn, KEY, limits=unknown, now=at(2)) for _ in range(4)]
+        return [before, after]
+
+    before, after = run(db_url, body)
+    assert all(g.granted for g in before)  # nothing known: only 429s can hold the fleet
+    # Learned: 120 a minute paced at 95 % = 1.9 a second, refilling from empty at the reset.
+    assert [g.granted for g in after] == [True, False, False, False]
+    assert after[1].wait_seconds == pytest.approx((1 - 0.9) / 1.9)

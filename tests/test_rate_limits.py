@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -172,6 +173,11 @@ def test_the_openai_generator_raises_a_clamped_rate_limit_on_429(
     assert type(error) is RateLimitedError
     assert error.retry_after == pytest.approx(expected)
     assert str(error).startswith("LLM server rate limit (HTTP 429: Rate limit reached")
+    # The limit the provider states travels with the error (and survives pickling).
+    assert (error.requests_per_minute, error.tokens_per_minute) == (1.0, None)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), copy.retry_after, copy.requests_per_minute) == (
+        RateLimitedError, error.retry_after, 1.0)
 
 
 def test_the_openai_generator_raises_quota_exhausted_on_insufficient_quota() -> None:

@@ -66,25 +66,12 @@ class Limits:
         return _paced(self.tokens_per_minute)
 
     @property
-    def request_capacity(self) -> float:
-        return _capacity(self.requests_per_second)
-
-    @property
-    def token_capacity(self) -> float:
-        return _capacity(self.tokens_per_second)
-
-    @property
     def configured(self) -> bool:
         return self.requests_per_minute is not None or self.tokens_per_minute is not None
 
 
 def _paced(per_minute: float | None) -> float | None:
     return None if per_minute is None or per_minute <= 0 else per_minute * PACE / 60.0
-
-
-def _capacity(per_second: float | None) -> float:
-    # At least one whole request (or token): a tiny limit still admits a call at a time.
-    return 0.0 if per_second is None else max(per_second * BURST_SECONDS, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +113,10 @@ class KeyState:
 
 
 def _params(key: str, limits: Limits, now: datetime | None) -> dict[str, Any]:
+    # A bucket holds BURST_SECONDS of its rate, and at least one whole request (or token), so
+    # a tiny limit still admits a call at a time.
     return {"key": key, "now": now, "rps": limits.requests_per_second,
-            "tps": limits.tokens_per_second, "request_capacity": limits.request_capacity,
-            "token_capacity": limits.token_capacity}
+            "tps": limits.tokens_per_second, "burst": BURST_SECONDS}
 
 
 async def acquire(
@@ -164,13 +152,18 @@ async def correct(
 
 async def cool_down(
     conn: Connection, key: str, *, seconds: float, reason: CoolDownReason,
-    now: datetime | None = None,
+    stated: Limits | None = None, now: datetime | None = None,
 ) -> CoolDown:
     """Hold every worker's new calls under ``key`` for ``seconds`` (a longer hold already set
-    stays), and restart its buckets empty when the hold ends."""
+    stays), and restart its buckets empty when the hold ends. ``stated`` is what the provider
+    said its limits are (``x-ratelimit-limit-*``): it becomes the key's pace where no rate is
+    known yet."""
     if reason not in ("rate_limited", "quota_exhausted"):
         raise ValueError(f"cool_down: unknown reason {reason!r}")
-    params = {"key": key, "now": now, "seconds": max(seconds, 0.0), "reason": reason}
+    stated = stated or Limits()
+    params = {"key": key, "now": now, "seconds": max(seconds, 0.0), "reason": reason,
+              "learned_rps": stated.requests_per_second,
+              "learned_tps": stated.tokens_per_second}
     for _ in range(2):
         cur = await conn.execute(_Q["cool_down"], params)
         row = await cur.fetchone()

@@ -10,46 +10,50 @@ VALUES (%(key)s, coalesce(%(now)s::timestamptz, clock_timestamp()))
 ON CONFLICT (limit_key) DO NOTHING;
 
 -- name: acquire
--- Refill the buckets up to now (never above their capacity), then take `requests` and `tokens`
--- if the key is not cooling down and both buckets hold what is asked (an amount above a
--- bucket's capacity needs a full bucket and leaves it in debt, which the refill pays off, so
--- the average rate holds even for calls bigger than the burst). Returns whether it was
--- granted and, if not, how long until it would be.
+-- Refill the buckets up to now (never above their capacity, `burst` seconds of the rate), then
+-- take `requests` and `tokens` if the key is not cooling down and both buckets hold what is
+-- asked (an amount above a bucket's capacity needs a full bucket and leaves it in debt, which
+-- the refill pays off, so the average rate holds even for calls bigger than the burst).
+-- The rate is the configured one (`rps`, `tps`, already paced) or else the one the provider
+-- told us in its last 429 (stored by cool_down); none means no bucket on that dimension.
+-- Returns whether it was granted and, if not, how long until it would be.
 WITH p AS (
     SELECT coalesce(%(now)s::timestamptz, clock_timestamp()) AS now,
-           %(rps)s::float8 AS rps, %(tps)s::float8 AS tps,
-           %(request_capacity)s::float8 AS rcap, %(token_capacity)s::float8 AS tcap,
+           %(rps)s::float8 AS rps, %(tps)s::float8 AS tps, %(burst)s::float8 AS burst,
            %(requests)s::float8 AS want_r, %(tokens)s::float8 AS want_t
 ), cur AS (
     SELECT l.limit_key, l.request_level, l.token_level, l.refilled_at, l.cooldown_until,
            l.cooldown_reason,
+           coalesce(p.rps, l.requests_per_second) AS rps,
+           coalesce(p.tps, l.tokens_per_second) AS tps,
            greatest(extract(epoch FROM (p.now - l.refilled_at))::float8, 0) AS elapsed
     FROM public.provider_limits AS l, p
     WHERE l.limit_key = %(key)s
     FOR UPDATE OF l
-), level AS (
-    SELECT cur.*,
-           CASE WHEN p.rps IS NULL THEN NULL
-                ELSE least(p.rcap, coalesce(cur.request_level + p.rps * cur.elapsed, p.rcap))
-           END AS requests,
-           CASE WHEN p.tps IS NULL THEN NULL
-                ELSE least(p.tcap, coalesce(cur.token_level + p.tps * cur.elapsed, p.tcap))
-           END AS tokens,
-           greatest(extract(epoch FROM (cur.cooldown_until - p.now))::float8, 0) AS cooling
+), cap AS (
+    SELECT cur.*, greatest(cur.rps * p.burst, 1) AS rcap, greatest(cur.tps * p.burst, 1) AS tcap
     FROM cur, p
+), level AS (
+    SELECT cap.*,
+           least(cap.rcap, coalesce(cap.request_level + cap.rps * cap.elapsed, cap.rcap))
+               AS requests,
+           least(cap.tcap, coalesce(cap.token_level + cap.tps * cap.elapsed, cap.tcap))
+               AS tokens,
+           greatest(extract(epoch FROM (cap.cooldown_until - p.now))::float8, 0) AS cooling
+    FROM cap, p
 ), d AS (
     SELECT level.*,
            coalesce(level.cooling, 0) = 0
-           AND (level.requests IS NULL OR level.requests >= least(p.want_r, p.rcap))
-           AND (level.tokens IS NULL OR level.tokens >= least(p.want_t, p.tcap)) AS granted
+           AND (level.requests IS NULL OR level.requests >= least(p.want_r, level.rcap))
+           AND (level.tokens IS NULL OR level.tokens >= least(p.want_t, level.tcap)) AS granted
     FROM level, p
 )
 UPDATE public.provider_limits AS l
 SET request_level       = CASE WHEN d.granted THEN d.requests - p.want_r ELSE d.requests END,
     token_level         = CASE WHEN d.granted THEN d.tokens - p.want_t ELSE d.tokens END,
     refilled_at         = greatest(l.refilled_at, p.now),
-    requests_per_second = p.rps,
-    tokens_per_second   = p.tps,
+    requests_per_second = d.rps,
+    tokens_per_second   = d.tps,
     cooldown_until      = CASE WHEN coalesce(d.cooling, 0) = 0 THEN NULL
                                ELSE l.cooldown_until END,
     cooldown_reason     = CASE WHEN coalesce(d.cooling, 0) = 0 THEN NULL
@@ -60,8 +64,8 @@ WHERE l.limit_key = d.limit_key
 RETURNING d.granted,
           CASE WHEN d.granted THEN 0::float8
                ELSE greatest(d.cooling,
-                             (least(p.want_r, p.rcap) - d.requests) / p.rps,
-                             (least(p.want_t, p.tcap) - d.tokens) / p.tps, 0.001)
+                             (least(p.want_r, d.rcap) - d.requests) / d.rps,
+                             (least(p.want_t, d.tcap) - d.tokens) / d.tps, 0.001)
           END AS wait_seconds,
           CASE WHEN d.cooling > 0 THEN d.cooldown_reason END AS cooling_for,
           l.request_level, l.token_level;
@@ -73,10 +77,12 @@ RETURNING d.granted,
 UPDATE public.provider_limits AS l
 SET request_level = CASE WHEN l.request_level IS NULL THEN NULL
                          ELSE least(l.request_level + %(requests)s::float8,
-                                    %(request_capacity)s::float8) END,
+                                    greatest(l.requests_per_second * %(burst)s::float8, 1))
+                    END,
     token_level   = CASE WHEN l.token_level IS NULL THEN NULL
                          ELSE least(l.token_level + %(tokens)s::float8,
-                                    %(token_capacity)s::float8) END,
+                                    greatest(l.tokens_per_second * %(burst)s::float8, 1))
+                    END,
     updated_at    = coalesce(%(now)s::timestamptz, clock_timestamp())
 WHERE l.limit_key = %(key)s
 RETURNING l.request_level, l.token_level;
@@ -84,12 +90,15 @@ RETURNING l.request_level, l.token_level;
 -- name: cool_down
 -- The provider refused a call (429) or the quota is exhausted: hold every worker's new calls
 -- under the key until `seconds` from now (a later hold already set wins), and empty both
--- buckets from then on, since the provider's own window is full. An exhausted quota outranks a
+-- buckets from then on, since the provider's own window is full. A rate the provider stated
+-- (x-ratelimit-limit-*, paced) becomes the key's rate where none is configured or known, so a
+-- fleet without configured limits paces itself after the first 429. An exhausted quota outranks a
 -- rate limit while it lasts. `started` says whether this statement began the hold of this
 -- reason (so the first worker to see an exhausted quota notifies, not all of them).
 WITH p AS (
     SELECT coalesce(%(now)s::timestamptz, clock_timestamp()) AS now,
-           %(seconds)s::float8 AS seconds, %(reason)s::text AS reason
+           %(seconds)s::float8 AS seconds, %(reason)s::text AS reason,
+           %(learned_rps)s::float8 AS learned_rps, %(learned_tps)s::float8 AS learned_tps
 ), cur AS (
     SELECT l.limit_key, l.cooldown_until, l.cooldown_reason
     FROM public.provider_limits AS l
@@ -108,10 +117,10 @@ UPDATE public.provider_limits AS l
 SET cooldown_until     = greatest(CASE WHEN l.cooldown_until > p.now THEN l.cooldown_until END,
                                   d.until),
     cooldown_reason    = d.reason,
-    request_level      = CASE WHEN l.request_level IS NULL AND l.requests_per_second IS NULL
-                              THEN NULL ELSE least(coalesce(l.request_level, 0), 0) END,
-    token_level        = CASE WHEN l.token_level IS NULL AND l.tokens_per_second IS NULL
-                              THEN NULL ELSE least(coalesce(l.token_level, 0), 0) END,
+    requests_per_second = coalesce(l.requests_per_second, p.learned_rps),
+    tokens_per_second  = coalesce(l.tokens_per_second, p.learned_tps),
+    request_level      = least(coalesce(l.request_level, 0), 0),
+    token_level        = least(coalesce(l.token_level, 0), 0),
     refilled_at        = greatest(l.refilled_at, d.until),
     rate_limited_count = l.rate_limited_count + (p.reason = 'rate_limited')::int,
     quota_pauses       = l.quota_pauses

@@ -287,9 +287,32 @@ class RateLimitedError(RetryableGenerationError):
     """
 
     retry_after: float
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, *,
+        requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
+    ) -> None:
         super().__init__(message, _clamp_rate_limit(retry_after))
+        # What the provider says its limits are (OpenAI: x-ratelimit-limit-requests/-tokens),
+        # if it says: a fleet with no configured limits paces itself by them.
+        self.requests_per_minute = _positive(requests_per_minute)
+        self.tokens_per_minute = _positive(tokens_per_minute)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_rate_limited, (type(self), str(self), self.retry_after,
+                                        self.requests_per_minute, self.tokens_per_minute))
+
+
+def _rebuild_rate_limited(cls: type[RateLimitedError], message: str, retry_after: float,
+                          requests: float | None, tokens: float | None) -> RateLimitedError:
+    return cls(message, retry_after, requests_per_minute=requests, tokens_per_minute=tokens)
+
+
+def _positive(value: float | None) -> float | None:
+    delay = _clean_delay(value)
+    return delay if delay else None
 
 
 def _clamp_rate_limit(value: float | None) -> float:

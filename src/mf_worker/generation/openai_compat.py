@@ -516,7 +516,9 @@ class OpenAICompatibleGenerator:
             raise QuotaExhaustedError(f"LLM provider quota exhausted ({what})")
         if status == 429:
             raise RateLimitedError(
-                f"LLM server rate limit ({what})", retry_after=rate_limit_delay(response.headers)
+                f"LLM server rate limit ({what})", retry_after=rate_limit_delay(response.headers),
+                requests_per_minute=_stated_limit(response.headers, "requests"),
+                tokens_per_minute=_stated_limit(response.headers, "tokens"),
             )
         if status >= 500 or status in _RETRYABLE_4XX:
             raise RetryableGenerationError(
@@ -683,6 +685,16 @@ def rate_limit_delay(
                  if (headers.get(f"x-ratelimit-remaining-{n}") or "").strip() == "0"]
     candidates = exhausted or list(resets.values())
     return max(candidates) if candidates else None
+
+
+def _stated_limit(headers: Mapping[str, str], name: str) -> float | None:
+    """``x-ratelimit-limit-requests`` / ``-tokens``: the provider's own per-minute limit."""
+    raw = (headers.get(f"x-ratelimit-limit-{name}") or "").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _quota_exhausted(response: httpx.Response) -> bool:
