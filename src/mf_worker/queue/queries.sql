@@ -15,19 +15,40 @@
 -- the database's clock by default, so hosts with skewed clocks still agree.
 
 -- name: claim_due_items
--- Batched: one short transaction claims up to `limit` due items, earliest deadline first
--- (scheduled_for: the delivery instant; items become due a lead window before it, so a burst
--- is spread over the window and the items closest to their instant go first), skipping
--- rows other workers have locked. Each claim draws a new claim token. attempt_count counts
--- generator calls (a release gives the attempt back).
-WITH due AS (
-    SELECT id
-    FROM episode_schedule_queue
-    WHERE status = 'pending'
-      AND run_after <= coalesce(%(now)s, now())
-    ORDER BY scheduled_for, run_after, id
+-- Batched: one short transaction claims up to `limit` due items, skipping rows other workers
+-- have locked. Fair across organisations: each organisation's due items are numbered in
+-- run_after order (its "turn"), and items are taken by turn, then run_after, so every
+-- organisation's earliest item comes before any organisation's second, and one
+-- organisation's backlog cannot starve the rest. Per organisation at most `limit` items are
+-- looked at (an index range scan that stops at the first item not yet due), and at most
+-- `org_max_in_flight` minus those it already has processing (NULL: no cap; concurrent claims
+-- may overshoot the cap by what they take at the same instant). Each claim draws a new claim
+-- token. attempt_count counts generator calls (a release gives the attempt back).
+WITH candidates AS (
+    SELECT c.id, c.turn, c.run_after
+    FROM public.organizations AS o
+    CROSS JOIN LATERAL (
+        SELECT q.id, q.run_after, row_number() OVER (ORDER BY q.run_after, q.id) AS turn
+        FROM public.episode_schedule_queue AS q
+        WHERE q.organization_id = o.id
+          AND q.status = 'pending'
+          AND q.run_after <= coalesce(%(now)s, now())
+        ORDER BY q.run_after, q.id
+        LIMIT CASE WHEN %(org_max_in_flight)s::int IS NULL THEN %(limit)s
+                   ELSE greatest(least(%(limit)s, %(org_max_in_flight)s::int - (
+                            SELECT count(*) FROM public.episode_schedule_queue AS busy
+                            WHERE busy.organization_id = o.id
+                              AND busy.status = 'processing')), 0) END
+    ) AS c
+), due AS (
+    SELECT q.id
+    FROM candidates AS c
+    JOIN public.episode_schedule_queue AS q ON q.id = c.id
+    WHERE q.status = 'pending'
+      AND q.run_after <= coalesce(%(now)s, now())
+    ORDER BY c.turn, c.run_after, c.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
 )
 UPDATE episode_schedule_queue AS q
 SET status           = 'processing',

@@ -65,12 +65,15 @@ class ReapedItem:
 
 async def claim_due_items(
     conn: Connection, *, worker: str, limit: int, lease_seconds: float,
-    now: datetime | None = None,
+    now: datetime | None = None, org_max_in_flight: int | None = None,
 ) -> list[ClaimedItem]:
-    """Claim up to ``limit`` due pending items for ``worker`` in one short transaction."""
+    """Claim up to ``limit`` due pending items for ``worker`` in one short transaction, fairly
+    across organisations (each one's earliest before anyone's second), with at most
+    ``org_max_in_flight`` of one organisation's items processing (None: no cap)."""
     cur = await conn.execute(
         _Q["claim_due_items"],
-        {"worker": worker, "limit": limit, "lease_seconds": lease_seconds, "now": now},
+        {"worker": worker, "limit": limit, "lease_seconds": lease_seconds, "now": now,
+         "org_max_in_flight": org_max_in_flight},
     )
     return [ClaimedItem.from_row(r) for r in await cur.fetchall()]
 

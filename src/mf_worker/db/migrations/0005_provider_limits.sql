@@ -45,3 +45,8 @@ ALTER TABLE episode_schedule_queue
     ADD COLUMN lost_count     integer NOT NULL DEFAULT 0 CHECK (lost_count >= 0),
     ADD COLUMN deferred_reason text
         CHECK (deferred_reason IN ('rate_limited', 'quota_exhausted', 'transient'));
+
+-- Serves the fair claim: each organisation's due pending items in run_after order (a range
+-- scan per organisation that stops at its first item not yet due).
+CREATE INDEX episode_schedule_queue_org_due_pending
+    ON episode_schedule_queue (organization_id, run_after, id) WHERE status = 'pending';
