@@ -146,6 +146,11 @@ def report(url: str, args: argparse.Namespace, labels: dict[str, str], provider:
         firsts = {r["organization_id"]: r["t"] for r in conn.execute(
             "SELECT organization_id, min(completed_at) AS t FROM episode_schedule_queue"
             " WHERE status = 'completed' GROUP BY organization_id")}
+        put_back = {r["organization_id"]: r for r in conn.execute(
+            "SELECT organization_id, sum(deferred_count) AS deferred,"
+            " sum(retry_count) AS retried, min(picked_up_at) AS first_pick"
+            " FROM episode_schedule_queue WHERE scheduled_for <= now()"
+            " GROUP BY organization_id")}
         errors = conn.execute(
             "SELECT left(last_error, 60) AS last_error, count(*) AS n"
             " FROM episode_schedule_queue WHERE status = 'failed'"
@@ -176,7 +181,12 @@ def report(url: str, args: argparse.Namespace, labels: dict[str, str], provider:
         at = (first - first_due).total_seconds()
         share = at / drain if drain and drain == drain else float("nan")
         target = " (target ≤ 20 %)" if label != "big" else ""
-        print(f"  {label:8} first episode at {at:6.1f} s = {share:.0%} of the drain{target}")
+        back = put_back.get(org_id)
+        extra = "" if back is None else (
+            f"; first picked up at {(back['first_pick'] - first_due).total_seconds():.1f} s,"
+            f" {back['deferred']} deferrals, {back['retried']} transient retries")
+        print(f"  {label:8} first episode at {at:6.1f} s = {share:.0%} of the drain{target}"
+              + extra)
 
 
 def main() -> None:

@@ -82,3 +82,16 @@ def test_org_max_in_flight_caps_one_organisations_processing_items(
                " locked_by = NULL, lease_expires_at = NULL WHERE id = %s", [first[0].id])
     again = claim(db_url, 10, worker="w2", org_cap=3)
     assert [i.organization_id for i in again] == [big]
+
+
+def test_an_organisation_with_items_processing_waits_its_turn_behind_those_without(
+    db_url: str, db: Conn
+) -> None:
+    """Claims one at a time (a paced fleet): the big organisation's earlier items do not win
+    every claim once it has one processing; the small ones' first items come next."""
+    big = org_with_items(db, 10, NOW - timedelta(minutes=1), "big")
+    small = [org_with_items(db, 2, NOW - timedelta(seconds=1), f"small{i}") for i in range(2)]
+    taken = [claim(db_url, 1, worker=f"w{n}")[0].organization_id for n in range(4)]
+    assert taken[0] == big
+    assert sorted(taken[1:3]) == sorted(small)
+    assert taken[3] == big

@@ -4,6 +4,7 @@ Workers pace their calls through per-key token buckets in PostgreSQL, share a co
 429 or an exhausted quota, and adapt how many calls they keep in flight per key.
 """
 
+from .control import INITIAL_WINDOW, FlowControl, FlowEvent
 from .limiter import (
     BURST_SECONDS,
     PACE,
@@ -19,8 +20,11 @@ from .limiter import (
 
 __all__ = [
     "BURST_SECONDS",
+    "INITIAL_WINDOW",
     "PACE",
     "CoolDown",
+    "FlowControl",
+    "FlowEvent",
     "Grant",
     "KeyState",
     "Limits",

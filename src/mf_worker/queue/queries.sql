@@ -16,29 +16,34 @@
 
 -- name: claim_due_items
 -- Batched: one short transaction claims up to `limit` due items, skipping rows other workers
--- have locked. Fair across organisations: each organisation's due items are numbered in
--- run_after order (its "turn"), and items are taken by turn, then run_after, so every
--- organisation's earliest item comes before any organisation's second, and one
--- organisation's backlog cannot starve the rest. Per organisation at most `limit` items are
--- looked at (an index range scan that stops at the first item not yet due), and at most
--- `org_max_in_flight` minus those it already has processing (NULL: no cap; concurrent claims
--- may overshoot the cap by what they take at the same instant). Each claim draws a new claim
--- token. attempt_count counts generator calls (a release gives the attempt back).
+-- have locked. Fair across organisations: an organisation's due items take turns after the
+-- items it already has processing (its first due item's turn is its processing count + 1),
+-- and items are taken by turn, then by the time they were due (scheduled_for, so an item put
+-- back by a rate limit keeps its place in line), so every organisation's earliest item comes
+-- before any organisation's second, and one organisation's backlog cannot starve the rest
+-- however many claims it takes. (Items already completed do not count toward a turn.) Per
+-- organisation at most `limit` due items are looked at (an index range scan that stops at
+-- the first item not yet due), and at most `org_max_in_flight` minus those it has
+-- processing (NULL: no cap; concurrent claims may overshoot the cap by what they take at the
+-- same instant). Each claim draws a new claim token. attempt_count counts generator calls (a
+-- release gives the attempt back).
 WITH candidates AS (
-    SELECT c.id, c.turn, c.run_after
+    SELECT c.id, b.busy + c.rank AS turn, c.scheduled_for
     FROM public.organizations AS o
     CROSS JOIN LATERAL (
-        SELECT q.id, q.run_after, row_number() OVER (ORDER BY q.run_after, q.id) AS turn
+        SELECT count(*) AS busy FROM public.episode_schedule_queue AS p
+        WHERE p.organization_id = o.id AND p.status = 'processing'
+    ) AS b
+    CROSS JOIN LATERAL (
+        SELECT q.id, q.scheduled_for,
+               row_number() OVER (ORDER BY q.scheduled_for, q.run_after, q.id) AS rank
         FROM public.episode_schedule_queue AS q
         WHERE q.organization_id = o.id
           AND q.status = 'pending'
           AND q.run_after <= coalesce(%(now)s, now())
         ORDER BY q.run_after, q.id
         LIMIT CASE WHEN %(org_max_in_flight)s::int IS NULL THEN %(limit)s
-                   ELSE greatest(least(%(limit)s, %(org_max_in_flight)s::int - (
-                            SELECT count(*) FROM public.episode_schedule_queue AS busy
-                            WHERE busy.organization_id = o.id
-                              AND busy.status = 'processing')), 0) END
+                   ELSE greatest(least(%(limit)s, %(org_max_in_flight)s::int - b.busy), 0) END
     ) AS c
 ), due AS (
     SELECT q.id
@@ -46,7 +51,7 @@ WITH candidates AS (
     JOIN public.episode_schedule_queue AS q ON q.id = c.id
     WHERE q.status = 'pending'
       AND q.run_after <= coalesce(%(now)s, now())
-    ORDER BY c.turn, c.run_after, c.id
+    ORDER BY c.turn, c.scheduled_for, c.id
     LIMIT %(limit)s
     FOR UPDATE OF q SKIP LOCKED
 )
@@ -232,3 +237,63 @@ WHERE id IN (
 -- name: next_due_at
 -- When the earliest pending item becomes due, so an idle worker can sleep exactly until then.
 SELECT min(run_after) AS due_at FROM episode_schedule_queue WHERE status = 'pending';
+
+-- name: defer_item
+-- A call that must not fail the item: a rate limit or an exhausted quota (the provider's
+-- wait; the attempt is given back and the reservation released unbooked, since the provider
+-- refused the call and billed nothing), or a transient failure (timeout, 5xx, dropped
+-- connection; the backoff; the attempt stays counted and the reservation is booked as an
+-- estimate by the queue's trigger, as the call may have run; MF_MAX_ATTEMPTS does not bound
+-- these: time does). Back to pending
+-- after the delay, counted by kind (retry_count for transient failures, deferred_count for
+-- the rest). The backoff of a transient failure is
+-- 1 s · 2^retry_count capped at `cap_seconds`, times the caller's `jitter`, or the provider's
+-- `retry_after` if longer (engine/backoff.py holds the rule and draws the jitter); its retry
+-- must come before the deadline (picked_up_at + deadline_seconds) and before the project's
+-- next occurrence (`not_after`), else the item fails with its error. Returns the status it
+-- ended in and the delay. Fenced like every transition out of 'processing'.
+WITH p AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now, %(reason)s::text AS reason
+), d AS (
+    SELECT q.id,
+           CASE WHEN p.reason = 'transient'
+                THEN greatest(least(%(base_seconds)s::float8 * power(2::float8,
+                                        least(q.retry_count, 30)), %(cap_seconds)s::float8)
+                              * %(jitter)s::float8,
+                              coalesce(%(retry_after)s::float8, 0))
+                ELSE coalesce(%(retry_after)s::float8, 0) END AS delay_seconds,
+           q.picked_up_at
+    FROM public.episode_schedule_queue AS q, p
+    WHERE q.id = %(id)s
+), v AS (
+    SELECT d.id, d.delay_seconds,
+           p.reason = 'transient'
+           AND p.now + make_interval(secs => d.delay_seconds) > least(
+               coalesce(d.picked_up_at, p.now) + make_interval(secs => %(deadline_seconds)s),
+               coalesce(%(not_after)s::timestamptz, 'infinity'::timestamptz)) AS give_up
+    FROM d, p
+)
+UPDATE public.episode_schedule_queue AS q
+SET status           = CASE WHEN v.give_up THEN 'failed' ELSE 'pending' END,
+    attempt_count    = CASE WHEN v.give_up OR p.reason = 'transient' THEN q.attempt_count
+                            ELSE greatest(q.attempt_count - 1, 0) END,
+    reserved_cost_gbp = CASE WHEN p.reason = 'transient' AND NOT %(settled)s
+                             THEN q.reserved_cost_gbp END,
+    run_after        = CASE WHEN v.give_up THEN q.run_after
+                            ELSE p.now + make_interval(secs => v.delay_seconds) END,
+    retry_count      = q.retry_count + (p.reason = 'transient')::int,
+    deferred_count   = q.deferred_count + (p.reason <> 'transient')::int,
+    deferred_reason  = CASE WHEN v.give_up THEN NULL ELSE p.reason END,
+    last_error       = CASE WHEN v.give_up
+                            THEN left(format('gave up after %%s transient failures '
+                                             '(MF_RETRY_DEADLINE or the project''s next '
+                                             'episode reached): %%s',
+                                             q.retry_count + 1, %(error)s::text), 2000)
+                            ELSE %(error)s END,
+    locked_by        = NULL,
+    lease_expires_at = NULL
+FROM v, p
+WHERE q.id = v.id
+  AND q.claim_token = %(token)s
+  AND q.status = 'processing'
+RETURNING q.status, v.delay_seconds, q.retry_count, q.last_error;
