@@ -39,7 +39,7 @@ from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier, ProviderPaused, notify_provider_paused
 from ..db import Connection, Pool
 from ..errors import InvalidItemError, describe_error
-from ..flow import FlowControl, Limits
+from ..flow import FlowControl, KeyCoolingDown, Limits
 from ..generation import (
     GenerationResult,
     Generator,
@@ -408,7 +408,18 @@ class Worker:
         if self.flow.enabled:
             estimate = estimate_max_usage(self.generator, prepared.request)
             charged = estimate.total_tokens if estimate is not None else 0
-            report.flow_wait_seconds = await self.flow.take_tokens(charged)
+            try:
+                report.flow_wait_seconds = await self.flow.take_tokens(charged)
+            except KeyCoolingDown as held:
+                # No call was made: the request goes back, and so does the item, for when
+                # the key's hold ends (no attempt used, no feedback: nothing new was learned).
+                await self._give_back_flow(entry)
+                reason = (FailureReason.QUOTA_EXHAUSTED if held.reason == "quota_exhausted"
+                          else FailureReason.RATE_LIMITED)
+                await self._defer(entry, prepared,
+                                  _Failure(reason, str(held), True, held.seconds), str(held),
+                                  report, feedback=False)
+                return
         entry.phase = "generating"
         report.reserved_gbp = prepared.reserved_gbp
         self._log.debug("generation_started", episode_id=prepared.episode_id)
@@ -497,7 +508,7 @@ class Worker:
 
     async def _defer(
         self, entry: InFlight, prepared: Prepared | None, failure: _Failure, message: str,
-        report: AttemptReport,
+        report: AttemptReport, *, feedback: bool = True,
     ) -> None:
         """A call that does not use up an attempt. A rate limit holds the fleet's calls under
         the key until the provider's reset and puts the item back for then; an exhausted quota
@@ -508,8 +519,11 @@ class Worker:
         kind = "transient"
         if failure.reason is FailureReason.RATE_LIMITED:
             kind = "rate_limited"
-            await self._flow_feedback(self.flow.rate_limited(retry_after or 1.0,
-                                                             failure.stated or Limits()))
+            if feedback:
+                await self._flow_feedback(self.flow.rate_limited(retry_after or 1.0,
+                                                                 failure.stated or Limits()))
+        elif failure.reason is FailureReason.QUOTA_EXHAUSTED and not feedback:
+            kind = "quota_exhausted"
         elif failure.reason is FailureReason.QUOTA_EXHAUSTED:
             kind = "quota_exhausted"
             hold = await self._flow_feedback(self.flow.quota_exhausted(retry_after or 600.0))

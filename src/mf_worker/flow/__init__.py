@@ -4,7 +4,7 @@ Workers pace their calls through per-key token buckets in PostgreSQL, share a co
 429 or an exhausted quota, and adapt how many calls they keep in flight per key.
 """
 
-from .control import INITIAL_WINDOW, FlowControl, FlowEvent
+from .control import INITIAL_WINDOW, FlowControl, FlowEvent, KeyCoolingDown
 from .limiter import (
     BURST_SECONDS,
     PACE,
@@ -26,6 +26,7 @@ __all__ = [
     "FlowControl",
     "FlowEvent",
     "Grant",
+    "KeyCoolingDown",
     "KeyState",
     "Limits",
     "acquire",

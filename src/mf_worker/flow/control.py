@@ -27,13 +27,24 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..db import Pool
+from ..errors import MfWorkerError
 from . import limiter
 from .limiter import CoolDown, Limits
 
-__all__ = ["INITIAL_WINDOW", "FlowControl", "FlowEvent"]
+__all__ = ["INITIAL_WINDOW", "FlowControl", "FlowEvent", "KeyCoolingDown"]
 
 INITIAL_WINDOW: Final = 4
 MAX_TOKEN_WAIT_SECONDS: Final = 30.0  # one sleep's most; the loop re-asks after it
+
+
+class KeyCoolingDown(MfWorkerError):
+    """The limit key is held for longer than an item should wait holding its claim (an
+    exhausted quota, a long reset): the item goes back to the queue without calling."""
+
+    def __init__(self, reason: str, seconds: float) -> None:
+        super().__init__(f"calls to the provider are paused for {seconds:.0f} s ({reason})")
+        self.reason = reason
+        self.seconds = seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +118,8 @@ class FlowControl:
 
     async def take_tokens(self, tokens: int) -> float:
         """Before the call: take its worst-case tokens, sleeping until the bucket holds them.
-        Returns the seconds waited."""
+        Returns the seconds waited. Raises `KeyCoolingDown` when the key is held for longer
+        than `MAX_TOKEN_WAIT_SECONDS` (the item should go back to the queue instead)."""
         if self.key is None or tokens <= 0:
             return 0.0
         waited = 0.0
@@ -119,6 +131,8 @@ class FlowControl:
                 if waited:
                     self._emit(FlowEvent("wait", self.key, seconds=waited))
                 return waited
+            if grant.cooling_for is not None and grant.wait_seconds > MAX_TOKEN_WAIT_SECONDS:
+                raise KeyCoolingDown(grant.cooling_for, grant.wait_seconds)
             pause = min(grant.wait_seconds, MAX_TOKEN_WAIT_SECONDS)
             waited += pause
             await asyncio.sleep(pause)
