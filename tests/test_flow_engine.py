@@ -125,3 +125,36 @@ def test_an_exhausted_quota_pauses_the_key_says_so_once_and_the_item_waits(
             if '"provider_quota_exhausted"' in line]
     assert len(said) == 1 and said[0]["limit_key"].endswith(f"#{MODEL}")
     assert statuses(db) == {"pending": 2}
+
+
+def test_status_shows_items_waiting_on_the_provider_and_the_keys_on_hold(
+    db_url: str, db: Conn
+) -> None:
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from mf_worker.db import connect
+    from mf_worker.flow import cool_down
+    from mf_worker.status import read_snapshot, render_snapshot
+
+    from .conftest import settings_for
+
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    for reason in ("rate_limited", "rate_limited", "quota_exhausted"):
+        make_queue_item(db, make_tenant(db)["project"], run_after=later,
+                        deferred_reason=reason)
+
+    async def snapshot() -> str:
+        conn = await connect(settings_for(db_url))
+        async with conn:
+            await cool_down(conn, "openai:http://llm/v1#m", seconds=600,
+                            reason="quota_exhausted")
+            return render_snapshot(await read_snapshot(conn, default_limit_gbp=Decimal(50)))
+
+    text = asyncio.run(snapshot())
+    assert "items waiting on the provider or a backoff (no attempt used):" in text
+    assert any(line.split()[:2] == ["rate_limited", "2"] for line in text.splitlines())
+    assert any(line.split()[:2] == ["quota_exhausted", "1"] for line in text.splitlines())
+    held = [line for line in text.splitlines() if "openai:http://llm/v1#m" in line]
+    assert len(held) == 1 and "quota_exhausted until" in held[0] and "top up" in held[0]
