@@ -158,3 +158,39 @@ def test_status_shows_items_waiting_on_the_provider_and_the_keys_on_hold(
     assert any(line.split()[:2] == ["quota_exhausted", "1"] for line in text.splitlines())
     held = [line for line in text.splitlines() if "openai:http://llm/v1#m" in line]
     assert len(held) == 1 and "quota_exhausted until" in held[0] and "top up" in held[0]
+
+
+def test_a_lost_worker_is_counted_apart_from_transient_retries(db_url: str, db: Conn) -> None:
+    """Five calls failed transiently (the provider was down), then the worker of the sixth
+    died: the reaper returns the item, since only one worker was lost on it; it fails only
+    when MF_MAX_ATTEMPTS workers were lost on it."""
+    import asyncio
+
+    from mf_worker import queue
+    from mf_worker.db import open_pool
+    from mf_worker.engine.lease import Reaper
+
+    from .conftest import settings_for
+
+    item = make_queue_item(db, make_tenant(db)["project"], attempt_count=5, retry_count=5)
+
+    async def lose_a_worker() -> list[str]:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            async with pool.connection() as conn:
+                await conn.execute("UPDATE episode_schedule_queue SET run_after = now()")
+                assert len(await queue.claim_due_items(conn, worker="ghost", limit=1,
+                                                       lease_seconds=60)) == 1
+            db.execute("UPDATE episode_schedule_queue"
+                       " SET lease_expires_at = now() - interval '1 s'")
+            reaped = await Reaper(pool, lease_seconds=60, max_attempts=3).run_once()
+            return [r.status for r in reaped]
+        finally:
+            await pool.close()
+
+    assert asyncio.run(lose_a_worker()) == ["pending"]
+    assert asyncio.run(lose_a_worker()) == ["pending"]
+    assert asyncio.run(lose_a_worker()) == ["failed"]
+    state = db.execute("SELECT attempt_count, lost_count FROM episode_schedule_queue"
+                       " WHERE id = %s", [item["id"]]).fetchone()
+    assert state == {"attempt_count": 8, "lost_count": 3}

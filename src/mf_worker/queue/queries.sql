@@ -196,8 +196,11 @@ WHERE q.id = old.id
 RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;
 
 -- name: reap_expired_leases
--- Items whose worker stopped heartbeating: back to pending, or failed when the attempts are
--- used up. Safe to run from every daemon at once (SKIP LOCKED; each row reaped once).
+-- Items whose worker stopped heartbeating: back to pending, or failed when workers were lost
+-- on it MF_MAX_ATTEMPTS times (lost_count: counted apart from attempt_count, which transient
+-- failures also grow, so a provider incident followed by one crash does not fail the item,
+-- while an item that keeps crashing its workers is still stopped). Safe to run from every
+-- daemon at once (SKIP LOCKED; each row reaped once).
 WITH expired AS (
     SELECT id
     FROM episode_schedule_queue
@@ -208,8 +211,9 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE episode_schedule_queue AS q
-SET status           = CASE WHEN q.attempt_count >= %(max_attempts)s THEN 'failed'
+SET status           = CASE WHEN q.lost_count + 1 >= %(max_attempts)s THEN 'failed'
                             ELSE 'pending' END,
+    lost_count       = q.lost_count + 1,
     run_after        = coalesce(%(now)s, now()),
     last_error       = format('worker lost: %%s stopped renewing its lease on attempt %%s '
                               '(expired %%s)', q.locked_by, q.attempt_count,
