@@ -18,40 +18,59 @@
 -- Batched: one short transaction claims up to `limit` due items, skipping rows other workers
 -- have locked. Fair across organisations: an organisation's due items take turns after the
 -- items it already has processing (its first due item's turn is its processing count + 1),
--- and items are taken by turn, then by the time they were due (scheduled_for, so an item put
--- back by a rate limit keeps its place in line), so every organisation's earliest item comes
--- before any organisation's second, and one organisation's backlog cannot starve the rest
--- however many claims it takes. (Items already completed do not count toward a turn.) Per
--- organisation at most `limit` due items are looked at (an index range scan that stops at
--- the first item not yet due), and at most `org_max_in_flight` minus those it has
--- processing (NULL: no cap; concurrent claims may overshoot the cap by what they take at the
--- same instant). Each claim draws a new claim token. attempt_count counts generator calls (a
--- release gives the attempt back).
-WITH candidates AS (
-    SELECT c.id, b.busy + c.rank AS turn, c.scheduled_for
-    FROM public.organizations AS o
+-- and items are taken by turn, then by the time they were due (scheduled_for), an item that
+-- was already started (put back by a rate limit) before one that was not; so every
+-- organisation's earliest item comes before any organisation's second, and one
+-- organisation's backlog cannot starve the rest however many claims it takes. (Items already
+-- completed do not count toward a turn.) With k organisations due, each offers its first
+-- ceil(limit / k) due items (an index range scan that stops early): exact when few
+-- organisations are due, close to exact when many are (an organisation's second item may
+-- then wait for the next claim behind another's first, the fair side to err on). At most
+-- `org_max_in_flight` minus what an organisation has processing (NULL: no cap; concurrent
+-- claims may overshoot the cap by what they take at the same instant). Each claim draws a
+-- new claim token. attempt_count counts generator calls (a release gives the attempt back).
+WITH spread AS (
+    -- How many organisations have a due item, counted up to `limit`: with k of them, each
+    -- offers at most ceil(limit / k) candidates (all `limit` when only one has due items).
+    SELECT count(*) AS orgs FROM (
+        SELECT 1 FROM public.organizations AS o
+        WHERE EXISTS (SELECT 1 FROM public.episode_schedule_queue AS q
+                      WHERE q.organization_id = o.id AND q.status = 'pending'
+                        AND q.run_after <= coalesce(%(now)s, now()))
+        LIMIT %(limit)s
+    ) AS found
+), candidates AS (
+    SELECT c.id, b.busy + c.rank AS turn, c.scheduled_for, c.started
+    FROM spread, public.organizations AS o
     CROSS JOIN LATERAL (
         SELECT count(*) AS busy FROM public.episode_schedule_queue AS p
         WHERE p.organization_id = o.id AND p.status = 'processing'
     ) AS b
     CROSS JOIN LATERAL (
-        SELECT q.id, q.scheduled_for,
-               row_number() OVER (ORDER BY q.scheduled_for, q.run_after, q.id) AS rank
+        SELECT q.id, q.scheduled_for, q.picked_up_at IS NOT NULL AS started,
+               row_number() OVER (ORDER BY q.run_after, q.id) AS rank
         FROM public.episode_schedule_queue AS q
         WHERE q.organization_id = o.id
           AND q.status = 'pending'
           AND q.run_after <= coalesce(%(now)s, now())
         ORDER BY q.run_after, q.id
-        LIMIT CASE WHEN %(org_max_in_flight)s::int IS NULL THEN %(limit)s
-                   ELSE greatest(least(%(limit)s, %(org_max_in_flight)s::int - b.busy), 0) END
+        LIMIT least(ceil(%(limit)s::numeric / greatest(spread.orgs, 1))::int,
+                    CASE WHEN %(org_max_in_flight)s::int IS NULL THEN %(limit)s
+                         ELSE greatest(%(org_max_in_flight)s::int - b.busy, 0) END)
     ) AS c
+), first AS (
+    -- The best few candidates, chosen in memory before any row is locked (a few more than
+    -- asked, so rows that concurrent claims hold can be skipped).
+    SELECT id, turn, scheduled_for, started FROM candidates
+    ORDER BY turn, scheduled_for, started DESC, id
+    LIMIT 4 * %(limit)s
 ), due AS (
     SELECT q.id
-    FROM candidates AS c
+    FROM first AS c
     JOIN public.episode_schedule_queue AS q ON q.id = c.id
     WHERE q.status = 'pending'
       AND q.run_after <= coalesce(%(now)s, now())
-    ORDER BY c.turn, c.scheduled_for, c.id
+    ORDER BY c.turn, c.scheduled_for, c.started DESC, c.id
     LIMIT %(limit)s
     FOR UPDATE OF q SKIP LOCKED
 )
