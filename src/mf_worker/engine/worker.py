@@ -241,6 +241,7 @@ class Worker:
         """Claim and dispatch until :meth:`stop` (or, with ``burst``, until nothing is due and
         nothing is in flight)."""
         failures = 0
+        drained = False
         while not self._stopping.is_set():
             self._tick()
             free = self.settings.concurrency - len(self.in_flight)
@@ -253,7 +254,10 @@ class Worker:
             try:
                 # Claim only what the provider's budget admits; otherwise sleep until the
                 # refill (or until an item ends and frees a slot of the window).
-                admitted, flow_wait = await self.flow.admit(wanted)
+                # After a claim that found nothing, ask for one request only: an idle worker
+                # must not keep taking (and giving back) the fleet's budget at every poll.
+                admitted, flow_wait = await self.flow.admit(
+                    1 if drained and self.flow.enabled else wanted)
                 if admitted == 0:
                     await self._wait({self._slot_freed},
                                      self.settings.poll_interval if flow_wait is None
@@ -261,6 +265,7 @@ class Worker:
                     continue
                 wanted = admitted
                 items = await self._claim(wanted)
+                drained = not items
                 if len(items) < wanted:
                     await self.flow.unused(wanted - len(items))
                 failures = 0
