@@ -23,21 +23,22 @@
 -- organisation's earliest item comes before any organisation's second, and one
 -- organisation's backlog cannot starve the rest however many claims it takes. (Items already
 -- completed do not count toward a turn.) With k organisations due, each offers its first
--- ceil(limit / k) due items (an index range scan that stops early): exact when few
+-- ceil(4 × limit / k) due items (an index range scan that stops early): exact when few
 -- organisations are due, close to exact when many are (an organisation's second item may
 -- then wait for the next claim behind another's first, the fair side to err on). At most
 -- `org_max_in_flight` minus what an organisation has processing (NULL: no cap; concurrent
 -- claims may overshoot the cap by what they take at the same instant). Each claim draws a
 -- new claim token. attempt_count counts generator calls (a release gives the attempt back).
 WITH spread AS (
-    -- How many organisations have a due item, counted up to `limit`: with k of them, each
-    -- offers at most ceil(limit / k) candidates (all `limit` when only one has due items).
+    -- How many organisations have a due item, counted up to 4 × `limit`: with k of them, each
+    -- offers at most ceil(4 × limit / k) candidates. Four times the claim, so that claims
+    -- racing for the same items find others to take when SKIP LOCKED passes over one.
     SELECT count(*) AS orgs FROM (
         SELECT 1 FROM public.organizations AS o
         WHERE EXISTS (SELECT 1 FROM public.episode_schedule_queue AS q
                       WHERE q.organization_id = o.id AND q.status = 'pending'
                         AND q.run_after <= coalesce(%(now)s, now()))
-        LIMIT %(limit)s
+        LIMIT 4 * %(limit)s
     ) AS found
 ), candidates AS (
     SELECT c.id, b.busy + c.rank AS turn, c.scheduled_for, c.started
@@ -54,8 +55,8 @@ WITH spread AS (
           AND q.status = 'pending'
           AND q.run_after <= coalesce(%(now)s, now())
         ORDER BY q.run_after, q.id
-        LIMIT least(ceil(%(limit)s::numeric / greatest(spread.orgs, 1))::int,
-                    CASE WHEN %(org_max_in_flight)s::int IS NULL THEN %(limit)s
+        LIMIT least(ceil(4 * %(limit)s::numeric / greatest(spread.orgs, 1))::int,
+                    CASE WHEN %(org_max_in_flight)s::int IS NULL THEN 4 * %(limit)s
                          ELSE greatest(%(org_max_in_flight)s::int - b.busy, 0) END)
     ) AS c
 ), first AS (
