@@ -95,3 +95,20 @@ def test_an_organisation_with_items_processing_waits_its_turn_behind_those_witho
     assert taken[0] == big
     assert sorted(taken[1:3]) == sorted(small)
     assert taken[3] == big
+
+
+def test_an_organisation_served_a_moment_ago_waits_behind_one_not_served_yet(
+    db_url: str, db: Conn
+) -> None:
+    """Two small organisations' items fell due together. The first one's first item already
+    completed; its second item must not go before the other organisation's first (with the
+    same due time, the tie would otherwise go by id, serving one organisation entirely first)."""
+    served = org_with_items(db, 3, NOW - timedelta(seconds=1), "served")
+    waiting = org_with_items(db, 3, NOW - timedelta(seconds=1), "waiting")
+    db.execute("UPDATE episode_schedule_queue SET status = 'completed', completed_at = %s"
+               " WHERE id = (SELECT id FROM episode_schedule_queue WHERE organization_id = %s"
+               "             ORDER BY scheduled_for, id LIMIT 1)", [NOW, served])
+    db.execute("UPDATE episode_schedule_queue SET scheduled_for = %s, run_after = %s",
+               [NOW - timedelta(seconds=1), NOW - timedelta(seconds=1)])
+    first = claim(db_url, 1)
+    assert [i.organization_id for i in first] == [waiting]

@@ -17,12 +17,13 @@
 -- name: claim_due_items
 -- Batched: one short transaction claims up to `limit` due items, skipping rows other workers
 -- have locked. Fair across organisations: an organisation's due items take turns after the
--- items it already has processing (its first due item's turn is its processing count + 1),
+-- items it already has processing or completed in the last ten minutes (its first due item's
+-- turn is that count + 1; the completed ones are counted up to 4 × limit),
 -- and items are taken by turn, then by the time they were due (scheduled_for), an item that
 -- was already started (put back by a rate limit) before one that was not; so every
 -- organisation's earliest item comes before any organisation's second, and one
--- organisation's backlog cannot starve the rest however many claims it takes. (Items already
--- completed do not count toward a turn.) With k organisations due, each offers its first
+-- organisation's backlog cannot starve the rest however many claims it takes. With k
+-- organisations due, each offers its first
 -- ceil(4 × limit / k) due items (an index range scan that stops early): exact when few
 -- organisations are due, close to exact when many are (an organisation's second item may
 -- then wait for the next claim behind another's first, the fair side to err on). At most
@@ -41,12 +42,21 @@ WITH spread AS (
         LIMIT 4 * %(limit)s
     ) AS found
 ), candidates AS (
-    SELECT c.id, b.busy + c.rank AS turn, c.scheduled_for, c.started
+    SELECT c.id, b.busy + r.served + c.rank AS turn, c.scheduled_for, c.started
     FROM spread, public.organizations AS o
     CROSS JOIN LATERAL (
         SELECT count(*) AS busy FROM public.episode_schedule_queue AS p
         WHERE p.organization_id = o.id AND p.status = 'processing'
     ) AS b
+    CROSS JOIN LATERAL (
+        -- Served recently: items completed in the last ten minutes, counted up to 4 × limit.
+        SELECT count(*) AS served FROM (
+            SELECT 1 FROM public.episode_schedule_queue AS d
+            WHERE d.organization_id = o.id AND d.status = 'completed'
+              AND d.completed_at > coalesce(%(now)s, now()) - interval '10 minutes'
+            LIMIT 4 * %(limit)s
+        ) AS recent
+    ) AS r
     CROSS JOIN LATERAL (
         SELECT q.id, q.scheduled_for, q.picked_up_at IS NOT NULL AS started,
                row_number() OVER (ORDER BY q.run_after, q.id) AS rank

@@ -50,3 +50,8 @@ ALTER TABLE episode_schedule_queue
 -- scan per organisation that stops at its first item not yet due).
 CREATE INDEX episode_schedule_queue_org_due_pending
     ON episode_schedule_queue (organization_id, run_after, id) WHERE status = 'pending';
+
+-- Serves the fair claim's "served recently": an organisation's items completed in the last
+-- minutes count toward its turn.
+CREATE INDEX episode_schedule_queue_org_completed
+    ON episode_schedule_queue (organization_id, completed_at) WHERE status = 'completed';
