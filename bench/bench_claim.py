@@ -4,8 +4,8 @@ Seeds ``--items`` due pending items spread evenly over ``--orgs`` organisations 
 item, as the queue allows one open item per project; a tenth of the organisations also have an
 item processing), then times, interleaved in one run, the claim as shipped (each
 organisation's due items take turns after those it has processing; one statement with
-``FOR UPDATE SKIP LOCKED``) and, for comparison, the claim before it (due items in run_after
-order only). Each claim of ``--limit`` items runs in a transaction that is rolled back, so
+``FOR UPDATE SKIP LOCKED``) and, for comparison, the claim before it (due items earliest
+deadline first, nothing else). Each claim of ``--limit`` items runs in a transaction that is rolled back, so
 every repetition sees the same queue. Prints the median and 90th percentile per claim.
 Figures only: nothing here asserts. Uses a throwaway database on ``MF_BENCH_DATABASE_URL``
 (default ``postgresql:///postgres``).
@@ -36,12 +36,12 @@ from mf_worker.db.sql import load_queries  # noqa: E402
 
 FAIR = load_queries("mf_worker.queue", "queries.sql")["claim_due_items"]
 
-# The claim before fair ordering (issue #13), with today's claim token: due items by run_after.
-BY_RUN_AFTER = """
+# The claim before fair ordering (issue #13): due items earliest deadline first, nothing else.
+BY_DEADLINE = """
 WITH due AS (
     SELECT id FROM episode_schedule_queue
     WHERE status = 'pending' AND run_after <= coalesce(%(now)s, now())
-    ORDER BY run_after, id
+    ORDER BY scheduled_for, run_after, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
@@ -105,12 +105,12 @@ def main() -> None:
                   "org_max_in_flight": None}
         capped = {**params, "org_max_in_flight": 4}
         times: dict[str, list[float]] = {"fair": [], "fair, MF_ORG_MAX_IN_FLIGHT=4": [],
-                                         "run_after only (before)": []}
+                                         "earliest deadline only (before)": []}
         counts: dict[str, int] = {}
         for _ in range(args.repeat):
             for name, query, values in (("fair", FAIR, params),
                                         ("fair, MF_ORG_MAX_IN_FLIGHT=4", FAIR, capped),
-                                        ("run_after only (before)", BY_RUN_AFTER, params)):
+                                        ("earliest deadline only (before)", BY_DEADLINE, params)):
                 seconds, claimed = timed(conn, query, values)
                 times[name].append(seconds)
                 counts[name] = claimed
