@@ -1,14 +1,14 @@
 """What the fair claim costs: `claim_due_items` with 100,000 due items across 1,000 organisations.
 
-Seeds ``--items`` due pending items spread evenly over ``--orgs`` organisations (one project each
-item, as the queue allows one open item per project; a tenth of the organisations also have an
-item processing), then times, interleaved in one run, the claim as shipped (each
-organisation's due items take turns after those it has processing; one statement with
-``FOR UPDATE SKIP LOCKED``) and, for comparison, the claim before it (due items earliest
-deadline first, nothing else). Each claim of ``--limit`` items runs in a transaction that is rolled back, so
-every repetition sees the same queue. Prints the median and 90th percentile per claim.
-Figures only: nothing here asserts. Uses a throwaway database on ``MF_BENCH_DATABASE_URL``
-(default ``postgresql:///postgres``).
+Seeds ``--items`` due pending items spread evenly over ``--orgs`` organisations (one project
+each item, as the queue allows one open item per project; a tenth of the organisations also
+have an item processing), then times, interleaved in one run, the claim as shipped (each
+organisation's due items take turns after those it has processing or just completed; one
+statement with ``FOR UPDATE SKIP LOCKED``) and, for comparison, the claim before it (due
+items earliest deadline first, nothing else). Each claim of ``--limit`` items runs in a
+transaction that is rolled back, so every repetition sees the same queue. Prints the median
+and 90th percentile per claim. Figures only: nothing here asserts. Uses a throwaway database
+on ``MF_BENCH_DATABASE_URL`` (default ``postgresql:///postgres``).
 
     .venv/bin/python bench/bench_claim.py [--items 100000] [--orgs 1000] [--limit 16]
         [--repeat 30]
