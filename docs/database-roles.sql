@@ -10,7 +10,8 @@
 -- mf_cross_org  NOLOGIN capability role. Row-level security lets its members read and update
 --               the queue, and read projects, users, organisations, the daily usage aggregate
 --               and cost-limit trips across organisations: exactly what claiming, reaping,
---               scheduling and `status` need. Everything else (episodes, blocks, usage rows,
+--               scheduling and `status` need, and read and write the fleet-wide provider
+--               limiter (provider_limits). Everything else (episodes, blocks, usage rows,
 --               notes, memory, events, audit, budget reservations) is written inside a
 --               transaction that acts for one organisation
 --               (set_config('app.current_org_id', …, true)), so a bug that writes another
@@ -57,6 +58,9 @@ GRANT INSERT, UPDATE, DELETE ON episode_schedule_queue TO :"worker_role";
 GRANT INSERT, UPDATE ON episodes, planning_notes, token_usage_daily, cost_limit_trips
     TO :"worker_role";
 GRANT INSERT ON blocks, token_usage, agent_memory, user_events, audit_log TO :"worker_role";
+-- The fleet-wide provider limiter: one row per limit key (an account and model), not per
+-- organisation; its policy admits only members of mf_cross_org.
+GRANT INSERT, UPDATE ON provider_limits TO :"worker_role";
 -- The scheduler only maintains the next_scheduled_at cache on projects, drains its change log
 -- (filled by triggers, migration 0009) and paces the fleet's passes.
 GRANT UPDATE (next_scheduled_at) ON projects TO :"worker_role";

@@ -93,7 +93,8 @@ def test_a_timed_out_generation_books_its_reserved_worst_case_as_an_estimate(
     """The provider usually finishes and bills a call we stopped waiting for: its reservation
     (the flat reserve here) is booked, marked as an estimate, on the reservation's day."""
     org = org_with_items(db, 1, "slow:30", limit="5")
-    reports = run_burst(db_url, generation_timeout=0.3, max_attempts=1,
+    # A timeout is transient: bounded by MF_RETRY_DEADLINE (0 here: no retry), not attempts.
+    reports = run_burst(db_url, generation_timeout=0.3, retry_deadline=0,
                         cost_reserve_gbp=Decimal("0.40"))
     assert [r.outcome for r in reports] == [Outcome.FAILED]
     day = daily(db, org["id"])

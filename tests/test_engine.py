@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from mf_worker.engine.backoff import retry_delay
 from mf_worker.engine.worker import Outcome
@@ -159,20 +160,52 @@ def test_a_retry_after_shorter_than_the_backoff_does_not_shorten_it(
     assert 0.8 <= backoff_of(item_state(db, item["id"])) <= 1.2  # the 1 s backoff ± 20 %
 
 
-def test_always_failing_item_fails_after_max_attempts(db_url: str, db: Conn) -> None:
+def test_transient_failures_retry_past_max_attempts_until_the_retry_deadline(
+    db_url: str, db: Conn
+) -> None:
+    """A provider incident delays an episode instead of cancelling it: transient failures are
+    bounded by MF_RETRY_DEADLINE after the first pick-up, not by MF_MAX_ATTEMPTS."""
     t = make_tenant(db, title="fail-always")
     item = make_queue_item(db, t["project"])
     outcomes = []
-    for _ in range(3):
+    for _ in range(4):
         outcomes += [r.outcome for r in run_burst(db_url, max_attempts=3)]
         make_due(db)
-    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    assert outcomes == [Outcome.RETRY] * 4
     state = item_state(db, item["id"])
-    assert state["status"] == "failed" and state["attempt_count"] == 3
-    assert state["last_error"].startswith("gave up after 3 attempts: upstream 503 on attempt 3")
+    assert (state["status"], state["attempt_count"], state["retry_count"]) == ("pending", 4, 4)
+    assert state["deferred_reason"] == "transient"
+
+    # Four hours (the default deadline) after the first pick-up, the next failure is the last.
+    db.execute("UPDATE episode_schedule_queue SET picked_up_at = now() - interval '4 h 1 s'")
+    assert [r.outcome for r in run_burst(db_url, max_attempts=3)] == [Outcome.FAILED]
+    state = item_state(db, item["id"])
+    assert state["status"] == "failed" and state["attempt_count"] == 5
+    assert state["last_error"].startswith(
+        "gave up after 5 transient failures (MF_RETRY_DEADLINE or the project's next episode "
+        "reached): upstream 503 on attempt 5")
     episode = one(db, "SELECT * FROM episodes WHERE id = %s", state["episode_id"])
-    assert episode["status"] == "failed" and episode["generation_attempts"] == 3
-    assert len(episode["generation_errors"]) == 3
+    assert episode["status"] == "failed" and episode["generation_attempts"] == 5
+    assert len(episode["generation_errors"]) == 5
+
+
+def test_a_transient_failure_is_not_retried_past_the_projects_next_occurrence(
+    db_url: str, db: Conn
+) -> None:
+    """The next retry (eight failures in: about four minutes of backoff) would come after the
+    project's next episode is due (daily, in 100 s): the item fails instead of overlapping."""
+    t = make_tenant(db, title="fail-always")
+    due = datetime.now(UTC) - timedelta(days=1) + timedelta(seconds=100)
+    zone_local = due.astimezone(__import__("zoneinfo").ZoneInfo("Europe/London"))
+    item = make_queue_item(db, t["project"], scheduled_for=due, run_after=datetime.now(UTC),
+                           retry_count=8, metadata=Jsonb({
+                               "cadence": {"mode": "daily", "days": []},
+                               "user_timezone": "Europe/London",
+                               "delivery_time": zone_local.time().isoformat()}))
+    assert [r.outcome for r in run_burst(db_url)] == [Outcome.FAILED]
+    state = item_state(db, item["id"])
+    assert state["status"] == "failed" and state["retry_count"] == 9
+    assert "next episode" in state["last_error"]
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,8 @@ def test_reaper_fails_an_item_that_used_all_its_attempts_and_returns_one_that_di
     reason, the other goes back to pending; the episode keeps the lost attempt, and the
     reaped counter moves by result."""
     t = make_tenant(db)
-    last = make_queue_item(db, t["project"], attempt_count=2)  # the claim makes it 3 of 3
+    # Workers were lost on it twice already: this third loss is its last (MF_MAX_ATTEMPTS 3).
+    last = make_queue_item(db, t["project"], attempt_count=2, lost_count=2)
     other = make_queue_item(db, make_project(db, t["user"]))
     metrics = Metrics(concurrency=1, process_metrics=False)
 

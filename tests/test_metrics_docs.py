@@ -21,7 +21,10 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 def scrape() -> tuple[str, Metrics]:
     metrics = Metrics(concurrency=1, process_metrics=False)
-    metrics.watch_queue(lambda: {"counts": {"pending": 1}, "oldest_due_age_seconds": 0.0})
+    metrics.watch_queue(lambda: {"counts": {"pending": 1}, "oldest_due_age_seconds": 0.0,
+                                 "limits": [{"limit_key": "openai:x#m", "request_level": 1.0,
+                                             "token_level": None, "cooldown_until": None,
+                                             "cooldown_reason": None}]})
 
     async def ready() -> None:
         return None

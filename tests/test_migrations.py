@@ -17,6 +17,7 @@ EXPECTED_TABLES = {
     "token_usage", "token_usage_daily", "planning_notes", "agent_memory", "user_events",
     "audit_log", "chat_sessions", "chat_messages", "highlights", "mf_schema_migrations",
     "cost_limit_trips", "memory_migrations", "scheduler_project_changes", "scheduler_state",
+    "provider_limits",
 }
 
 

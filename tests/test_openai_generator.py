@@ -827,13 +827,21 @@ def test_engine_puts_a_rate_limited_item_back_after_the_servers_retry_after(
     item = make_queue_item(db, t["project"])
     llm_env.reply(error(429, f"Rate limit reached for {KEY}", **{"Retry-After": "30"}))
 
-    assert run_single(db_url, generator=OPENAI) is Outcome.RETRY
+    assert run_single(db_url, generator=OPENAI) is Outcome.DEFERRED
 
     state = item_state(db, item["id"])
-    assert (state["status"], state["attempt_count"]) == ("pending", 1)
+    # A rate limit is not a failed attempt: the attempt is given back, the item deferred.
+    assert (state["status"], state["attempt_count"]) == ("pending", 0)
+    assert (state["deferred_reason"], state["deferred_count"]) == ("rate_limited", 1)
     assert state["last_error"] == "LLM server rate limit (HTTP 429: Rate limit reached for ***)"
     delay = (state["run_after"] - state["last_attempt_at"]).total_seconds()
-    assert 29 <= delay <= 31  # the server's 30 s, longer than the first backoff (1 s)
+    assert 29 <= delay <= 31  # the server's 30 s
+    # And the whole fleet holds its calls under the key until then.
+    hold = one(db, "SELECT * FROM provider_limits")
+    assert hold["cooldown_reason"] == "rate_limited"
+    assert 29 <= (hold["cooldown_until"] - state["last_attempt_at"]).total_seconds() <= 31
+    episode = one(db, "SELECT * FROM episodes WHERE id = %s", state["episode_id"])
+    assert episode["status"] == "generating" and episode["generation_attempts"] == 0
     assert KEY not in captured_logs.getvalue()
 
 

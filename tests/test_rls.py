@@ -121,6 +121,28 @@ def test_cross_org_member_reaches_the_queue_but_not_tenant_content(
             )
 
 
+def test_provider_limits_are_fleet_wide_for_the_worker_and_hidden_from_everyone_else(
+    db_url: str, db: Conn, app_role: str
+) -> None:
+    """The limiter's rows belong to no organisation: a role acting for one sees and writes
+    none of them; a member of mf_cross_org (the worker) reads and writes them all."""
+    db.execute("INSERT INTO provider_limits (limit_key, refilled_at) VALUES ('k', now())")
+    with as_role(db_url, app_role) as conn:
+        conn.execute("SELECT set_config('app.current_org_id', 'org_x', false)")
+        assert count_visible(conn, "provider_limits") == 0
+        with pytest.raises(errors.InsufficientPrivilege):
+            conn.execute("INSERT INTO provider_limits (limit_key, refilled_at)"
+                         " VALUES ('mine', now())")
+    ensure_cross_org_role(db)
+    db.execute(sql.SQL("GRANT mf_cross_org TO {}").format(sql.Identifier(app_role)))
+    with as_role(db_url, app_role) as conn:
+        assert count_visible(conn, "provider_limits") == 1
+        conn.execute("UPDATE provider_limits SET cooldown_until = now(),"
+                     " cooldown_reason = 'rate_limited'")
+        conn.execute("INSERT INTO provider_limits (limit_key, refilled_at) VALUES ('k2', now())")
+        assert count_visible(conn, "provider_limits") == 2
+
+
 def test_usage_insert_as_org_moves_the_aggregate_under_rls(
     db_url: str, db: Conn, app_role: str
 ) -> None:
@@ -147,7 +169,7 @@ def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
 
     from psycopg.conninfo import conninfo_to_dict
 
-    from mf_worker import queue
+    from mf_worker import flow, queue
     from mf_worker.db import open_pool
     from mf_worker.engine.lease import Reaper
     from mf_worker.engine.publisher import Publisher
@@ -178,6 +200,11 @@ def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
                     " - interval '1 s' WHERE locked_by = 'ghost'")
             reaped = await Reaper(pool, lease_seconds=60, max_attempts=3).run_once()
             assert [r.status for r in reaped] == ["pending"]
+            async with pool.connection() as conn:  # the fleet-wide provider limiter
+                limits = flow.Limits(requests_per_minute=60)
+                assert (await flow.acquire(conn, "k", limits=limits)).granted
+                hold = await flow.cool_down(conn, "k", seconds=1, reason="rate_limited")
+                assert hold.started
         finally:
             await pool.close()
 

@@ -104,6 +104,13 @@ def _highlight(conn: Conn, t: dict[str, Any], start: int, end: int) -> None:
     )
 
 
+def _limit(conn: Conn, **values: Any) -> None:
+    row = {"limit_key": "openai:x#m", "refilled_at": NOW, **values}
+    conn.execute(
+        f"INSERT INTO provider_limits ({', '.join(row)})"
+        f" VALUES ({', '.join(f'%({k})s' for k in row)})", row)
+
+
 # Each case writes one bad value; together they must hit every CHECK constraint in the schema.
 BAD_VALUES: dict[str, Any] = {
     "org name blank": lambda c, t: make_org(c, name="  "),
@@ -195,6 +202,19 @@ BAD_VALUES: dict[str, Any] = {
     "chat unknown role": lambda c, t: _chat(c, t, role="robot"),
     "highlight negative start": lambda c, t: _highlight(c, t, -1, 3),
     "highlight end before start": lambda c, t: _highlight(c, t, 5, 5),
+    "queue negative retries": lambda c, t: make_queue_item(c, t["project"], retry_count=-1),
+    "queue negative deferrals": lambda c, t: make_queue_item(
+        c, t["project"], deferred_count=-1),
+    "queue negative losses": lambda c, t: make_queue_item(c, t["project"], lost_count=-1),
+    "queue unknown deferral": lambda c, t: make_queue_item(
+        c, t["project"], deferred_reason="bored"),
+    "limit empty key": lambda c, t: _limit(c, limit_key=""),
+    "limit zero request rate": lambda c, t: _limit(c, requests_per_second=0),
+    "limit zero token rate": lambda c, t: _limit(c, tokens_per_second=0),
+    "limit unknown cooldown": lambda c, t: _limit(c, cooldown_until=NOW, cooldown_reason="bored"),
+    "limit negative 429s": lambda c, t: _limit(c, rate_limited_count=-1),
+    "limit negative pauses": lambda c, t: _limit(c, quota_pauses=-1),
+    "limit cooldown without reason": lambda c, t: _limit(c, cooldown_until=NOW),
 }
 
 

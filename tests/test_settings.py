@@ -117,3 +117,38 @@ def test_cli_connection_failure_never_prints_the_password() -> None:
     assert result.returncode == 1
     assert "cannot connect to the database" in result.stderr
     assert "topsecret" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "problem"),
+    [("MF_LLM_REQUESTS_PER_MINUTE", "lots", "must be a number"),
+     ("MF_LLM_REQUESTS_PER_MINUTE", "-5", "must be greater than 0"),
+     ("MF_LLM_TOKENS_PER_MINUTE", "1e5x", "must be a number"),
+     ("MF_LLM_TOKENS_PER_MINUTE", "-1", "must be greater than 0"),
+     ("MF_RETRY_DEADLINE", "forever", "must be a number"),
+     ("MF_ORG_MAX_IN_FLIGHT", "-2", "must be at least 1")],
+)
+def test_cli_a_bad_flow_control_setting_stops_start_up_with_exit_2_naming_it(
+    name: str, raw: str, problem: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MF_")}
+    env.update({name: raw, "MF_DATABASE_URL": "postgresql://u@127.0.0.1:1/db"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mf_worker", "run"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"mf-worker: error: {name}='{raw}': {problem}"]
+
+
+def test_flow_control_settings_are_unset_by_default_and_parsed_when_given() -> None:
+    settings, warnings = load_settings(environ={})
+    assert (settings.llm_requests_per_minute, settings.llm_tokens_per_minute) == (None, None)
+    assert settings.org_max_in_flight is None and settings.retry_deadline == 4 * 3600
+    settings, warnings = load_settings(environ={
+        "MF_LLM_REQUESTS_PER_MINUTE": "120", "MF_LLM_TOKENS_PER_MINUTE": "150_000",
+        "MF_RETRY_DEADLINE": "600", "MF_ORG_MAX_IN_FLIGHT": "4"})
+    assert warnings == []
+    assert (settings.llm_requests_per_minute, settings.llm_tokens_per_minute) == (120, 150_000)
+    assert (settings.retry_deadline, settings.org_max_in_flight) == (600, 4)

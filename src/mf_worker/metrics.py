@@ -14,6 +14,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -32,6 +33,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .engine.publisher import ON_TIME_SECONDS, Publication, Withdrawal
 from .engine.worker import AttemptReport, FailureReason, Outcome
+from .flow import FlowEvent
 from .queue import ClaimedItem, ReapedItem
 
 STATUSES = ("pending", "processing", "completed", "failed", "cancelled", "blocked")
@@ -128,6 +130,22 @@ class Metrics:
             "mf_worker_build_info", "Always 1; the labels say what is running.",
             ["version", "python_version"], registry=r)
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.limiter_wait = Counter(
+            "mf_worker_limiter_wait_seconds_total",
+            "Seconds items and the claim loop waited on the provider limiter (pacing, "
+            "cooldowns).", registry=r)
+        self.rate_limited = Counter(
+            "mf_worker_provider_rate_limited_total",
+            "Calls the provider refused for its rate limit (HTTP 429), by limit key.",
+            ["limit_key"], registry=r)
+        self.cooldowns = Counter(
+            "mf_worker_provider_cooldowns_total",
+            "Fleet-wide holds on a limit key this process started, by key and reason.",
+            ["limit_key", "reason"], registry=r)
+        self.window = Gauge(
+            "mf_worker_provider_window_items",
+            "This process's adaptive in-flight window for its generator's limit key.",
+            registry=r)
         self.claim_loop_tick = Gauge(
             "mf_worker_claim_loop_last_tick_timestamp_seconds",
             "When the claim loop last went round (a stuck loop stops moving this).", registry=r)
@@ -177,6 +195,17 @@ class Metrics:
     def _delivered(self, lateness: float) -> None:
         self.lateness.observe(max(lateness, 0.0))
         self.published.labels("on_time" if lateness <= ON_TIME_SECONDS else "late").inc()
+
+    def on_flow(self, event: FlowEvent) -> None:
+        """Subscriber of the worker's flow control."""
+        if event.kind == "wait":
+            self.limiter_wait.inc(event.seconds)
+        elif event.kind == "rate_limited":
+            self.rate_limited.labels(event.key).inc()
+        elif event.kind == "cooldown":
+            self.cooldowns.labels(event.key, event.reason or "rate_limited").inc()
+        elif event.kind == "window":
+            self.window.set(event.value)
 
     def on_notified(self, delivered: bool) -> None:
         self.notifications.labels("delivered" if delivered else "failed").inc()
@@ -237,3 +266,23 @@ class _QueueCollector(Collector):
             "Items whose delivery instant has passed while their episode is not visible yet "
             "(waiting, running, blocked, or not published within a second).",
             value=self._cached.get("late_items", 0))
+        level = GaugeMetricFamily(
+            "mf_worker_provider_bucket_level",
+            "What a limit key's fleet-wide bucket holds (requests or tokens; negative: a debt "
+            "the refill pays off), read from the database.", labels=["limit_key", "kind"])
+        cooling = GaugeMetricFamily(
+            "mf_worker_provider_cooldown_seconds",
+            "Seconds until a limit key's fleet-wide hold ends (0: none), by reason.",
+            labels=["limit_key", "reason"])
+        wall = datetime.now(UTC)
+        for key in self._cached.get("limits", []):
+            for kind, value in (("requests", key["request_level"]),
+                                ("tokens", key["token_level"])):
+                if value is not None:
+                    level.add_metric([key["limit_key"], kind], value)
+            for reason in ("rate_limited", "quota_exhausted"):
+                until = key["cooldown_until"] if key["cooldown_reason"] == reason else None
+                cooling.add_metric([key["limit_key"], reason],
+                                   max((until - wall).total_seconds(), 0.0) if until else 0.0)
+        yield level
+        yield cooling

@@ -483,6 +483,30 @@ class Settings:
         "`openai` generator: ask for `response_format: json_object` (JSON mode). Turn off for "
         "servers that reject it; replies are parsed tolerantly either way.",
     )
+    llm_requests_per_minute: float | None = _setting(
+        "MF_LLM_REQUESTS_PER_MINUTE", None, _float(0.0, exclusive=True),
+        "The provider's request limit per minute for the generator's limit key (the `openai` "
+        "generator: base URL and model), shared by every worker through the database; the "
+        "fleet paces itself at 95 % of it. Unset: not known (429s and an adaptive window "
+        "per key do the pacing).",
+    )
+    llm_tokens_per_minute: float | None = _setting(
+        "MF_LLM_TOKENS_PER_MINUTE", None, _float(0.0, exclusive=True),
+        "The provider's token limit per minute (prompt plus completion) for the limit key, "
+        "shared like `MF_LLM_REQUESTS_PER_MINUTE`; each call is charged its worst case "
+        "(`estimate_max_usage`) and corrected with its real usage. Unset: not known.",
+    )
+    retry_deadline: float = _setting(
+        "MF_RETRY_DEADLINE", 4 * 3600.0, _float(0.0),
+        "Seconds after an item was first picked up during which transient failures (timeouts, "
+        "5xx, dropped connections) are retried with backoff; never past the project's next "
+        "occurrence. Rate limits never fail an item.",
+    )
+    org_max_in_flight: int | None = _setting(
+        "MF_ORG_MAX_IN_FLIGHT", None, _int(1, 100_000),
+        "Most items of one organisation processing at once across the fleet (unset: no cap; "
+        "claims are fair across organisations either way).",
+    )
     scheduler_interval: float = _setting(
         "MF_SCHEDULER_INTERVAL",
         30.0,

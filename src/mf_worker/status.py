@@ -22,6 +22,7 @@ from .cost.budget import list_blocked_orgs
 from .db import Connection, act_for
 from .db.sql import load_queries
 from .errors import MfWorkerError
+from .flow import read_limits
 from .memories import read_migration_triggers
 
 _Q = load_queries(__package__ or "mf_worker", "status.sql")
@@ -43,6 +44,8 @@ class Snapshot:
     blocked_orgs: list[dict[str, Any]] = field(default_factory=list)
     spend_today: list[dict[str, Any]] = field(default_factory=list)
     memory_migration: dict[str, Any] = field(default_factory=dict)
+    deferred: list[dict[str, Any]] = field(default_factory=list)
+    provider_limits: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +88,8 @@ async def read_queue_depth(conn: Connection, *, now: datetime | None = None,
     return {"counts": counts, "due_items": due["due_items"] if due else 0,
             "oldest_due_age_seconds": max((now - oldest).total_seconds(), 0.0) if oldest
             else None,
-            "late_items": late["late_items"] if late else 0}
+            "late_items": late["late_items"] if late else 0,
+            "limits": [asdict(k) for k in await read_limits(conn)]}
 
 
 async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: int = 20,
@@ -113,6 +117,8 @@ async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: 
         spend_today=await rows("list_spend_today", date=now.astimezone(UTC).date(),
                                default_limit=default_limit_gbp),
         memory_migration=await read_migration_triggers(conn, now=now, limit=limit),
+        deferred=await rows("count_deferred_items"),
+        provider_limits=[_plain(k) for k in depth["limits"]],
     )
 
 
@@ -170,6 +176,17 @@ def render_snapshot(snapshot: Snapshot) -> str:
         lines.append(f"launched on {memory['launched_on']}, over three months ago, and "
                      f"{memory['unmigrated_projects']} projects keep memories only in "
                      "projects.memories: run `mf-worker memories migrate --min-count 1`")
+    if snapshot.deferred:
+        lines.append("items waiting on the provider or a backoff (no attempt used):")
+        lines += [f"  {d['deferred_reason']:15} {d['items']:>6}  next runs at "
+                  f"{d['next_run_after']}" for d in snapshot.deferred]
+    cooling = [k for k in snapshot.provider_limits if k["cooldown_until"]]
+    if cooling:
+        lines.append("provider limit keys holding their calls (fleet-wide):")
+        lines += [f"  {k['limit_key']}  {k['cooldown_reason']} until {k['cooldown_until']}"
+                  + ("  (the provider's quota is exhausted: top up the account)"
+                     if k["cooldown_reason"] == "quota_exhausted" else "")
+                  for k in cooling]
     sections = (("expired leases (worker lost; the reaper will return them)",
                  snapshot.expired_leases, "locked_by"),
                 ("failed items", snapshot.failed, "last_error"),

@@ -116,3 +116,12 @@ JOIN organizations o ON o.id = d.organization_id
 WHERE d.date = %(date)s AND (d.total_cost_gbp > 0 OR d.reserved_gbp > 0)
 ORDER BY d.total_cost_gbp + d.reserved_gbp DESC, d.organization_id
 LIMIT %(limit)s;
+
+-- name: count_deferred_items
+-- Pending items waiting because of the provider (a rate limit, an exhausted quota) or a
+-- transient failure's backoff, by why, with when the first of them runs again.
+SELECT deferred_reason, count(*) AS items, min(run_after) AS next_run_after
+FROM episode_schedule_queue
+WHERE status = 'pending' AND deferred_reason IS NOT NULL AND run_after > now()
+GROUP BY deferred_reason
+ORDER BY deferred_reason;

@@ -1,4 +1,5 @@
-"""Telling people that an organisation hit its daily cost limit: the notifier plugins.
+"""Telling people that an organisation hit its daily cost limit, or operators that the
+LLM provider's quota is exhausted: the notifier plugins.
 
 ``log`` (the default) writes a warning line; ``webhook`` POSTs the trip as JSON to
 ``MF_NOTIFY_WEBHOOK_URL`` with a timeout and retries (tenacity), using only the standard
@@ -15,8 +16,9 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from datetime import date
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Protocol, runtime_checkable
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -30,10 +32,36 @@ from .mail import EmailNotifier, database_contacts
 from .smtp import parse_smtp_url
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderPaused:
+    """Calls under a limit key are paused fleet-wide because the provider's quota is exhausted
+    (sent once per pause, by the worker that started it; items wait, none fails)."""
+
+    limit_key: str
+    reason: str
+    paused_until: datetime
+    error: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"event": "provider_quota_exhausted", "limit_key": self.limit_key,
+                "reason": self.reason, "paused_until": self.paused_until.isoformat(),
+                "error": self.error}
+
+
 @runtime_checkable
 class Notifier(Protocol):
     async def notify(self, trip: Trip) -> None:
         """Deliver one trip; raise to signal failure (the caller logs it)."""
+
+
+async def notify_provider_paused(notifier: object, event: ProviderPaused) -> None:
+    """Deliver a provider pause through ``notifier``'s optional ``notify_provider(event)``;
+    a notifier without it (an older plugin) gets the log line instead."""
+    method = getattr(notifier, "notify_provider", None)
+    if method is None:
+        await LogNotifier().notify_provider(event)
+    else:
+        await method(event)
 
 
 class LogNotifier:
@@ -42,6 +70,10 @@ class LogNotifier:
     async def notify(self, trip: Trip) -> None:
         fields = {k: v for k, v in trip.to_json().items() if k != "event"}
         get_logger("mf_worker.notify").warning("cost_limit_reached", **fields)
+
+    async def notify_provider(self, event: ProviderPaused) -> None:
+        fields = {k: v for k, v in event.to_json().items() if k != "event"}
+        get_logger("mf_worker.notify").error("provider_quota_exhausted", **fields)
 
 
 class WebhookError(MfWorkerError):
@@ -80,7 +112,13 @@ class WebhookNotifier:
             raise WebhookError(f"webhook unreachable: {getattr(exc, 'reason', exc)}") from None
 
     async def notify(self, trip: Trip) -> None:
-        body = json.dumps(trip.to_json()).encode()
+        await self._send(trip.to_json())
+
+    async def notify_provider(self, event: ProviderPaused) -> None:
+        await self._send(event.to_json())
+
+    async def _send(self, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode()
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
             wait=wait_exponential(multiplier=self.backoff, max=10),
@@ -135,6 +173,16 @@ class MultiNotifier:
                 failures.append(f"{name}: {describe_error(exc)}")
                 continue
             self._delivered.add(key)
+        if failures:
+            raise NotificationError("; ".join(failures))
+
+    async def notify_provider(self, event: ProviderPaused) -> None:
+        failures: list[str] = []
+        for name, notifier in self.notifiers:
+            try:
+                await notify_provider_paused(notifier, event)
+            except Exception as exc:
+                failures.append(f"{name}: {describe_error(exc)}")
         if failures:
             raise NotificationError("; ".join(failures))
 

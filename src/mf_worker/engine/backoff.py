@@ -28,3 +28,10 @@ def retry_delay(
     if retry_after is not None and retry_after > delay:
         delay = min(retry_after, RETRY_AFTER_CAP_SECONDS)
     return delay
+
+
+def transient_backoff(rng: random.Random | None = None) -> tuple[float, float, float]:
+    """(base, cap, jitter factor) for a transient failure whose exponent is read under the
+    item's row lock (``queue.defer_item``: the item's ``retry_count``): the same rule as
+    `retry_delay`, 1 s · 2^n capped at five minutes, ±20 %."""
+    return BASE_SECONDS, CAP_SECONDS, (rng or random).uniform(1 - JITTER, 1 + JITTER)

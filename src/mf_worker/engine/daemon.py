@@ -92,6 +92,7 @@ async def build(
     worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
                     observers=[metrics.on_attempt, wake_publisher, *(observers or [])])
     worker.claim_listeners.append(metrics.on_claimed)
+    worker.flow.listeners.append(metrics.on_flow)
     worker.tick_listeners.append(metrics.on_claim_loop_tick)
     worker.notify_listeners.append(metrics.on_notified)
     loops: list[PeriodicLoop] = [

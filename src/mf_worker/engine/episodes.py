@@ -410,6 +410,50 @@ async def write_failure(
     return True
 
 
+async def write_deferral(
+    conn: Connection,
+    item: ClaimedItem,
+    prepared: Prepared | None,
+    *,
+    reason: str,
+    error: str,
+    retry_after: float | None,
+    deadline_seconds: float,
+    not_after: datetime | None,
+    backoff: tuple[float, float, float],
+    usages: Sequence[TokenUsage] = (),
+    costs: Sequence[Decimal] = (),
+) -> queue.Deferral:
+    """Put the item back without using up its attempt (``queue.defer_item``). A transient
+    failure's call goes into the episode's history and its spend is settled like a failed
+    attempt's (known ``usages`` booked, else the reservation booked as an estimate); when the
+    item gives up, the queue's trigger fails the episode. A rate limit or an exhausted quota
+    is not a call the provider ran: no history, and the reservation is released unbooked.
+    Raises LeaseLost when the fence no longer holds (nothing written)."""
+    episode_id = prepared.episode_id if prepared else item.episode_id
+    settled = reason == "transient" and bool(usages) and prepared is not None
+    async with as_org(conn, item.organization_id):
+        deferral = await queue.defer_item(
+            conn, item, reason=reason, error=error, retry_after=retry_after,
+            deadline_seconds=deadline_seconds, not_after=not_after, backoff=backoff,
+            settled=settled)
+        if deferral is None:
+            raise LeaseLost(item.id)
+        if settled:
+            assert prepared is not None
+            await conn.execute(_Q["book_attempt_usage"], {
+                "organization_id": item.organization_id, "project_id": item.project_id,
+                "episode_id": episode_id, "billing_date": prepared.billing_day,
+                "usages": _usage_rows(usages, costs),
+            })
+        if episode_id is not None and reason == "transient":
+            await conn.execute(
+                _Q["record_episode_error"],
+                {"episode_id": episode_id, "error": f"attempt {item.attempt}: {error}"},
+            )
+    return deferral
+
+
 async def record_lost_attempts(conn: Connection, reaped: list[queue.ReapedItem]) -> None:
     """Add the reaper's verdict to each reaped item's episode history (inside a transaction
     that acts for each item's organisation in turn)."""

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from datetime import time as dt_time
 from decimal import Decimal
 from functools import partial
 from typing import Any, TypeVar
@@ -35,22 +36,28 @@ from tenacity import (
 
 from .. import queue
 from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
-from ..cost.notify import LogNotifier, Notifier
+from ..cost.notify import LogNotifier, Notifier, ProviderPaused, notify_provider_paused
 from ..db import Connection, Pool
 from ..errors import InvalidItemError, describe_error
+from ..flow import FlowControl, KeyCoolingDown, Limits
 from ..generation import (
     GenerationResult,
     Generator,
     InvalidOutputError,
     PermanentGenerationError,
+    QuotaExhaustedError,
+    RateLimitedError,
     RetryableGenerationError,
     TokenUsage,
+    estimate_max_usage,
+    limit_key_of,
     validate_result,
 )
 from ..logs import bind_item, get_logger
 from ..queue import ClaimedItem
+from ..scheduling.cadence import next_occurrence
 from ..settings import Settings
-from .backoff import retry_delay
+from .backoff import transient_backoff
 from .batching import Batcher
 from .episodes import (
     Delivery,
@@ -62,6 +69,7 @@ from .episodes import (
     WriteOutcome,
     cancel_item,
     prepare_generations,
+    write_deferral,
     write_episodes,
     write_failure,
 )
@@ -103,7 +111,7 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     BLOCKED = "blocked"
-    DEFERRED = "deferred"
+    DEFERRED = "deferred"  # back to pending, no attempt used: reservations, rate limit, quota
     LEASE_LOST = "lease_lost"
     RELEASED = "released"
 
@@ -112,6 +120,8 @@ class FailureReason(enum.StrEnum):
     """Why an attempt failed (the ``reason`` label of the failures metric)."""
 
     GENERATOR_RETRYABLE = "generator_retryable"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXHAUSTED = "quota_exhausted"
     GENERATOR_PERMANENT = "generator_permanent"
     INVALID_OUTPUT = "invalid_output"
     TIMEOUT = "timeout"
@@ -128,6 +138,7 @@ class InFlight:
     task: asyncio.Task[Outcome] | None = None
     phase: str = "preparing"  # preparing → generating → writing
     lost: bool = False
+    flow_settled: bool = False  # its flow-control slot was handed back already
 
 
 @dataclass
@@ -144,6 +155,7 @@ class AttemptReport:
     costs: tuple[Decimal, ...] = ()  # GBP per usage of ``result`` (or of a failed attempt)
     reserved_gbp: Decimal = Decimal(0)  # the worst case the attempt reserved
     delivery: Delivery | None = None  # a success: due when, and visible since when (if yet)
+    flow_wait_seconds: float = 0.0  # waited on the provider limiter's tokens
 
 
 Observer = Callable[[AttemptReport], None]
@@ -156,6 +168,7 @@ class _Failure:
     retryable: bool
     retry_after: float | None = None
     usages: tuple[TokenUsage, ...] = ()  # what the failed attempt is known to have consumed
+    stated: Limits | None = None  # the limits a 429 stated
 
 
 def _known_usages(usages: Sequence[object]) -> tuple[TokenUsage, ...]:
@@ -184,6 +197,7 @@ class Worker:
         notifier: Notifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         observers: list[Observer] | None = None,
+        flow: FlowControl | None = None,
     ) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
@@ -193,6 +207,11 @@ class Worker:
         self.notifier: Notifier = notifier or LogNotifier()
         self.clock = clock
         self.observers = list(observers or [])
+        # Flow control at the provider: admission per limit key, shared through the database.
+        self.flow = flow or FlowControl(
+            pool, limit_key_of(generator),
+            Limits(settings.llm_requests_per_minute, settings.llm_tokens_per_minute),
+            concurrency=settings.concurrency)
         # Keyed by claim token, never by item id: the same item can be claimed again by this
         # very worker (reaped, or cancelled and retried) while its old attempt still runs.
         self.in_flight: dict[int, InFlight] = {}
@@ -222,6 +241,7 @@ class Worker:
         """Claim and dispatch until :meth:`stop` (or, with ``burst``, until nothing is due and
         nothing is in flight)."""
         failures = 0
+        drained = False
         while not self._stopping.is_set():
             self._tick()
             free = self.settings.concurrency - len(self.in_flight)
@@ -232,7 +252,22 @@ class Worker:
             self.wake.clear()
             wanted = min(free, self._claim_chunk)
             try:
+                # Claim only what the provider's budget admits; otherwise sleep until the
+                # refill (or until an item ends and frees a slot of the window).
+                # After a claim that found nothing, ask for one request only: an idle worker
+                # must not keep taking (and giving back) the fleet's budget at every poll.
+                admitted, flow_wait = await self.flow.admit(
+                    1 if drained and self.flow.enabled else wanted)
+                if admitted == 0:
+                    await self._wait({self._slot_freed},
+                                     self.settings.poll_interval if flow_wait is None
+                                     else min(flow_wait, self.settings.poll_interval))
+                    continue
+                wanted = admitted
                 items = await self._claim(wanted)
+                drained = not items
+                if len(items) < wanted:
+                    await self.flow.unused(wanted - len(items))
                 failures = 0
             except TRANSIENT_DB_ERRORS as exc:
                 failures += 1
@@ -256,6 +291,7 @@ class Worker:
             items = await queue.claim_due_items(
                 conn, worker=self.worker_id, limit=limit,
                 lease_seconds=self.settings.lease_seconds,
+                org_max_in_flight=self.settings.org_max_in_flight,
             )
         if items:
             claimed_at = time.time()
@@ -341,6 +377,10 @@ class Worker:
                 self._log.exception("item_crashed", error=describe_error(exc))
                 report.reason, report.error = FailureReason.LOST_WORKER, describe_error(exc)
                 report.outcome = Outcome.LEASE_LOST
+            finally:
+                if not entry.flow_settled:
+                    entry.flow_settled = True
+                    self.flow.done()
             report.item_seconds = time.monotonic() - started
             self._report(report)
             return report.outcome
@@ -350,20 +390,41 @@ class Worker:
         try:
             prepared = await self._prepares.submit(item)
         except CostLimitReached as exc:
+            await self._give_back_flow(entry)
             await self._trip(item, exc, report)
             return
         except ItemUnavailable as exc:
+            await self._give_back_flow(entry)
             reason = str(exc)
             await self._db(partial(cancel_item, item=item, reason=reason))
             report.outcome, report.error = Outcome.CANCELLED, reason
             return
         except InvalidItemError as exc:
+            await self._give_back_flow(entry)
             await self._record_failure(
                 entry, None, _Failure(FailureReason.INVALID_ITEM, str(exc), retryable=False),
                 report,
             )
             return
 
+        # The call's worst-case tokens from the provider's budget (the reservation's estimate),
+        # corrected with the real usage afterwards.
+        charged = 0
+        if self.flow.enabled:
+            estimate = estimate_max_usage(self.generator, prepared.request)
+            charged = estimate.total_tokens if estimate is not None else 0
+            try:
+                report.flow_wait_seconds = await self.flow.take_tokens(charged)
+            except KeyCoolingDown as held:
+                # No call was made: the request goes back, and so does the item, for when
+                # the key's hold ends (no attempt used, no feedback: nothing new was learned).
+                await self._give_back_flow(entry)
+                reason = (FailureReason.QUOTA_EXHAUSTED if held.reason == "quota_exhausted"
+                          else FailureReason.RATE_LIMITED)
+                await self._defer(entry, prepared,
+                                  _Failure(reason, str(held), True, held.seconds), str(held),
+                                  report, feedback=False)
+                return
         entry.phase = "generating"
         report.reserved_gbp = prepared.reserved_gbp
         self._log.debug("generation_started", episode_id=prepared.episode_id)
@@ -375,6 +436,10 @@ class Worker:
             await self._record_failure(entry, prepared, failure, report)
             return
         assert result is not None
+        try:
+            await self.flow.succeeded(charged, sum(u.total_tokens for u in result.usages))
+        except TRANSIENT_DB_ERRORS as exc:  # the episode matters more than the correction
+            self._log.warning("flow_correction_failed", error=describe_error(exc))
         costs = tuple(self.budget.prices.cost(u) for u in result.usages)
         report.delivery = await self._writes.submit(EpisodeWrite(
             item=item, prepared=prepared, result=result, costs=costs, now=self.clock(),
@@ -401,6 +466,12 @@ class Worker:
             raw = await asyncio.wait_for(self.generator.generate(prepared.request), timeout)
             return validate_result(raw, prepared.request,
                                    max_episode_bytes=self.settings.max_episode_bytes), None
+        except RateLimitedError as exc:
+            return None, _Failure(FailureReason.RATE_LIMITED, str(exc), True, exc.retry_after,
+                                  stated=Limits(exc.requests_per_minute, exc.tokens_per_minute))
+        except QuotaExhaustedError as exc:
+            return None, _Failure(FailureReason.QUOTA_EXHAUSTED, str(exc), True,
+                                  exc.retry_after)
         except RetryableGenerationError as exc:
             return None, _Failure(FailureReason.GENERATOR_RETRYABLE, str(exc), True,
                                   exc.retry_after, usages=_known_usages(exc.usages))
@@ -428,21 +499,87 @@ class Worker:
     ) -> None:
         item = entry.item
         message = failure.message[:MAX_ERROR_CHARS]
-        retry_in: float | None = None
-        if failure.retryable and item.attempt < self.settings.max_attempts:
-            retry_in = retry_delay(item.attempt, failure.retry_after)
-        elif failure.retryable:
-            message = f"gave up after {item.attempt} attempts: {message}"[:MAX_ERROR_CHARS]
+        if failure.retryable:
+            await self._defer(entry, prepared, failure, message, report)
+            return
         costs = tuple(self.budget.prices.cost(u) for u in failure.usages)
         await self._db(partial(write_failure, item=item, prepared=prepared, error=message,
-                               retry_in=retry_in, usages=failure.usages, costs=costs))
+                               retry_in=None, usages=failure.usages, costs=costs))
         report.costs = costs
-        report.outcome = Outcome.RETRY if retry_in is not None else Outcome.FAILED
+        report.outcome = Outcome.FAILED
         report.reason, report.error = failure.reason, message
-        self._log.warning(
-            "attempt_failed", reason=failure.reason.value, error=message,
-            retry_in=None if retry_in is None else round(retry_in, 3),
-        )
+        self._log.warning("attempt_failed", reason=failure.reason.value, error=message,
+                          retry_in=None)
+
+    async def _defer(
+        self, entry: InFlight, prepared: Prepared | None, failure: _Failure, message: str,
+        report: AttemptReport, *, feedback: bool = True,
+    ) -> None:
+        """A call that does not use up an attempt. A rate limit holds the fleet's calls under
+        the key until the provider's reset and puts the item back for then; an exhausted quota
+        pauses the key (the first worker to see it notifies) and the item waits; a transient
+        failure backs off until MF_RETRY_DEADLINE or the project's next occurrence."""
+        item = entry.item
+        retry_after = failure.retry_after
+        kind = "transient"
+        if failure.reason is FailureReason.RATE_LIMITED:
+            kind = "rate_limited"
+            if feedback:
+                await self._flow_feedback(self.flow.rate_limited(retry_after or 1.0,
+                                                                 failure.stated or Limits()))
+        elif failure.reason is FailureReason.QUOTA_EXHAUSTED and not feedback:
+            kind = "quota_exhausted"
+        elif failure.reason is FailureReason.QUOTA_EXHAUSTED:
+            kind = "quota_exhausted"
+            hold = await self._flow_feedback(self.flow.quota_exhausted(retry_after or 600.0))
+            if hold is not None:
+                retry_after = max((hold.until - self.clock()).total_seconds(), 0.0)
+                if hold.started and self.flow.key is not None:
+                    await self._notify_paused(ProviderPaused(
+                        limit_key=self.flow.key, reason=kind, paused_until=hold.until,
+                        error=message))
+        costs = tuple(self.budget.prices.cost(u) for u in failure.usages)
+        deferral = await self._db(partial(
+            write_deferral, item=item, prepared=prepared, reason=kind, error=message,
+            retry_after=retry_after, deadline_seconds=self.settings.retry_deadline,
+            not_after=_next_occurrence(item), backoff=transient_backoff(),
+            usages=failure.usages if kind == "transient" else (), costs=costs))
+        if kind == "transient":
+            report.costs = costs
+        failed = deferral.status == "failed"
+        if failed:
+            message = deferral.error
+            report.outcome = Outcome.FAILED
+        else:
+            report.outcome = Outcome.RETRY if kind == "transient" else Outcome.DEFERRED
+        report.reason, report.error = failure.reason, message
+        self._log.warning("attempt_failed" if kind == "transient" else "attempt_deferred",
+                          reason=failure.reason.value, error=message,
+                          retry_in=None if failed else round(deferral.delay_seconds, 3))
+
+    async def _flow_feedback(self, work: Awaitable[T]) -> T | None:
+        try:
+            return await work
+        except TRANSIENT_DB_ERRORS as exc:  # the item is put back either way
+            self._log.warning("flow_feedback_failed", error=describe_error(exc))
+            return None
+
+    async def _give_back_flow(self, entry: InFlight) -> None:
+        """The item ends before any call: its request goes back to the key's bucket."""
+        if entry.flow_settled:
+            return
+        entry.flow_settled = True
+        try:
+            await self.flow.unused(1)
+        except TRANSIENT_DB_ERRORS as exc:
+            self._log.warning("flow_correction_failed", error=describe_error(exc))
+
+    async def _notify_paused(self, event: ProviderPaused) -> None:
+        try:
+            await notify_provider_paused(self.notifier, event)
+        except Exception as exc:  # the key is paused either way; say so loudly
+            self._log.error("notification_failed", error=describe_error(exc),
+                            limit_key=event.limit_key)
 
     async def _trip(self, item: ClaimedItem, reached: CostLimitReached,
                     report: AttemptReport) -> None:
@@ -547,3 +684,14 @@ class Worker:
                     self._log.info("item_released")
                 self._report(AttemptReport(item=entry.item, outcome=Outcome.RELEASED))
         return released
+
+
+def _next_occurrence(item: ClaimedItem) -> datetime | None:
+    """The project's next delivery after this item's, from the item's metadata (a transient
+    failure is not retried past it); None when the item does not say (a manual item)."""
+    meta = item.metadata
+    try:
+        return next_occurrence(meta["cadence"], dt_time.fromisoformat(meta["delivery_time"]),
+                               meta["user_timezone"], item.scheduled_for)
+    except (KeyError, TypeError, ValueError):
+        return None

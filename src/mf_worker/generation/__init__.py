@@ -20,10 +20,13 @@ from mf_worker.generation.api import (
     PlanningNote,
     PreviousEpisode,
     ProjectInfo,
+    QuotaExhaustedError,
+    RateLimitedError,
     RetryableGenerationError,
     TokenUsage,
     UsageEstimator,
     estimate_max_usage,
+    limit_key_of,
 )
 from mf_worker.generation.loader import (
     ENTRY_POINT_GROUP,
@@ -51,11 +54,14 @@ __all__ = [
     "PluginLoadError",
     "PreviousEpisode",
     "ProjectInfo",
+    "QuotaExhaustedError",
+    "RateLimitedError",
     "RetryableGenerationError",
     "TokenUsage",
     "UsageEstimator",
     "available_generators",
     "estimate_max_usage",
+    "limit_key_of",
     "load_generator",
     "validate_result",
 ]

@@ -15,7 +15,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
 
 from mf_worker.errors import MfWorkerError
 
@@ -33,10 +33,13 @@ __all__ = [
     "PlanningNote",
     "PreviousEpisode",
     "ProjectInfo",
+    "QuotaExhaustedError",
+    "RateLimitedError",
     "RetryableGenerationError",
     "TokenUsage",
     "UsageEstimator",
     "estimate_max_usage",
+    "limit_key_of",
 ]
 
 
@@ -262,6 +265,76 @@ def _clean_delay(value: float | None) -> float | None:
     return delay if math.isfinite(delay) and delay >= 0 else None
 
 
+RATE_LIMIT_MIN_SECONDS: Final = 0.5
+"""The shortest wait a rate-limit answer can ask for; anything shorter is raised to this."""
+RATE_LIMIT_MAX_SECONDS: Final = 900.0
+"""The longest wait a rate-limit answer can ask for (15 minutes); longer is cut to this."""
+RATE_LIMIT_DEFAULT_SECONDS: Final = 1.0
+"""The wait assumed when a rate-limit answer gives none, or one that is not a number."""
+QUOTA_PAUSE_SECONDS: Final = 600.0
+"""How long calls under a limit key pause after an exhausted quota before one call probes."""
+
+
+class RateLimitedError(RetryableGenerationError):
+    """The provider refused the call for its rate limit (HTTP 429): not a failure of the item.
+
+    The worker puts the item back without using up an attempt, to run again after
+    `retry_after` seconds, and holds every worker's new calls under the generator's limit key
+    until then (a shared cooldown). `retry_after` is always a number: the provider's delay
+    clamped to `RATE_LIMIT_MIN_SECONDS`..`RATE_LIMIT_MAX_SECONDS` (0.5 s to 15 min), or
+    `RATE_LIMIT_DEFAULT_SECONDS` (1 s) when it gave none or gave garbage, so one absurd header
+    can neither park the fleet for days nor make it hammer the provider.
+    """
+
+    retry_after: float
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
+
+    def __init__(
+        self, message: str, retry_after: float | None = None, *,
+        requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
+    ) -> None:
+        super().__init__(message, _clamp_rate_limit(retry_after))
+        # What the provider says its limits are (OpenAI: x-ratelimit-limit-requests/-tokens),
+        # if it says: a fleet with no configured limits paces itself by them.
+        self.requests_per_minute = _positive(requests_per_minute)
+        self.tokens_per_minute = _positive(tokens_per_minute)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_rate_limited, (type(self), str(self), self.retry_after,
+                                        self.requests_per_minute, self.tokens_per_minute))
+
+
+def _rebuild_rate_limited(cls: type[RateLimitedError], message: str, retry_after: float,
+                          requests: float | None, tokens: float | None) -> RateLimitedError:
+    return cls(message, retry_after, requests_per_minute=requests, tokens_per_minute=tokens)
+
+
+def _positive(value: float | None) -> float | None:
+    delay = _clean_delay(value)
+    return delay if delay else None
+
+
+def _clamp_rate_limit(value: float | None) -> float:
+    delay = _clean_delay(value)
+    if delay is None:
+        return RATE_LIMIT_DEFAULT_SECONDS
+    return min(max(delay, RATE_LIMIT_MIN_SECONDS), RATE_LIMIT_MAX_SECONDS)
+
+
+class QuotaExhaustedError(RetryableGenerationError):
+    """The provider account's quota or credit is used up (OpenAI: ``insufficient_quota``).
+
+    Waiting a minute does not fix it; someone has to top up the account. The worker pauses
+    calls under the generator's limit key for `QUOTA_PAUSE_SECONDS` (then lets one call probe),
+    says so through the notifier and a metric, and puts the item back without using up an
+    attempt: the items wait instead of failing. `retry_after` is that pause.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message, QUOTA_PAUSE_SECONDS if retry_after is None else retry_after)
+
+
 class PermanentGenerationError(GenerationError):
     """A failure that will not go away by retrying (bad request, content refused by the model).
 
@@ -362,3 +435,21 @@ def estimate_max_usage(generator: object, request: GenerationRequest) -> TokenUs
                 f"{where}.{name}: {value} is negative", field=f"{where}.{name}"
             )
     return estimate
+
+
+def limit_key_of(generator: object) -> str | None:
+    """The provider limit a generator's calls count against, or None if it does not say.
+
+    A generator declares it with a `limit_key` attribute (or property): a string naming the
+    account and model its calls share a rate limit on, such as the `openai` generator's
+    ``"openai:http://host:port/v1#gpt-4o-mini"``. Workers that use the same key share one
+    request and token budget and one cooldown through the database. Anything but a non-empty
+    string (or an attribute that raises) counts as no key.
+    """
+    try:
+        key = getattr(generator, "limit_key", None)
+    except Exception:
+        return None
+    if isinstance(key, str) and key.strip():
+        return key.strip()[:200]
+    return None

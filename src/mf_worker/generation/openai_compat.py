@@ -54,6 +54,8 @@ from mf_worker.generation.api import (
     GenerationResult,
     MemoryDraft,
     PermanentGenerationError,
+    QuotaExhaustedError,
+    RateLimitedError,
     RetryableGenerationError,
     TokenUsage,
 )
@@ -343,6 +345,12 @@ class OpenAICompatibleGenerator:
         config = self.config
         return f"OpenAICompatibleGenerator(model={config.model!r}, server={config.server!r})"
 
+    @property
+    def limit_key(self) -> str:
+        """The provider limit these calls count against: the API's base URL and the model
+        (providers limit per account and model; the key itself is never part of it)."""
+        return f"openai:{_display_url(self.config.base_url)}#{self.config.model}"
+
     # -- the plugin API ------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -504,9 +512,13 @@ class OpenAICompatibleGenerator:
             return
         message = self._server_message(response)
         what = f"HTTP {status}" + (f": {message}" if message else "")
+        if status in (402, 429) and _quota_exhausted(response):
+            raise QuotaExhaustedError(f"LLM provider quota exhausted ({what})")
         if status == 429:
-            raise RetryableGenerationError(
-                f"LLM server rate limit ({what})", retry_after=retry_after_seconds(response.headers)
+            raise RateLimitedError(
+                f"LLM server rate limit ({what})", retry_after=rate_limit_delay(response.headers),
+                requests_per_minute=_stated_limit(response.headers, "requests"),
+                tokens_per_minute=_stated_limit(response.headers, "tokens"),
             )
         if status >= 500 or status in _RETRYABLE_4XX:
             raise RetryableGenerationError(
@@ -631,6 +643,70 @@ def retry_after_seconds(
             when = when.replace(tzinfo=UTC)
         return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_reset(raw: str) -> float | None:
+    """A provider's ``x-ratelimit-reset-*`` value in seconds: ``1s``, ``6m0s``, ``250ms``,
+    ``1h2m3.5s`` or a plain number of seconds; None when it is none of those."""
+    text = raw.strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+def rate_limit_delay(
+    headers: Mapping[str, str], *, now: datetime | None = None
+) -> float | None:
+    """How long a 429 asks to wait: ``retry-after-ms`` or ``Retry-After`` if usable, else the
+    longest ``x-ratelimit-reset-*`` of a limit whose ``x-ratelimit-remaining-*`` is 0 (or of
+    any limit, when none says so); None when nothing usable was sent. `RateLimitedError`
+    clamps the result to its documented range."""
+    explicit = retry_after_seconds(headers, now=now)
+    if explicit is not None:
+        return explicit
+    resets: dict[str, float] = {}
+    for name in ("requests", "tokens"):
+        raw = headers.get(f"x-ratelimit-reset-{name}")
+        value = parse_reset(raw) if raw else None
+        if value is not None:
+            resets[name] = value
+    exhausted = [v for n, v in resets.items()
+                 if (headers.get(f"x-ratelimit-remaining-{n}") or "").strip() == "0"]
+    candidates = exhausted or list(resets.values())
+    return max(candidates) if candidates else None
+
+
+def _stated_limit(headers: Mapping[str, str], name: str) -> float | None:
+    """``x-ratelimit-limit-requests`` / ``-tokens``: the provider's own per-minute limit."""
+    raw = (headers.get(f"x-ratelimit-limit-{name}") or "").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _quota_exhausted(response: httpx.Response) -> bool:
+    """Whether the answer is OpenAI's ``insufficient_quota`` (billing, not a rate limit)."""
+    try:
+        payload: object = response.json()
+    except ValueError:
+        return False
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        return False
+    return "insufficient_quota" in (error.get("code"), error.get("type"))
 
 
 def redact_key(text: str, key: str | None) -> str:

@@ -6,12 +6,14 @@ engine, the CLI and the benchmarks drive the queue only through these functions.
 
 from .store import (
     ClaimedItem,
+    Deferral,
     LeaseRenewal,
     ReapedItem,
     cancel_item_by_operator,
     claim_due_items,
     claim_item_by_id,
     complete_items,
+    defer_item,
     extend_leases,
     fence,
     finish_item,
@@ -24,12 +26,14 @@ from .store import (
 
 __all__ = [
     "ClaimedItem",
+    "Deferral",
     "LeaseRenewal",
     "ReapedItem",
     "cancel_item_by_operator",
     "claim_due_items",
     "claim_item_by_id",
     "complete_items",
+    "defer_item",
     "extend_leases",
     "fence",
     "finish_item",

@@ -15,19 +15,75 @@
 -- the database's clock by default, so hosts with skewed clocks still agree.
 
 -- name: claim_due_items
--- Batched: one short transaction claims up to `limit` due items, earliest deadline first
--- (scheduled_for: the delivery instant; items become due a lead window before it, so a burst
--- is spread over the window and the items closest to their instant go first), skipping
--- rows other workers have locked. Each claim draws a new claim token. attempt_count counts
--- generator calls (a release gives the attempt back).
-WITH due AS (
-    SELECT id
-    FROM episode_schedule_queue
-    WHERE status = 'pending'
-      AND run_after <= coalesce(%(now)s, now())
-    ORDER BY scheduled_for, run_after, id
+-- Batched: one short transaction claims up to `limit` due items, skipping rows other workers
+-- have locked. Fair across organisations: an organisation's due items take turns after the
+-- items it already has processing or completed in the last ten minutes (its first due item's
+-- turn is that count + 1; the completed ones are counted up to 4 × limit),
+-- and items are taken by turn, then by the time they were due (scheduled_for), an item that
+-- was already started (put back by a rate limit) before one that was not; so every
+-- organisation's earliest item comes before any organisation's second, and one
+-- organisation's backlog cannot starve the rest however many claims it takes. With k
+-- organisations due, each offers its first
+-- ceil(4 × limit / k) due items (an index range scan that stops early): exact when few
+-- organisations are due, close to exact when many are (an organisation's second item may
+-- then wait for the next claim behind another's first, the fair side to err on). At most
+-- `org_max_in_flight` minus what an organisation has processing (NULL: no cap; concurrent
+-- claims may overshoot the cap by what they take at the same instant). Each claim draws a
+-- new claim token. attempt_count counts generator calls (a release gives the attempt back).
+WITH spread AS (
+    -- How many organisations have a due item, counted up to 4 × `limit`: with k of them, each
+    -- offers at most ceil(4 × limit / k) candidates. Four times the claim, so that claims
+    -- racing for the same items find others to take when SKIP LOCKED passes over one.
+    SELECT count(*) AS orgs FROM (
+        SELECT 1 FROM public.organizations AS o
+        WHERE EXISTS (SELECT 1 FROM public.episode_schedule_queue AS q
+                      WHERE q.organization_id = o.id AND q.status = 'pending'
+                        AND q.run_after <= coalesce(%(now)s, now()))
+        LIMIT 4 * %(limit)s
+    ) AS found
+), candidates AS (
+    SELECT c.id, b.busy + r.served + c.rank AS turn, c.scheduled_for, c.started
+    FROM spread, public.organizations AS o
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS busy FROM public.episode_schedule_queue AS p
+        WHERE p.organization_id = o.id AND p.status = 'processing'
+    ) AS b
+    CROSS JOIN LATERAL (
+        -- Served recently: items completed in the last ten minutes, counted up to 4 × limit.
+        SELECT count(*) AS served FROM (
+            SELECT 1 FROM public.episode_schedule_queue AS d
+            WHERE d.organization_id = o.id AND d.status = 'completed'
+              AND d.completed_at > coalesce(%(now)s, now()) - interval '10 minutes'
+            LIMIT 4 * %(limit)s
+        ) AS recent
+    ) AS r
+    CROSS JOIN LATERAL (
+        SELECT q.id, q.scheduled_for, q.picked_up_at IS NOT NULL AS started,
+               row_number() OVER (ORDER BY q.run_after, q.id) AS rank
+        FROM public.episode_schedule_queue AS q
+        WHERE q.organization_id = o.id
+          AND q.status = 'pending'
+          AND q.run_after <= coalesce(%(now)s, now())
+        ORDER BY q.run_after, q.id
+        LIMIT least(ceil(4 * %(limit)s::numeric / greatest(spread.orgs, 1))::int,
+                    CASE WHEN %(org_max_in_flight)s::int IS NULL THEN 4 * %(limit)s
+                         ELSE greatest(%(org_max_in_flight)s::int - b.busy, 0) END)
+    ) AS c
+), first AS (
+    -- The best few candidates, chosen in memory before any row is locked (a few more than
+    -- asked, so rows that concurrent claims hold can be skipped).
+    SELECT id, turn, scheduled_for, started FROM candidates
+    ORDER BY turn, scheduled_for, started DESC, id
+    LIMIT 4 * %(limit)s
+), due AS (
+    SELECT q.id
+    FROM first AS c
+    JOIN public.episode_schedule_queue AS q ON q.id = c.id
+    WHERE q.status = 'pending'
+      AND q.run_after <= coalesce(%(now)s, now())
+    ORDER BY c.turn, c.scheduled_for, c.started DESC, c.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
 )
 UPDATE episode_schedule_queue AS q
 SET status           = 'processing',
@@ -170,8 +226,11 @@ WHERE q.id = old.id
 RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;
 
 -- name: reap_expired_leases
--- Items whose worker stopped heartbeating: back to pending, or failed when the attempts are
--- used up. Safe to run from every daemon at once (SKIP LOCKED; each row reaped once).
+-- Items whose worker stopped heartbeating: back to pending, or failed when workers were lost
+-- on it MF_MAX_ATTEMPTS times (lost_count: counted apart from attempt_count, which transient
+-- failures also grow, so a provider incident followed by one crash does not fail the item,
+-- while an item that keeps crashing its workers is still stopped). Safe to run from every
+-- daemon at once (SKIP LOCKED; each row reaped once).
 WITH expired AS (
     SELECT id
     FROM episode_schedule_queue
@@ -182,8 +241,9 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE episode_schedule_queue AS q
-SET status           = CASE WHEN q.attempt_count >= %(max_attempts)s THEN 'failed'
+SET status           = CASE WHEN q.lost_count + 1 >= %(max_attempts)s THEN 'failed'
                             ELSE 'pending' END,
+    lost_count       = q.lost_count + 1,
     run_after        = coalesce(%(now)s, now()),
     last_error       = format('worker lost: %%s stopped renewing its lease on attempt %%s '
                               '(expired %%s)', q.locked_by, q.attempt_count,
@@ -211,3 +271,63 @@ WHERE id IN (
 -- name: next_due_at
 -- When the earliest pending item becomes due, so an idle worker can sleep exactly until then.
 SELECT min(run_after) AS due_at FROM episode_schedule_queue WHERE status = 'pending';
+
+-- name: defer_item
+-- A call that must not fail the item: a rate limit or an exhausted quota (the provider's
+-- wait; the attempt is given back and the reservation released unbooked, since the provider
+-- refused the call and billed nothing), or a transient failure (timeout, 5xx, dropped
+-- connection; the backoff; the attempt stays counted and the reservation is booked as an
+-- estimate by the queue's trigger, as the call may have run; MF_MAX_ATTEMPTS does not bound
+-- these: time does). Back to pending
+-- after the delay, counted by kind (retry_count for transient failures, deferred_count for
+-- the rest). The backoff of a transient failure is
+-- 1 s · 2^retry_count capped at `cap_seconds`, times the caller's `jitter`, or the provider's
+-- `retry_after` if longer (engine/backoff.py holds the rule and draws the jitter); its retry
+-- must come before the deadline (picked_up_at + deadline_seconds) and before the project's
+-- next occurrence (`not_after`), else the item fails with its error. Returns the status it
+-- ended in and the delay. Fenced like every transition out of 'processing'.
+WITH p AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now, %(reason)s::text AS reason
+), d AS (
+    SELECT q.id,
+           CASE WHEN p.reason = 'transient'
+                THEN greatest(least(%(base_seconds)s::float8 * power(2::float8,
+                                        least(q.retry_count, 30)), %(cap_seconds)s::float8)
+                              * %(jitter)s::float8,
+                              coalesce(%(retry_after)s::float8, 0))
+                ELSE coalesce(%(retry_after)s::float8, 0) END AS delay_seconds,
+           q.picked_up_at
+    FROM public.episode_schedule_queue AS q, p
+    WHERE q.id = %(id)s
+), v AS (
+    SELECT d.id, d.delay_seconds,
+           p.reason = 'transient'
+           AND p.now + make_interval(secs => d.delay_seconds) > least(
+               coalesce(d.picked_up_at, p.now) + make_interval(secs => %(deadline_seconds)s),
+               coalesce(%(not_after)s::timestamptz, 'infinity'::timestamptz)) AS give_up
+    FROM d, p
+)
+UPDATE public.episode_schedule_queue AS q
+SET status           = CASE WHEN v.give_up THEN 'failed' ELSE 'pending' END,
+    attempt_count    = CASE WHEN v.give_up OR p.reason = 'transient' THEN q.attempt_count
+                            ELSE greatest(q.attempt_count - 1, 0) END,
+    reserved_cost_gbp = CASE WHEN p.reason = 'transient' AND NOT %(settled)s
+                             THEN q.reserved_cost_gbp END,
+    run_after        = CASE WHEN v.give_up THEN q.run_after
+                            ELSE p.now + make_interval(secs => v.delay_seconds) END,
+    retry_count      = q.retry_count + (p.reason = 'transient')::int,
+    deferred_count   = q.deferred_count + (p.reason <> 'transient')::int,
+    deferred_reason  = CASE WHEN v.give_up THEN NULL ELSE p.reason END,
+    last_error       = CASE WHEN v.give_up
+                            THEN left(format('gave up after %%s transient failures '
+                                             '(MF_RETRY_DEADLINE or the project''s next '
+                                             'episode reached): %%s',
+                                             q.retry_count + 1, %(error)s::text), 2000)
+                            ELSE %(error)s END,
+    locked_by        = NULL,
+    lease_expires_at = NULL
+FROM v, p
+WHERE q.id = v.id
+  AND q.claim_token = %(token)s
+  AND q.status = 'processing'
+RETURNING q.status, v.delay_seconds, q.retry_count, q.last_error;

@@ -65,12 +65,15 @@ class ReapedItem:
 
 async def claim_due_items(
     conn: Connection, *, worker: str, limit: int, lease_seconds: float,
-    now: datetime | None = None,
+    now: datetime | None = None, org_max_in_flight: int | None = None,
 ) -> list[ClaimedItem]:
-    """Claim up to ``limit`` due pending items for ``worker`` in one short transaction."""
+    """Claim up to ``limit`` due pending items for ``worker`` in one short transaction, fairly
+    across organisations (each one's earliest before anyone's second), with at most
+    ``org_max_in_flight`` of one organisation's items processing (None: no cap)."""
     cur = await conn.execute(
         _Q["claim_due_items"],
-        {"worker": worker, "limit": limit, "lease_seconds": lease_seconds, "now": now},
+        {"worker": worker, "limit": limit, "lease_seconds": lease_seconds, "now": now,
+         "org_max_in_flight": org_max_in_flight},
     )
     return [ClaimedItem.from_row(r) for r in await cur.fetchall()]
 
@@ -202,6 +205,44 @@ async def cancel_item_by_operator(
     cur = await conn.execute(_Q["cancel_item_by_operator"], {"id": item_id, "reason": reason})
     row: dict[str, Any] | None = await cur.fetchone()
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """What `defer_item` did: ``pending`` again after ``delay_seconds``, or ``failed``."""
+
+    status: str
+    delay_seconds: float
+    retry_count: int
+    error: str  # as stored in last_error
+
+
+async def defer_item(
+    conn: Connection, item: ClaimedItem, *, reason: str, error: str,
+    retry_after: float | None = None, deadline_seconds: float = 0.0,
+    not_after: datetime | None = None, backoff: tuple[float, float, float] = (1.0, 300.0, 1.0),
+    settled: bool = False, now: datetime | None = None,
+) -> Deferral | None:
+    """Put the item back without using up its attempt: ``reason`` is ``rate_limited`` or
+    ``quota_exhausted`` (after ``retry_after``), or ``transient`` (after the backoff, unless
+    that comes after ``deadline_seconds`` from the first pick-up or after ``not_after``: then
+    it fails). ``backoff`` is (base, cap, jitter factor). ``settled``: the caller books a
+    transient failure's real usage in this transaction (else its reservation is booked as an
+    estimate). None if the fence no longer holds."""
+    if reason not in ("rate_limited", "quota_exhausted", "transient"):
+        raise ValueError(f"defer_item: unknown reason {reason!r}")
+    base, cap, jitter = backoff
+    cur = await conn.execute(_Q["defer_item"], {
+        **fence(item), "now": now, "reason": reason, "error": error,
+        "retry_after": retry_after, "deadline_seconds": deadline_seconds,
+        "not_after": not_after, "base_seconds": base, "cap_seconds": cap, "jitter": jitter,
+        "settled": settled,
+    })
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return Deferral(status=row["status"], delay_seconds=float(row["delay_seconds"]),
+                    retry_count=row["retry_count"], error=row["last_error"])
 
 
 async def reap_expired_leases(

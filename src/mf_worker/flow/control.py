@@ -1,0 +1,189 @@
+"""One process's flow control at the provider: what the claim loop may take, and what a
+generator call must wait for.
+
+`FlowControl` sits between the worker and the fleet-wide limiter (``limiter.py``). For a
+generator that names its limit key (`mf_worker.generation.limit_key_of`), before each claim the
+claim loop asks `admit` how many items it may claim: one request is taken from the key's bucket
+per item (so the fleet claims only what the provider's budget admits, and sleeps until the
+refill otherwise), capped by an adaptive in-flight window per key. Before the call the item
+takes its worst-case tokens (`take_tokens`); afterwards the tokens are corrected with the real
+usage (`succeeded`), a 429 halves the window and sets the shared cooldown (`rate_limited`), and
+an exhausted quota pauses the key (`quota_exhausted`). A generator without a limit key passes
+straight through: no statement, no wait.
+
+The window starts small (`INITIAL_WINDOW`) and grows by one per success, like a slow start,
+until the first 429; it then halves (at most once per cooldown) and grows by 1/window per
+success. With limits configured (or learned from a 429's headers) the buckets do the pacing and
+the window rarely binds; with nothing known, the cooldown and the window keep 429s rare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from ..db import Pool
+from ..errors import MfWorkerError
+from . import limiter
+from .limiter import CoolDown, Limits
+
+__all__ = ["INITIAL_WINDOW", "FlowControl", "FlowEvent", "KeyCoolingDown"]
+
+INITIAL_WINDOW: Final = 4
+MAX_TOKEN_WAIT_SECONDS: Final = 30.0  # one sleep's most; the loop re-asks after it
+
+
+class KeyCoolingDown(MfWorkerError):
+    """The limit key is held for longer than an item should wait holding its claim (an
+    exhausted quota, a long reset): the item goes back to the queue without calling."""
+
+    def __init__(self, reason: str, seconds: float) -> None:
+        super().__init__(f"calls to the provider are paused for {seconds:.0f} s ({reason})")
+        self.reason = reason
+        self.seconds = seconds
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEvent:
+    """What flow control did, for the metrics: ``kind`` is ``wait`` (``seconds`` spent waiting
+    on the limiter), ``rate_limited``, ``cooldown`` (``reason``) or ``window`` (``value``)."""
+
+    kind: str
+    key: str
+    seconds: float = 0.0
+    reason: str | None = None
+    value: float = 0.0
+
+
+class FlowControl:
+    """Admission and feedback for one process's calls under one limit key (or none)."""
+
+    def __init__(self, pool: Pool, key: str | None, limits: Limits, *, concurrency: int,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.pool = pool
+        self.key = key
+        self.limits = limits
+        self.concurrency = concurrency
+        self.window = float(min(INITIAL_WINDOW, concurrency))
+        self.in_flight = 0  # items admitted and not yet done
+        self._slow_start = True
+        self._halved_at = -math.inf
+        self._monotonic = monotonic
+        self.listeners: list[Callable[[FlowEvent], None]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.key is not None
+
+    def _emit(self, event: FlowEvent) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    # -- admission -----------------------------------------------------------------------------
+
+    async def admit(self, wanted: int) -> tuple[int, float | None]:
+        """How many of ``wanted`` items the claim loop may claim now (their requests are
+        taken), and if fewer, how long to sleep before asking again (None: until a slot of the
+        window frees)."""
+        if self.key is None:
+            return wanted, None
+        room = min(wanted, math.floor(self.window) - self.in_flight)
+        if room <= 0:
+            return 0, None
+        granted, wait = 0, None
+        async with self.pool.connection() as conn:
+            for _ in range(room):
+                grant = await limiter.acquire(conn, self.key, limits=self.limits, requests=1)
+                if not grant.granted:
+                    wait = grant.wait_seconds
+                    break
+                granted += 1
+        self.in_flight += granted
+        if wait is not None and granted == 0:
+            self._emit(FlowEvent("wait", self.key, seconds=wait))
+        return granted, wait
+
+    async def unused(self, count: int) -> None:
+        """The claim found fewer items than admitted, or items ended before their call: give
+        their requests back and free their window slots."""
+        if self.key is None or count <= 0:
+            return
+        self.in_flight = max(self.in_flight - count, 0)
+        async with self.pool.connection() as conn:
+            await limiter.correct(conn, self.key, limits=self.limits, requests=count)
+
+    async def take_tokens(self, tokens: int) -> float:
+        """Before the call: take its worst-case tokens, sleeping until the bucket holds them.
+        Returns the seconds waited. Raises `KeyCoolingDown` when the key is held for longer
+        than `MAX_TOKEN_WAIT_SECONDS` (the item should go back to the queue instead)."""
+        if self.key is None or tokens <= 0:
+            return 0.0
+        waited = 0.0
+        while True:
+            async with self.pool.connection() as conn:
+                grant = await limiter.acquire(conn, self.key, limits=self.limits, requests=0,
+                                              tokens=tokens)
+            if grant.granted:
+                if waited:
+                    self._emit(FlowEvent("wait", self.key, seconds=waited))
+                return waited
+            if grant.cooling_for is not None and grant.wait_seconds > MAX_TOKEN_WAIT_SECONDS:
+                raise KeyCoolingDown(grant.cooling_for, grant.wait_seconds)
+            pause = min(grant.wait_seconds, MAX_TOKEN_WAIT_SECONDS)
+            waited += pause
+            await asyncio.sleep(pause)
+
+    # -- feedback ------------------------------------------------------------------------------
+
+    def done(self) -> None:
+        """An admitted item ended (whatever the outcome): its window slot is free."""
+        if self.key is not None:
+            self.in_flight = max(self.in_flight - 1, 0)
+
+    async def succeeded(self, charged_tokens: int, used_tokens: int) -> None:
+        """The call went through: grow the window, give back the tokens it did not use."""
+        if self.key is None:
+            return
+        grow = 1.0 if self._slow_start else 1.0 / max(self.window, 1.0)
+        self.window = min(float(self.concurrency), self.window + grow)
+        if charged_tokens and charged_tokens != used_tokens:
+            async with self.pool.connection() as conn:
+                await limiter.correct(conn, self.key, limits=self.limits,
+                                      tokens=charged_tokens - used_tokens)
+
+    async def rate_limited(self, retry_after: float, stated: Limits) -> CoolDown | None:
+        """A 429: hold the fleet's calls under the key until the provider's reset, and halve
+        this process's window (once per cooldown, so a burst of 429s halves it once)."""
+        if self.key is None:
+            return None
+        now = self._monotonic()
+        self._slow_start = False
+        if now - self._halved_at >= retry_after:
+            self.window = max(1.0, self.window / 2)
+            self._halved_at = now
+            self._emit(FlowEvent("window", self.key, value=self.window))
+        self._emit(FlowEvent("rate_limited", self.key))
+        async with self.pool.connection() as conn:
+            hold = await limiter.cool_down(conn, self.key, seconds=retry_after,
+                                           reason="rate_limited", stated=stated)
+        if hold.started:
+            self._emit(FlowEvent("cooldown", self.key, seconds=retry_after,
+                                 reason="rate_limited"))
+        return hold
+
+    async def quota_exhausted(self, pause: float) -> CoolDown | None:
+        """An exhausted quota: pause the key fleet-wide; ``started`` tells the first to see it."""
+        if self.key is None:
+            return None
+        self.window = 1.0
+        self._slow_start = False
+        async with self.pool.connection() as conn:
+            hold = await limiter.cool_down(conn, self.key, seconds=pause,
+                                           reason="quota_exhausted")
+        if hold.started:
+            self._emit(FlowEvent("cooldown", self.key, seconds=pause, reason="quota_exhausted"))
+        return hold
