@@ -2,9 +2,9 @@
 
 For an organisation with N usage rows today (10k and 1M by default) it times, side by side in
 one run, the check mf-worker does (read the organisation's row of ``token_usage_daily`` with its
-limit, the ``read_budget`` query) and the naive one the source design warned about (``SUM`` over
-today's ``token_usage`` rows, served by the (organization_id, created_at) index). It prints the
-median per check and the ratio. Figures only; nothing here asserts on time.
+limit, the ``read_daily_budget`` query) and the naive one the source design warned about
+(``SUM`` over today's ``token_usage`` rows, served by the (organization_id, created_at) index).
+It prints the median per check and the ratio. Figures only; nothing here asserts on time.
 
     .venv/bin/python bench/bench_cost.py [--sizes 10000 1000000] [--repeat 200]
 """
@@ -85,7 +85,7 @@ async def measure(url: str, rows: int, repeat: int) -> tuple[float, float, int]:
                 samples.append(time.perf_counter() - started)
             return statistics.median(samples)
 
-        check = load_queries("mf_worker.cost", "budget.sql")["read_budget"]
+        check = load_queries("mf_worker.cost", "budget.sql")["read_daily_budget"]
         return await timed(check), await timed(RAW_SUM), org_rows
 
 

@@ -54,6 +54,7 @@ from psycopg.rows import dict_row
 from mf_worker import status
 from mf_worker.db import connect, open_pool
 from mf_worker.db.migrate import apply_migrations
+from mf_worker.db.sql import load_queries
 from mf_worker.logs import configure_logging
 from mf_worker.queue import store
 from mf_worker.scheduling.scheduler import Scheduler
@@ -214,11 +215,7 @@ async def measure(url: str, n: int) -> dict[str, Any]:
         out["exact count (old scrape) ms"] = (time.perf_counter() - started) * 1000
         # What the limit check reads (inside reserve_budget): the organisation's row of the
         # daily aggregate and its limit, never the raw usage rows.
-        budget = ("SELECT coalesce(d.total_cost_gbp + d.reserved_gbp, 0) AS spent,"
-                  " coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp"
-                  " FROM organizations o LEFT JOIN token_usage_daily d"
-                  "   ON d.organization_id = o.id AND d.date = %(date)s"
-                  " WHERE o.id = %(organization_id)s")
+        budget = load_queries("mf_worker.cost", "budget.sql")["read_daily_budget"]
         params = {"organization_id": "org_1", "date": datetime.now(UTC).date(),
                   "default_limit": Decimal(50)}
         checks = []

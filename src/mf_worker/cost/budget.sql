@@ -175,3 +175,13 @@ SET status = 'cancelled', blocked_on = NULL,
 WHERE organization_id = %(organization_id)s AND status = 'blocked'
   AND blocked_on IS NOT NULL AND blocked_on < %(date)s AND scheduled_for <= %(now)s
 RETURNING id;
+
+-- name: read_daily_budget
+-- What the limit check reads (inside reserve_budget, whose final SELECT explains a refusal the
+-- same way): the organisation's row of the daily aggregate and its limit, never the raw usage
+-- rows. Named on its own for the benchmarks (bench_cost.py, bench_scale.py).
+SELECT coalesce(d.total_cost_gbp + d.reserved_gbp, 0) AS spent_gbp,
+       coalesce(o.daily_cost_limit_gbp, %(default_limit)s) AS limit_gbp
+FROM organizations o
+LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = %(date)s
+WHERE o.id = %(organization_id)s;
