@@ -444,35 +444,33 @@ def test_a_temporary_table_cannot_hijack_the_usage_trigger(
     and the other organisation's episode stays unread."""
     mine, theirs = make_tenant(db), make_tenant(db)
     make_episode(db, theirs["project"], title="Their secret plans", status="ready")
-    as_worker = worker_role_url
-    if True:  # (one block, as before the fixture existed)
-        with psycopg.connect(as_worker, autocommit=True) as conn, \
-                pytest.raises(errors.InsufficientPrivilege):
-            conn.execute("CREATE TEMP TABLE probe (x int)")
-        _grant_temp(db, _role_of(as_worker))
-        with psycopg.connect(as_worker, autocommit=True, row_factory=dict_row) as conn:
-            conn.execute("""
-                CREATE TEMP TABLE token_usage_daily (LIKE public.token_usage_daily
-                                                     INCLUDING DEFAULTS,
-                                                     PRIMARY KEY (organization_id, date));
-                CREATE TEMP TABLE loot (title text);
-                CREATE FUNCTION pg_temp.steal() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN
-                    INSERT INTO pg_temp.loot SELECT title FROM public.episodes;
-                    RETURN NEW;
-                END $$;
-                CREATE TRIGGER steal BEFORE INSERT ON pg_temp.token_usage_daily
-                    FOR EACH ROW EXECUTE FUNCTION pg_temp.steal();
-            """)
-            with conn.transaction():
-                conn.execute("SELECT set_config('app.current_org_id', %s, true)",
-                             [mine["org"]["id"]])
-                conn.execute(
-                    "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
-                    " completion_tokens, cost_gbp)"
-                    " VALUES (%s, 'episode_generation', 'm', 10, 10, 10)", [mine["org"]["id"]])
-            loot = conn.execute("SELECT title FROM pg_temp.loot").fetchall()
-        assert loot == []
+    with psycopg.connect(worker_role_url, autocommit=True) as conn, \
+            pytest.raises(errors.InsufficientPrivilege):
+        conn.execute("CREATE TEMP TABLE probe (x int)")
+    _grant_temp(db, _role_of(worker_role_url))
+    with psycopg.connect(worker_role_url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("""
+            CREATE TEMP TABLE token_usage_daily (LIKE public.token_usage_daily
+                                                 INCLUDING DEFAULTS,
+                                                 PRIMARY KEY (organization_id, date));
+            CREATE TEMP TABLE loot (title text);
+            CREATE FUNCTION pg_temp.steal() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO pg_temp.loot SELECT title FROM public.episodes;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER steal BEFORE INSERT ON pg_temp.token_usage_daily
+                FOR EACH ROW EXECUTE FUNCTION pg_temp.steal();
+        """)
+        with conn.transaction():
+            conn.execute("SELECT set_config('app.current_org_id', %s, true)",
+                         [mine["org"]["id"]])
+            conn.execute(
+                "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+                " completion_tokens, cost_gbp)"
+                " VALUES (%s, 'episode_generation', 'm', 10, 10, 10)", [mine["org"]["id"]])
+        loot = conn.execute("SELECT title FROM pg_temp.loot").fetchall()
+    assert loot == []
     spent = one(db, "SELECT total_cost_gbp FROM token_usage_daily WHERE organization_id = %s",
                 mine["org"]["id"])
     assert spent["total_cost_gbp"] == Decimal(10)
@@ -485,17 +483,15 @@ def test_nobody_can_attach_the_definer_functions_to_a_table_of_their_own(
     fire the usage trigger's definer function from it, which would write any organisation's
     aggregate with the owner's rights."""
     theirs = make_tenant(db)
-    as_worker = worker_role_url
-    if True:  # (one block, as before the fixture existed)
-        _grant_temp(db, _role_of(as_worker))
-        with psycopg.connect(as_worker, autocommit=True) as conn:
-            conn.execute("CREATE TEMP TABLE fake (organization_id text, created_at timestamptz,"
-                         " operation text, total_tokens bigint, cost_gbp numeric)")
-            for function in ("mf_token_usage_daily_add", "mf_queue_release_reservation"):
-                with pytest.raises(errors.InsufficientPrivilege):
-                    conn.execute(sql.SQL(
-                        "CREATE TRIGGER t AFTER INSERT ON pg_temp.fake FOR EACH ROW"
-                        " EXECUTE FUNCTION public.{}()").format(sql.Identifier(function)))
+    _grant_temp(db, _role_of(worker_role_url))
+    with psycopg.connect(worker_role_url, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE fake (organization_id text, created_at timestamptz,"
+                     " operation text, total_tokens bigint, cost_gbp numeric)")
+        for function in ("mf_token_usage_daily_add", "mf_queue_release_reservation"):
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute(sql.SQL(
+                    "CREATE TRIGGER t AFTER INSERT ON pg_temp.fake FOR EACH ROW"
+                    " EXECUTE FUNCTION public.{}()").format(sql.Identifier(function)))
     assert db.execute("SELECT 1 FROM token_usage_daily WHERE organization_id = %s",
                       [theirs["org"]["id"]]).fetchone() is None
 

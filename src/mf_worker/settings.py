@@ -353,7 +353,9 @@ class Settings:
         30.0,
         _float(0.0),
         "Seconds in-flight items may take to finish after SIGTERM before they are handed back "
-        "to the queue (without using up an attempt).",
+        "to the queue (without using up an attempt if their generator call had not started; "
+        "a call that had started may have been billed: its reservation is booked as an "
+        "estimate and the attempt stays used).",
     )
     retention_days: int = _setting(
         "MF_RETENTION_DAYS",

@@ -1,9 +1,11 @@
 """``mf-worker run``: the worker, its loops and the signal handling, wired together.
 
 Start-up refuses a database with pending migrations. SIGTERM or SIGINT starts a drain: stop
-claiming, let in-flight items finish within ``MF_SHUTDOWN_GRACE``, hand back the rest without
-charging their attempt, close the pool, exit 0. A second signal exits at once (the items it
-abandons come back through the reaper when their leases expire).
+claiming, let in-flight items finish within ``MF_SHUTDOWN_GRACE``, hand back the rest (an item
+whose generator call had not started keeps its attempt; one whose call had started may have
+been billed, so its reservation is booked and the attempt stays used), close the pool, exit 0.
+A second signal exits at once (the items it abandons come back through the reaper when their
+leases expire).
 """
 
 from __future__ import annotations

@@ -653,7 +653,9 @@ class Worker:
 
     async def drain(self, grace: float) -> int:
         """After :meth:`stop`: let in-flight items finish for ``grace`` seconds, then hand the
-        rest back to the queue without charging their attempt. Returns how many were released."""
+        rest back to the queue: without charging an attempt if the generator call had not
+        started, else booking its reservation and keeping the attempt used. Returns how many
+        were released."""
         tasks = [e.task for e in self.in_flight.values() if e.task is not None]
         if tasks:
             self._log.info("draining", in_flight=len(tasks), grace_seconds=grace)
