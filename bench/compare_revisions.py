@@ -5,7 +5,9 @@ later (the CPU time per episode itself moves by up to 2x), so two medians taken 
 other compare the machine's moments, not the code. This script alternates the two revisions
 run by run (base, head, head, base, …), each run in a fresh process with its own checkout on
 ``PYTHONPATH``, and reports for every pair head ÷ base: the noise then hits both sides of a
-pair alike.
+pair alike. Two tables: episodes/s, and the PostgreSQL backends' CPU per episode (bench_engine's
+*PG CPU ms*, the #16 target), which a loaded machine disturbs far less than a rate, since it
+counts CPU time, not wall time.
 
     .venv/bin/python bench/compare_revisions.py --base HEAD~3 [--head REV] [--pairs 4]
         [--items N] [--orgs N]
@@ -31,8 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKTREE = "WORKTREE"
-# A row of bench_engine.py's pipeline table: "concurrency 8   295  ≥ 500 …".
-ROW = re.compile(r"^concurrency (\d+)\s+([\d,]+)\s", re.MULTILINE)
+# A row of bench_engine.py's pipeline table: "concurrency 8   295  ≥ 500 …"; its eighth cell,
+# when the revision prints one, is the PostgreSQL backends' CPU per episode ("2.48" or "n/a").
+ROW = re.compile(r"^concurrency (\d+)\s+([\d,]+)\s.*$", re.MULTILINE)
+PG_CPU_CELL = 7
 
 
 @contextmanager
@@ -52,8 +56,20 @@ def checkout(revision: str) -> Iterator[Path]:
                            check=False)
 
 
-def pipeline_run(tree: Path, items: int | None, orgs: int | None) -> dict[int, float]:
-    """One ``--only pipeline --runs 1`` of the revision in ``tree``: episodes/s by concurrency."""
+Run = dict[int, tuple[float, float | None]]
+
+
+def _pg_cpu(row: str) -> float | None:
+    cells = re.split(r"\s{2,}", row.strip())
+    try:
+        return float(cells[PG_CPU_CELL])
+    except (IndexError, ValueError):
+        return None  # an older revision without the column, or "n/a"
+
+
+def pipeline_run(tree: Path, items: int | None, orgs: int | None) -> Run:
+    """One ``--only pipeline --runs 1`` of the revision in ``tree``: by concurrency, episodes/s
+    and PostgreSQL CPU ms per episode (None where the revision does not print it)."""
     command = [sys.executable, str(tree / "bench" / "bench_engine.py"), "--only", "pipeline",
                "--runs", "1"]
     if items is not None:
@@ -65,10 +81,27 @@ def pipeline_run(tree: Path, items: int | None, orgs: int | None) -> dict[int, f
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
         raise SystemExit(f"the pipeline benchmark of {tree} failed ({done.returncode})")
-    rates = {int(c): float(r.replace(",", "")) for c, r in ROW.findall(done.stdout)}
+    rates = {int(m[1]): (float(m[2].replace(",", "")), _pg_cpu(m[0]))
+             for m in ROW.finditer(done.stdout)}
     if not rates:
         raise SystemExit(f"no pipeline rows in the output of {tree}:\n{done.stdout}")
     return rates
+
+
+def _report(runs: dict[str, list[Run]], field: int, title: str) -> None:
+    levels = sorted(runs["base"][0])
+    if any(r[level][field] is None for side in runs.values() for r in side for level in levels):
+        print(f"\n{title}: not printed by both revisions")
+        return
+    print(f"\n{title}")
+    print(f"{'concurrency':>11}  {'base median':>11}  {'head median':>11}  {'ratio median':>12}"
+          "  per-pair ratios")
+    for level in levels:
+        base = [float(r[level][field] or 0) for r in runs["base"]]
+        head = [float(r[level][field] or 0) for r in runs["head"]]
+        ratios = [h / b if b else float("nan") for h, b in zip(head, base, strict=True)]
+        print(f"{level:>11}  {statistics.median(base):>11,.2f}  {statistics.median(head):>11,.2f}"
+              f"  {statistics.median(ratios):>12.2f}  " + " ".join(f"{r:.2f}" for r in ratios))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,25 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs < 1:
         parser.error("--pairs must be positive")
 
-    runs: dict[str, list[dict[int, float]]] = {"base": [], "head": []}
+    runs: dict[str, list[Run]] = {"base": [], "head": []}
     with checkout(args.base) as base_tree, checkout(args.head) as head_tree:
         trees = {"base": base_tree, "head": head_tree}
         for pair in range(args.pairs):
             order = ("base", "head") if pair % 2 == 0 else ("head", "base")
             for side in order:
                 runs[side].append(pipeline_run(trees[side], args.items, args.orgs))
-                print(f"pair {pair + 1}/{args.pairs} {side}: {runs[side][-1]}", flush=True)
+                shown = {level: f"{rate:.0f}/s, PG {pg} ms"
+                         for level, (rate, pg) in runs[side][-1].items()}
+                print(f"pair {pair + 1}/{args.pairs} {side}: {shown}", flush=True)
 
-    print(f"\nFull pipeline, head ({args.head}) vs base ({args.base}), {args.pairs}"
-          " interleaved pairs; episodes/s")
-    print(f"{'concurrency':>11}  {'base median':>11}  {'head median':>11}  {'ratio median':>12}"
-          "  per-pair ratios")
-    for level in sorted(runs["base"][0]):
-        base = [r[level] for r in runs["base"]]
-        head = [r[level] for r in runs["head"]]
-        ratios = [h / b for h, b in zip(head, base, strict=True)]
-        print(f"{level:>11}  {statistics.median(base):>11,.0f}  {statistics.median(head):>11,.0f}"
-              f"  {statistics.median(ratios):>12.2f}  " + " ".join(f"{r:.2f}" for r in ratios))
+    _report(runs, 0, f"Full pipeline, head ({args.head}) vs base ({args.base}), {args.pairs}"
+            " interleaved pairs; episodes/s (higher is better)")
+    _report(runs, 1, "PostgreSQL CPU ms per episode (lower is better; #16's target ≤ 2.0)")
     return 0
 
 

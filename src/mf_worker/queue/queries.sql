@@ -18,43 +18,43 @@
 -- Batched: one short transaction claims up to `limit` due items, skipping rows other workers
 -- have locked. Fair across organisations: an organisation's due items take turns after the
 -- items it already has processing or completed in the last ten minutes (its first due item's
--- turn is that count + 1; the completed ones are counted up to 4 × limit),
--- and items are taken by turn, then by the time they were due (scheduled_for), an item that
--- was already started (put back by a rate limit) before one that was not; so every
--- organisation's earliest item comes before any organisation's second, and one
--- organisation's backlog cannot starve the rest however many claims it takes. With k
--- organisations due, each offers its first
--- ceil(4 × limit / k) due items (an index range scan that stops early): exact when few
--- organisations are due, close to exact when many are (an organisation's second item may
--- then wait for the next claim behind another's first, the fair side to err on). At most
+-- turn is that count + 1), and items are taken by turn, then by the time they were due
+-- (scheduled_for), an item that was already started (put back by a rate limit) before one that
+-- was not; so every organisation's earliest item comes before any organisation's second, and
+-- one organisation's backlog cannot starve the rest however many claims it takes. With k
+-- organisations due, each offers its first ceil(4 × limit / k) due items (its share; an index
+-- range scan that stops early), and its recent completions are counted up to that share too:
+-- an organisation served its share or more in the last ten minutes goes behind every one
+-- served less, and the work per claim stays about k + 4 × limit index entries however busy
+-- the fleet is. Exact when few organisations are due, close to exact when many are (an
+-- organisation's second item may then wait for the next claim behind another's first, the
+-- fair side to err on). Only organisations with a due item are looked at. At most
 -- `org_max_in_flight` minus what an organisation has processing (NULL: no cap; concurrent
 -- claims may overshoot the cap by what they take at the same instant). Each claim draws a
 -- new claim token. attempt_count counts generator calls (a release gives the attempt back).
-WITH spread AS (
-    -- How many organisations have a due item, counted up to 4 × `limit`: with k of them, each
-    -- offers at most ceil(4 × limit / k) candidates. Four times the claim, so that claims
-    -- racing for the same items find others to take when SKIP LOCKED passes over one.
-    SELECT count(*) AS orgs FROM (
-        SELECT 1 FROM public.organizations AS o
-        WHERE EXISTS (SELECT 1 FROM public.episode_schedule_queue AS q
-                      WHERE q.organization_id = o.id AND q.status = 'pending'
-                        AND q.run_after <= coalesce(%(now)s, now()))
-        LIMIT 4 * %(limit)s
-    ) AS found
+WITH due_orgs AS MATERIALIZED (
+    SELECT o.id FROM public.organizations AS o
+    WHERE EXISTS (SELECT 1 FROM public.episode_schedule_queue AS q
+                  WHERE q.organization_id = o.id AND q.status = 'pending'
+                    AND q.run_after <= coalesce(%(now)s, now()))
+), spread AS (
+    -- Each organisation's share: four times the claim split among them, so that claims racing
+    -- for the same items find others to take when SKIP LOCKED passes over one.
+    SELECT ceil(4 * %(limit)s::numeric / greatest(count(*), 1))::int AS share FROM due_orgs
 ), candidates AS (
     SELECT c.id, b.busy + r.served + c.rank AS turn, c.scheduled_for, c.started
-    FROM spread, public.organizations AS o
+    FROM spread, due_orgs AS o
     CROSS JOIN LATERAL (
         SELECT count(*) AS busy FROM public.episode_schedule_queue AS p
         WHERE p.organization_id = o.id AND p.status = 'processing'
     ) AS b
     CROSS JOIN LATERAL (
-        -- Served recently: items completed in the last ten minutes, counted up to 4 × limit.
+        -- Served recently: items completed in the last ten minutes, counted up to the share.
         SELECT count(*) AS served FROM (
             SELECT 1 FROM public.episode_schedule_queue AS d
             WHERE d.organization_id = o.id AND d.status = 'completed'
               AND d.completed_at > coalesce(%(now)s, now()) - interval '10 minutes'
-            LIMIT 4 * %(limit)s
+            LIMIT spread.share
         ) AS recent
     ) AS r
     CROSS JOIN LATERAL (
@@ -65,8 +65,8 @@ WITH spread AS (
           AND q.status = 'pending'
           AND q.run_after <= coalesce(%(now)s, now())
         ORDER BY q.run_after, q.id
-        LIMIT least(ceil(4 * %(limit)s::numeric / greatest(spread.orgs, 1))::int,
-                    CASE WHEN %(org_max_in_flight)s::int IS NULL THEN 4 * %(limit)s
+        LIMIT least(spread.share,
+                    CASE WHEN %(org_max_in_flight)s::int IS NULL THEN spread.share
                          ELSE greatest(%(org_max_in_flight)s::int - b.busy, 0) END)
     ) AS c
 ), first AS (
