@@ -112,3 +112,87 @@ def test_an_organisation_served_a_moment_ago_waits_behind_one_not_served_yet(
                [NOW - timedelta(seconds=1), NOW - timedelta(seconds=1)])
     first = claim(db_url, 1)
     assert [i.organization_id for i in first] == [waiting]
+
+
+# --------------------------------------------------------------------------- many organisations
+
+def many_orgs(db: Conn, orgs: int, items_each: int, due: datetime, prefix: str = "") -> list[str]:
+    """``orgs`` organisations with ``items_each`` due items each, loaded in a few statements."""
+    params = {"orgs": orgs, "each": items_each, "due": due, "p": f"many{prefix}"}
+    db.execute("INSERT INTO organizations (id, name) SELECT 'org_' || %(p)s || lpad(o::text, 4,"
+               " '0'), 'o' FROM generate_series(1, %(orgs)s) o", params)
+    db.execute("INSERT INTO users (id, organization_id, email) SELECT 'usr_' || %(p)s || o,"
+               " 'org_' || %(p)s || lpad(o::text, 4, '0'), %(p)s || o || '@example.com'"
+               " FROM generate_series(1, %(orgs)s) o", params)
+    db.execute("INSERT INTO projects (id, organization_id, user_id, title)"
+               " SELECT 'prj_' || %(p)s || o || '_' || i, 'org_' || %(p)s || lpad(o::text, 4, '0'),"
+               "        'usr_' || %(p)s || o, 't'"
+               " FROM generate_series(1, %(orgs)s) o, generate_series(1, %(each)s) i", params)
+    db.execute("INSERT INTO episode_schedule_queue (id, project_id, organization_id,"
+               "                                    scheduled_for)"
+               " SELECT 'queue_' || %(p)s || o || '_' || i, 'prj_' || %(p)s || o || '_' || i,"
+               "        'org_' || %(p)s || lpad(o::text, 4, '0'),"
+               "        %(due)s::timestamptz + i * interval '1 millisecond'"
+               " FROM generate_series(1, %(orgs)s) o, generate_series(1, %(each)s) i", params)
+    return [f"org_many{prefix}{o:04d}" for o in range(1, orgs + 1)]
+
+
+def claims_in_turn(db_url: str, limit: int, times: int) -> list[list[ClaimedItem]]:
+    """``times`` claims of ``limit`` by one process (one rotation), none of them completed."""
+    async def main() -> list[list[ClaimedItem]]:
+        conn = await psycopg.AsyncConnection.connect(db_url, autocommit=True,
+                                                     row_factory=dict_row)
+        rotation = queue.OrganizationRotation()
+        async with conn:
+            return [await queue.claim_due_items(conn, worker="w1", limit=limit,
+                                                lease_seconds=60, now=NOW, rotation=rotation)
+                    for _ in range(times)]
+
+    return asyncio.run(main())
+
+
+def _index_scans(db: Conn) -> int:
+    db.execute("SELECT pg_stat_clear_snapshot()")
+    row = db.execute("SELECT coalesce(idx_scan, 0) AS n FROM pg_stat_user_tables"
+                     " WHERE relname = 'episode_schedule_queue'").fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def test_a_claim_looks_at_a_bounded_number_of_organisations_however_many_are_due(
+    db_url: str, db: Conn
+) -> None:
+    """#16: a claim's work must not grow with the fleet. With 200 organisations due, one claim
+    of one item used to compute every organisation's turn (three index lookups each, 600 in
+    all); now it looks at 4 × limit of them, taking turns from one claim to the next."""
+    many_orgs(db, 200, 2, NOW - timedelta(minutes=1))
+    db.execute("SELECT pg_stat_force_next_flush()")
+    before = _index_scans(db)
+    [items] = claims_in_turn(db_url, 1, 1)  # its connection flushes its statistics on close
+    assert len(items) == 1
+    assert _index_scans(db) - before < 60
+
+
+def test_organisations_take_turns_when_more_are_due_than_a_claim_looks_at(
+    db_url: str, db: Conn
+) -> None:
+    """200 organisations with two due items each (a backlog larger than a claim's first look):
+    200 claims of one item by one process take every organisation's first item before any
+    organisation's second, as with few organisations."""
+    orgs = many_orgs(db, 200, 2, NOW - timedelta(minutes=1))
+    claimed = [item for batch in claims_in_turn(db_url, 1, 200) for item in batch]
+    assert sorted(i.organization_id for i in claimed) == sorted(orgs)
+
+
+def test_one_organisations_backlog_does_not_hide_the_others_among_many(
+    db_url: str, db: Conn
+) -> None:
+    """One organisation has 400 items that fell due an hour ago (more than a claim's first look
+    reads); 40 others have one item each, due now. Within 30 claims of two items, every one of
+    the 40 has had its item claimed: the walk over the organisations finds them behind the
+    backlog, and the busy organisation waits its turn."""
+    [big] = many_orgs(db, 1, 400, NOW - timedelta(hours=1), prefix="big")
+    small = many_orgs(db, 40, 1, NOW - timedelta(seconds=1), prefix="small")
+    claimed = [item for batch in claims_in_turn(db_url, 2, 30) for item in batch]
+    assert set(small) <= {i.organization_id for i in claimed}
+    assert big in {i.organization_id for i in claimed}

@@ -232,6 +232,8 @@ class Worker:
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
             item_errors=ITEM_DB_ERRORS)
         self._slot_freed = asyncio.Event()
+        # Where this process's claims stopped among the due organisations (fair turns).
+        self._rotation = queue.OrganizationRotation()
         self._stopping = asyncio.Event()
         self._log = get_logger("mf_worker.worker")
 
@@ -291,7 +293,7 @@ class Worker:
             items = await queue.claim_due_items(
                 conn, worker=self.worker_id, limit=limit,
                 lease_seconds=self.settings.lease_seconds,
-                org_max_in_flight=self.settings.org_max_in_flight,
+                org_max_in_flight=self.settings.org_max_in_flight, rotation=self._rotation,
             )
         if items:
             claimed_at = time.time()

@@ -14,29 +14,65 @@
 -- `now` is a parameter (NULL = the database clock) so tests control time; leases always use
 -- the database's clock by default, so hosts with skewed clocks still agree.
 
+-- name: list_due_organizations
+-- The organisations of the earliest `scan` due items, and whether those were all the due items
+-- (then the list is every organisation with one): the claim's first look, a range of the due
+-- index that stops early, so an idle or lightly loaded fleet finds its few due organisations
+-- at once however many there are in all.
+WITH prefix AS (
+    SELECT organization_id FROM public.episode_schedule_queue
+    WHERE status = 'pending' AND run_after <= coalesce(%(now)s, now())
+    ORDER BY run_after, id
+    LIMIT %(scan)s + 1
+)
+SELECT (SELECT count(*) FROM prefix) <= %(scan)s AS complete,
+       ARRAY(SELECT DISTINCT organization_id FROM prefix) AS organizations;
+
+-- name: walk_due_organizations
+-- A backlog (more due items than the first look reads): walk the organisations that have
+-- pending items in id order after `after`, one index descent each (an organisation's first
+-- entry in the pending index is its earliest run_after, so due or not is read there), until
+-- `want` with a due item were found or `steps` were looked at. The last row is where the walk
+-- stopped: the next claim of this process goes on from there.
+WITH RECURSIVE walk (organization_id, due, found, step) AS (
+    SELECT f.organization_id, f.due, f.due::int, 1
+    FROM (SELECT organization_id, run_after <= coalesce(%(now)s, now()) AS due
+          FROM public.episode_schedule_queue
+          WHERE status = 'pending' AND organization_id > %(after)s
+          ORDER BY organization_id, run_after
+          LIMIT 1) AS f
+    UNION ALL
+    SELECT n.organization_id, n.due, walk.found + n.due::int, walk.step + 1
+    FROM walk
+    CROSS JOIN LATERAL (
+        SELECT organization_id, run_after <= coalesce(%(now)s, now()) AS due
+        FROM public.episode_schedule_queue
+        WHERE status = 'pending' AND organization_id > walk.organization_id
+        ORDER BY organization_id, run_after
+        LIMIT 1) AS n
+    WHERE walk.found < %(want)s AND walk.step < %(steps)s
+)
+SELECT organization_id, due FROM walk ORDER BY step;
+
 -- name: claim_due_items
--- Batched: one short transaction claims up to `limit` due items, skipping rows other workers
--- have locked. Fair across organisations: an organisation's due items take turns after the
--- items it already has processing or completed in the last ten minutes (its first due item's
--- turn is that count + 1), and items are taken by turn, then by the time they were due
+-- Batched: one short transaction claims up to `limit` due items of the given organisations
+-- (store.claim_due_items chooses at most 4 × limit of those with a due item, taking turns
+-- among all of them from one claim to the next), skipping rows other workers have locked.
+-- Fair across those organisations: an organisation's due items take turns after the items it
+-- already has processing or completed in the last ten minutes (its first due item's turn is
+-- that count + 1), and items are taken by turn, then by the time they were due
 -- (scheduled_for), an item that was already started (put back by a rate limit) before one that
 -- was not; so every organisation's earliest item comes before any organisation's second, and
 -- one organisation's backlog cannot starve the rest however many claims it takes. With k
--- organisations due, each offers its first ceil(4 × limit / k) due items (its share; an index
+-- organisations, each offers its first ceil(4 × limit / k) due items (its share; an index
 -- range scan that stops early), and its recent completions are counted up to that share too:
--- an organisation served its share or more in the last ten minutes goes behind every one
--- served less, and the work per claim stays about k + 4 × limit index entries however busy
--- the fleet is. Exact when few organisations are due, close to exact when many are (an
--- organisation's second item may then wait for the next claim behind another's first, the
--- fair side to err on). Only organisations with a due item are looked at. At most
+-- one served its share or more in the last ten minutes goes behind every one served less, and
+-- the work per claim stays about 4 × limit index entries however large the fleet is. At most
 -- `org_max_in_flight` minus what an organisation has processing (NULL: no cap; concurrent
 -- claims may overshoot the cap by what they take at the same instant). Each claim draws a
 -- new claim token. attempt_count counts generator calls (a release gives the attempt back).
 WITH due_orgs AS MATERIALIZED (
-    SELECT o.id FROM public.organizations AS o
-    WHERE EXISTS (SELECT 1 FROM public.episode_schedule_queue AS q
-                  WHERE q.organization_id = o.id AND q.status = 'pending'
-                    AND q.run_after <= coalesce(%(now)s, now()))
+    SELECT DISTINCT o.id FROM unnest(%(organizations)s::text[]) AS o(id)
 ), spread AS (
     -- Each organisation's share: four times the claim split among them, so that claims racing
     -- for the same items find others to take when SKIP LOCKED passes over one.

@@ -63,17 +63,91 @@ class ReapedItem:
     error: str
 
 
+# A claim looks at up to CLAIM_ORGS_PER_ITEM × limit organisations with a due item (the fair
+# ordering's candidates; more would only cost index descents per claim). It first reads the
+# earliest DUE_PREFIX_PER_ITEM × limit due items: when those are all the due items, their
+# organisations are every due one. Otherwise (a backlog) it walks the organisations in id order
+# from where the previous claim stopped, up to WALK_STEPS_PER_ITEM × limit of them.
+CLAIM_ORGS_PER_ITEM = 4
+DUE_PREFIX_PER_ITEM = 32
+WALK_STEPS_PER_ITEM = 64
+
+
+@dataclass(slots=True)
+class OrganizationRotation:
+    """Where one process's claims stopped among the organisations with due items, so the next
+    claim goes on after it: when more organisations are due than one claim looks at, they take
+    turns, and none waits longer than a round of claims for its turn, however many there are.
+    Each process keeps its own (no shared row to contend on)."""
+
+    after: str = ""
+
+
+async def _due_organizations(
+    conn: Connection, *, limit: int, rotation: OrganizationRotation, now: datetime | None,
+) -> list[str]:
+    """The organisations the next claim chooses among: at most ``CLAIM_ORGS_PER_ITEM × limit``
+    with a due item, those after ``rotation.after`` first (wrapping round); moves the rotation
+    on to the last one this claim looked at."""
+    want = CLAIM_ORGS_PER_ITEM * limit
+    first = await (await conn.execute(
+        _Q["list_due_organizations"], {"scan": DUE_PREFIX_PER_ITEM * limit, "now": now},
+    )).fetchone()
+    if first is None or not first["organizations"]:
+        return []
+    if first["complete"]:
+        due = sorted(first["organizations"])
+        if len(due) <= want:
+            return due
+        turn = ([o for o in due if o > rotation.after] + [o for o in due if o <= rotation.after]
+                )[:want]
+        rotation.after = turn[-1]
+        return turn
+    # A backlog: walk from where the previous claim stopped, once round the ring at most.
+    chosen: list[str] = []
+    examined: set[str] = set()
+    steps, start, wrapped, last = WALK_STEPS_PER_ITEM * limit, rotation.after, False, None
+    while True:
+        rows = await (await conn.execute(_Q["walk_due_organizations"], {
+            "after": start, "want": want - len(chosen), "steps": steps, "now": now,
+        })).fetchall()
+        steps -= len(rows)
+        for row in rows:
+            organization = row["organization_id"]
+            if wrapped and (organization in examined or organization == rotation.after):
+                steps = 0  # back where this claim began
+                break
+            examined.add(organization)
+            last = organization
+            if row["due"]:
+                chosen.append(organization)
+        if len(chosen) >= want or steps <= 0 or wrapped or not rotation.after:
+            break
+        # The walk ran off the end of the organisations before its budget: wrap round.
+        wrapped, start = True, ""
+    if last is not None:
+        rotation.after = last
+    return chosen
+
+
 async def claim_due_items(
     conn: Connection, *, worker: str, limit: int, lease_seconds: float,
     now: datetime | None = None, org_max_in_flight: int | None = None,
+    rotation: OrganizationRotation | None = None,
 ) -> list[ClaimedItem]:
-    """Claim up to ``limit`` due pending items for ``worker`` in one short transaction, fairly
-    across organisations (each one's earliest before anyone's second), with at most
-    ``org_max_in_flight`` of one organisation's items processing (None: no cap)."""
+    """Claim up to ``limit`` due pending items for ``worker``, fairly across organisations
+    (each one's earliest before anyone's second, and organisations taking turns when more are
+    due than a claim looks at: pass the same ``rotation`` to every claim of a process), with at
+    most ``org_max_in_flight`` of one organisation's items processing (None: no cap). The
+    claim itself is one short transaction; the organisations are read just before it."""
+    organizations = await _due_organizations(
+        conn, limit=limit, rotation=rotation or OrganizationRotation(), now=now)
+    if not organizations:
+        return []
     cur = await conn.execute(
         _Q["claim_due_items"],
         {"worker": worker, "limit": limit, "lease_seconds": lease_seconds, "now": now,
-         "org_max_in_flight": org_max_in_flight},
+         "org_max_in_flight": org_max_in_flight, "organizations": organizations},
     )
     return [ClaimedItem.from_row(r) for r in await cur.fetchall()]
 
