@@ -82,9 +82,9 @@ async def read_queue_depth(conn: Connection, *, now: datetime | None = None,
         exact = await (await conn.execute(_Q["count_in_flight_items"])).fetchone()
         for status in COUNTED_STATUSES:
             counts[status] = exact[status] if exact else 0
-    due = await (await conn.execute(_Q["oldest_due_pending"])).fetchone()
+    due = await (await conn.execute(_Q["oldest_due_pending"], {"now": now})).fetchone()
     oldest = due["oldest_due"] if due else None
-    late = await (await conn.execute(_Q["count_late_items"])).fetchone()
+    late = await (await conn.execute(_Q["count_late_items"], {"now": now})).fetchone()
     return {"counts": counts, "due_items": due["due_items"] if due else 0,
             "oldest_due_age_seconds": max((now - oldest).total_seconds(), 0.0) if oldest
             else None,
