@@ -32,7 +32,7 @@ coverage: setup
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m coverage report
 
 # The code is formatted by hand to 100 columns (ruff format would rewrap most files), so lint
-# is ruff's rules and mypy --strict, both clean.
+# is ruff's rules and mypy --strict (over src and tests: [tool.mypy] in pyproject), both clean.
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
