@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test coverage lint bench readme clean
+.PHONY: setup demo test coverage lint schema bench readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,15 @@ coverage: setup
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/python -m coverage report
 
 # The code is formatted by hand to 100 columns (ruff format would rewrap most files), so lint
-# is ruff's rules and mypy --strict, both clean.
+# is ruff's rules and mypy --strict (over src and tests: [tool.mypy] in pyproject), both clean.
 lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+
+# The schema snapshot (src/mf_worker/db/schema.sql): what the migrations produce, regenerated
+# after adding or changing a migration; tests/test_schema_snapshot.py compares it.
+schema: setup
+	$(BIN)/python -m tests.schema_snapshot
 
 readme: setup
 	$(BIN)/python tools/sync_readme.py

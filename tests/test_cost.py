@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -324,7 +324,7 @@ def test_a_free_attempt_reserves_nothing_but_is_refused_once_the_day_is_over_the
                " VALUES (%s, %s, 0.50), (%s, %s, 1.50)",
                [under["id"], now.date(), over["id"], now.date()])
 
-    async def prepare_both() -> tuple[dict[str, object], list[dict[str, Any]]]:
+    async def prepare_both() -> tuple[Mapping[str, object], list[dict[str, Any]]]:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
             async with pool.connection() as conn:
@@ -351,7 +351,8 @@ def test_a_free_attempt_reserves_nothing_but_is_refused_once_the_day_is_over_the
     assert isinstance(by_org[under["id"]], Prepared)
     refused = by_org[over["id"]]
     assert isinstance(refused, CostLimitReached)
-    assert (refused.spent, refused.limit, refused.needed) == (Decimal("1.5"), 1, 0)
+    assert (refused.spent, refused.limit, refused.needed) == (
+        Decimal("1.5"), Decimal(1), Decimal(0))
     granted, blocked = rows
     assert granted["organization_id"] == under["id"] and granted["episode_id"] is not None
     assert (granted["reserved_cost_gbp"], granted["reserved_on"]) == (None, None)

@@ -282,7 +282,8 @@ def test_daemon_recovers_when_its_database_connections_are_killed(
     try:
         completed = ("SELECT count(*) FROM episode_schedule_queue WHERE status = 'completed'")
         for threshold in (5, 15):
-            wait_until(lambda t=threshold: scalar(db, completed) >= t, 60, f"{threshold} done")
+            # Called at once, in this iteration: the lambda sees this threshold.
+            wait_until(lambda: scalar(db, completed) >= threshold, 60, f"{threshold} done")
             killed = scalar(db, """
                 SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
                 WHERE datname = current_database() AND application_name LIKE 'mf-worker%%'""")

@@ -40,7 +40,7 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 
 def one(conn: Conn, query: str, *params: Any) -> dict[str, Any]:
-    row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+    row = conn.execute(query, params).fetchone()
     assert row is not None, query
     return row
 
@@ -216,8 +216,10 @@ def test_a_heartbeat_that_started_before_a_reclaim_does_not_abandon_the_new_atte
             beat = asyncio.create_task(Heartbeat(c.worker).run_once())
 
             def heartbeat_waiting() -> bool:
-                return one(db, "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'"
-                               " AND objid = 4242 AND NOT granted")["n"] == 1
+                waiting: int = one(db, "SELECT count(*) AS n FROM pg_locks"
+                                       " WHERE locktype = 'advisory' AND objid = 4242"
+                                       " AND NOT granted")["n"]
+                return waiting == 1
 
             await eventually(heartbeat_waiting, "the heartbeat to stall")
             db.execute("UPDATE episode_schedule_queue SET last_error = NULL,"

@@ -299,7 +299,7 @@ def test_starttls_or_implicit_tls_then_login(
     handler = Inbox()
     # aiosmtpd only counts a STARTTLS upgrade as TLS when offering AUTH, so for smtps:// (TLS
     # from the first byte) its check is turned off; the client still refuses plain text.
-    tls = ({"tls_context": server_tls, "require_starttls": True} if scheme == "smtp"
+    tls: dict[str, Any] = ({"tls_context": server_tls, "require_starttls": True} if scheme == "smtp"
            else {"ssl_context": server_tls, "auth_require_tls": False})
     controller = Controller(handler, hostname="127.0.0.1", port=smtp_port,
                             authenticator=authenticator, auth_required=True, **tls)

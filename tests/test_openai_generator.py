@@ -19,7 +19,7 @@ import time
 import tomllib
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from email.utils import format_datetime
@@ -183,7 +183,7 @@ def error(status: int, message: str, **headers: str) -> Reply:
                  body={"error": {"message": message, "type": "invalid_request_error"}})
 
 
-def episode_json(note_ids: list[str] | None = None, **changes: Any) -> str:
+def episode_json(note_ids: Sequence[object] | None = None, **changes: Any) -> str:
     episode: dict[str, Any] = {
         "title": "Refinery permits speed up",
         "sections": [

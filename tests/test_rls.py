@@ -271,7 +271,7 @@ def test_status_and_notification_retries_work_under_the_least_privilege_role(
                " next_notify_at) VALUES (%s, current_date, 5, 5, now() - interval '1 s')",
                [org])
 
-    async def as_the_worker() -> dict[str, object]:
+    async def as_the_worker() -> dict[str, Any]:
         # The one-off migration runs as the schema owner, like `mf-worker migrate`.
         owner = await open_pool(settings_for(db_url), max_size=2)
         try:

@@ -39,7 +39,7 @@ def test_a_failing_batch_is_split_so_only_the_bad_value_fails() -> None:
         flushed.append(values)
         if 13 in values:
             raise RuntimeError("constraint violated by 13")
-        return values
+        return list(values)
 
     async def main() -> list[object]:
         batcher: Batcher[int, int] = Batcher(flush, name="t", max_batch=10)
@@ -81,7 +81,7 @@ def test_flushes_run_at_most_max_flushes_at_once_and_none_is_stranded(max_flushe
         peak = max(peak, running)
         await asyncio.sleep(0.005)
         running -= 1
-        return values
+        return list(values)
 
     async def main() -> list[int]:
         batcher: Batcher[int, int] = Batcher(flush, name="t", max_batch=2,
@@ -100,7 +100,7 @@ def test_a_cancelled_submitter_is_withdrawn_before_its_flush() -> None:
     async def flush(values: list[int]) -> list[int | BaseException]:
         flushed.append(values)
         await asyncio.sleep(0.01)
-        return values
+        return list(values)
 
     async def main() -> int:
         batcher: Batcher[int, int] = Batcher(flush, name="t", max_batch=1)
@@ -124,7 +124,7 @@ def test_a_wave_is_shared_between_free_flushers_in_batches_of_at_least_min_share
     async def flush(values: list[int]) -> list[int | BaseException]:
         flushed.append(values)
         await asyncio.sleep(0.005)
-        return values
+        return list(values)
 
     async def main() -> None:
         batcher: Batcher[int, int] = Batcher(flush, name="t", max_batch=32, max_flushes=2,

@@ -65,10 +65,6 @@ class Limits:
     def tokens_per_second(self) -> float | None:
         return _paced(self.tokens_per_minute)
 
-    @property
-    def configured(self) -> bool:
-        return self.requests_per_minute is not None or self.tokens_per_minute is not None
-
 
 def _paced(per_minute: float | None) -> float | None:
     return None if per_minute is None or per_minute <= 0 else per_minute * PACE / 60.0

@@ -130,7 +130,7 @@ FROM old
 WHERE q.id = old.id
 RETURNING q.id, q.organization_id, old.status AS old_status;
 
--- name: insert_next_item
+-- name: insert_enqueued_item
 -- One item for one project (`enqueue`), claimable a lead window before it is due, and the
 -- cache, in one statement. Returns nothing when the project already has an open item.
 WITH inserted AS (

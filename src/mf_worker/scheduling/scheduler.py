@@ -357,23 +357,12 @@ async def cancel_items_of_deleted_projects(conn: Connection) -> int:
     return len(await cur.fetchall())
 
 
-async def insert_next_item(
-    conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem,
-    lead_seconds: float = 0.0,
-) -> datetime | None:
-    """Insert one planned item and refresh the project's cache, inside the caller's
-    transaction. Returns its due time, or None when the project already has an open item."""
-    row = await _insert_item(conn, project_id=project_id, organization_id=organization_id,
-                             plan=plan, lead_seconds=lead_seconds)
-    return None if row is None else row["scheduled_for"]
-
-
 async def _insert_item(
     conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem,
     lead_seconds: float,
 ) -> dict[str, Any] | None:
     cur = await conn.execute(
-        _Q["insert_next_item"],
+        _Q["insert_enqueued_item"],
         {
             "id": new_id("queue"),
             "project_id": project_id,
