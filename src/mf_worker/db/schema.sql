@@ -346,7 +346,7 @@ CREATE TABLE public.episode_schedule_queue (
     CONSTRAINT episode_schedule_queue_retry_count_check CHECK ((retry_count >= 0)),
     CONSTRAINT episode_schedule_queue_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'cancelled'::text, 'blocked'::text])))
 )
-WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.01', autovacuum_vacuum_threshold='200', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_cost_delay='1');
+WITH (fillfactor='80', autovacuum_vacuum_scale_factor='0.01', autovacuum_vacuum_threshold='200', autovacuum_analyze_scale_factor='0.02', autovacuum_vacuum_cost_delay='1', parallel_workers='0');
 
 CREATE SEQUENCE public.episode_schedule_queue_claim_token_seq
     START WITH 1
