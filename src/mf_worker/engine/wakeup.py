@@ -15,12 +15,15 @@ import contextlib
 
 import psycopg
 
+from ..backoff import Backoff
 from ..db import connect
 from ..errors import describe_error
 from ..logs import get_logger
 from ..settings import Settings
 
 CHANNEL = "mf_worker_queue"
+# Reconnecting after the connection failed n times in a row: 1, 2, 4 … s, at most 30 s.
+RECONNECT = Backoff(initial=1.0, factor=2.0, cap=30.0)
 
 
 class Listener:
@@ -46,7 +49,7 @@ class Listener:
             except (psycopg.Error, OSError) as exc:
                 self.connected.clear()
                 failures += 1
-                delay = min(0.5 * 2 ** min(failures, 6), 30.0)
+                delay = RECONNECT.delay(failures)
                 self._log.warning("listener_lost", error=describe_error(exc), retry_in=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopped.wait(), timeout=delay)

@@ -31,10 +31,10 @@ from tenacity import (
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
 )
 
 from .. import queue
+from ..backoff import ITEM_RETRY, Backoff
 from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier, ProviderPaused, notify_provider_paused
 from ..db import Connection, Pool
@@ -57,7 +57,6 @@ from ..logs import bind_item, get_logger
 from ..queue import ClaimedItem
 from ..scheduling.cadence import next_occurrence
 from ..settings import Settings
-from .backoff import transient_backoff
 from .batching import Batcher
 from .episodes import (
     Delivery,
@@ -101,6 +100,9 @@ MIN_SHARE = 4
 # busy while Python works on another, and a wave's transactions stay short (item latency).
 CLAIM_SHARE = 2
 MAX_CLAIM = 16
+# A unit of database work retried while the database is away (a restart, a failover): about
+# 0.2 s · 2^n plus up to a second of jitter, at most 5 s apart, for up to one lease.
+DB_RETRY = Backoff(initial=0.2, factor=2.0, cap=5.0, jitter_seconds=1.0)
 
 
 class Outcome(enum.StrEnum):
@@ -242,6 +244,9 @@ class Worker:
         nothing is in flight)."""
         failures = 0
         drained = False
+        # After a failed claim: 1, 2, 4 … s, at most two poll intervals (and 30 s) apart.
+        claim_cap = min(self.settings.poll_interval * 2, 30.0)
+        claim_retry = Backoff(initial=min(1.0, claim_cap), cap=claim_cap)
         while not self._stopping.is_set():
             self._tick()
             free = self.settings.concurrency - len(self.in_flight)
@@ -271,7 +276,7 @@ class Worker:
                 failures = 0
             except TRANSIENT_DB_ERRORS as exc:
                 failures += 1
-                delay = min(0.5 * 2 ** min(failures, 6), self.settings.poll_interval * 2, 30.0)
+                delay = claim_retry.delay(failures)
                 self._log.warning("claim_failed", error=describe_error(exc), retry_in=delay)
                 await self._wait(set(), delay)
                 continue
@@ -542,7 +547,7 @@ class Worker:
         deferral = await self._db(partial(
             write_deferral, item=item, prepared=prepared, reason=kind, error=message,
             retry_after=retry_after, deadline_seconds=self.settings.retry_deadline,
-            not_after=_next_occurrence(item), backoff=transient_backoff(),
+            not_after=_next_occurrence(item), backoff=_item_backoff(),
             usages=failure.usages if kind == "transient" else (), costs=costs))
         if kind == "transient":
             report.costs = costs
@@ -630,7 +635,7 @@ class Worker:
             retryable = retryable & retry_if_not_exception_type(ITEM_DB_ERRORS)
         async for attempt in AsyncRetrying(
             retry=retryable,
-            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+            wait=DB_RETRY.wait,
             stop=stop_after_delay(self.settings.lease_seconds),
             reraise=True,
         ):
@@ -686,6 +691,13 @@ class Worker:
                     self._log.info("item_released")
                 self._report(AttemptReport(item=entry.item, outcome=Outcome.RELEASED))
         return released
+
+
+def _item_backoff() -> tuple[float, float, float]:
+    """What ``queue.defer_item`` needs of :data:`ITEM_RETRY` to compute a transient failure's
+    wait under the item's row lock, from its ``retry_count``: the base, the cap and one draw of
+    the jitter."""
+    return ITEM_RETRY.initial, ITEM_RETRY.cap, ITEM_RETRY.jitter_factor()
 
 
 def _next_occurrence(item: ClaimedItem) -> datetime | None:
