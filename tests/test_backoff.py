@@ -10,8 +10,8 @@ import pytest
 
 from mf_worker.backoff import Backoff
 from mf_worker.cost.notify import WebhookNotifier
-from mf_worker.engine.wakeup import RECONNECT
 from mf_worker.engine.worker import DB_RETRY
+from mf_worker.maintenance.listener import RECONNECT
 
 
 def test_listener_reconnects_after_1_2_4_seconds_up_to_half_a_minute() -> None:

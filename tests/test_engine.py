@@ -409,7 +409,7 @@ def test_pruner_deletes_old_finished_items_in_batches_and_keeps_episodes(
     import asyncio
 
     from mf_worker.db import open_pool
-    from mf_worker.engine.retention import Pruner
+    from mf_worker.maintenance.pruner import Pruner, PrunerConfig
 
     from .conftest import settings_for
 
@@ -427,8 +427,8 @@ def test_pruner_deletes_old_finished_items_in_batches_and_keeps_episodes(
     async def prune() -> int:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            pruner = Pruner(pool, retention_days=30)
-            pruner.BATCH = 2  # several batches in one pass
+            # Batches of two: several batches in one pass.
+            pruner = Pruner(pool, PrunerConfig(retention_days=30, batch_size=2))
             return await pruner.run_once()
         finally:
             await pool.close()
@@ -446,13 +446,13 @@ def test_listener_reconnects_after_its_connection_is_killed_and_still_wakes(
 ) -> None:
     import asyncio
 
-    from mf_worker.engine.wakeup import Listener
+    from mf_worker.maintenance.listener import Listener, ListenerConfig
 
     from .conftest import settings_for
 
     async def scenario() -> int:
         wake = asyncio.Event()
-        listener = Listener(settings_for(db_url), wake, ping_interval=0.2)
+        listener = Listener(settings_for(db_url), wake, ListenerConfig(ping_interval=0.2))
         task = asyncio.create_task(listener.run())
         await asyncio.wait_for(listener.connected.wait(), 10)
         killed = db.execute(

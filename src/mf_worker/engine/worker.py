@@ -72,6 +72,7 @@ from .episodes import (
     write_episodes,
     write_failure,
 )
+from .events import ClaimLoopTicked, EventHub, ItemsClaimed, TripNotified
 
 T = TypeVar("T")
 
@@ -145,7 +146,8 @@ class InFlight:
 
 @dataclass
 class AttemptReport:
-    """What happened to one attempt; observers (metrics, tests) receive it."""
+    """What happened to one attempt: the event the worker publishes when an attempt ends
+    (metrics, the publisher's timer and tests subscribe)."""
 
     item: ClaimedItem
     outcome: Outcome
@@ -158,9 +160,6 @@ class AttemptReport:
     reserved_gbp: Decimal = Decimal(0)  # the worst case the attempt reserved
     delivery: Delivery | None = None  # a success: due when, and visible since when (if yet)
     flow_wait_seconds: float = 0.0  # waited on the provider limiter's tokens
-
-
-Observer = Callable[[AttemptReport], None]
 
 
 @dataclass
@@ -198,7 +197,7 @@ class Worker:
         *,
         notifier: Notifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        observers: list[Observer] | None = None,
+        events: EventHub | None = None,
         flow: FlowControl | None = None,
     ) -> None:
         self.settings = settings
@@ -208,7 +207,8 @@ class Worker:
         self.budget = budget
         self.notifier: Notifier = notifier or LogNotifier()
         self.clock = clock
-        self.observers = list(observers or [])
+        # Attempts, claims, claim-loop ticks and notifications are published here.
+        self.events = events or EventHub()
         # Flow control at the provider: admission per limit key, shared through the database.
         self.flow = flow or FlowControl(
             pool, limit_key_of(generator),
@@ -217,11 +217,6 @@ class Worker:
         # Keyed by claim token, never by item id: the same item can be claimed again by this
         # very worker (reaped, or cancelled and retried) while its old attempt still runs.
         self.in_flight: dict[int, InFlight] = {}
-        # Subscribers (metrics, the systemd watchdog): claims with their time, loop ticks.
-        self.claim_listeners: list[Callable[[list[ClaimedItem], float], None]] = []
-        self.tick_listeners: list[Callable[[int], None]] = []
-        # Told whether each cost-limit notification this worker sent was delivered.
-        self.notify_listeners: list[Callable[[bool], None]] = []
         self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
         self.wake = asyncio.Event()
         self._claim_chunk = min(MAX_CLAIM, max(1, -(-settings.concurrency // CLAIM_SHARE)))
@@ -299,15 +294,12 @@ class Worker:
                 org_max_in_flight=self.settings.org_max_in_flight,
             )
         if items:
-            claimed_at = time.time()
-            for listener in self.claim_listeners:
-                listener(items, claimed_at)
+            self.events.publish(ItemsClaimed(items, time.time()))
         return items
 
     def _tick(self) -> None:
         self._last_tick = time.monotonic()
-        for listener in self.tick_listeners:
-            listener(len(self.in_flight))
+        self.events.publish(ClaimLoopTicked(len(self.in_flight)))
 
     def claim_loop_age(self) -> float:
         """Seconds since the claim loop last went round (for /healthz and the watchdog)."""
@@ -605,8 +597,7 @@ class Worker:
         await deliver_trip(self.pool, self.notifier, trip, self._notified)
 
     def _notified(self, delivered: bool) -> None:
-        for listener in self.notify_listeners:
-            listener(delivered)
+        self.events.publish(TripNotified(delivered))
 
     def _report(self, report: AttemptReport) -> None:
         key = report.outcome.value
@@ -620,8 +611,7 @@ class Worker:
             self._log.warning("lease_lost", error=report.error, **fields)
         elif report.outcome is Outcome.CANCELLED:
             self._log.info("item_cancelled", reason=report.error, **fields)
-        for observer in self.observers:
-            observer(report)
+        self.events.publish(report)
 
     async def _db(self, work: Callable[[Connection], Awaitable[T]], *, alone: bool = True) -> T:
         """Run one transaction-sized unit of work on a pooled connection, retrying the whole

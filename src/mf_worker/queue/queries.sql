@@ -331,3 +331,7 @@ WHERE q.id = v.id
   AND q.claim_token = %(token)s
   AND q.status = 'processing'
 RETURNING q.status, v.delay_seconds, q.retry_count, q.last_error;
+
+-- name: get_item
+-- One item's row, whatever its status (`run-once <id>` explains why it cannot claim it).
+SELECT * FROM episode_schedule_queue WHERE id = %(id)s;
