@@ -94,5 +94,5 @@ class EventHub:
                 try:
                     handler(event)
                 except Exception as exc:  # a subscriber's bug must not fail the producer
-                    self._log.error("event_handler_failed", event=type(event).__name__,
+                    self._log.error("event_handler_failed", event_type=type(event).__name__,
                                     error=describe_error(exc))
