@@ -52,13 +52,13 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from mf_worker.daemon import build, serve
 from mf_worker.db import connect
 from mf_worker.db.migrate import apply_migrations
-from mf_worker.engine.daemon import build, serve
+from mf_worker.engine.events import ItemsClaimed
 from mf_worker.generation import GenerationRequest, GenerationResult
 from mf_worker.generation.template import TemplateGenerator
 from mf_worker.logs import configure_logging
-from mf_worker.queue import ClaimedItem
 from mf_worker.settings import Settings, load_settings
 
 ON_TIME_SECONDS = 1.0
@@ -183,10 +183,10 @@ async def _run(url: str, args: argparse.Namespace, lead: float) -> Run:
     components = await build(settings, generator=provider, scheduler=False)
     claims: list[float] = []
 
-    def on_claim(items: list[ClaimedItem], claimed_at: float) -> None:
-        claims.extend(claimed_at for _ in items)
+    def on_claim(claimed: ItemsClaimed) -> None:
+        claims.extend(claimed.claimed_at for _ in claimed.items)
 
-    components.worker.claim_listeners.append(on_claim)
+    components.events.subscribe(ItemsClaimed, on_claim)
     started = time.perf_counter()
     daemon = asyncio.create_task(serve(components, install_signals=False))
     sampler = asyncio.create_task(_sample_until(url, instant))

@@ -52,9 +52,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from mf_worker.daemon import build, serve
 from mf_worker.db import connect
 from mf_worker.db.migrate import apply_migrations
-from mf_worker.engine.daemon import build, serve
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import GenerationRequest, GenerationResult, load_generator
 from mf_worker.generation.template import TemplateGenerator

@@ -51,13 +51,13 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from mf_worker import status
 from mf_worker.db import connect, open_pool
 from mf_worker.db.migrate import apply_migrations
 from mf_worker.db.sql import load_queries
 from mf_worker.logs import configure_logging
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
+from mf_worker.observability.queue_depth import read_queue_depth
 from mf_worker.queue import store
-from mf_worker.scheduling.scheduler import Scheduler
 from mf_worker.settings import Settings, load_settings
 
 ZONES = ["UTC", "Europe/London", "Europe/Paris", "Europe/Berlin", "Europe/Helsinki",
@@ -209,7 +209,7 @@ async def measure(url: str, n: int) -> dict[str, Any]:
         scrapes = []
         for _ in range(5):
             started = time.perf_counter()
-            await status.read_queue_depth(conn)
+            await read_queue_depth(conn)
             scrapes.append(time.perf_counter() - started)
         out["scrape ms"] = statistics.median(scrapes) * 1000
         started = time.perf_counter()
@@ -230,7 +230,7 @@ async def measure(url: str, n: int) -> dict[str, Any]:
 
     pool = await open_pool(settings, max_size=2)
     try:
-        scheduler = Scheduler(pool, 30.0)
+        scheduler = Scheduler(pool, SchedulerConfig(interval=30.0))
         # The claims above ended 550 items without a next one: the first pass plans them.
         started = time.perf_counter()
         catch_up = await scheduler.run_once(sweep=False)

@@ -46,7 +46,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from mf_worker.db import Pool, connect, open_pool
 from mf_worker.db.migrate import apply_migrations
 from mf_worker.logs import configure_logging
-from mf_worker.scheduling.scheduler import BATCH_SIZE, Scheduler
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
+from mf_worker.scheduling.scheduler import BATCH_SIZE
 from mf_worker.settings import Settings, load_settings
 
 ZONES = [
@@ -160,7 +161,7 @@ async def measure(url: str, size: int, repeat: int) -> tuple[float, float, float
     """Median seconds of a first pass, a steady pass and a sweep over ``size`` projects."""
     pool: Pool = await open_pool(_settings(url), max_size=2)
     try:
-        scheduler = Scheduler(pool, 1.0)
+        scheduler = Scheduler(pool, SchedulerConfig(interval=1.0))
         firsts = []
         for _ in range(repeat):
             await asyncio.to_thread(reset_queue, url)

@@ -15,13 +15,13 @@ import psycopg
 import pytest
 
 from mf_worker import queue
-from mf_worker.cost.budget import BudgetLoop
 from mf_worker.db import connect, open_pool
 from mf_worker.engine.episodes import EpisodeWrite, Prepared, prepare_generations, write_episodes
-from mf_worker.engine.lease import Reaper
 from mf_worker.engine.worker import Outcome
 from mf_worker.generation.template import TemplateGenerator
-from mf_worker.metrics import Metrics
+from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
+from mf_worker.maintenance.reaper import Reaper, ReaperConfig
+from mf_worker.observability.metrics import Metrics
 from mf_worker.status import cancel_queue_item
 
 from .conftest import settings_for
@@ -123,7 +123,7 @@ def _reap(db_url: str, db: Conn) -> None:
     async def go() -> None:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            await Reaper(pool, lease_seconds=60, max_attempts=3).run_once()
+            await Reaper(pool, ReaperConfig(lease_seconds=60, max_attempts=3)).run_once()
         finally:
             await pool.close()
 
@@ -237,8 +237,8 @@ def _budget_pass(db_url: str, now: datetime | None = None) -> Any:
     async def go() -> Any:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            loop = BudgetLoop(pool, 1.0, policy="resume", default_limit=Decimal(50),
-                              reserve_per_item=Decimal("0.10"))
+            loop = BudgetLoop(pool, BudgetConfig(policy="resume", default_limit=Decimal(50),
+                                             reserve_per_item=Decimal("0.10"), interval=1.0))
             return await loop.run_once(now or datetime.now(UTC))
         finally:
             await pool.close()

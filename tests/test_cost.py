@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from mf_worker import queue
-from mf_worker.cost.budget import BudgetLoop, CostLimitReached, Trip
+from mf_worker.cost.budget import CostLimitReached, Trip
 from mf_worker.cost.notify import WebhookNotifier, load_notifier
 from mf_worker.cost.pricing import load_price_table
 from mf_worker.db import open_pool
@@ -26,7 +26,8 @@ from mf_worker.engine.episodes import Prepared, prepare_generations
 from mf_worker.engine.worker import Outcome
 from mf_worker.errors import ConfigError, PluginLoadError
 from mf_worker.generation import TokenUsage
-from mf_worker.scheduling.scheduler import Scheduler
+from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
 
 from .conftest import settings_for
 from .factories import make_org, make_project, make_queue_item, make_user
@@ -208,10 +209,10 @@ def _budget_pass(db_url: str, policy: str, now: datetime) -> Any:
     async def main() -> Any:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            loop = BudgetLoop(pool, 1.0, policy=policy, default_limit=Decimal(50),
-                              reserve_per_item=Decimal("0.50"))
+            loop = BudgetLoop(pool, BudgetConfig(policy=policy, default_limit=Decimal(50),
+                                             reserve_per_item=Decimal("0.50"), interval=1.0))
             result = await loop.run_once(now=now)
-            await Scheduler(pool, 1.0).run_once(now=now)
+            await Scheduler(pool, SchedulerConfig(interval=1.0)).run_once(now=now)
             return result
         finally:
             await pool.close()

@@ -17,15 +17,21 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from mf_worker import queue
-from mf_worker.cost.budget import BudgetLoop
+from mf_worker.daemon import build, serve
 from mf_worker.db import connect, open_pool
-from mf_worker.engine.daemon import build, serve
-from mf_worker.engine.publisher import TIMER_SLACK, Publisher, PublishResult
 from mf_worker.engine.worker import Outcome
 from mf_worker.generation import load_generator
-from mf_worker.metrics import Metrics
+from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
+from mf_worker.maintenance.publisher import (
+    TIMER_SLACK,
+    Publisher,
+    PublisherConfig,
+    PublishResult,
+)
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
+from mf_worker.observability.metrics import Metrics
 from mf_worker.scheduling.cadence import next_occurrence
-from mf_worker.scheduling.scheduler import Scheduler, enqueue_item
+from mf_worker.scheduling.scheduler import enqueue_item
 from mf_worker.status import read_snapshot, render_snapshot
 
 from .conftest import settings_for
@@ -46,7 +52,8 @@ def scheduler_pass(db_url: str, now: datetime, lead_seconds: float = 900.0) -> N
     async def main() -> None:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            await Scheduler(pool, 1.0, lead_seconds=lead_seconds).run_once(now=now)
+            config = SchedulerConfig(interval=1.0, lead_seconds=lead_seconds)
+            await Scheduler(pool, config).run_once(now=now)
         finally:
             await pool.close()
 
@@ -156,8 +163,9 @@ def test_items_resumed_after_a_cost_block_keep_their_lead_window(db_url: str, db
     async def main() -> None:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            await BudgetLoop(pool, 1.0, policy="resume", default_limit=Decimal(50),
-                             reserve_per_item=Decimal("0.50")).run_once(now=today)
+            await BudgetLoop(pool, BudgetConfig(
+                policy="resume", default_limit=Decimal(50), reserve_per_item=Decimal("0.50"),
+                interval=1.0)).run_once(now=today)
         finally:
             await pool.close()
 
@@ -260,9 +268,10 @@ def test_publisher_sleeps_until_the_next_instant_not_an_interval(db_url: str, db
     async def main() -> tuple[float, float, float]:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            publisher = Publisher(pool, max_wait=30.0, clock=lambda: fixed)
+            publisher = Publisher(pool, PublisherConfig(max_wait=30.0), clock=lambda: fixed)
             return (publisher.next_delay(result), publisher.next_delay(PublishResult()),
-                    Publisher(pool, max_wait=5.0, clock=lambda: fixed).next_delay(result))
+                    Publisher(pool, PublisherConfig(max_wait=5.0),
+                              clock=lambda: fixed).next_delay(result))
         finally:
             await pool.close()
 
@@ -283,7 +292,7 @@ def test_publisher_loop_publishes_when_its_timer_fires(db_url: str, db: Conn) ->
 
     async def main() -> None:
         pool = await open_pool(settings_for(db_url), max_size=2)
-        publisher = Publisher(pool, max_wait=3600.0)
+        publisher = Publisher(pool, PublisherConfig(max_wait=3600.0))
         task = asyncio.create_task(publisher.run())
         try:
             for _ in range(200):

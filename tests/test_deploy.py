@@ -37,9 +37,10 @@ import psycopg
 import pytest
 import yaml
 
+from mf_worker.credentials import credential
 from mf_worker.errors import ConfigError
+from mf_worker.observability.systemd import SystemdNotifier, notify, watchdog_interval
 from mf_worker.settings import Settings, describe_settings, load_settings
-from mf_worker.systemd import SystemdNotifier, credential, notify, watchdog_interval
 
 from .conftest import require_binary
 from .factories import make_queue_item, make_tenant

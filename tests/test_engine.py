@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from mf_worker.engine.backoff import retry_delay
+from mf_worker.backoff import ITEM_RETRY
 from mf_worker.engine.worker import Outcome
 
 from .factories import make_note, make_project, make_queue_item, make_tenant, make_user
@@ -392,15 +392,15 @@ def test_backoff_doubles_from_one_second_with_jitter_and_a_five_minute_cap() -> 
 
     rng = random.Random(7)
     for attempt, base in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (9, 256.0)]:
-        delays = [retry_delay(attempt, rng=rng) for _ in range(200)]
+        delays = [ITEM_RETRY.delay(attempt, rng=rng) for _ in range(200)]
         assert 0.8 * base <= min(delays) and max(delays) <= 1.2 * base, attempt
         assert min(delays) < 0.85 * base and max(delays) > 1.15 * base, attempt  # jitter
-    capped = [retry_delay(n, rng=rng) for n in range(10, 60) for _ in range(20)]
+    capped = [ITEM_RETRY.delay(n, rng=rng) for n in range(10, 60) for _ in range(20)]
     assert max(capped) == 300.0 and min(capped) >= 240.0  # capped after the jitter
     assert len(set(capped)) > 100  # still jittered below the cap
-    assert retry_delay(1, retry_after=42.0, rng=rng) == 42.0  # the provider's wish wins
-    assert retry_delay(1, retry_after=10**9, rng=rng) == 3600.0  # but not forever
-    assert retry_delay(5, retry_after=0.5, rng=rng) >= 0.8 * 16  # a shorter one is ignored
+    assert ITEM_RETRY.delay(1, retry_after=42.0, rng=rng) == 42.0  # the provider's wish wins
+    assert ITEM_RETRY.delay(1, retry_after=10**9, rng=rng) == 3600.0  # but not forever
+    assert ITEM_RETRY.delay(5, retry_after=0.5, rng=rng) >= 0.8 * 16  # a shorter one is ignored
 
 
 def test_pruner_deletes_old_finished_items_in_batches_and_keeps_episodes(
@@ -409,7 +409,7 @@ def test_pruner_deletes_old_finished_items_in_batches_and_keeps_episodes(
     import asyncio
 
     from mf_worker.db import open_pool
-    from mf_worker.engine.retention import Pruner
+    from mf_worker.maintenance.pruner import Pruner, PrunerConfig
 
     from .conftest import settings_for
 
@@ -427,8 +427,8 @@ def test_pruner_deletes_old_finished_items_in_batches_and_keeps_episodes(
     async def prune() -> int:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            pruner = Pruner(pool, retention_days=30)
-            pruner.BATCH = 2  # several batches in one pass
+            # Batches of two: several batches in one pass.
+            pruner = Pruner(pool, PrunerConfig(retention_days=30, batch_size=2))
             return await pruner.run_once()
         finally:
             await pool.close()
@@ -446,13 +446,13 @@ def test_listener_reconnects_after_its_connection_is_killed_and_still_wakes(
 ) -> None:
     import asyncio
 
-    from mf_worker.engine.wakeup import Listener
+    from mf_worker.maintenance.listener import Listener, ListenerConfig
 
     from .conftest import settings_for
 
     async def scenario() -> int:
         wake = asyncio.Event()
-        listener = Listener(settings_for(db_url), wake, ping_interval=0.2)
+        listener = Listener(settings_for(db_url), wake, ListenerConfig(ping_interval=0.2))
         task = asyncio.create_task(listener.run())
         await asyncio.wait_for(listener.connected.wait(), 10)
         killed = db.execute(

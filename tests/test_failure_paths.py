@@ -16,14 +16,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from mf_worker.daemon import build, serve
 from mf_worker.db import open_pool
-from mf_worker.engine.daemon import build, serve
-from mf_worker.engine.lease import Reaper
-from mf_worker.engine.wakeup import Listener
+from mf_worker.engine.events import EventHub
 from mf_worker.engine.worker import AttemptReport, FailureReason, Outcome
 from mf_worker.generation import load_generator
-from mf_worker.metrics import Metrics
-from mf_worker.scheduling.scheduler import Scheduler
+from mf_worker.maintenance.listener import Listener, ListenerConfig
+from mf_worker.maintenance.reaper import Reaper, ReaperConfig
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
+from mf_worker.observability.metrics import Metrics
 
 from .conftest import settings_for
 from .factories import make_project, make_queue_item, make_tenant, make_user
@@ -85,8 +86,9 @@ def test_reaper_fails_an_item_that_used_all_its_attempts_and_returns_one_that_di
             # The ghost never renews: its leases run out (time moved, not slept through).
             db.execute("UPDATE episode_schedule_queue"
                        " SET lease_expires_at = now() - interval '1 s'")
-            reaper = Reaper(pool, lease_seconds=60, max_attempts=3,
-                            on_reaped=metrics.on_reaped)
+            events = EventHub()
+            metrics.subscribe(events)
+            reaper = Reaper(pool, ReaperConfig(lease_seconds=60, max_attempts=3), events=events)
             return await reaper.run_once()
         finally:
             await pool.close()
@@ -213,7 +215,10 @@ def test_scheduler_pass_counts_created_items_and_invalid_projects(db_url: str, d
     async def one_pass() -> Any:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            return await Scheduler(pool, 60, on_pass=metrics.on_scheduled).run_once()
+            events = EventHub()
+            metrics.subscribe(events)
+            return await Scheduler(pool, SchedulerConfig(interval=60),
+                                   events=events).run_once()
         finally:
             await pool.close()
 
@@ -299,7 +304,7 @@ def test_listener_ping_finds_a_silently_dead_connection_and_listens_again(
         port = await proxy.start()
         via = make_conninfo(db_url, host="127.0.0.1", port=port)
         wake = asyncio.Event()
-        listener = Listener(settings_for(via), wake, ping_interval=0.2)
+        listener = Listener(settings_for(via), wake, ListenerConfig(ping_interval=0.2))
         task = asyncio.create_task(listener.run())
         try:
             await asyncio.wait_for(listener.connected.wait(), 20)

@@ -168,7 +168,7 @@ def test_a_lost_worker_is_counted_apart_from_transient_retries(db_url: str, db: 
 
     from mf_worker import queue
     from mf_worker.db import open_pool
-    from mf_worker.engine.lease import Reaper
+    from mf_worker.maintenance.reaper import Reaper, ReaperConfig
 
     from .conftest import settings_for
 
@@ -183,7 +183,7 @@ def test_a_lost_worker_is_counted_apart_from_transient_retries(db_url: str, db: 
                                                        lease_seconds=60)) == 1
             db.execute("UPDATE episode_schedule_queue"
                        " SET lease_expires_at = now() - interval '1 s'")
-            reaped = await Reaper(pool, lease_seconds=60, max_attempts=3).run_once()
+            reaped = await Reaper(pool, ReaperConfig(lease_seconds=60, max_attempts=3)).run_once()
             return [r.status for r in reaped]
         finally:
             await pool.close()

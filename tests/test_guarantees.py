@@ -21,15 +21,17 @@ from psycopg import errors, sql
 from psycopg.rows import dict_row
 
 from mf_worker import queue
-from mf_worker.cost.budget import BudgetLoop
+from mf_worker.daemon import Components, build, shutdown
 from mf_worker.db import connect, open_pool
-from mf_worker.engine.daemon import Components, build, shutdown
 from mf_worker.engine.episodes import Prepared, prepare_generations
-from mf_worker.engine.lease import Heartbeat, Reaper
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import GenerationRequest, GenerationResult
 from mf_worker.generation.template import TemplateGenerator
-from mf_worker.scheduling.scheduler import Scheduler, enqueue_item
+from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
+from mf_worker.maintenance.heartbeat import Heartbeat
+from mf_worker.maintenance.reaper import Reaper, ReaperConfig
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
+from mf_worker.scheduling.scheduler import enqueue_item
 from mf_worker.status import cancel_queue_item, retry_queue_item
 
 from .conftest import settings_for
@@ -161,7 +163,8 @@ def test_a_reclaimed_item_keeps_its_in_flight_entry_when_the_old_attempt_ends(
         await gen.started(1)
         db.execute("UPDATE episode_schedule_queue SET lease_expires_at = now() - interval '1 s'"
                    " WHERE id = %s", [item["id"]])
-        reaper = Reaper(c.pool, lease_seconds=c.settings.lease_seconds, max_attempts=3)
+        reaper = Reaper(c.pool, ReaperConfig(lease_seconds=c.settings.lease_seconds,
+                                             max_attempts=3))
         assert [r.id for r in await reaper.run_once()] == [item["id"]]
         c.worker.wake.set()
         await gen.started(2)
@@ -224,7 +227,8 @@ def test_a_heartbeat_that_started_before_a_reclaim_does_not_abandon_the_new_atte
             await eventually(heartbeat_waiting, "the heartbeat to stall")
             db.execute("UPDATE episode_schedule_queue SET last_error = NULL,"
                        " lease_expires_at = now() - interval '1 s' WHERE id = %s", [item["id"]])
-            reaper = Reaper(c.pool, lease_seconds=c.settings.lease_seconds, max_attempts=3)
+            reaper = Reaper(c.pool, ReaperConfig(lease_seconds=c.settings.lease_seconds,
+                                             max_attempts=3))
             assert [r.id for r in await reaper.run_once()] == [item["id"]]
             c.worker.wake.set()
             await gen.started(2)
@@ -302,7 +306,7 @@ def _by_scheduler(db_url: str, db: Conn, t: dict[str, Any], item: dict[str, Any]
     async def go() -> None:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            await Scheduler(pool, 1.0).run_once()
+            await Scheduler(pool, SchedulerConfig(interval=1.0)).run_once()
         finally:
             await pool.close()
 
@@ -322,8 +326,8 @@ def _by_cost_skip(db_url: str, db: Conn, t: dict[str, Any], item: dict[str, Any]
     async def go() -> None:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            loop = BudgetLoop(pool, 1.0, policy="skip", default_limit=Decimal(50),
-                              reserve_per_item=Decimal("0.5"))
+            loop = BudgetLoop(pool, BudgetConfig(policy="skip", default_limit=Decimal(50),
+                                             reserve_per_item=Decimal("0.5"), interval=1.0))
             await loop.run_once(datetime.now(UTC))
         finally:
             await pool.close()

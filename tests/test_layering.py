@@ -27,8 +27,9 @@ HERE: Final = "tests/test_layering.py"
 
 # Lowest first. Names are relative to mf_worker; a name covers a module or a whole package.
 LAYERS: Final[tuple[tuple[str, ...], ...]] = (
-    # Leaves: errors, ids, settings, the backoff rule, connections and named SQL, logging.
-    ("errors", "ids", "settings", "backoff", "db", "logs"),
+    # Leaves: errors, ids, settings (and the systemd credentials they read), the backoff rule,
+    # connections and named SQL, logging.
+    ("errors", "ids", "settings", "credentials", "backoff", "db", "logs"),
     # The generator plugin API (api, validate, loader): what a plugin author imports.
     ("generation",),
     # The built-in generators, written against the plugin API like any plugin.
@@ -40,9 +41,10 @@ LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     ("engine",),
     # The background loops (heartbeat, reaper, pruner, scheduler, budget release, listener).
     ("maintenance",),
-    # Metrics, health endpoints, systemd; `metrics`, `health`, `systemd` are the modules that
-    # move into observability/ (#18): until then they stand here under their own names.
-    ("observability", "metrics", "health", "systemd"),
+    # Metrics, health endpoints, systemd's notifications: subscribers of the engine's events.
+    ("observability",),
+    # The wiring of `run` and `run-once`: pool, worker, loops, HTTP, signals.
+    ("daemon",),
     # The command line, and the commands' modules still outside cli/ (`status`, `demo`).
     ("cli", "status", "demo", "__main__"),
 )
@@ -58,20 +60,9 @@ ALLOWED: Final[frozenset[tuple[str, str]]] = frozenset({
     ("mf_worker.generation.preview", "mf_worker.engine.episodes"),
     ("mf_worker.generation.preview", "mf_worker.queue"),
     ("mf_worker.generation.preview", "mf_worker.scheduling.cadence"),
-    # The maintenance part: BudgetLoop and the scheduler loop move to maintenance/, with the
-    # loop shape (engine.loops) they import today.
-    ("mf_worker.cost.budget", "mf_worker.engine.loops"),
-    ("mf_worker.scheduling.scheduler", "mf_worker.engine.loops"),
-    # The observability part: the daemon's wiring of metrics, health, systemd and the
-    # queue-depth reading (status) leaves engine/.
-    ("mf_worker.engine.daemon", "mf_worker.health"),
-    ("mf_worker.engine.daemon", "mf_worker.metrics"),
-    ("mf_worker.engine.daemon", "mf_worker.status"),
-    ("mf_worker.engine.daemon", "mf_worker.systemd"),
-    # Settings parses the SMTP URL and reads systemd credentials with helpers that live higher
-    # up; the helpers belong with the settings (or in a leaf) whichever part takes them.
+    # Settings parses the SMTP URL with a helper that lives higher up (cost/smtp.py); it
+    # belongs with the settings or in a leaf.
     ("mf_worker.settings", "mf_worker.cost.smtp"),
-    ("mf_worker.settings", "mf_worker.systemd"),
 })
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import re
 
-from mf_worker.health import HealthServer
-from mf_worker.metrics import Metrics
+from mf_worker.observability.health import HealthServer
+from mf_worker.observability.metrics import Metrics
 
 from .workers import ROOT, http_get
 

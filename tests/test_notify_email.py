@@ -24,10 +24,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from mf_worker.cost.budget import BudgetLoop
 from mf_worker.cost.notify import build_notifier
 from mf_worker.db import open_pool
 from mf_worker.errors import ConfigError, PluginLoadError
+from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
 from mf_worker.settings import load_settings
 
 from .conftest import require_binary, settings_for
@@ -178,8 +178,9 @@ def test_a_server_that_is_down_is_retried_by_the_budget_loop(
             pool = await open_pool(settings, max_size=2)
             try:
                 loop = BudgetLoop(
-                    pool, 60, policy="resume", default_limit=Decimal(50),
-                    reserve_per_item=Decimal("0.5"), notifier=build_notifier(settings, pool),
+                    pool, BudgetConfig(policy="resume", default_limit=Decimal(50),
+                                       reserve_per_item=Decimal("0.5"), interval=60),
+                    notifier=build_notifier(settings, pool),
                 )
                 await loop.run_once(now)
             finally:
@@ -331,7 +332,7 @@ def test_starttls_require_refuses_a_server_without_it(
 
 def notification_counts(db_url: str, **overrides: Any) -> dict[str, float]:
     """Run a burst as the daemon assembles it and read its notification counter."""
-    from mf_worker.engine.daemon import build, serve
+    from mf_worker.daemon import build, serve
     from mf_worker.generation import load_generator
 
     settings = settings_for(db_url, poll_interval=0.05, concurrency=1, **overrides)

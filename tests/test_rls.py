@@ -171,9 +171,9 @@ def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
 
     from mf_worker import flow, queue
     from mf_worker.db import open_pool
-    from mf_worker.engine.lease import Reaper
-    from mf_worker.engine.publisher import Publisher
-    from mf_worker.scheduling.scheduler import Scheduler
+    from mf_worker.maintenance.publisher import Publisher
+    from mf_worker.maintenance.reaper import Reaper, ReaperConfig
+    from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
 
     from .conftest import settings_for
     from .factories import make_note
@@ -188,7 +188,7 @@ def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
     async def schedule_and_reap() -> None:
         pool = await open_pool(settings_for(as_worker), max_size=2)
         try:
-            result = await Scheduler(pool, 1.0).run_once()
+            result = await Scheduler(pool, SchedulerConfig(interval=1.0)).run_once()
             assert result.created == 3 and not result.invalid
             async with pool.connection() as conn:
                 await conn.execute("UPDATE episode_schedule_queue SET run_after = now()")
@@ -198,7 +198,7 @@ def test_the_whole_engine_runs_under_the_documented_least_privilege_role(
                 await conn.execute(
                     "UPDATE episode_schedule_queue SET lease_expires_at = now()"
                     " - interval '1 s' WHERE locked_by = 'ghost'")
-            reaped = await Reaper(pool, lease_seconds=60, max_attempts=3).run_once()
+            reaped = await Reaper(pool, ReaperConfig(lease_seconds=60, max_attempts=3)).run_once()
             assert [r.status for r in reaped] == ["pending"]
             async with pool.connection() as conn:  # the fleet-wide provider limiter
                 limits = flow.Limits(requests_per_minute=60)
@@ -250,8 +250,9 @@ def test_status_and_notification_retries_work_under_the_least_privilege_role(
 
     from psycopg.types.json import Jsonb
 
-    from mf_worker.cost.budget import BudgetLoop, Trip
+    from mf_worker.cost.budget import Trip
     from mf_worker.db import open_pool
+    from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
     from mf_worker.memories import migrate_memories
     from mf_worker.status import read_snapshot
 
@@ -284,8 +285,9 @@ def test_status_and_notification_retries_work_under_the_least_privilege_role(
         try:
             async with pool.connection() as conn:
                 snapshot = await read_snapshot(conn, default_limit_gbp=Decimal(50))
-            loop = BudgetLoop(pool, 60, policy="resume", default_limit=Decimal(50),
-                              reserve_per_item=Decimal("0.5"), notifier=Recorder())
+            loop = BudgetLoop(pool, BudgetConfig(policy="resume", default_limit=Decimal(50),
+                                             reserve_per_item=Decimal("0.5"), interval=60),
+                              notifier=Recorder())
             await loop.run_once(datetime.now(UTC) + timedelta(seconds=1))
             return snapshot.memory_migration
         finally:

@@ -16,11 +16,12 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from mf_worker import status
 from mf_worker.db import open_pool
 from mf_worker.db.sql import load_queries
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
+from mf_worker.observability.queue_depth import read_queue_depth
 from mf_worker.scheduling import scheduler as scheduling
-from mf_worker.scheduling.scheduler import Scheduler, SchedulerResult
+from mf_worker.scheduling.scheduler import SchedulerResult
 
 from .conftest import settings_for
 from .factories import make_org, make_project, make_queue_item, make_tenant, make_user
@@ -39,7 +40,7 @@ def _pass(db_url: str, now: datetime = NOW, *, paced: bool = False,
         try:
             results = []
             for _ in range(schedulers):
-                s = Scheduler(pool, 60.0)
+                s = Scheduler(pool, SchedulerConfig(interval=60.0))
                 results.append(await (s.tick() if paced else s.run_once(now=now)))
             return results
         finally:
@@ -245,7 +246,7 @@ def test_queue_depth_does_not_scan_the_history(db_url: str, db: Conn) -> None:
     async def read() -> dict[str, Any]:
         async with await psycopg.AsyncConnection.connect(
                 db_url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
-            return await status.read_queue_depth(conn, exact_below=0)
+            return await read_queue_depth(conn, exact_below=0)
 
     db.execute("SELECT pg_stat_force_next_flush()")
     before = _seq_scans(db)
@@ -272,7 +273,7 @@ def test_queue_depth_reads_due_and_late_items_at_the_instant_it_is_given(
     async def read(at: datetime) -> dict[str, Any]:
         async with await psycopg.AsyncConnection.connect(
                 db_url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
-            return await status.read_queue_depth(conn, now=at)
+            return await read_queue_depth(conn, now=at)
 
     assert asyncio.run(read(later - timedelta(minutes=1)))["due_items"] == 0
     depth = asyncio.run(read(later + timedelta(minutes=1)))

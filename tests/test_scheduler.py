@@ -14,6 +14,7 @@ import pwd
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
 from time import monotonic, sleep
 from typing import Any
@@ -24,8 +25,10 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from mf_worker.db import open_pool
+from mf_worker.engine.events import EventHub, ProjectInvalid
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
 from mf_worker.scheduling.cadence import next_occurrence
-from mf_worker.scheduling.scheduler import Scheduler, SchedulerResult
+from mf_worker.scheduling.scheduler import SchedulerResult
 
 from .conftest import settings_for
 from .factories import make_org, make_project, make_queue_item, make_tenant, make_user
@@ -39,13 +42,20 @@ OPEN = ("pending", "processing", "blocked")
 # --------------------------------------------------------------------------- helpers
 
 
-def run_pass(db_url: str, now: datetime | None = NOW, **kwargs: Any) -> SchedulerResult:
-    """One scheduler pass in this process, on a pool of its own."""
+def run_pass(db_url: str, now: datetime | None = NOW,
+             on_invalid: Callable[[str, str], None] | None = None,
+             **config: Any) -> SchedulerResult:
+    """One scheduler pass in this process, on a pool of its own; ``on_invalid`` hears of every
+    invalid project the pass finds (through the event hub)."""
+    events = EventHub()
+    if on_invalid is not None:
+        events.subscribe(ProjectInvalid, lambda e: on_invalid(e.project_id, e.error))
 
     async def main() -> SchedulerResult:
         pool = await open_pool(settings_for(db_url), max_size=2)
         try:
-            return await Scheduler(pool, 1.0, **kwargs).run_once(now=now)
+            scheduler = Scheduler(pool, SchedulerConfig(interval=1.0, **config), events=events)
+            return await scheduler.run_once(now=now)
         finally:
             await pool.close()
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mf_worker.engine.daemon import build, run_one, serve, shutdown
+from mf_worker.daemon import build, run_one, serve, shutdown
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import Generator, load_generator
 

@@ -22,10 +22,10 @@ from psycopg_pool import PoolTimeout
 from . import __version__
 from .audit import default_actor, validate_actor
 from .cost.pricing import load_price_table
+from .daemon import Components, build, run_one, serve, shutdown
 from .db import Connection, Pool, connect, open_pool
 from .db.migrate import apply_migrations, migration_status
 from .demo import run_demo
-from .engine.daemon import Components, build, run_one, serve, shutdown
 from .engine.worker import Outcome
 from .errors import ConfigError, MfWorkerError, describe_error
 from .generation import available_generators, load_generator
@@ -37,8 +37,9 @@ from .generation.preview import (
     run_preview,
 )
 from .logs import configure_logging, get_logger, register_secret
+from .maintenance.scheduler import Scheduler, SchedulerConfig
 from .memories import TRIGGER_MEMORIES, ProjectReport, migrate_memories, render_report
-from .scheduling.scheduler import Scheduler, SchedulerResult, enqueue_item
+from .scheduling.scheduler import SchedulerResult, enqueue_item
 from .settings import Settings, describe_settings, load_settings
 from .status import Snapshot, cancel_queue_item, read_snapshot, render_snapshot, retry_queue_item
 
@@ -309,8 +310,8 @@ def schedule(
     async def main() -> SchedulerResult:
         pool = await _open_pool(settings)
         try:
-            scheduler = Scheduler(pool, settings.scheduler_interval,
-                                  lead_seconds=settings.lead_seconds)
+            scheduler = Scheduler(pool, SchedulerConfig(interval=settings.scheduler_interval,
+                                                         lead_seconds=settings.lead_seconds))
             return await scheduler.run_once(sweep=True, wait=True)
         finally:
             await pool.close()

@@ -20,14 +20,14 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from .daemon import build, serve
 from .db import Connection, connect
 from .db.migrate import apply_migrations
 from .db.sql import load_queries
-from .engine.daemon import build, serve
 from .errors import MfWorkerError
 from .ids import new_id
 from .logs import get_logger
-from .scheduling.scheduler import Scheduler
+from .maintenance.scheduler import Scheduler, SchedulerConfig
 from .settings import Secret, Settings
 
 _Q = load_queries(__package__ or "mf_worker", "demo.sql")
@@ -133,7 +133,7 @@ async def run_demo(settings: Settings, say: Callable[[str], None]) -> None:
             say(f"seeded organisation {org_id} with {len(PROJECTS)} projects")
 
         components = await build(settings, scheduler=False)
-        scheduled = await Scheduler(components.pool, 1.0).run_once()
+        scheduled = await Scheduler(components.pool, SchedulerConfig(interval=1.0)).run_once()
         async with components.pool.connection() as pconn:
             await pconn.execute(_Q["make_org_items_due"], {"organization_id": org_id})
         say(f"scheduled {scheduled.created} first episodes (due at 09:00 local) and opened "

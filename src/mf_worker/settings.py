@@ -3,7 +3,8 @@
 Each field carries its environment variable, its parser and its documentation in one place, so
 the README table, the validation and the "unknown variable" warning cannot drift apart. Nothing
 else in the package reads ``os.environ``: the settings object is built here and passed down.
-(The one exception is `mf_worker.systemd`, which reads the variables the service manager sets.)
+(The exceptions are `mf_worker.observability.systemd` and `mf_worker.credentials`, which read the
+variables the service manager sets.)
 
 A secret may also come from a systemd credential (``LoadCredential=``): when neither its variable
 nor its fallback variable is set, the file ``$CREDENTIALS_DIRECTORY/<credential>`` is read.
@@ -25,8 +26,8 @@ from typing import Any, Final
 import psycopg.conninfo
 
 from .cost.smtp import parse_address, parse_address_list, parse_smtp_url
+from .credentials import credential as read_credential
 from .errors import ConfigError
-from .systemd import credential as read_credential
 
 ENV_PREFIX: Final = "MF_"
 

@@ -8,8 +8,9 @@ not to be over the limit already). Releasing is the database's job: a trigger gi
 reservation back whenever the item leaves ``processing`` (see migration 0002). When the budget
 cannot cover an item, the breaker blocks it and the organisation's other pending items without
 charging an attempt, records the trip once per organisation and UTC day (user event, audit row,
-notifications), and :class:`BudgetLoop` releases the blocked items when the day turns
-(policy ``resume`` or ``skip``) or as soon as the limit is raised. Notifications are at least
+notifications), and the budget loop (``maintenance.budget``, through
+:func:`release_blocked_items`) releases the blocked items when the day turns (policy ``resume``
+or ``skip``) or as soon as the limit is raised. Notifications are at least
 once: the trip row records when they succeeded (``notified_at``), and the budget loop re-sends
 a trip whose notification failed or was interrupted, with backoff, for the rest of its day.
 """
@@ -26,7 +27,6 @@ from typing import Any, Final, Protocol
 from .. import queue
 from ..db import Connection, Pool, as_org
 from ..db.sql import load_queries
-from ..engine.loops import PeriodicLoop
 from ..errors import MfWorkerError, describe_error
 from ..generation import GenerationRequest, Generator, estimate_max_usage
 from ..ids import new_id
@@ -236,87 +236,76 @@ async def list_blocked_orgs(
     return list(await cur.fetchall())
 
 
-@dataclass
-class BudgetResult:
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What :func:`release_blocked_items` did: items resumed (pending again) and skipped."""
+
     resumed: int = 0
     skipped: int = 0
-    notified: int = 0
 
 
-class BudgetLoop(PeriodicLoop):
-    """Releases cost-blocked items: at the next UTC day by policy, or the same day once the
-    worst case the trip refused fits (the limit was raised). Runs beside the scheduler, at its
-    interval."""
+async def release_blocked_items(
+    pool: Pool, *, now: datetime, policy: str, default_limit: Decimal, reserve_per_item: Decimal,
+) -> Released:
+    """Release cost-blocked items at ``now``: at the next UTC day by ``policy`` (``resume`` or
+    ``skip``), or the same day once the worst case the trip refused fits (the limit was
+    raised). Returns how many items were resumed and skipped. The budget loop
+    (``maintenance.budget``) runs this every pass."""
+    log = get_logger("mf_worker.budget")
+    today = now.astimezone(UTC).date()
+    resumed_total = skipped_total = 0
+    async with pool.connection() as conn:
+        blocked = await list_blocked_orgs(conn, day=today, default_limit=default_limit)
+        for org in blocked:
+            params = {"organization_id": org["organization_id"], "date": today, "now": now}
+            new_day = org["blocked_on"] < today
+            # The worst case today's trip refused must fit, not a flat reserve: otherwise
+            # the items resume, are claimed, refused and blocked again every pass.
+            needed = org["needed_gbp"] if org["needed_gbp"] is not None else reserve_per_item
+            room = org["spent_gbp"] + org["reserved_gbp"] + needed <= org["limit_gbp"]
+            async with as_org(conn, org["organization_id"]):
+                if new_day and policy == "skip":
+                    skipped = await (await conn.execute(_Q["skip_blocked_items"], params))\
+                        .fetchall()
+                    skipped_total += len(skipped)
+                    log.info("cost_block_skipped", organization_id=params[
+                        "organization_id"], items=len(skipped))
+                if new_day or room:
+                    resumed = await (await conn.execute(_Q["resume_blocked_items"], params))\
+                        .fetchall()
+                    resumed_total += len(resumed)
+                    log.info("cost_block_lifted", organization_id=params[
+                        "organization_id"], items=len(resumed),
+                        reason="new day" if new_day else "limit raised")
+    return Released(resumed=resumed_total, skipped=skipped_total)
 
-    name = "budget"
 
-    def __init__(
-        self, pool: Pool, interval: float, *, policy: str, default_limit: Decimal,
-        reserve_per_item: Decimal, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        notifier: TripNotifier | None = None,
-        on_notified: Callable[[bool], None] | None = None,
-    ) -> None:
-        super().__init__(interval)
-        if policy not in POLICIES:
-            raise ValueError(f"cost limit policy must be one of {POLICIES}, not {policy!r}")
-        self._pool, self._policy, self._clock = pool, policy, clock
-        self._default_limit, self._reserve = default_limit, reserve_per_item
-        self._notifier, self._on_notified = notifier, on_notified
-
-    async def run_once(self, now: datetime | None = None) -> BudgetResult:
-        now = now or self._clock()
-        today = now.astimezone(UTC).date()
-        result = BudgetResult()
-        if self._notifier is not None:
-            result.notified = await self.resend_notifications(now)
-        async with self._pool.connection() as conn:
-            blocked = await list_blocked_orgs(conn, day=today, default_limit=self._default_limit)
-            for org in blocked:
-                params = {"organization_id": org["organization_id"], "date": today,
-                          "now": now}
-                new_day = org["blocked_on"] < today
-                # The worst case today's trip refused must fit, not a flat reserve: otherwise
-                # the items resume, are claimed, refused and blocked again every pass.
-                needed = org["needed_gbp"] if org["needed_gbp"] is not None else self._reserve
-                room = org["spent_gbp"] + org["reserved_gbp"] + needed <= org["limit_gbp"]
-                async with as_org(conn, org["organization_id"]):
-                    if new_day and self._policy == "skip":
-                        skipped = await (await conn.execute(_Q["skip_blocked_items"], params))\
-                            .fetchall()
-                        result.skipped += len(skipped)
-                        self._log.info("cost_block_skipped", organization_id=params[
-                            "organization_id"], items=len(skipped))
-                    if new_day or room:
-                        resumed = await (await conn.execute(_Q["resume_blocked_items"], params))\
-                            .fetchall()
-                        result.resumed += len(resumed)
-                        self._log.info("cost_block_lifted", organization_id=params[
-                            "organization_id"], items=len(resumed),
-                            reason="new day" if new_day else "limit raised")
-        return result
-
-    async def resend_notifications(self, now: datetime) -> int:
-        """Send again today's trips whose notification failed or was interrupted and whose
-        next attempt is due; each is claimed first, so two processes never send one at once."""
-        assert self._notifier is not None
-        today, sent = now.astimezone(UTC).date(), 0
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(_Q["list_trips_to_notify"], {"date": today, "now": now})
-            due = await cur.fetchall()
-        for row in due:
-            params = {"organization_id": row["organization_id"], "date": row["date"],
-                      "now": now, "lease_seconds": NOTIFY_LEASE_SECONDS}
-            async with self._pool.connection() as conn, as_org(conn, row["organization_id"]):
-                claimed = await (await conn.execute(_Q["claim_trip_notification"], params))\
-                    .fetchone()
-            if claimed is None:
-                continue
-            trip = Trip(
-                row["organization_id"], row["date"], row["spent_gbp"], row["limit_gbp"],
-                row["blocked_items"],
-                f"Daily limit exceeded: £{row['spent_gbp']:.2f} spent of "
-                f"£{row['limit_gbp']:.2f} on {row['date'].isoformat()} (UTC)",
-            )
-            self._log.info("notification_retried", organization_id=trip.organization_id)
-            sent += await deliver_trip(self._pool, self._notifier, trip, self._on_notified)
-        return sent
+async def resend_notifications(
+    pool: Pool, notifier: TripNotifier, *, now: datetime,
+    on_notified: Callable[[bool], None] | None = None,
+) -> int:
+    """Send again today's trips whose notification failed or was interrupted and whose next
+    attempt is due at ``now``; each is claimed first, so two processes never send one at once.
+    Returns how many were delivered."""
+    log = get_logger("mf_worker.budget")
+    today, sent = now.astimezone(UTC).date(), 0
+    async with pool.connection() as conn:
+        cur = await conn.execute(_Q["list_trips_to_notify"], {"date": today, "now": now})
+        due = await cur.fetchall()
+    for row in due:
+        params = {"organization_id": row["organization_id"], "date": row["date"],
+                  "now": now, "lease_seconds": NOTIFY_LEASE_SECONDS}
+        async with pool.connection() as conn, as_org(conn, row["organization_id"]):
+            claimed = await (await conn.execute(_Q["claim_trip_notification"], params))\
+                .fetchone()
+        if claimed is None:
+            continue
+        trip = Trip(
+            row["organization_id"], row["date"], row["spent_gbp"], row["limit_gbp"],
+            row["blocked_items"],
+            f"Daily limit exceeded: £{row['spent_gbp']:.2f} spent of "
+            f"£{row['limit_gbp']:.2f} on {row['date'].isoformat()} (UTC)",
+        )
+        log.info("notification_retried", organization_id=trip.organization_id)
+        sent += await deliver_trip(pool, notifier, trip, on_notified)
+    return sent

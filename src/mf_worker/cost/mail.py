@@ -30,8 +30,9 @@ from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
+from ..backoff import Backoff
 from ..db import Pool, as_org
 from ..db.sql import load_queries
 from ..errors import MfWorkerError
@@ -102,7 +103,9 @@ class EmailNotifier:
     ) -> None:
         self.target, self.mail_from, self.mail_to = target, mail_from, mail_to
         self._contacts, self.policy, self.timeout = contacts, policy, timeout
-        self.attempts, self.backoff = attempts, backoff
+        self.attempts = attempts
+        # 0.5, 1, 2 … s between attempts, at most 10 s (the webhook's rule).
+        self.backoff = Backoff(initial=min(backoff, 10.0), factor=2.0, cap=10.0)
         self._log = get_logger("mf_worker.notify")
 
     async def notify(self, trip: Trip) -> None:
@@ -113,7 +116,7 @@ class EmailNotifier:
         message = self.compose(trip, contacts.name, recipients)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
-            wait=wait_exponential(multiplier=self.backoff, max=10),
+            wait=self.backoff.wait,
             stop=stop_after_attempt(self.attempts),
             reraise=True,
         ):

@@ -2,7 +2,7 @@
 LLM provider's quota is exhausted: the notifier plugins.
 
 ``log`` (the default) writes a warning line; ``webhook`` POSTs the trip as JSON to
-``MF_NOTIFY_WEBHOOK_URL`` with a timeout and retries (tenacity), using only the standard
+``MF_NOTIFY_WEBHOOK_URL`` with a timeout and retries (:class:`Backoff`), using only the standard
 library in a thread; ``email`` writes to the organisation's users (``mail``). A third-party
 notifier is any object with ``async notify(trip)``, loaded by ``module:attr``. ``MF_NOTIFIER``
 lists several (``log,webhook,email``): each is tried, and the trip counts as notified when all
@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Protocol, runtime_checkable
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
+from ..backoff import Backoff
 from ..db import Pool
 from ..errors import MfWorkerError, PluginLoadError, describe_error
 from ..generation.loader import import_target
@@ -93,7 +94,9 @@ class WebhookNotifier:
 
     def __init__(self, url: str, *, timeout: float = 5.0, attempts: int = 4,
                  backoff: float = 0.5) -> None:
-        self.url, self.timeout, self.attempts, self.backoff = url, timeout, attempts, backoff
+        self.url, self.timeout, self.attempts = url, timeout, attempts
+        # 0.5, 1, 2 … s between attempts (no jitter: one trip, one sender), at most 10 s.
+        self.backoff = Backoff(initial=min(backoff, 10.0), factor=2.0, cap=10.0)
 
     def _post(self, body: bytes) -> int:
         request = urllib.request.Request(  # noqa: S310 - the operator's own https/http URL
@@ -121,7 +124,7 @@ class WebhookNotifier:
         body = json.dumps(payload).encode()
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
-            wait=wait_exponential(multiplier=self.backoff, max=10),
+            wait=self.backoff.wait,
             stop=stop_after_attempt(self.attempts),
             reraise=True,
         ):

@@ -31,10 +31,10 @@ from tenacity import (
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
 )
 
 from .. import queue
+from ..backoff import ITEM_RETRY, Backoff
 from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier, ProviderPaused, notify_provider_paused
 from ..db import Connection, Pool
@@ -57,7 +57,6 @@ from ..logs import bind_item, get_logger
 from ..queue import ClaimedItem
 from ..scheduling.cadence import next_occurrence
 from ..settings import Settings
-from .backoff import transient_backoff
 from .batching import Batcher
 from .episodes import (
     Delivery,
@@ -73,6 +72,7 @@ from .episodes import (
     write_episodes,
     write_failure,
 )
+from .events import ClaimLoopTicked, EventHub, ItemsClaimed, TripNotified
 
 T = TypeVar("T")
 
@@ -101,6 +101,9 @@ MIN_SHARE = 4
 # busy while Python works on another, and a wave's transactions stay short (item latency).
 CLAIM_SHARE = 2
 MAX_CLAIM = 16
+# A unit of database work retried while the database is away (a restart, a failover): about
+# 0.2 s · 2^n plus up to a second of jitter, at most 5 s apart, for up to one lease.
+DB_RETRY = Backoff(initial=0.2, factor=2.0, cap=5.0, jitter_seconds=1.0)
 
 
 class Outcome(enum.StrEnum):
@@ -143,7 +146,8 @@ class InFlight:
 
 @dataclass
 class AttemptReport:
-    """What happened to one attempt; observers (metrics, tests) receive it."""
+    """What happened to one attempt: the event the worker publishes when an attempt ends
+    (metrics, the publisher's timer and tests subscribe)."""
 
     item: ClaimedItem
     outcome: Outcome
@@ -156,9 +160,6 @@ class AttemptReport:
     reserved_gbp: Decimal = Decimal(0)  # the worst case the attempt reserved
     delivery: Delivery | None = None  # a success: due when, and visible since when (if yet)
     flow_wait_seconds: float = 0.0  # waited on the provider limiter's tokens
-
-
-Observer = Callable[[AttemptReport], None]
 
 
 @dataclass
@@ -196,7 +197,7 @@ class Worker:
         *,
         notifier: Notifier | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        observers: list[Observer] | None = None,
+        events: EventHub | None = None,
         flow: FlowControl | None = None,
     ) -> None:
         self.settings = settings
@@ -206,7 +207,8 @@ class Worker:
         self.budget = budget
         self.notifier: Notifier = notifier or LogNotifier()
         self.clock = clock
-        self.observers = list(observers or [])
+        # Attempts, claims, claim-loop ticks and notifications are published here.
+        self.events = events or EventHub()
         # Flow control at the provider: admission per limit key, shared through the database.
         self.flow = flow or FlowControl(
             pool, limit_key_of(generator),
@@ -215,11 +217,6 @@ class Worker:
         # Keyed by claim token, never by item id: the same item can be claimed again by this
         # very worker (reaped, or cancelled and retried) while its old attempt still runs.
         self.in_flight: dict[int, InFlight] = {}
-        # Subscribers (metrics, the systemd watchdog): claims with their time, loop ticks.
-        self.claim_listeners: list[Callable[[list[ClaimedItem], float], None]] = []
-        self.tick_listeners: list[Callable[[int], None]] = []
-        # Told whether each cost-limit notification this worker sent was delivered.
-        self.notify_listeners: list[Callable[[bool], None]] = []
         self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
         self.wake = asyncio.Event()
         self._claim_chunk = min(MAX_CLAIM, max(1, -(-settings.concurrency // CLAIM_SHARE)))
@@ -244,6 +241,9 @@ class Worker:
         nothing is in flight)."""
         failures = 0
         drained = False
+        # After a failed claim: 1, 2, 4 … s, at most two poll intervals (and 30 s) apart.
+        claim_cap = min(self.settings.poll_interval * 2, 30.0)
+        claim_retry = Backoff(initial=min(1.0, claim_cap), cap=claim_cap)
         while not self._stopping.is_set():
             self._tick()
             free = self.settings.concurrency - len(self.in_flight)
@@ -273,7 +273,7 @@ class Worker:
                 failures = 0
             except TRANSIENT_DB_ERRORS as exc:
                 failures += 1
-                delay = min(0.5 * 2 ** min(failures, 6), self.settings.poll_interval * 2, 30.0)
+                delay = claim_retry.delay(failures)
                 self._log.warning("claim_failed", error=describe_error(exc), retry_in=delay)
                 await self._wait(set(), delay)
                 continue
@@ -296,15 +296,12 @@ class Worker:
                 org_max_in_flight=self.settings.org_max_in_flight, rotation=self._rotation,
             )
         if items:
-            claimed_at = time.time()
-            for listener in self.claim_listeners:
-                listener(items, claimed_at)
+            self.events.publish(ItemsClaimed(items, time.time()))
         return items
 
     def _tick(self) -> None:
         self._last_tick = time.monotonic()
-        for listener in self.tick_listeners:
-            listener(len(self.in_flight))
+        self.events.publish(ClaimLoopTicked(len(self.in_flight)))
 
     def claim_loop_age(self) -> float:
         """Seconds since the claim loop last went round (for /healthz and the watchdog)."""
@@ -544,7 +541,7 @@ class Worker:
         deferral = await self._db(partial(
             write_deferral, item=item, prepared=prepared, reason=kind, error=message,
             retry_after=retry_after, deadline_seconds=self.settings.retry_deadline,
-            not_after=_next_occurrence(item), backoff=transient_backoff(),
+            not_after=_next_occurrence(item), backoff=_item_backoff(),
             usages=failure.usages if kind == "transient" else (), costs=costs))
         if kind == "transient":
             report.costs = costs
@@ -602,8 +599,7 @@ class Worker:
         await deliver_trip(self.pool, self.notifier, trip, self._notified)
 
     def _notified(self, delivered: bool) -> None:
-        for listener in self.notify_listeners:
-            listener(delivered)
+        self.events.publish(TripNotified(delivered))
 
     def _report(self, report: AttemptReport) -> None:
         key = report.outcome.value
@@ -617,8 +613,7 @@ class Worker:
             self._log.warning("lease_lost", error=report.error, **fields)
         elif report.outcome is Outcome.CANCELLED:
             self._log.info("item_cancelled", reason=report.error, **fields)
-        for observer in self.observers:
-            observer(report)
+        self.events.publish(report)
 
     async def _db(self, work: Callable[[Connection], Awaitable[T]], *, alone: bool = True) -> T:
         """Run one transaction-sized unit of work on a pooled connection, retrying the whole
@@ -632,7 +627,7 @@ class Worker:
             retryable = retryable & retry_if_not_exception_type(ITEM_DB_ERRORS)
         async for attempt in AsyncRetrying(
             retry=retryable,
-            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+            wait=DB_RETRY.wait,
             stop=stop_after_delay(self.settings.lease_seconds),
             reraise=True,
         ):
@@ -688,6 +683,13 @@ class Worker:
                     self._log.info("item_released")
                 self._report(AttemptReport(item=entry.item, outcome=Outcome.RELEASED))
         return released
+
+
+def _item_backoff() -> tuple[float, float, float]:
+    """What ``queue.defer_item`` needs of :data:`ITEM_RETRY` to compute a transient failure's
+    wait under the item's row lock, from its ``retry_count``: the base, the cap and one draw of
+    the jitter."""
+    return ITEM_RETRY.initial, ITEM_RETRY.cap, ITEM_RETRY.jitter_factor()
 
 
 def _next_occurrence(item: ClaimedItem) -> datetime | None:

@@ -318,7 +318,7 @@ SELECT min(run_after) AS due_at FROM episode_schedule_queue WHERE status = 'pend
 -- after the delay, counted by kind (retry_count for transient failures, deferred_count for
 -- the rest). The backoff of a transient failure is
 -- 1 s · 2^retry_count capped at `cap_seconds`, times the caller's `jitter`, or the provider's
--- `retry_after` if longer (engine/backoff.py holds the rule and draws the jitter); its retry
+-- `retry_after` if longer (mf_worker/backoff.py holds the rule and draws the jitter); its retry
 -- must come before the deadline (picked_up_at + deadline_seconds) and before the project's
 -- next occurrence (`not_after`), else the item fails with its error. Returns the status it
 -- ended in and the delay. Fenced like every transition out of 'processing'.
@@ -367,3 +367,7 @@ WHERE q.id = v.id
   AND q.claim_token = %(token)s
   AND q.status = 'processing'
 RETURNING q.status, v.delay_seconds, q.retry_count, q.last_error;
+
+-- name: get_item
+-- One item's row, whatever its status (`run-once <id>` explains why it cannot claim it).
+SELECT * FROM episode_schedule_queue WHERE id = %(id)s;

@@ -351,3 +351,11 @@ async def next_due_at(conn: Connection) -> datetime | None:
     cur = await conn.execute(_Q["next_due_at"])
     row = await cur.fetchone()
     return row["due_at"] if row else None
+
+
+async def get_item(conn: Connection, item_id: str) -> dict[str, Any] | None:
+    """One queue item's row (every column), or None."""
+    row: dict[str, Any] | None = await (
+        await conn.execute(_Q["get_item"], {"id": item_id})
+    ).fetchone()
+    return row

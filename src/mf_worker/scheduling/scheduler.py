@@ -1,4 +1,6 @@
-"""The scheduler: every active project always has exactly one correct open queue item.
+"""The scheduler's planning: every active project always has exactly one correct open queue
+item. The loop that runs a pass every interval is ``maintenance.scheduler``; ``run_pass`` here
+is one pass, and ``enqueue_item`` the operator's extra item.
 
 A pass cancels items of paused, archived and deleted projects, re-plans waiting items whose
 project changed its cadence, delivery time or zone, and plans the next item of every active
@@ -10,7 +12,7 @@ planned again. Its cost follows what changed, not how many projects there are:
 * One pass per fleet. A pass holds a PostgreSQL advisory lock (``SCHEDULER_LOCK_KEY``) from
   start to end, in a transaction that a second pooled connection keeps open (so it holds
   through a transaction-mode pooler too, and goes with a dead process); a replica that cannot
-  take it skips. The daemon's loop (``tick``) also skips when any replica ran a pass within the
+  take it skips. The daemon's loop also skips when any replica ran a pass within the
   interval (``scheduler_state``, on the database's clock), so a fleet of any size plans once
   per ``MF_SCHEDULER_INTERVAL``.
 * A steady pass reads the change log (``scheduler_project_changes``, kept by the triggers of
@@ -27,7 +29,6 @@ zone is invalid gets no item; it is reported once per process and counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time
 from typing import Any
@@ -37,7 +38,6 @@ from psycopg.types.json import Jsonb
 from ..audit import record_operator_action
 from ..db import Connection, Pool
 from ..db.sql import load_queries
-from ..engine.loops import PeriodicLoop
 from ..errors import MfWorkerError
 from ..ids import new_id
 from .cadence import CadenceError, next_occurrence, zone_for
@@ -48,9 +48,6 @@ BATCH_SIZE = 1000
 # The fleet's scheduler lock (pg_try_advisory_lock): any constant unlikely to collide with
 # other software's advisory locks; "mfsched" in ASCII.
 SCHEDULER_LOCK_KEY = 0x6D66_7363_6865_64
-# A paced pass runs when the last one (any replica's) started at least this share of the
-# interval ago: replicas' loops drift, and a strict "one interval" would skip one pass in two.
-PACING_SHARE = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,178 +93,141 @@ class SchedulerResult:
     skipped: bool = False  # another replica holds the lock, or ran this interval's pass
     swept: bool = False  # this pass was a full sweep of every project
     examined: int = 0  # projects taken from the change log
+    changed: set[str] = field(default_factory=set)  # their ids
 
 
-class Scheduler(PeriodicLoop):
-    """The scheduler loop (runs inside ``mf-worker run``; ``mf-worker schedule`` runs one pass)."""
+@dataclass(frozen=True, slots=True)
+class PassOptions:
+    """How a pass plans: the knobs of :func:`run_pass` (the daemon's loop,
+    ``maintenance.scheduler``, fills them from its config)."""
 
-    name = "scheduler"
+    # Seconds before its delivery instant an item becomes claimable (MF_LEAD_SECONDS).
+    lead_seconds: float = 0.0
+    # Seconds between full sweeps of every project (MF_SCHEDULER_SWEEP_INTERVAL).
+    sweep_interval: float = 3600.0
+    # Projects (or items) handled per statement and per change-log transaction.
+    batch_size: int = BATCH_SIZE
 
-    def __init__(
-        self,
-        pool: Pool,
-        interval: float,
-        *,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        on_invalid: Callable[[str, str], None] | None = None,
-        on_pass: Callable[[int, int], None] | None = None,
-        batch_size: int = BATCH_SIZE,
-        lead_seconds: float = 0.0,
-        sweep_interval: float = 3600.0,
-    ) -> None:
-        super().__init__(interval)
-        if lead_seconds < 0:
-            raise ValueError(f"scheduler: lead_seconds must not be negative, got {lead_seconds}")
-        self._pool = pool
-        self._lead_seconds = lead_seconds
-        self._clock = clock
-        self._batch_size = batch_size
-        self._sweep_interval = sweep_interval
-        self._on_invalid = on_invalid
-        self._on_pass = on_pass
-        self._reported: dict[str, str] = {}
-        # Projects known to be invalid, as of the last pass that looked at them (a sweep looks
-        # at all): what the invalid-projects gauge reports.
-        self._invalid: dict[str, str] = {}
+    def __post_init__(self) -> None:
+        if self.lead_seconds < 0:
+            raise ValueError(
+                f"scheduler: lead_seconds must not be negative, got {self.lead_seconds}")
+        if not (self.sweep_interval > 0 and self.batch_size > 0):
+            raise ValueError("scheduler: sweep_interval and batch_size must be positive")
 
-    async def tick(self) -> SchedulerResult:
-        """The daemon's pass: skipped when any replica ran one within the interval."""
-        return await self.run_once(paced=True)
 
-    async def run_once(
-        self, now: datetime | None = None, *, paced: bool = False, sweep: bool | None = None,
-        wait: bool = False,
-    ) -> SchedulerResult:
-        """One pass, unless another replica holds the fleet's lock (``skipped``; with ``wait``,
-        after that replica's pass ends).
+async def run_pass(
+    pool: Pool, now: datetime, options: PassOptions, *, min_gap_seconds: float | None = None,
+    sweep: bool | None = None, wait: bool = False,
+) -> SchedulerResult:
+    """One pass at ``now``, unless another replica holds the fleet's lock (``skipped``; with
+    ``wait``, after that replica's pass ends).
 
-        ``paced``: also skip when a pass ran within the interval. ``sweep``: True forces a full
-        sweep, False forbids one; None sweeps when the last sweep is older than the sweep
-        interval (or in the future of ``now``).
-        """
-        now = now or self._clock()
-        result = SchedulerResult()
-        async with self._pool.connection() as lock_conn, lock_conn.transaction():
-            await lock_conn.execute(_Q["hold_fleet_lock_open"])
-            cur = await lock_conn.execute(_Q["wait_for_fleet_lock" if wait else "try_fleet_lock"],
-                                          {"key": SCHEDULER_LOCK_KEY})
-            row = await cur.fetchone()
-            if not (row and row["locked"]):
-                result.skipped = True
-                return result
-            async with self._pool.connection() as conn:
-                if paced:
-                    cur = await conn.execute(
-                        _Q["claim_paced_pass"],
-                        {"min_gap_seconds": self.interval * PACING_SHARE})
-                    if await cur.fetchone() is None:
-                        result.skipped = True
-                        return result
-                if sweep is None:
-                    sweep = await self._sweep_due(conn, now)
-                if sweep:
-                    await self._sweep(conn, now, result)
-                else:
-                    result.cancelled = await cancel_items_of_deleted_projects(conn)
-                await self._handle_changes(conn, now, result)
-        self._report(result)
-        return result
+    ``min_gap_seconds``: also skip when any replica's pass started less than this long ago
+    (on the database's clock). ``sweep``: True forces a full sweep, False forbids one; None
+    sweeps when the last sweep is older than the sweep interval (or in the future of ``now``).
+    ``result.changed`` names the projects taken from the change log.
+    """
+    result = SchedulerResult()
+    async with pool.connection() as lock_conn, lock_conn.transaction():
+        await lock_conn.execute(_Q["hold_fleet_lock_open"])
+        cur = await lock_conn.execute(_Q["wait_for_fleet_lock" if wait else "try_fleet_lock"],
+                                      {"key": SCHEDULER_LOCK_KEY})
+        row = await cur.fetchone()
+        if not (row and row["locked"]):
+            result.skipped = True
+            return result
+        async with pool.connection() as conn:
+            if min_gap_seconds is not None:
+                cur = await conn.execute(_Q["claim_paced_pass"],
+                                         {"min_gap_seconds": min_gap_seconds})
+                if await cur.fetchone() is None:
+                    result.skipped = True
+                    return result
+            if sweep is None:
+                sweep = await _sweep_due(conn, now, options.sweep_interval)
+            if sweep:
+                await _sweep(conn, now, result, options)
+            else:
+                result.cancelled = await cancel_items_of_deleted_projects(conn)
+            await _handle_changes(conn, now, result, options)
+    return result
 
-    async def _sweep_due(self, conn: Connection, now: datetime) -> bool:
-        row = await (await conn.execute(_Q["get_last_sweep"])).fetchone()
-        last = row["last_sweep_at"] if row else None
-        return (last is None or last > now
-                or (now - last).total_seconds() >= self._sweep_interval)
 
-    async def _sweep(self, conn: Connection, now: datetime, result: SchedulerResult) -> None:
-        """Every project, as every pass did before the change log: the safety net."""
-        result.swept = True
-        await conn.execute(_Q["clear_project_changes"])
-        result.cancelled = await cancel_items_of_unschedulable_projects(conn)
-        result.rescheduled = await self._reschedule_stale(conn, now, result)
-        result.created = await self._plan_missing(conn, now, result)
-        await conn.execute(_Q["stamp_sweep"], {"now": now})
+async def _sweep_due(conn: Connection, now: datetime, sweep_interval: float) -> bool:
+    row = await (await conn.execute(_Q["get_last_sweep"])).fetchone()
+    last = row["last_sweep_at"] if row else None
+    return last is None or last > now or (now - last).total_seconds() >= sweep_interval
 
-    async def _handle_changes(self, conn: Connection, now: datetime,
-                              result: SchedulerResult) -> None:
-        """Drain the change log in batches, each in the transaction that deletes its rows."""
-        while True:
-            async with conn.transaction():
-                cur = await conn.execute(_Q["take_project_changes"],
-                                         {"limit": self._batch_size})
-                ids = [r["project_id"] for r in await cur.fetchall()]
-                if not ids:
-                    return
-                result.examined += len(ids)
-                for project_id in ids:
-                    self._invalid.pop(project_id, None)
-                params = {"ids": ids}
-                cur = await conn.execute(_Q["cancel_items_of_inactive_projects_in"], params)
-                result.cancelled += len(await cur.fetchall())
-                await conn.execute(_Q["clear_next_scheduled_at_of_inactive_projects_in"], params)
-                cur = await conn.execute(_Q["list_stale_pending_items_in"], params)
-                stale = _plan_rows(await cur.fetchall(), now, result, key="project_id")
-                if stale:
-                    result.rescheduled += await _reschedule(conn, stale, self._lead_seconds)
-                cur = await conn.execute(_Q["list_projects_without_open_item_in"], params)
-                planned = _plan_rows(await cur.fetchall(), now, result)
-                if planned:
-                    result.created += await _insert_planned(conn, planned, self._lead_seconds)
 
-    def _report(self, result: SchedulerResult) -> None:
-        if result.swept:
-            self._invalid = dict(result.invalid)
-        else:
-            self._invalid.update(result.invalid)
-        for project_id, error in result.invalid.items():
-            if self._reported.get(project_id) != error:
-                self._log.warning("project_schedule_invalid", project_id=project_id, error=error)
-                self._reported[project_id] = error
-            if self._on_invalid is not None:
-                self._on_invalid(project_id, error)
-        if self._on_pass is not None:
-            self._on_pass(result.created, len(self._invalid))
-        if result.created or result.rescheduled or result.cancelled:
-            self._log.info(
-                "scheduler_pass",
-                created=result.created,
-                rescheduled=result.rescheduled,
-                cancelled=result.cancelled,
-                invalid=len(result.invalid),
-                examined=result.examined,
-                swept=result.swept,
-            )
+async def _sweep(conn: Connection, now: datetime, result: SchedulerResult,
+                 options: PassOptions) -> None:
+    """Every project, as every pass did before the change log: the safety net."""
+    result.swept = True
+    await conn.execute(_Q["clear_project_changes"])
+    result.cancelled = await cancel_items_of_unschedulable_projects(conn)
+    result.rescheduled = await _reschedule_stale(conn, now, result, options)
+    result.created = await _plan_missing(conn, now, result, options)
+    await conn.execute(_Q["stamp_sweep"], {"now": now})
 
-    async def _plan_missing(self, conn: Connection, now: datetime, result: SchedulerResult) -> int:
-        created, after_id = 0, ""
-        while True:
-            cur = await conn.execute(
-                _Q["list_projects_without_open_item"],
-                {"after_id": after_id, "limit": self._batch_size},
-            )
-            rows = await cur.fetchall()
-            if not rows:
-                return created
-            after_id = rows[-1]["id"]
-            planned = _plan_rows(rows, now, result)
+
+async def _handle_changes(conn: Connection, now: datetime, result: SchedulerResult,
+                          options: PassOptions) -> None:
+    """Drain the change log in batches, each in the transaction that deletes its rows."""
+    while True:
+        async with conn.transaction():
+            cur = await conn.execute(_Q["take_project_changes"],
+                                     {"limit": options.batch_size})
+            ids = [r["project_id"] for r in await cur.fetchall()]
+            if not ids:
+                return
+            result.examined += len(ids)
+            result.changed.update(ids)
+            params = {"ids": ids}
+            cur = await conn.execute(_Q["cancel_items_of_inactive_projects_in"], params)
+            result.cancelled += len(await cur.fetchall())
+            await conn.execute(_Q["clear_next_scheduled_at_of_inactive_projects_in"], params)
+            cur = await conn.execute(_Q["list_stale_pending_items_in"], params)
+            stale = _plan_rows(await cur.fetchall(), now, result, key="project_id")
+            if stale:
+                result.rescheduled += await _reschedule(conn, stale, options.lead_seconds)
+            cur = await conn.execute(_Q["list_projects_without_open_item_in"], params)
+            planned = _plan_rows(await cur.fetchall(), now, result)
             if planned:
-                created += await _insert_planned(conn, planned, self._lead_seconds)
+                result.created += await _insert_planned(conn, planned, options.lead_seconds)
 
-    async def _reschedule_stale(
-        self, conn: Connection, now: datetime, result: SchedulerResult
-    ) -> int:
-        moved, after_id = 0, ""
-        while True:
-            cur = await conn.execute(
-                _Q["list_stale_pending_items"], {"after_id": after_id, "limit": self._batch_size}
-            )
-            rows = await cur.fetchall()
-            if not rows:
-                return moved
-            after_id = rows[-1]["id"]
-            planned = _plan_rows(rows, now, result, key="project_id")
-            if planned:
-                moved += await _reschedule(conn, planned, self._lead_seconds)
+
+async def _plan_missing(conn: Connection, now: datetime, result: SchedulerResult,
+                        options: PassOptions) -> int:
+    created, after_id = 0, ""
+    while True:
+        cur = await conn.execute(
+            _Q["list_projects_without_open_item"],
+            {"after_id": after_id, "limit": options.batch_size},
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            return created
+        after_id = rows[-1]["id"]
+        planned = _plan_rows(rows, now, result)
+        if planned:
+            created += await _insert_planned(conn, planned, options.lead_seconds)
+
+
+async def _reschedule_stale(conn: Connection, now: datetime, result: SchedulerResult,
+                            options: PassOptions) -> int:
+    moved, after_id = 0, ""
+    while True:
+        cur = await conn.execute(
+            _Q["list_stale_pending_items"], {"after_id": after_id, "limit": options.batch_size}
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            return moved
+        after_id = rows[-1]["id"]
+        planned = _plan_rows(rows, now, result, key="project_id")
+        if planned:
+            moved += await _reschedule(conn, planned, options.lead_seconds)
 
 
 def _plan_rows(

@@ -1,4 +1,4 @@
--- The publisher's statements (mf_worker.engine.publisher): episodes finished before their
+-- The publisher's statements (mf_worker.maintenance.publisher): episodes finished before their
 -- delivery instant wait as 'scheduled' and become 'ready' at it, or are withdrawn when their
 -- project changed meanwhile. The queue item says which are waiting (delivery = 'scheduled'),
 -- because the publisher finds them across organisations and the cross-organisation role cannot

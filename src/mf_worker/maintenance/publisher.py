@@ -23,14 +23,14 @@ from typing import Any
 
 from ..db import Pool, act_for
 from ..db.sql import load_queries
+from ..engine.events import EventHub
 from ..ids import new_id
 from ..logs import bind_item
 from ..scheduling.cadence import CadenceError, next_occurrence
-from .loops import PeriodicLoop
+from .loop import PeriodicLoop, check_positive
 
-_Q = load_queries(__package__ or "mf_worker.engine", "publisher.sql")
+_Q = load_queries(__package__ or "mf_worker.maintenance", "publisher.sql")
 
-BATCH_SIZE = 500
 # Published within this long of its instant, an episode is on time (the timer's promise).
 ON_TIME_SECONDS = 1.0
 # Never spin faster than this while an instant is near (host and database clocks may differ).
@@ -91,28 +91,42 @@ def withdrawal_reason(row: dict[str, Any]) -> str | None:
     return None if occurrence == slot else "project rescheduled"
 
 
-class Publisher(PeriodicLoop):
-    """Publishes due scheduled episodes; sleeps until the next instant (at most ``max_wait``)."""
+@dataclass(frozen=True, slots=True)
+class PublisherConfig:
+    """How long the publisher may sleep, and how much one transaction publishes."""
+
+    # Seconds the timer sleeps at most (MF_POLL_INTERVAL): how soon an episode scheduled by
+    # another daemon, which then died, is still published.
+    max_wait: float = 5.0
+    # Due episodes one transaction publishes or withdraws; a larger burst takes several.
+    batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        check_positive("publisher", max_wait=self.max_wait, batch_size=self.batch_size)
+
+
+class Publisher(PeriodicLoop[PublishResult]):
+    """Publishes due scheduled episodes; sleeps until the next instant (at most ``max_wait``).
+    Each episode made visible is published on the hub as a :class:`Publication`, each one
+    withdrawn as a :class:`Withdrawal`."""
 
     name = "publisher"
 
     def __init__(
         self,
         pool: Pool,
+        config: PublisherConfig | None = None,
         *,
-        max_wait: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        on_published: Callable[[Publication], None] | None = None,
-        on_withdrawn: Callable[[Withdrawal], None] | None = None,
-        batch_size: int = BATCH_SIZE,
+        events: EventHub | None = None,
     ) -> None:
-        super().__init__(max_wait)
+        self.config = config or PublisherConfig()
+        super().__init__(self.config.max_wait)
         self._pool = pool
         self._clock = clock
-        self._on_published = on_published
-        self._on_withdrawn = on_withdrawn
+        self._events = events or EventHub()
         self._timer_at: datetime | None = None  # the instant the timer is set for
-        self._batch_size = batch_size
+        self._batch_size = self.config.batch_size
 
     async def run_once(self, now: datetime | None = None) -> PublishResult:
         """Publish (or withdraw) every episode whose instant is ``now`` or earlier (None: the
@@ -133,11 +147,9 @@ class Publisher(PeriodicLoop):
                            organization_id=withdrawal.organization_id):
                 self._log.info("episode_withdrawn", episode_id=withdrawal.episode_id,
                                reason=withdrawal.reason)
-            if self._on_withdrawn is not None:
-                self._on_withdrawn(withdrawal)
+            self._events.publish(withdrawal)
         for publication in result.published:
-            if self._on_published is not None:
-                self._on_published(publication)
+            self._events.publish(publication)
         if result.published:
             self._log.info("episodes_published", published=len(result.published),
                            latest_seconds=round(max(p.lateness_seconds
@@ -190,9 +202,9 @@ class Publisher(PeriodicLoop):
             self._timer_at = instant
             self.wake()
 
-    def next_delay(self, result: Any) -> float:
+    def next_delay(self, result: PublishResult) -> float:
         """Until the next waiting instant, but at most ``max_wait`` (the interval)."""
-        if not isinstance(result, PublishResult) or result.next_at is None:
+        if result.next_at is None:
             return self.interval
         until = (result.next_at - self._clock()).total_seconds() + TIMER_SLACK
         return min(self.interval, max(until, MIN_DELAY))

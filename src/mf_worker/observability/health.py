@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .errors import ConfigError, describe_error
+from ..errors import ConfigError, describe_error
 
 
 def parse_addr(text: str) -> tuple[str, int]:

@@ -3,8 +3,10 @@
 Names follow Prometheus conventions: the ``mf_worker_`` prefix, base units in the name
 (``_seconds``), ``_total`` on counters, and small fixed label sets — never an id as a label
 (spend per organisation lives in ``token_usage_daily``, not in Prometheus). The engine does not
-call metrics directly: :class:`Metrics` subscribes to the worker's attempt reports, the reaper,
-the scheduler and the claim loop, the way Oban's telemetry handlers do. Queue depth and the
+call metrics directly: :meth:`Metrics.subscribe` registers its handlers on the event hub
+(``engine.events``) for the worker's attempt reports, claims and claim-loop ticks, flow
+control, notifications, the reaper, the publisher and the scheduler, the way Oban's telemetry
+handlers do. Queue depth and the
 age of the oldest due item are read from the database at scrape time (cached briefly), so every
 replica reports the same truth.
 """
@@ -30,13 +32,19 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .engine.publisher import ON_TIME_SECONDS, Publication, Withdrawal
-from .engine.worker import AttemptReport, FailureReason, Outcome
-from .flow import FlowEvent
-from .queue import ClaimedItem, ReapedItem
-
-STATUSES = ("pending", "processing", "completed", "failed", "cancelled", "blocked")
+from .. import __version__
+from ..engine.events import (
+    ClaimLoopTicked,
+    EventHub,
+    ItemsClaimed,
+    SchedulerPassed,
+    TripNotified,
+)
+from ..engine.worker import AttemptReport, FailureReason, Outcome
+from ..flow import FlowEvent
+from ..maintenance.publisher import ON_TIME_SECONDS, Publication, Withdrawal
+from ..queue import ReapedItem
+from .queue_depth import STATUSES
 
 # Seconds; generation spans a template call (ms) to a long LLM call (minutes).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
@@ -163,6 +171,18 @@ class Metrics:
 
     # -- subscriptions -------------------------------------------------------------------------
 
+    def subscribe(self, events: EventHub) -> None:
+        """Feed these metrics from ``events`` (every handler below, for its event type)."""
+        events.subscribe(AttemptReport, self.on_attempt)
+        events.subscribe(Publication, self.on_published)
+        events.subscribe(Withdrawal, self.on_withdrawn)
+        events.subscribe(FlowEvent, self.on_flow)
+        events.subscribe(TripNotified, self.on_notified)
+        events.subscribe(ItemsClaimed, self.on_claimed)
+        events.subscribe(ReapedItem, self.on_reaped)
+        events.subscribe(SchedulerPassed, self.on_scheduled)
+        events.subscribe(ClaimLoopTicked, self.on_claim_loop_tick)
+
     def on_attempt(self, report: AttemptReport) -> None:
         """Observer for the worker's attempt reports."""
         self.attempts.labels(report.outcome.value).inc()
@@ -207,23 +227,23 @@ class Metrics:
         elif event.kind == "window":
             self.window.set(event.value)
 
-    def on_notified(self, delivered: bool) -> None:
-        self.notifications.labels("delivered" if delivered else "failed").inc()
+    def on_notified(self, event: TripNotified) -> None:
+        self.notifications.labels("delivered" if event.delivered else "failed").inc()
 
-    def on_claimed(self, items: Iterable[ClaimedItem], claimed_at: float) -> None:
-        for item in items:
-            self.queue_lag.observe(max(claimed_at - item.run_after.timestamp(), 0.0))
+    def on_claimed(self, event: ItemsClaimed) -> None:
+        for item in event.items:
+            self.queue_lag.observe(max(event.claimed_at - item.run_after.timestamp(), 0.0))
 
     def on_reaped(self, item: ReapedItem) -> None:
         self.reaped.labels("failed" if item.status == "failed" else "returned").inc()
 
-    def on_scheduled(self, created: int, invalid: int) -> None:
-        self.scheduled.inc(created)
-        self.invalid_projects.set(invalid)
+    def on_scheduled(self, event: SchedulerPassed) -> None:
+        self.scheduled.inc(event.created)
+        self.invalid_projects.set(event.invalid_projects)
 
-    def on_claim_loop_tick(self, in_flight: int) -> None:
+    def on_claim_loop_tick(self, event: ClaimLoopTicked) -> None:
         self.claim_loop_tick.set(time.time())
-        self.in_flight.set(in_flight)
+        self.in_flight.set(event.in_flight)
 
     def watch_queue(self, read: QueueReader, *, cache_seconds: float = 5.0) -> None:
         """Export queue depth and oldest-due age, read by ``read`` at scrape time (cached)."""

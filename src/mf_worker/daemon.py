@@ -1,5 +1,9 @@
 """``mf-worker run``: the worker, its loops and the signal handling, wired together.
 
+The composition root: the one module that knows every part (the engine, the maintenance
+loops, observability) and connects them through one event hub; nothing imports it but the
+command line.
+
 Start-up refuses a database with pending migrations. SIGTERM or SIGINT starts a drain: stop
 claiming, let in-flight items finish within ``MF_SHUTDOWN_GRACE``, hand back the rest (an item
 whose generator call had not started keeps its attempt; one whose call had started may have
@@ -20,27 +24,30 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .. import queue
-from ..cost.budget import Budget, BudgetLoop
-from ..cost.notify import build_notifier
-from ..cost.pricing import PriceTable, load_price_table
-from ..db import Connection, Pool, open_pool
-from ..db.migrate import ensure_schema_current
-from ..errors import ConfigError, MfWorkerError
-from ..generation import Generator, load_generator
-from ..health import HealthServer
-from ..logs import get_logger
-from ..metrics import Metrics
-from ..scheduling.scheduler import Scheduler
-from ..settings import Settings
-from ..status import get_queue_item, read_queue_depth
-from ..systemd import SystemdNotifier
-from .lease import Heartbeat, Reaper
-from .loops import PeriodicLoop
-from .publisher import Publisher
-from .retention import Pruner
-from .wakeup import Listener
-from .worker import AttemptReport, InFlight, Observer, Outcome, Worker
+from . import queue
+from .cost.budget import Budget
+from .cost.notify import build_notifier
+from .cost.pricing import PriceTable, load_price_table
+from .db import Connection, Pool, open_pool
+from .db.migrate import ensure_schema_current
+from .engine.events import ClaimLoopTicked, EventHub
+from .engine.worker import AttemptReport, InFlight, Outcome, Worker
+from .errors import ConfigError, MfWorkerError
+from .generation import Generator, load_generator
+from .logs import get_logger
+from .maintenance.budget import BudgetConfig, BudgetLoop
+from .maintenance.heartbeat import Heartbeat
+from .maintenance.listener import Listener
+from .maintenance.loop import PeriodicLoop
+from .maintenance.pruner import Pruner, PrunerConfig
+from .maintenance.publisher import Publisher, PublisherConfig
+from .maintenance.reaper import Reaper, ReaperConfig
+from .maintenance.scheduler import Scheduler, SchedulerConfig
+from .observability.health import HealthServer
+from .observability.metrics import Metrics
+from .observability.queue_depth import read_queue_depth
+from .observability.systemd import SystemdNotifier
+from .settings import Settings
 
 EXIT_ON_SECOND_SIGNAL = 130
 
@@ -52,9 +59,10 @@ class Components:
     settings: Settings
     pool: Pool
     worker: Worker
-    loops: list[PeriodicLoop]
+    loops: list[PeriodicLoop[Any]]
     listener: Listener | None
     metrics: Metrics
+    events: EventHub
     http: HealthServer | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -64,11 +72,12 @@ async def build(
     *,
     generator: Generator | None = None,
     prices: PriceTable | None = None,
-    observers: list[Observer] | None = None,
+    observers: list[Callable[[AttemptReport], None]] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     scheduler: bool = True,
 ) -> Components:
-    """Open the pool, check the schema, and assemble the worker and its loops (not started)."""
+    """Open the pool, check the schema, and assemble the worker and its loops (not started).
+    ``observers`` are subscribed to every attempt's report."""
     generator = generator or load_generator(settings.generator)
     prices = prices or load_price_table(settings.pricing_file)
     budget = Budget(prices=prices, default_limit=settings.daily_cost_limit_gbp,
@@ -81,41 +90,40 @@ async def build(
     except BaseException:
         await pool.close()
         raise
+    events = EventHub()
     metrics = Metrics(concurrency=settings.concurrency)
-    publisher = Publisher(pool, max_wait=settings.poll_interval, clock=clock,
-                          on_published=metrics.on_published,
-                          on_withdrawn=metrics.on_withdrawn)
+    metrics.subscribe(events)
+    publisher = Publisher(pool, PublisherConfig(max_wait=settings.poll_interval), clock=clock,
+                          events=events)
 
     def wake_publisher(report: AttemptReport) -> None:
         # An episode finished early may be due before the publisher's timer: reset it.
         if report.delivery is not None and report.delivery.published_at is None:
             publisher.expect(report.delivery.scheduled_for)
 
+    events.subscribe(AttemptReport, wake_publisher)
+    for observer in observers or []:
+        events.subscribe(AttemptReport, observer)
     worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
-                    observers=[metrics.on_attempt, wake_publisher, *(observers or [])])
-    worker.claim_listeners.append(metrics.on_claimed)
-    worker.flow.listeners.append(metrics.on_flow)
-    worker.tick_listeners.append(metrics.on_claim_loop_tick)
-    worker.notify_listeners.append(metrics.on_notified)
-    loops: list[PeriodicLoop] = [
+                    events=events)
+    worker.flow.listeners.append(events.publish)
+    loops: list[PeriodicLoop[Any]] = [
         Heartbeat(worker),
-        Reaper(pool, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
-               on_reaped=metrics.on_reaped),
-        Pruner(pool, retention_days=settings.retention_days),
+        Reaper(pool, ReaperConfig(lease_seconds=settings.lease_seconds,
+                                  max_attempts=settings.max_attempts), events=events),
+        Pruner(pool, PrunerConfig(retention_days=settings.retention_days)),
         publisher,
     ]
     if scheduler:
-        loops.append(Scheduler(pool, settings.scheduler_interval, clock=clock,
-                               on_pass=metrics.on_scheduled,
-                               lead_seconds=settings.lead_seconds,
-                               sweep_interval=settings.scheduler_sweep_interval))
-        loops.append(BudgetLoop(pool, settings.scheduler_interval,
-                                policy=settings.cost_limit_policy,
-                                default_limit=settings.daily_cost_limit_gbp,
-                                reserve_per_item=settings.cost_reserve_gbp, clock=clock,
-                                notifier=notifier, on_notified=metrics.on_notified))
+        loops.append(Scheduler(pool, SchedulerConfig(
+            interval=settings.scheduler_interval, lead_seconds=settings.lead_seconds,
+            sweep_interval=settings.scheduler_sweep_interval), clock=clock, events=events))
+        loops.append(BudgetLoop(pool, BudgetConfig(
+            policy=settings.cost_limit_policy, default_limit=settings.daily_cost_limit_gbp,
+            reserve_per_item=settings.cost_reserve_gbp, interval=settings.scheduler_interval),
+            clock=clock, notifier=notifier, events=events))
     listener = Listener(settings, worker.wake) if settings.listen else None
-    return Components(settings, pool, worker, loops, listener, metrics)
+    return Components(settings, pool, worker, loops, listener, metrics, events)
 
 
 def start_http(components: Components) -> HealthServer | None:
@@ -202,14 +210,14 @@ def systemd_notifier(components: Components) -> SystemdNotifier:
     worker, stall_seconds = components.worker, components.settings.health_stall_seconds
     last_fed = -math.inf
 
-    def feed(_in_flight: int) -> None:
+    def feed(_tick: ClaimLoopTicked) -> None:
         nonlocal last_fed
         now = time.monotonic()
         if now - last_fed >= interval / 2 and worker.claim_loop_age() < stall_seconds:
             last_fed = now
             notifier.watchdog()
 
-    worker.tick_listeners.append(feed)
+    components.events.subscribe(ClaimLoopTicked, feed)
     return notifier
 
 
@@ -282,7 +290,7 @@ async def run_one(components: Components, item_id: str | None = None) -> Outcome
 
 
 async def _unclaimable_reason(conn: Connection, item_id: str) -> str:
-    row = await get_queue_item(conn, item_id)
+    row = await queue.get_item(conn, item_id)
     if row is None:
         return f"no queue item {item_id!r}"
     if row["status"] == "processing":

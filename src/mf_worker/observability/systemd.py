@@ -1,14 +1,15 @@
-"""systemd integration with the standard library only: sd_notify, the watchdog, credentials.
+"""systemd integration with the standard library only: sd_notify and the watchdog.
 
 * ``notify(state)`` sends one datagram to ``$NOTIFY_SOCKET`` (a filesystem path, or an abstract
   socket written ``@name``): the sd_notify(3) protocol, which is all a ``Type=notify`` unit needs.
 * `SystemdNotifier` is what the daemon uses: ``READY=1`` once it is serving, ``STOPPING=1`` when
   shutdown begins, and ``WATCHDOG=1`` keep-alives when the unit sets ``WatchdogSec=`` (systemd
   then exports ``$WATCHDOG_USEC``, and ``$WATCHDOG_PID`` naming the process it expects them from).
-* ``credential(name)`` reads a secret that ``LoadCredential=`` placed in
-  ``$CREDENTIALS_DIRECTORY``, so passwords need not sit in the environment or a unit file.
 
-Outside systemd (no ``$NOTIFY_SOCKET``, no ``$CREDENTIALS_DIRECTORY``) everything is a no-op.
+Credentials (``LoadCredential=``) are configuration, read by the settings
+(``mf_worker.credentials``).
+
+Outside systemd (no ``$NOTIFY_SOCKET``) everything is a no-op.
 These variables are set by the service manager, not by the operator, which is why they are read
 here rather than through the settings object; functions take an optional ``environ`` mapping
 for tests and for callers that pass their environment down.
@@ -19,13 +20,11 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Final
 
-__all__ = ["SystemdNotifier", "credential", "notify", "watchdog_interval"]
+__all__ = ["SystemdNotifier", "notify", "watchdog_interval"]
 
 NOTIFY_SOCKET: Final = "NOTIFY_SOCKET"
-CREDENTIALS_DIRECTORY: Final = "CREDENTIALS_DIRECTORY"
 
 
 def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -75,22 +74,6 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
     except ValueError:
         return None
     return usec / 1_000_000 if usec > 0 else None
-
-
-def credential(name: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """The content of ``$CREDENTIALS_DIRECTORY/name`` without its trailing newline, or None
-    when there is no credentials directory or no such credential (``LoadCredential=name:…``)."""
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"invalid credential name {name!r}")
-    directory = _env(environ).get(CREDENTIALS_DIRECTORY, "").strip()
-    if not directory:
-        return None
-    path = Path(directory) / name
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    return text.removesuffix("\n").removesuffix("\r")
 
 
 class SystemdNotifier:
