@@ -26,7 +26,7 @@ from .. import queue
 from ..cost.budget import RESERVE_BUDGET, CostLimitReached, refusal, reservation_params
 from ..db import Connection, act_for, as_org
 from ..db.sql import load_queries
-from ..errors import InvalidItemError, MfWorkerError
+from ..errors import InvalidItemError, LeaseLost
 from ..generation import (
     GenerationRequest,
     GenerationResult,
@@ -50,10 +50,6 @@ MAX_PREVIOUS_EPISODES = 3
 
 class ItemUnavailable(InvalidItemError):
     """The item's project was deleted, paused or archived: the item is cancelled, not failed."""
-
-
-class LeaseLost(MfWorkerError):
-    """The fence no longer holds: this claim was reaped, cancelled or taken over."""
 
 
 @dataclass(frozen=True, slots=True)

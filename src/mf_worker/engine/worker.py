@@ -38,7 +38,7 @@ from .. import queue
 from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier, ProviderPaused, notify_provider_paused
 from ..db import Connection, Pool
-from ..errors import InvalidItemError, describe_error
+from ..errors import InvalidItemError, LeaseLost, describe_error
 from ..flow import FlowControl, KeyCoolingDown, Limits
 from ..generation import (
     GenerationResult,
@@ -63,7 +63,6 @@ from .episodes import (
     Delivery,
     EpisodeWrite,
     ItemUnavailable,
-    LeaseLost,
     Prepared,
     PrepareOutcome,
     WriteOutcome,
