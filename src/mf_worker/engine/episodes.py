@@ -22,8 +22,8 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from .. import queue
-from ..cost.budget import RESERVE_BUDGET, CostLimitReached, refusal, reservation_params
+from .. import cost, queue
+from ..cost import CostLimitReached
 from ..db import Connection, act_for, as_org
 from ..db.sql import load_queries
 from ..errors import InvalidItemError, LeaseLost
@@ -127,7 +127,7 @@ async def prepare_generations(
     """
     outcomes: list[PrepareOutcome | None] = [None] * len(items)
     loads: dict[int, Any] = {}
-    reservations: dict[int, tuple[Prepared, Decimal, Any]] = {}
+    reservations: dict[int, tuple[Prepared, cost.PendingReservation]] = {}
     day = now.astimezone(UTC).date() if now is not None else None
     async with conn.pipeline() as pipeline, conn.transaction():
         acting: str | None = None
@@ -152,31 +152,24 @@ async def prepare_generations(
             except InvalidItemError as exc:  # ItemUnavailable too
                 outcomes[i] = exc
                 continue
-            amount = worst_case(prepared.request)
             if item.organization_id != acting:
                 acting = item.organization_id
                 await act_for(conn, acting)
-            reservations[i] = (prepared, amount, await conn.execute(
-                RESERVE_BUDGET,
-                reservation_params(
-                    item, amount=amount, day=day, default_limit=default_limit,
-                    new_episode_id=prepared.episode_id if prepared.new_episode else None,
-                    sequence_number=prepared.request.episode_number,
-                ),
+            reservations[i] = (prepared, await cost.reserve(
+                conn, item, amount=worst_case(prepared.request), day=day,
+                default_limit=default_limit,
+                new_episode_id=prepared.episode_id if prepared.new_episode else None,
+                sequence_number=prepared.request.episode_number,
             ))
-    for i, (prepared, amount, cursor) in reservations.items():
-        row = await cursor.fetchone()
-        if row is not None and not row["held"]:
-            outcomes[i] = LeaseLost(items[i].id)
+    for i, (prepared, pending) in reservations.items():
+        reservation = await pending.result()
+        if not isinstance(reservation, cost.Granted):
+            outcomes[i] = reservation
             continue
-        refused = refusal(row, items[i], amount=amount, day=day or datetime.now(UTC).date())
-        if refused is not None:
-            outcomes[i] = refused
-            continue
-        assert row is not None
-        if row["episode_id"] is not None:  # this claim's earlier run made the episode
-            prepared = replace(prepared, episode_id=row["episode_id"], new_episode=False)
-        outcomes[i] = replace(prepared, billing_day=row["day"], reserved_gbp=amount)
+        if reservation.episode_id is not None:  # this claim's earlier run made the episode
+            prepared = replace(prepared, episode_id=reservation.episode_id, new_episode=False)
+        outcomes[i] = replace(prepared, billing_day=reservation.day,
+                              reserved_gbp=reservation.amount)
     assert all(o is not None for o in outcomes)
     return outcomes  # type: ignore[return-value]
 
@@ -320,7 +313,7 @@ def _episode_params(write: EpisodeWrite) -> dict[str, Any]:
              "reasoning": b.reasoning, "confidence": b.confidence}
             for position, b in enumerate(blocks)
         ]),
-        "usages": _usage_rows(usages, write.costs),
+        "usages": cost.usage_rows(usages, write.costs),
         "note_ids": Jsonb(list(result.incorporated_note_ids)),
         "memories": Jsonb([
             {"id": new_id("mem"), "content": m.content, "memory_type": m.memory_type,
@@ -357,14 +350,6 @@ def _plan_following_item(
         return None
 
 
-def _usage_rows(usages: Sequence[TokenUsage], costs: Sequence[Decimal]) -> Jsonb:
-    return Jsonb([
-        {"id": new_id("tok"), "model": u.model, "prompt_tokens": u.prompt_tokens,
-         "completion_tokens": u.completion_tokens, "cost_gbp": str(cost)}
-        for u, cost in zip(usages, costs, strict=True)
-    ])
-
-
 async def write_failure(
     conn: Connection,
     item: ClaimedItem,
@@ -393,11 +378,8 @@ async def write_failure(
             raise LeaseLost(item.id)
         if settled:
             assert prepared is not None
-            await conn.execute(_Q["book_attempt_usage"], {
-                "organization_id": item.organization_id, "project_id": item.project_id,
-                "episode_id": episode_id, "billing_date": prepared.billing_day,
-                "usages": _usage_rows(usages, costs),
-            })
+            await cost.settle(conn, item, day=prepared.billing_day, episode_id=episode_id,
+                              usages=usages, costs=costs)
         if episode_id is not None:
             await conn.execute(
                 _Q["record_episode_error"],
@@ -437,11 +419,8 @@ async def write_deferral(
             raise LeaseLost(item.id)
         if settled:
             assert prepared is not None
-            await conn.execute(_Q["book_attempt_usage"], {
-                "organization_id": item.organization_id, "project_id": item.project_id,
-                "episode_id": episode_id, "billing_date": prepared.billing_day,
-                "usages": _usage_rows(usages, costs),
-            })
+            await cost.settle(conn, item, day=prepared.billing_day, episode_id=episode_id,
+                              usages=usages, costs=costs)
         if episode_id is not None and reason == "transient":
             await conn.execute(
                 _Q["record_episode_error"],

@@ -47,17 +47,6 @@ SET generation_attempts = generation_attempts + 1,
     generation_errors   = generation_errors || %(error)s::text
 WHERE id = %(episode_id)s AND status IN ('generating', 'failed');
 
--- name: book_attempt_usage
--- The known usage of an attempt that did not succeed (output that failed validation, a refusal
--- that was billed), on the day its reservation was taken; the caller settles the reservation in
--- the same transaction.
-INSERT INTO token_usage (id, organization_id, project_id, episode_id, operation, model,
-                         prompt_tokens, completion_tokens, cost_gbp, billing_date)
-SELECT u.id, %(organization_id)s, %(project_id)s, %(episode_id)s, 'episode_generation',
-       u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp, %(billing_date)s
-FROM jsonb_to_recordset(%(usages)s::jsonb)
-     AS u(id text, model text, prompt_tokens bigint, completion_tokens bigint, cost_gbp numeric);
-
 -- name: complete_episode
 -- The final write of one item, in one statement so that a batch of items pipelines in one
 -- transaction (lists arrive as JSON: one parameter each, cheap to send and to unpack): the

@@ -35,7 +35,7 @@ from tenacity import (
 )
 
 from .. import queue
-from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
+from ..cost import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier, ProviderPaused, notify_provider_paused
 from ..db import Connection, Pool
 from ..errors import InvalidItemError, LeaseLost, describe_error
