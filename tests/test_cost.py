@@ -22,7 +22,7 @@ from mf_worker.cost.budget import BudgetLoop, CostLimitReached, Trip
 from mf_worker.cost.notify import WebhookNotifier, load_notifier
 from mf_worker.cost.pricing import load_price_table
 from mf_worker.db import open_pool
-from mf_worker.engine.episodes import Prepared, prepare_generations
+from mf_worker.engine.prepare import Prepared, prepare_generations
 from mf_worker.engine.worker import Outcome
 from mf_worker.errors import ConfigError, PluginLoadError
 from mf_worker.generation import TokenUsage

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from .. import queue
 from ..db import Pool
 from ..logs import bind_item
-from .episodes import record_lost_attempts
+from .failures import record_lost_attempts
 from .loops import PeriodicLoop
 from .worker import Worker
 

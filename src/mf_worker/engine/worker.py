@@ -59,19 +59,9 @@ from ..scheduling.cadence import next_occurrence
 from ..settings import Settings
 from .backoff import transient_backoff
 from .batching import Batcher
-from .episodes import (
-    Delivery,
-    EpisodeWrite,
-    ItemUnavailable,
-    Prepared,
-    PrepareOutcome,
-    WriteOutcome,
-    cancel_item,
-    prepare_generations,
-    write_deferral,
-    write_episodes,
-    write_failure,
-)
+from .failures import cancel_item, write_deferral, write_failure
+from .prepare import ItemUnavailable, Prepared, PrepareOutcome, prepare_generations
+from .write import Delivery, EpisodeWrite, WriteOutcome, write_episodes
 
 T = TypeVar("T")
 
