@@ -16,8 +16,9 @@ import pytest
 
 from mf_worker import queue
 from mf_worker.db import connect, open_pool
-from mf_worker.engine.episodes import EpisodeWrite, Prepared, prepare_generations, write_episodes
+from mf_worker.engine.prepare import Prepared, prepare_generations
 from mf_worker.engine.worker import Outcome
+from mf_worker.engine.write import EpisodeWrite, write_episodes
 from mf_worker.generation.template import TemplateGenerator
 from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
 from mf_worker.maintenance.reaper import Reaper, ReaperConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import threading
@@ -17,12 +18,12 @@ from typing import Any, ClassVar
 import psycopg
 import pytest
 
-from mf_worker import queue
+from mf_worker import cost, queue
 from mf_worker.cost.budget import CostLimitReached, Trip
 from mf_worker.cost.notify import WebhookNotifier, load_notifier
 from mf_worker.cost.pricing import load_price_table
-from mf_worker.db import open_pool
-from mf_worker.engine.episodes import Prepared, prepare_generations
+from mf_worker.db import act_for, open_pool
+from mf_worker.engine.prepare import Prepared, prepare_generations
 from mf_worker.engine.worker import Outcome
 from mf_worker.errors import ConfigError, PluginLoadError
 from mf_worker.generation import TokenUsage
@@ -361,6 +362,50 @@ def test_a_free_attempt_reserves_nothing_but_is_refused_once_the_day_is_over_the
     assert all(r["reserved_gbp"] == 0 for r in rows)
     # Neither aggregate row was written (a write would have a new row version).
     assert {r["organization_id"]: r["version"] for r in rows} == before
+
+
+def test_reserve_answers_granted_limit_reached_or_lease_lost_for_a_pipelined_batch(
+    db_url: str, db: Conn
+) -> None:
+    """cost.reserve sends; the answers are read after the batch's one transaction, which acts
+    for each organisation in turn: granted (on the day, for the amount), refused by spend with
+    what explains it, or the claim lost — and only the grant is written."""
+    room = org_with_items(db, 1, "room", limit="1")
+    spent = org_with_items(db, 1, "spent", limit="1")
+    stolen = org_with_items(db, 1, "stolen", limit="1")
+    now = datetime.now(UTC)
+    db.execute("INSERT INTO token_usage_daily (organization_id, date, total_cost_gbp)"
+               " VALUES (%s, %s, 0.90)", [spent["id"], now.date()])
+
+    async def reserve_all() -> dict[str, cost.Reservation]:
+        pool = await open_pool(settings_for(db_url), max_size=1)
+        try:
+            async with pool.connection() as conn:
+                claimed = await queue.claim_due_items(conn, worker="w", limit=3,
+                                                      lease_seconds=30)
+                pending = {}
+                async with conn.pipeline(), conn.transaction():
+                    for item in sorted(claimed, key=lambda c: c.organization_id):
+                        if item.organization_id == stolen["id"]:  # another claim's token
+                            item = dataclasses.replace(item, token=item.token + 1000)
+                        await act_for(conn, item.organization_id)
+                        pending[item.organization_id] = await cost.reserve(
+                            conn, item, amount=Decimal("0.5"), day=now.date(),
+                            default_limit=Decimal(50), new_episode_id=None, sequence_number=1)
+                return {org: await p.result() for org, p in pending.items()}
+        finally:
+            await pool.close()
+
+    answers = asyncio.run(reserve_all())
+    assert answers[room["id"]] == cost.Granted(now.date(), Decimal("0.5"), None)
+    refused = answers[spent["id"]]
+    assert isinstance(refused, CostLimitReached) and not refused.by_reservations
+    assert (refused.spent, refused.limit, refused.needed) == (
+        Decimal("0.9"), Decimal(1), Decimal("0.5"))
+    assert isinstance(answers[stolen["id"]], cost.LeaseLost)
+    reserved = {r["organization_id"]: r["reserved_gbp"] for r in db.execute(
+        "SELECT organization_id, reserved_gbp FROM token_usage_daily").fetchall()}
+    assert reserved == {room["id"]: Decimal("0.5"), spent["id"]: 0}
 
 
 # -- notifiers -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 from mf_worker import queue
 from mf_worker.daemon import Components, build, shutdown
 from mf_worker.db import connect, open_pool
-from mf_worker.engine.episodes import Prepared, prepare_generations
+from mf_worker.engine.prepare import Prepared, prepare_generations
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import GenerationRequest, GenerationResult
 from mf_worker.generation.template import TemplateGenerator
@@ -531,7 +531,8 @@ def test_the_workers_connections_carry_lock_and_statement_timeouts(db_url: str) 
 def _stale_transitions() -> dict[str, Callable[[Any, queue.ClaimedItem], Awaitable[object]]]:
     """Every statement that moves a claimed item (or writes for its claim), as the engine calls
     it; each receives a claim that is no longer the item's."""
-    from mf_worker.engine.episodes import EpisodeWrite, write_episodes, write_failure
+    from mf_worker.engine.failures import write_failure
+    from mf_worker.engine.write import EpisodeWrite, write_episodes
     from mf_worker.generation import GenerationRequest, ProjectInfo
 
     def prepared(item: queue.ClaimedItem) -> Prepared:

@@ -57,7 +57,7 @@ ALLOWED: Final[frozenset[tuple[str, str]]] = frozenset({
     # The generator plugins part: openai_compat moves to generators/openai, preview to cli/.
     # (The cadence description in the prompt still reads scheduling.cadence: see below.)
     ("mf_worker.generation.openai_compat", "mf_worker.scheduling.cadence"),
-    ("mf_worker.generation.preview", "mf_worker.engine.episodes"),
+    ("mf_worker.generation.preview", "mf_worker.engine.context"),
     ("mf_worker.generation.preview", "mf_worker.queue"),
     ("mf_worker.generation.preview", "mf_worker.scheduling.cadence"),
     # Settings parses the SMTP URL with a helper that lives higher up (cost/smtp.py); it

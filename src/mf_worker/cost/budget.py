@@ -1,13 +1,15 @@
 """The hard daily cost limit per organisation: reserve before generating, trip, and recover.
 
-Before a generation the worker reserves the item's worst-case cost on the organisation's row of
-``token_usage_daily`` in one conditional UPDATE (``spent + reserved + amount <= limit``): the
-row lock makes it atomic, so N workers racing for one organisation cannot together start more
-than the budget allows (a free attempt, worst case £0, reserves nothing: it only needs the day
-not to be over the limit already). Releasing is the database's job: a trigger gives the
-reservation back whenever the item leaves ``processing`` (see migration 0002). When the budget
-cannot cover an item, the breaker blocks it and the organisation's other pending items without
-charging an attempt, records the trip once per organisation and UTC day (user event, audit row,
+Before a generation the worker reserves the item's worst-case cost (:func:`reserve`: granted,
+limit reached or lease lost) on the organisation's row of ``token_usage_daily`` in one
+conditional UPDATE (``spent + reserved + amount <= limit``): the row lock makes it atomic, so
+N workers racing for one organisation cannot together start more than the budget allows (a free
+attempt, worst case £0, reserves nothing: it only needs the day not to be over the limit
+already). Releasing is the database's job: a trigger gives the reservation back whenever the
+item leaves ``processing`` (see migration 0002), booked as an estimate unless the exit booked
+the real usage (the final write; :func:`settle`). When the budget cannot cover an item, the
+breaker blocks it and the organisation's other pending items without charging an attempt,
+records the trip once per organisation and UTC day (user event, audit row,
 notifications), and the budget loop (``maintenance.budget``, through
 :func:`release_blocked_items`) releases the blocked items when the day turns (policy ``resume``
 or ``skip``) or as soon as the limit is raised. Notifications are at least
@@ -18,17 +20,20 @@ a trip whose notification failed or was interrupted, with backoff, for the rest 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, Final, Protocol
 
+from psycopg import AsyncCursor
+from psycopg.types.json import Jsonb
+
 from .. import queue
 from ..db import Connection, Pool, as_org
 from ..db.sql import load_queries
-from ..errors import MfWorkerError, describe_error
-from ..generation import GenerationRequest, Generator, estimate_max_usage
+from ..errors import LeaseLost, MfWorkerError, describe_error
+from ..generation import GenerationRequest, Generator, TokenUsage, estimate_max_usage
 from ..ids import new_id
 from ..logs import get_logger
 from ..queue import ClaimedItem
@@ -80,39 +85,96 @@ class Budget:
         return self.prices.cost(usage) if usage is not None else self.reserve_per_item
 
 
-RESERVE_BUDGET = _Q["reserve_budget"]
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """The attempt may run: its worst case is reserved on ``day`` (a free attempt reserves
+    nothing; the day only had to be under the limit still)."""
+
+    day: date  # the billing day (the database's UTC day): the attempt's usage is filed under it
+    amount: Decimal  # what this attempt holds until it settles or its item leaves processing
+    # The episode this claim's earlier run created (a prepare retried after its commit was
+    # lost finds its own), else None: the episode is the caller's ``new_episode_id`` or older.
+    episode_id: str | None = None
 
 
-def reservation_params(
-    item: ClaimedItem, *, amount: Decimal, day: date | None, default_limit: Decimal,
-    new_episode_id: str | None, sequence_number: int,
-) -> dict[str, Any]:
-    """Parameters of :data:`RESERVE_BUDGET` for one attempt of ``item``: reserve ``amount`` on
-    the organisation's aggregate for ``day`` (None: the database's UTC day, which the statement
-    returns as ``day``) and, with ``new_episode_id``, create the episode.
-    The statement runs inside the caller's transaction acting for the item's organisation
-    (several may pipeline in one transaction; see ``engine.episodes.prepare_generations``)."""
-    return {
+# What one reservation came to. The two refusals are exceptions so that a batch can hand each
+# item its own outcome to raise (``engine.batching``), but :func:`reserve` returns them: a
+# refusal is an answer, not a failure. ``CostLimitReached.by_reservations`` tells a refusal
+# the reservations in flight caused (the item waits) from one by spend (the breaker trips).
+Reservation = Granted | CostLimitReached | LeaseLost
+
+
+@dataclass(frozen=True, slots=True)
+class PendingReservation:
+    """A reservation sent but not read yet: in a pipeline, a batch's reservations travel in
+    one round trip and :meth:`result` reads each once the pipeline has synced."""
+
+    _cursor: AsyncCursor[dict[str, Any]]
+    _item: ClaimedItem
+    _amount: Decimal
+    _day: date | None
+
+    async def result(self) -> Reservation:
+        row = await self._cursor.fetchone()
+        if row is not None and not row["held"]:
+            return LeaseLost(self._item.id)
+        if row is not None and row["reserved"]:
+            return Granted(row["day"], self._amount, row["episode_id"])
+        # Refused: the statement's spend and limit (as they were before it) explain it. No row
+        # means the organisation is gone: nothing to spend, on the caller's day.
+        spent, reserved, limit, day = (
+            (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"], row["day"]) if row
+            else (Decimal(0), Decimal(0), Decimal(0), self._day or datetime.now(UTC).date())
+        )
+        return CostLimitReached(self._item.organization_id, day, spent, reserved, limit,
+                                self._amount)
+
+
+async def reserve(
+    conn: Connection, item: ClaimedItem, *, amount: Decimal, day: date | None,
+    default_limit: Decimal, new_episode_id: str | None, sequence_number: int,
+) -> PendingReservation:
+    """Reserve ``amount`` (the attempt's worst case) on the organisation's aggregate for
+    ``day`` (None: the database's UTC day) if the day's limit leaves room, fenced on the
+    claim; granted, the amount is noted on the item (a trigger gives it back when the item
+    leaves ``processing``) and, with ``new_episode_id``, the episode row is created
+    (``generating``, number ``sequence_number``). A refusal writes nothing.
+
+    Runs in the caller's transaction acting for the item's organisation; several may share it
+    (``db.act_for`` switching the organisation between them, in organisation order so that
+    batches take the aggregate rows' locks in the same order). Idempotent per claim: a claim
+    that reserved before finds its reservation and reserves nothing more."""
+    cursor = await conn.execute(_Q["reserve_budget"], {
         **queue.fence(item),
         "organization_id": item.organization_id, "project_id": item.project_id,
         "amount": amount, "date": day, "default_limit": default_limit,
         "new_episode_id": new_episode_id, "sequence_number": sequence_number,
-    }
+    })
+    return PendingReservation(cursor, item, amount, day)
 
 
-def refusal(
-    row: dict[str, Any] | None, item: ClaimedItem, *, amount: Decimal, day: date
-) -> CostLimitReached | None:
-    """The :class:`CostLimitReached` that explains a refused reservation (None if granted).
-    ``row`` is :data:`RESERVE_BUDGET`'s; no row means the organisation is gone (``day`` is
-    then the caller's)."""
-    if row is not None and row["reserved"]:
-        return None
-    spent, reserved, limit, day = (
-        (row["spent_gbp"], row["reserved_gbp"], row["limit_gbp"], row["day"]) if row
-        else (Decimal(0), Decimal(0), Decimal(0), day)
-    )
-    return CostLimitReached(item.organization_id, day, spent, reserved, limit, amount)
+def usage_rows(usages: Sequence[TokenUsage], costs: Sequence[Decimal]) -> Jsonb:
+    """``token_usage`` rows for ``usages`` priced as ``costs`` (GBP each), as one JSON
+    parameter (the final write and :func:`settle` unpack it with ``jsonb_to_recordset``)."""
+    return Jsonb([
+        {"id": new_id("tok"), "model": u.model, "prompt_tokens": u.prompt_tokens,
+         "completion_tokens": u.completion_tokens, "cost_gbp": str(cost)}
+        for u, cost in zip(usages, costs, strict=True)
+    ])
+
+
+async def settle(
+    conn: Connection, item: ClaimedItem, *, day: date | None, episode_id: str | None,
+    usages: Sequence[TokenUsage], costs: Sequence[Decimal],
+) -> None:
+    """Book the known usage of an attempt that did not succeed (output that failed validation,
+    a billed refusal) on its reservation's ``day``, priced as ``costs``. Runs in the caller's
+    transaction acting for the item's organisation, beside the fenced queue transition that
+    clears the reservation without booking it as an estimate (its ``settled``)."""
+    await conn.execute(_Q["book_attempt_usage"], {
+        "organization_id": item.organization_id, "project_id": item.project_id,
+        "episode_id": episode_id, "billing_date": day, "usages": usage_rows(usages, costs),
+    })
 
 
 @dataclass(frozen=True, slots=True)

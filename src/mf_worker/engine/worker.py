@@ -35,10 +35,10 @@ from tenacity import (
 
 from .. import queue
 from ..backoff import ITEM_RETRY, Backoff
-from ..cost.budget import Budget, CostLimitReached, deliver_trip, trip_breaker
+from ..cost import Budget, CostLimitReached, deliver_trip, trip_breaker
 from ..cost.notify import LogNotifier, Notifier, ProviderPaused, notify_provider_paused
 from ..db import Connection, Pool
-from ..errors import InvalidItemError, describe_error
+from ..errors import InvalidItemError, LeaseLost, describe_error
 from ..flow import FlowControl, KeyCoolingDown, Limits
 from ..generation import (
     GenerationResult,
@@ -58,21 +58,10 @@ from ..queue import ClaimedItem
 from ..scheduling.cadence import next_occurrence
 from ..settings import Settings
 from .batching import Batcher
-from .episodes import (
-    Delivery,
-    EpisodeWrite,
-    ItemUnavailable,
-    LeaseLost,
-    Prepared,
-    PrepareOutcome,
-    WriteOutcome,
-    cancel_item,
-    prepare_generations,
-    write_deferral,
-    write_episodes,
-    write_failure,
-)
 from .events import ClaimLoopTicked, EventHub, ItemsClaimed, TripNotified
+from .failures import cancel_item, write_deferral, write_failure
+from .prepare import ItemUnavailable, Prepared, PrepareOutcome, prepare_generations
+from .write import Delivery, EpisodeWrite, WriteOutcome, write_episodes
 
 T = TypeVar("T")
 

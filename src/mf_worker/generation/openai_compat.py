@@ -46,7 +46,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from mf_worker.errors import ConfigError, PluginLoadError
+from mf_worker.errors import ConfigError, MfWorkerError, PluginLoadError
 from mf_worker.generation.api import (
     BlockDraft,
     GenerationError,
@@ -307,7 +307,7 @@ class _Reply:
     usage: TokenUsage
 
 
-class ReplyError(ValueError):
+class ReplyError(ValueError, MfWorkerError):
     """The model's reply is not the requested JSON; `reason` says why (no reply text in it)."""
 
     def __init__(self, reason: str) -> None:

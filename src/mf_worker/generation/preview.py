@@ -19,7 +19,7 @@ from typing import Any
 
 from ..db import Connection, act_for
 from ..db.sql import load_queries
-from ..engine import episodes
+from ..engine import context
 from ..errors import InvalidItemError, MfWorkerError
 from ..logs import get_logger
 from ..queue import ClaimedItem
@@ -72,7 +72,7 @@ async def build_preview_request(
             raise MfWorkerError(f"no project {project_id!r}")
         org = found["organization_id"]
         await act_for(conn, org)
-        project = await episodes.load_generation_context(conn, project_id, None)
+        project = await context.load_generation_context(conn, project_id, None)
         cur = await conn.execute(_Q["open_item"], {"project_id": project_id})
         item_row = await cur.fetchone()
     if project is None:
@@ -100,7 +100,7 @@ async def build_preview_request(
         episode_id=None, metadata={}, lease_expires_at=now,
     )
     # The engine's own request builder: the same fields, the same memory handling.
-    request = episodes.build_request(item, project, zone, number)
+    request = context.build_request(item, project, zone, number)
     return replace(request, idempotency_key=f"preview-{uuid.uuid4().hex}")
 
 

@@ -13,8 +13,8 @@ from datetime import datetime
 
 from .. import queue
 from ..db import Pool
-from ..engine.episodes import record_lost_attempts
 from ..engine.events import EventHub
+from ..engine.failures import record_lost_attempts
 from ..logs import bind_item
 from .loop import PeriodicLoop, check_positive
 
