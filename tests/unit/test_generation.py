@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from mf_worker import plugins as plugins_module
 from mf_worker.errors import MfWorkerError
 from mf_worker.generation import (
     ENTRY_POINT_GROUP,
@@ -48,7 +49,6 @@ from mf_worker.generation import (
     load_generator,
     validate_result,
 )
-from mf_worker.generation import loader as loader_module
 from mf_worker.generation.template import TemplateGenerator
 
 HERE = Path(__file__).resolve().parent
@@ -525,7 +525,7 @@ def fake_entry_points(monkeypatch: pytest.MonkeyPatch, **targets: str) -> None:
     def select(**params: Any) -> EntryPoints:
         return eps.select(**params)
 
-    monkeypatch.setattr(loader_module, "entry_points", select)
+    monkeypatch.setattr(plugins_module, "entry_points", select)
 
 
 def test_builtin_template_loads_by_name_without_installed_metadata(

@@ -24,8 +24,8 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from ..db import Pool
 from ..errors import MfWorkerError, PluginLoadError, describe_error
-from ..generation.loader import import_target
 from ..logs import get_logger
+from ..plugins import import_target
 from ..settings import Settings
 from .budget import Trip
 from .mail import EmailNotifier, database_contacts

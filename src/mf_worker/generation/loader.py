@@ -17,14 +17,18 @@ should stop the worker before it takes any queue item, not fail every item later
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 from collections.abc import Awaitable, Callable
-from importlib.metadata import EntryPoint, entry_points
 from typing import cast
 
 from mf_worker.errors import PluginLoadError
 from mf_worker.generation.api import GenerationRequest, GenerationResult, Generator, GeneratorFn
+from mf_worker.plugins import (
+    describe_exception,
+    entry_point_targets,
+    import_target,
+    load_entry_point,
+)
 
 __all__ = ["ENTRY_POINT_GROUP", "FunctionGenerator", "available_generators", "load_generator"]
 
@@ -41,9 +45,7 @@ def available_generators() -> dict[str, str]:
 
     Built-ins win over an entry point of the same name, exactly as `load_generator` resolves.
     """
-    found: dict[str, str] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep.value)
+    found = entry_point_targets(ENTRY_POINT_GROUP)
     found.update(_BUILTINS)
     return dict(sorted(found.items()))
 
@@ -58,7 +60,7 @@ def load_generator(spec: str) -> Generator:
     spec = spec.strip()
     if not spec:
         raise PluginLoadError("generator spec is empty; set MF_GENERATOR or --generator")
-    obj = import_target(spec, spec) if ":" in spec else _load_named(spec)
+    obj = import_target(spec, spec, kind="generator") if ":" in spec else _load_named(spec)
     return _as_generator(spec, obj)
 
 
@@ -102,57 +104,15 @@ class FunctionGenerator:
 def _load_named(name: str) -> object:
     target = _BUILTINS.get(name)
     if target is not None:
-        return import_target(name, target)
-    matches: list[EntryPoint] = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
-    if not matches:
+        return import_target(name, target, kind="generator")
+    found = load_entry_point(ENTRY_POINT_GROUP, name, kind="generator")
+    if found is None:
         names = ", ".join(available_generators()) or "none"
         raise PluginLoadError(
             f"generator {name!r}: unknown name (available: {names}); "
             "use 'package.module:attribute' to load a Python object directly"
         )
-    ep = matches[0]
-    try:
-        return ep.load()
-    except Exception as exc:
-        raise PluginLoadError(
-            f"generator {name!r}: entry point {ep.value!r} failed to load: {_describe(exc)}"
-        ) from exc
-
-
-def import_target(spec: str, target: str, *, kind: str = "generator") -> object:
-    """Import ``package.module:attr.path``; PluginLoadError names the ``kind`` and the spec."""
-    module_name, _, attr_path = (part.strip() for part in target.partition(":"))
-    if not module_name or not attr_path:
-        raise PluginLoadError(
-            f"{kind} {spec!r}: malformed path {target!r}, expected 'package.module:attribute'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (
-            module_name == exc.name or module_name.startswith(exc.name + ".")
-        ):
-            raise PluginLoadError(f"{kind} {spec!r}: module {module_name!r} not found") from exc
-        raise PluginLoadError(
-            f"{kind} {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
-        ) from exc
-    except Exception as exc:
-        raise PluginLoadError(
-            f"{kind} {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
-        ) from exc
-    obj: object = module
-    owner = f"module {module_name!r}"
-    walked = f"{module_name}:"
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise PluginLoadError(
-                f"{kind} {spec!r}: {owner} has no attribute {part!r}"
-            ) from None
-        walked += part if walked.endswith(":") else f".{part}"
-        owner = repr(walked)
-    return obj
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +153,9 @@ def _call_factory(spec: str, factory: Callable[..., object]) -> Generator:
     try:
         made: object = factory()
     except Exception as exc:
-        raise PluginLoadError(f"generator {spec!r}: factory raised {_describe(exc)}") from exc
+        raise PluginLoadError(
+            f"generator {spec!r}: factory raised {describe_exception(exc)}"
+        ) from exc
     if inspect.isawaitable(made):
         if inspect.iscoroutine(made):
             made.close()
@@ -260,8 +222,3 @@ def _kind(obj: object) -> str:
         return f"function {name!r}"
     type_name = type(obj).__name__
     return f"{'an' if type_name[:1].lower() in 'aeiou' else 'a'} {type_name}"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
