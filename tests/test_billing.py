@@ -20,7 +20,7 @@ from mf_worker.db import connect, open_pool
 from mf_worker.engine.episodes import EpisodeWrite, Prepared, prepare_generations, write_episodes
 from mf_worker.engine.lease import Reaper
 from mf_worker.engine.worker import Outcome
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.template import TemplateGenerator
 from mf_worker.metrics import Metrics
 from mf_worker.status import cancel_queue_item
 

@@ -28,7 +28,7 @@ from mf_worker.engine.episodes import Prepared, prepare_generations
 from mf_worker.engine.lease import Heartbeat, Reaper
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import GenerationRequest, GenerationResult
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.template import TemplateGenerator
 from mf_worker.scheduling.scheduler import Scheduler, enqueue_item
 from mf_worker.status import cancel_queue_item, retry_queue_item
 

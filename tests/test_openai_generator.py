@@ -46,17 +46,12 @@ from mf_worker.generation import (
     TokenUsage,
     validate_result,
 )
-from mf_worker.generation.openai_compat import (
-    LLMConfig,
-    OpenAICompatibleGenerator,
-    build_messages,
-    parse_reply,
-    redact_key,
-    retry_after_seconds,
-    salvage_reply,
-)
 from mf_worker.generation.preview import build_preview_request
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.openai import LLMConfig, OpenAICompatibleGenerator
+from mf_worker.generators.openai.client import redact_key, retry_after_seconds
+from mf_worker.generators.openai.prompt import build_messages
+from mf_worker.generators.openai.reply import parse_reply, salvage_reply
+from mf_worker.generators.template import TemplateGenerator
 
 from .conftest import settings_for
 from .factories import make_episode, make_note, make_queue_item, make_tenant
@@ -323,7 +318,7 @@ def test_openai_is_published_as_an_entry_point_with_an_optional_httpx_extra() ->
     """pyproject declares `openai` in the generators group and httpx only as an extra."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     group = project["entry-points"]["mf_worker.generators"]
-    assert group.get("openai") == "mf_worker.generation.openai_compat:OpenAICompatibleGenerator"
+    assert group.get("openai") == "mf_worker.generators.openai:OpenAICompatibleGenerator"
     assert any(dep.startswith("httpx") for dep in project["optional-dependencies"]["openai"])
     assert not any(dep.startswith("httpx") for dep in project["dependencies"])
     listed = subprocess.run([sys.executable, "-m", "mf_worker", "generators"],
@@ -968,7 +963,7 @@ def test_generate_builds_the_same_request_as_the_worker(db_url: str, db: Conn) -
 
 
 def test_prompt_parser_rejects_replies_with_no_usable_object() -> None:
-    from mf_worker.generation.openai_compat import ReplyError
+    from mf_worker.generators.openai.reply import ReplyError
 
     for reply, reason in [("", "empty"), ("just words", "no JSON object"),
                           ('{"title": ', "not closed"), ("{oops}", "not valid JSON")]:

@@ -36,7 +36,7 @@ ENTRY_POINT_GROUP = "mf_worker.generators"
 """The entry-point group other distributions publish generators under."""
 
 _BUILTINS: dict[str, str] = {
-    "template": "mf_worker.generation.template:TemplateGenerator",
+    "template": "mf_worker.generators.template:TemplateGenerator",
 }
 
 
