@@ -194,7 +194,7 @@ def config(
     settings = build_settings()
     rows = []
     for info in describe_settings():
-        value = getattr(settings, info.name)
+        value = info.value_in(settings)
         shown = "***" if (info.secret and value is not None) else value
         rows.append({"variable": info.env, "value": shown, "default": info.default,
                      "doc": info.doc})
@@ -506,7 +506,7 @@ def generate(
 
     async def main() -> Preview:
         prices = load_price_table(settings.pricing_file)
-        plugin = load_generator(settings.generator)
+        plugin = load_generator(settings.generator, settings)
         async with _database(settings) as conn:
             request = await build_preview_request(conn, project_id)
         return await run_preview(

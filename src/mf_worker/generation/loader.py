@@ -29,6 +29,7 @@ from mf_worker.plugins import (
     import_target,
     load_entry_point,
 )
+from mf_worker.settings import Settings
 
 __all__ = ["ENTRY_POINT_GROUP", "FunctionGenerator", "available_generators", "load_generator"]
 
@@ -50,8 +51,12 @@ def available_generators() -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def load_generator(spec: str) -> Generator:
+def load_generator(spec: str, settings: Settings | None = None) -> Generator:
     """Load the generator `spec` names: an entry-point name or `package.module:attribute`.
+
+    A factory (or class) with a keyword parameter named ``settings`` is called with
+    ``settings=settings``, the one validated `Settings` object, from which the plugin reads its
+    own section (`Settings.plugin`, docs/plugins.md); it is never given the environment.
 
     Raises `PluginLoadError` naming the spec and the problem (unknown name, with the
     available ones; module not found; import failed; attribute missing; the object is not a
@@ -61,7 +66,7 @@ def load_generator(spec: str) -> Generator:
     if not spec:
         raise PluginLoadError("generator spec is empty; set MF_GENERATOR or --generator")
     obj = import_target(spec, spec, kind="generator") if ":" in spec else _load_named(spec)
-    return _as_generator(spec, obj)
+    return _as_generator(spec, obj, settings)
 
 
 class FunctionGenerator:
@@ -119,11 +124,11 @@ def _load_named(name: str) -> object:
 # Making a generator of it
 
 
-def _as_generator(spec: str, obj: object) -> Generator:
+def _as_generator(spec: str, obj: object, settings: Settings | None) -> Generator:
     if not inspect.isclass(obj) and _is_generator_object(obj):
         return cast(Generator, obj)
     if inspect.isclass(obj):
-        return _call_factory(spec, obj)
+        return _call_factory(spec, obj, settings)
     if not callable(obj):
         if callable(getattr(obj, "generate", None)):
             raise PluginLoadError(
@@ -140,7 +145,7 @@ def _as_generator(spec: str, obj: object) -> Generator:
                 f"generator {spec!r}: async function without a required parameter; a generate "
                 "function takes the request, and a factory must be synchronous"
             )
-        return _call_factory(spec, obj)
+        return _call_factory(spec, obj, settings)
     if required == 1:
         return FunctionGenerator(cast(GeneratorFn, obj), name=spec)
     raise PluginLoadError(
@@ -149,9 +154,18 @@ def _as_generator(spec: str, obj: object) -> Generator:
     )
 
 
-def _call_factory(spec: str, factory: Callable[..., object]) -> Generator:
+def _call_factory(
+    spec: str, factory: Callable[..., object], settings: Settings | None
+) -> Generator:
+    wants_settings = _settings_parameter(factory)
+    if wants_settings is not None and settings is None and wants_settings.default is _EMPTY:
+        raise PluginLoadError(
+            f"generator {spec!r}: its factory needs the settings; load it with "
+            "load_generator(spec, settings)"
+        )
     try:
-        made: object = factory()
+        made: object = (factory(settings=settings)
+                        if wants_settings is not None and settings is not None else factory())
     except Exception as exc:
         raise PluginLoadError(
             f"generator {spec!r}: factory raised {describe_exception(exc)}"
@@ -170,6 +184,18 @@ def _call_factory(spec: str, factory: Callable[..., object]) -> Generator:
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+_EMPTY = inspect.Parameter.empty
+SETTINGS_PARAMETER = "settings"
+"""The keyword a factory declares to receive the `Settings` object."""
+
+
+def _settings_parameter(factory: Callable[..., object]) -> inspect.Parameter | None:
+    try:
+        param = inspect.signature(factory).parameters.get(SETTINGS_PARAMETER)
+    except (TypeError, ValueError):
+        return None
+    return param if param is not None and param.kind in _BY_KEYWORD else None
 
 
 def _required_parameters(spec: str, fn: Callable[..., object]) -> int:
@@ -183,6 +209,8 @@ def _required_parameters(spec: str, fn: Callable[..., object]) -> int:
     for param in signature.parameters.values():
         if param.default is not inspect.Parameter.empty:
             continue
+        if param.kind in _BY_KEYWORD and param.name == SETTINGS_PARAMETER:
+            continue  # given by _call_factory
         if param.kind is inspect.Parameter.KEYWORD_ONLY:
             raise PluginLoadError(
                 f"generator {spec!r}: callable has a required keyword-only parameter "

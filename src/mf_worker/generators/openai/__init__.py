@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from mf_worker.errors import ConfigError
 from mf_worker.generation.api import (
     GenerationError,
     GenerationRequest,
@@ -27,13 +28,14 @@ from mf_worker.generation.api import (
     TokenUsage,
 )
 from mf_worker.logs import get_logger
+from mf_worker.settings import Settings
 
 from .client import ChatClient
-from .config import LLMConfig, display_url
+from .config import LLMConfig, OpenAISettings, display_url
 from .prompt import MESSAGE_OVERHEAD_TOKENS, build_messages, repair_prompt, upper_bound_tokens
 from .reply import ReplyError, interpret, parse_reply, salvaged
 
-__all__ = ["LLMConfig", "OpenAICompatibleGenerator"]
+__all__ = ["LLMConfig", "OpenAICompatibleGenerator", "OpenAISettings"]
 
 _BAD_REPLY_CHARS: Final = 8_000  # of a broken reply echoed back in the repair turn
 
@@ -46,15 +48,25 @@ def _logger() -> Any:
 class OpenAICompatibleGenerator:
     """Writes episodes with a model behind an OpenAI-compatible chat-completions endpoint.
 
-    Zero-argument constructible (the plugin loader calls the class): the configuration comes
-    from the ``MF_LLM_*`` variables unless a `LLMConfig` is given. Construction fails with
-    `ConfigError` (a bad variable) or `PluginLoadError` (httpx missing), so a misconfigured
-    worker stops at start-up. One `httpx.AsyncClient` is shared by every call of the instance;
-    it is created on first use (and again if the event loop changes) and closed by `aclose`.
+    The plugin loader calls the class with ``settings=`` (the one `Settings` object), and the
+    configuration is the ``MF_LLM_*`` section of it (`OpenAISettings`) unless a `LLMConfig` is
+    given. Construction fails with `ConfigError` (a missing or bad variable) or
+    `PluginLoadError` (httpx missing), so a misconfigured worker stops at start-up. One
+    `httpx.AsyncClient` is shared by every call of the instance; it is created on first use
+    (and again if the event loop changes) and closed by `aclose`.
     """
 
-    def __init__(self, config: LLMConfig | None = None) -> None:
-        self.config = config or LLMConfig.from_env()
+    def __init__(
+        self, config: LLMConfig | None = None, *, settings: Settings | None = None
+    ) -> None:
+        if config is None:
+            if settings is None:
+                raise ConfigError(
+                    "the 'openai' generator is configured by the settings: load it with "
+                    "load_generator('openai', settings) or give an LLMConfig"
+                )
+            config = LLMConfig.from_settings(settings)
+        self.config = config
         self._chat = ChatClient(self.config)
 
     def __repr__(self) -> str:

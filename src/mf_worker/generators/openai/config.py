@@ -1,64 +1,130 @@
-"""The `openai` generator's settings: the ``MF_LLM_*`` variables, validated.
+"""The `openai` generator's settings: the ``MF_LLM_*`` variables, declared once.
 
-Which server to talk to (base URL, model), how to authenticate (a key, a key file or the
-systemd credential ``mf_llm_api_key``), and the limits of one call (``max_tokens``,
-temperature, timeout, JSON mode).
+`OpenAISettings` is the spec the settings module parses with every other setting (it is
+registered under the ``mf_worker.settings`` entry point ``openai``), so ``mf-worker config``
+shows exactly the values the generator then uses, and a bad value stops the process at
+start-up naming the variable. `LLMConfig` is what the client needs: the same values with the
+base URL and the model required, and the API key resolved from its variable, a key file or the
+systemd credential ``mf_llm_api_key``.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
 from mf_worker.errors import ConfigError
-from mf_worker.settings import Secret
+from mf_worker.settings import (
+    Secret,
+    Settings,
+    boolean,
+    number,
+    secret_text,
+    setting,
+    text,
+    whole_number,
+)
 
-__all__ = ["CREDENTIAL_NAME", "ENV_VARIABLES", "LLMConfig", "display_url"]
+__all__ = ["CREDENTIAL_NAME", "LLMConfig", "OpenAISettings", "display_url"]
 
 CREDENTIAL_NAME: Final = "mf_llm_api_key"
 """File name of the API key in systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``)."""
 
-ENV_VARIABLES: Final[tuple[tuple[str, str, str], ...]] = (
-    ("MF_LLM_BASE_URL", "",
-     "Base URL of the OpenAI-compatible API, up to and including `/v1` "
-     "(e.g. `http://127.0.0.1:8080/v1`). Required by the `openai` generator."),
-    ("MF_LLM_MODEL", "",
-     "Model name sent to the server and used for pricing and token usage rows. Required by "
-     "the `openai` generator."),
-    ("MF_LLM_API_KEY", "",
-     "API key sent as `Authorization: Bearer …` (optional: local servers need none). "
-     "Never logged."),
-    ("MF_LLM_API_KEY_FILE", "",
-     "File holding the API key instead of `MF_LLM_API_KEY` (also read: "
-     "`$CREDENTIALS_DIRECTORY/mf_llm_api_key`, systemd's `LoadCredential=`)."),
-    ("MF_LLM_MAX_TOKENS", "1500",
-     "Most tokens the model may write per call (`max_tokens`); with the one repair turn an "
-     "episode can use twice this. A reply body is read up to 64 bytes per token plus 64 KiB "
-     "(about 160 KiB at 1500); a larger one fails the attempt instead of filling memory."),
-    ("MF_LLM_TEMPERATURE", "0.7", "Sampling temperature, 0 to 2 (0: most deterministic)."),
-    ("MF_LLM_JSON_MODE", "on",
-     "Ask for `response_format: json_object` (JSON mode; a JSON grammar on llama.cpp). Turn "
-     "off for servers that reject it; the reply is then parsed tolerantly all the same."),
-    ("MF_LLM_TIMEOUT", "120",
-     "Seconds one HTTP call to the model may take in all; a slower call is a retryable "
-     "failure."),
-)
-"""(variable, default, documentation) of every setting the `openai` generator reads."""
 
-_DEFAULT_MAX_TOKENS: Final = 1500
-_DEFAULT_TEMPERATURE: Final = 0.7
-_DEFAULT_TIMEOUT: Final = 120.0
+def display_url(url: str) -> str:
+    """A URL with any user:password part hidden."""
+    return re.sub(r"(://)[^/@]*@", r"\1***@", url)
+
+
+def _base_url(raw: str) -> str:
+    url = raw.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return url.rstrip("/")
+
+
+def _key_file(raw: str) -> Path:
+    """The path of a readable file holding one word (the key); the key is read again by
+    `LLMConfig`, so the settings hold a path, never the key itself."""
+    path = Path(raw.strip()).expanduser()
+    _read_key(path)
+    return path
+
+
+def _read_key(path: Path) -> str:
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(f"cannot read the key file ({reason})") from None
+    key = content.strip()
+    if not key:
+        raise ValueError("the key file is empty")
+    if any(ch.isspace() for ch in key):
+        raise ValueError("the key file holds more than one word")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAISettings:
+    """The ``MF_LLM_*`` variables of the `openai` generator, parsed like every setting.
+
+    Optional here (so `config` works without them); `LLMConfig.from_settings` requires the
+    base URL and the model when the generator is actually used.
+    """
+
+    base_url: str | None = setting(
+        "MF_LLM_BASE_URL", None, _base_url,
+        "`openai` generator: base URL of the OpenAI-compatible API up to and including `/v1` "
+        "(e.g. `http://127.0.0.1:8080/v1`). Required with `MF_GENERATOR=openai`.",
+        show=display_url,
+    )
+    model: str | None = setting(
+        "MF_LLM_MODEL", None, text,
+        "`openai` generator: model name sent to the server; token usage is recorded and priced "
+        "under it. Required with `MF_GENERATOR=openai`.",
+    )
+    api_key: Secret | None = setting(
+        "MF_LLM_API_KEY", None, secret_text,
+        "`openai` generator: API key sent as `Authorization: Bearer …` (local servers need "
+        "none; also read: the systemd credential `mf_llm_api_key`, the file "
+        "`$CREDENTIALS_DIRECTORY/mf_llm_api_key`). Never logged.",
+        secret=True, credential=CREDENTIAL_NAME, excludes="MF_LLM_API_KEY_FILE",
+    )
+    api_key_file: Path | None = setting(
+        "MF_LLM_API_KEY_FILE", None, _key_file,
+        "`openai` generator: file holding the API key instead of `MF_LLM_API_KEY` (one word; "
+        "read at start-up).",
+    )
+    max_tokens: int = setting(
+        "MF_LLM_MAX_TOKENS", 1500, whole_number(1, 1_000_000),
+        "`openai` generator: most tokens the model may write per call; with the one repair "
+        "turn an episode can use twice this. A reply body is read up to 64 bytes per token "
+        "plus 64 KiB; a larger one fails the attempt instead of filling memory.",
+    )
+    temperature: float = setting(
+        "MF_LLM_TEMPERATURE", 0.7, number(0.0, maximum=2.0),
+        "`openai` generator: sampling temperature, 0 to 2 (0: most deterministic).",
+    )
+    timeout: float = setting(
+        "MF_LLM_TIMEOUT", 120.0, number(0.0, exclusive=True, maximum=3600.0),
+        "`openai` generator: seconds one HTTP call to the model may take in all (at most "
+        "3600); a slower call is a retryable failure.",
+    )
+    json_mode: bool = setting(
+        "MF_LLM_JSON_MODE", True, boolean,
+        "`openai` generator: ask for `response_format: json_object` (JSON mode). Turn off for "
+        "servers that reject it; replies are parsed tolerantly either way.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LLMConfig:
-    """The `openai` generator's settings, validated; build it with `from_env`.
+    """What the client needs, validated; build it with `from_settings`.
 
     `base_url` has no trailing slash; `api_key` is a `Secret` (or None for servers without
     authentication) whose value shows in no repr and no message.
@@ -67,48 +133,41 @@ class LLMConfig:
     base_url: str
     model: str
     api_key: Secret | None = None
-    max_tokens: int = _DEFAULT_MAX_TOKENS
-    temperature: float = _DEFAULT_TEMPERATURE
-    timeout: float = _DEFAULT_TIMEOUT
+    max_tokens: int = 1500
+    temperature: float = 0.7
+    timeout: float = 120.0
     json_mode: bool = True
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> LLMConfig:
-        """Read and check the ``MF_LLM_*`` variables (and the key file or systemd credential).
+    def from_settings(cls, settings: Settings) -> LLMConfig:
+        """The generator's configuration from its section of the one settings object.
 
         Raises `ConfigError` naming the variable and the problem; the key is never shown.
         """
-        env = os.environ if environ is None else environ
-
-        def get(name: str) -> str:
-            return env.get(name, "").strip()
-
-        base_url = get("MF_LLM_BASE_URL")
-        if not base_url:
+        section = settings.plugin(OpenAISettings)
+        if section.base_url is None:
             raise ConfigError(
                 "MF_LLM_BASE_URL is not set: give the OpenAI-compatible API's base URL, "
                 "e.g. http://127.0.0.1:8080/v1"
             )
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(
-                f"MF_LLM_BASE_URL={display_url(base_url)!r}: must be an http:// or https:// "
-                "URL with a host"
-            )
-        model = get("MF_LLM_MODEL")
-        if not model:
-            raise ConfigError(
-                "MF_LLM_MODEL is not set: give the model name the server expects"
-            )
+        if section.model is None:
+            raise ConfigError("MF_LLM_MODEL is not set: give the model name the server expects")
+        api_key = section.api_key
+        if api_key is None and section.api_key_file is not None:
+            try:
+                api_key = Secret(_read_key(section.api_key_file))
+            except ValueError as exc:  # changed since start-up
+                raise ConfigError(
+                    f"MF_LLM_API_KEY_FILE={str(section.api_key_file)!r}: {exc}"
+                ) from None
         return cls(
-            base_url=base_url.rstrip("/"),
-            model=model,
-            api_key=_api_key(env),
-            max_tokens=_parse_int(env, "MF_LLM_MAX_TOKENS", _DEFAULT_MAX_TOKENS, 1, 1_000_000),
-            temperature=_parse_float(env, "MF_LLM_TEMPERATURE", _DEFAULT_TEMPERATURE, 0.0, 2.0),
-            timeout=_parse_float(env, "MF_LLM_TIMEOUT", _DEFAULT_TIMEOUT, 0.001, 3_600.0,
-                                 exclusive_min=True),
-            json_mode=_parse_bool(env, "MF_LLM_JSON_MODE", True),
+            base_url=section.base_url,
+            model=section.model,
+            api_key=api_key,
+            max_tokens=section.max_tokens,
+            temperature=section.temperature,
+            timeout=section.timeout,
+            json_mode=section.json_mode,
         )
 
     @property
@@ -117,80 +176,3 @@ class LLMConfig:
         parts = urlsplit(self.base_url)
         port = f":{parts.port}" if parts.port else ""
         return f"{parts.scheme}://{parts.hostname}{port}"
-
-
-def _api_key(env: Mapping[str, str]) -> Secret | None:
-    direct = env.get("MF_LLM_API_KEY", "").strip()
-    key_file = env.get("MF_LLM_API_KEY_FILE", "").strip()
-    if direct and key_file:
-        raise ConfigError("MF_LLM_API_KEY and MF_LLM_API_KEY_FILE are both set; set only one")
-    if direct:
-        return Secret(direct)
-    if key_file:
-        return Secret(_read_key(Path(key_file).expanduser(), "MF_LLM_API_KEY_FILE"))
-    credentials = env.get("CREDENTIALS_DIRECTORY", "").strip()
-    if credentials:
-        path = Path(credentials) / CREDENTIAL_NAME
-        if path.is_file():
-            return Secret(_read_key(path, f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}"))
-    return None
-
-
-def _read_key(path: Path, source: str) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError(f"{source}={str(path)!r}: cannot read the key file ({reason})") from None
-    key = text.strip()
-    if not key:
-        raise ConfigError(f"{source}={str(path)!r}: the key file is empty")
-    if any(ch.isspace() for ch in key):
-        raise ConfigError(f"{source}={str(path)!r}: the key file holds more than one word")
-    return key
-
-
-def _parse_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: must be a whole number") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}={raw!r}: must be between {low} and {high:,}")
-    return value
-
-
-def _parse_float(
-    env: Mapping[str, str], name: str, default: float, low: float, high: float,
-    *, exclusive_min: bool = False,
-) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: must be a number") from None
-    if not math.isfinite(value) or value > high or value < low or (exclusive_min and value == 0):
-        bound = "greater than 0" if exclusive_min else f"at least {low:g}"
-        raise ConfigError(f"{name}={raw!r}: must be {bound} and at most {high:g}")
-    return value
-
-
-def _parse_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r}: must be one of on/off, true/false, yes/no, 1/0")
-
-
-def display_url(url: str) -> str:
-    """A URL with any user:password part hidden."""
-    return re.sub(r"(://)[^/@]*@", r"\1***@", url)
