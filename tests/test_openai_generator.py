@@ -32,6 +32,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from mf_worker.cli.preview import build_preview_request
 from mf_worker.db import connect
 from mf_worker.engine.worker import Outcome
 from mf_worker.errors import ConfigError, PluginLoadError
@@ -48,7 +49,6 @@ from mf_worker.generation import (
     load_generator,
     validate_result,
 )
-from mf_worker.generation.preview import build_preview_request
 from mf_worker.generators.openai import LLMConfig, OpenAICompatibleGenerator
 from mf_worker.generators.openai.client import redact_key, retry_after_seconds
 from mf_worker.generators.openai.prompt import build_messages
