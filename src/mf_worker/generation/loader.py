@@ -8,7 +8,8 @@ A spec is either a name or a `package.module:attribute` path:
 * a path is imported directly, which needs no packaging at all.
 
 The object found may be a generator (anything with an `async def generate(request)`), a
-zero-argument factory or class that returns one, or a plain function taking the request,
+factory or class that returns one (called with no arguments, or with ``settings=`` — the one
+`Settings` object — when it declares that keyword), or a plain function taking the request,
 which is wrapped in `FunctionGenerator`. Loading happens once at startup, so every failure is
 a `PluginLoadError` whose message names the spec and says what went wrong: a bad setting
 should stop the worker before it takes any queue item, not fail every item later.
