@@ -57,7 +57,7 @@ from mf_worker.db import connect
 from mf_worker.db.migrate import apply_migrations
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import GenerationRequest, GenerationResult, load_generator
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.template import TemplateGenerator
 from mf_worker.logs import configure_logging
 from mf_worker.queue import ClaimedItem, claim_due_items, complete_items
 from mf_worker.settings import Settings, load_settings

@@ -42,7 +42,7 @@ from mf_worker.generation import (
     RetryableGenerationError,
     TokenUsage,
 )
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.template import TemplateGenerator
 
 _template = TemplateGenerator()
 

@@ -19,7 +19,7 @@ from mf_worker.db import connect, open_pool
 from mf_worker.engine.prepare import Prepared, prepare_generations
 from mf_worker.engine.worker import Outcome
 from mf_worker.engine.write import EpisodeWrite, write_episodes
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.template import TemplateGenerator
 from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
 from mf_worker.maintenance.reaper import Reaper, ReaperConfig
 from mf_worker.observability.metrics import Metrics

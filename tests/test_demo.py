@@ -23,7 +23,7 @@ from .workers import ROOT, worker_env
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]
 
 Conn = psycopg.Connection[dict[str, Any]]
-PROJECTS = 4  # one per time zone in mf_worker.demo
+PROJECTS = 4  # one per time zone in mf_worker.cli.demo
 
 
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

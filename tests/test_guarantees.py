@@ -26,7 +26,7 @@ from mf_worker.db import connect, open_pool
 from mf_worker.engine.prepare import Prepared, prepare_generations
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import GenerationRequest, GenerationResult
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.template import TemplateGenerator
 from mf_worker.maintenance.budget import BudgetConfig, BudgetLoop
 from mf_worker.maintenance.heartbeat import Heartbeat
 from mf_worker.maintenance.reaper import Reaper, ReaperConfig

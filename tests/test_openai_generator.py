@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from mf_worker.cli.preview import build_preview_request
 from mf_worker.db import connect
 from mf_worker.engine.worker import Outcome
 from mf_worker.errors import ConfigError, PluginLoadError
@@ -44,23 +46,19 @@ from mf_worker.generation import (
     ProjectInfo,
     RetryableGenerationError,
     TokenUsage,
+    load_generator,
     validate_result,
 )
-from mf_worker.generation.openai_compat import (
-    LLMConfig,
-    OpenAICompatibleGenerator,
-    build_messages,
-    parse_reply,
-    redact_key,
-    retry_after_seconds,
-    salvage_reply,
-)
-from mf_worker.generation.preview import build_preview_request
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.openai import LLMConfig, OpenAICompatibleGenerator
+from mf_worker.generators.openai.client import redact_key, retry_after_seconds
+from mf_worker.generators.openai.prompt import build_messages
+from mf_worker.generators.openai.reply import parse_reply, salvage_reply
+from mf_worker.generators.template import TemplateGenerator
+from mf_worker.settings import load_settings
 
 from .conftest import settings_for
 from .factories import make_episode, make_note, make_queue_item, make_tenant
-from .workers import ROOT, run_single, worker_env
+from .workers import ROOT, llm_settings, run_single, worker_env
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -221,6 +219,12 @@ def llm_env(llm: FakeLLM, monkeypatch: pytest.MonkeyPatch) -> FakeLLM:
     return llm
 
 
+def config_from(environ: dict[str, str]) -> LLMConfig:
+    """The generator's configuration from these variables, through the one settings parser."""
+    settings, _ = load_settings(environ=environ)
+    return LLMConfig.from_settings(settings)
+
+
 def make_request(**changes: Any) -> GenerationRequest:
     request = GenerationRequest(
         queue_item_id="queue_1",
@@ -246,7 +250,7 @@ def make_request(**changes: Any) -> GenerationRequest:
 def generate(request: GenerationRequest | None = None) -> GenerationResult:
     """One generation with a fresh generator configured from the environment."""
     async def main() -> GenerationResult:
-        generator = OpenAICompatibleGenerator()
+        generator = OpenAICompatibleGenerator(settings=llm_settings())
         try:
             return await generator.generate(request or make_request())
         finally:
@@ -267,21 +271,22 @@ def failure(request: GenerationRequest | None = None) -> Exception:
 
 def test_config_requires_base_url_and_model_and_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="MF_LLM_BASE_URL is not set"):
-        LLMConfig.from_env({"MF_LLM_MODEL": "m"})
+        config_from({"MF_LLM_MODEL": "m"})
     with pytest.raises(ConfigError, match="MF_LLM_MODEL is not set"):
-        LLMConfig.from_env({"MF_LLM_BASE_URL": "http://127.0.0.1:1/v1"})
+        config_from({"MF_LLM_BASE_URL": "http://127.0.0.1:1/v1"})
     with pytest.raises(ConfigError, match="MF_LLM_BASE_URL='ftp://x': must be an http"):
-        LLMConfig.from_env({"MF_LLM_BASE_URL": "ftp://x", "MF_LLM_MODEL": "m"})
+        config_from({"MF_LLM_BASE_URL": "ftp://x", "MF_LLM_MODEL": "m"})
     base = {"MF_LLM_BASE_URL": "http://127.0.0.1:1/v1/", "MF_LLM_MODEL": "m"}
     for name, raw, problem in [("MF_LLM_MAX_TOKENS", "lots", "whole number"),
-                               ("MF_LLM_MAX_TOKENS", "0", "between 1"),
+                               ("MF_LLM_MAX_TOKENS", "0", "at least 1"),
                                ("MF_LLM_TEMPERATURE", "3", "at most 2"),
                                ("MF_LLM_TIMEOUT", "0", "greater than 0"),
-                               ("MF_LLM_TIMEOUT", "nan", "greater than 0"),
+                               ("MF_LLM_TIMEOUT", "nan", "finite"),
+                               ("MF_LLM_TIMEOUT", "7200", "at most 3600"),
                                ("MF_LLM_JSON_MODE", "maybe", "one of on/off")]:
         with pytest.raises(ConfigError, match=f"{name}='{raw}': must be .*{problem}"):
-            LLMConfig.from_env({**base, name: raw})
-    config = LLMConfig.from_env(base)
+            config_from({**base, name: raw})
+    config = config_from(base)
     assert (config.base_url, config.max_tokens, config.temperature, config.timeout,
             config.json_mode) == ("http://127.0.0.1:1/v1", 1500, 0.7, 120.0, True)
     assert config.api_key is None
@@ -291,24 +296,63 @@ def test_api_key_comes_from_the_variable_a_key_file_or_a_systemd_credential_and_
     tmp_path: Path,
 ) -> None:
     base = {"MF_LLM_BASE_URL": "https://llm.example/v1", "MF_LLM_MODEL": "m"}
-    direct = LLMConfig.from_env({**base, "MF_LLM_API_KEY": KEY})
+    direct = config_from({**base, "MF_LLM_API_KEY": KEY})
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
-    from_file = LLMConfig.from_env({**base, "MF_LLM_API_KEY_FILE": str(key_file)})
+    from_file = config_from({**base, "MF_LLM_API_KEY_FILE": str(key_file)})
     (tmp_path / "mf_llm_api_key").write_text(KEY)
-    from_credential = LLMConfig.from_env({**base, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    from_credential = config_from({**base, "CREDENTIALS_DIRECTORY": str(tmp_path)})
     for config in (direct, from_file, from_credential):
         assert config.api_key is not None and config.api_key.reveal() == KEY
         assert KEY not in repr(config) and KEY not in str(config)
     with pytest.raises(ConfigError, match="both set") as both:
-        LLMConfig.from_env({**base, "MF_LLM_API_KEY": KEY,
+        config_from({**base, "MF_LLM_API_KEY": KEY,
                             "MF_LLM_API_KEY_FILE": str(key_file)})
     assert KEY not in str(both.value)
     with pytest.raises(ConfigError, match=r"MF_LLM_API_KEY_FILE=.*cannot read"):
-        LLMConfig.from_env({**base, "MF_LLM_API_KEY_FILE": str(tmp_path / "missing")})
+        config_from({**base, "MF_LLM_API_KEY_FILE": str(tmp_path / "missing")})
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ConfigError, match="the key file is empty"):
-        LLMConfig.from_env({**base, "MF_LLM_API_KEY_FILE": str(tmp_path / "empty")})
+        config_from({**base, "MF_LLM_API_KEY_FILE": str(tmp_path / "empty")})
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "accepted"),
+    [("MF_LLM_TEMPERATURE", "3", False),  # main: `config` showed 3, the generator refused it
+     ("MF_LLM_TIMEOUT", "7200", False),  # main: likewise (the generator's cap is 3600 s)
+     ("MF_LLM_TEMPERATURE", "2", True),
+     ("MF_LLM_TIMEOUT", "3600", True),
+     ("MF_LLM_MAX_TOKENS", "1_000", True)],
+)
+def test_mf_worker_config_and_the_generator_accept_exactly_the_same_values(
+    name: str, raw: str, accepted: bool
+) -> None:
+    """One parser: `mf-worker config` (a real process) shows a value only if the `openai`
+    generator then runs with it, and refuses the same values, naming the variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MF_")}
+    env.update({"MF_LLM_BASE_URL": "http://127.0.0.1:1/v1", "MF_LLM_MODEL": MODEL, name: raw})
+    shown = subprocess.run([sys.executable, "-m", "mf_worker", "config", "--json"], env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    generator_error: str | None = None
+    used: LLMConfig | None = None
+    try:
+        settings, _ = load_settings(environ={k: v for k, v in env.items()
+                                             if k.startswith("MF_")})
+        generator = load_generator(OPENAI, settings)
+    except (ConfigError, PluginLoadError) as exc:
+        generator_error = str(exc)
+    else:
+        assert isinstance(generator, OpenAICompatibleGenerator)
+        used = generator.config
+    assert (shown.returncode == 0) is accepted, shown.stderr
+    assert (generator_error is None) is accepted, generator_error
+    if accepted:
+        rows = {row["variable"]: row["value"] for row in json.loads(shown.stdout)}
+        field_name = name.removeprefix("MF_LLM_").lower()
+        assert getattr(used, field_name) == rows[name]  # what config showed
+    else:
+        assert shown.stderr.startswith(f"mf-worker: error: {name}='{raw}': must be")
+        assert f"{name}='{raw}': must be" in (generator_error or "")
 
 
 def test_without_httpx_the_generator_says_which_extra_to_install(
@@ -316,14 +360,14 @@ def test_without_httpx_the_generator_says_which_extra_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "httpx", None)  # what `import httpx` sees when missing
     with pytest.raises(PluginLoadError, match=r"pip install 'mf-worker\[openai\]'"):
-        OpenAICompatibleGenerator()
+        OpenAICompatibleGenerator(settings=llm_settings())
 
 
 def test_openai_is_published_as_an_entry_point_with_an_optional_httpx_extra() -> None:
     """pyproject declares `openai` in the generators group and httpx only as an extra."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     group = project["entry-points"]["mf_worker.generators"]
-    assert group.get("openai") == "mf_worker.generation.openai_compat:OpenAICompatibleGenerator"
+    assert group.get("openai") == "mf_worker.generators.openai:OpenAICompatibleGenerator"
     assert any(dep.startswith("httpx") for dep in project["optional-dependencies"]["openai"])
     assert not any(dep.startswith("httpx") for dep in project["dependencies"])
     listed = subprocess.run([sys.executable, "-m", "mf_worker", "generators"],
@@ -766,7 +810,7 @@ def test_estimate_max_usage_bounds_both_calls_of_a_repaired_generation(
     llm_env: FakeLLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MF_LLM_MAX_TOKENS", "400")
-    generator = OpenAICompatibleGenerator()
+    generator = OpenAICompatibleGenerator(settings=llm_settings())
     request = make_request()
     estimate = generator.estimate_max_usage(request)
     assert estimate.model == MODEL and estimate.completion_tokens == 2 * 400
@@ -968,7 +1012,7 @@ def test_generate_builds_the_same_request_as_the_worker(db_url: str, db: Conn) -
 
 
 def test_prompt_parser_rejects_replies_with_no_usable_object() -> None:
-    from mf_worker.generation.openai_compat import ReplyError
+    from mf_worker.generators.openai.reply import ReplyError
 
     for reply, reason in [("", "empty"), ("just words", "no JSON object"),
                           ('{"title": ', "not closed"), ("{oops}", "not valid JSON")]:

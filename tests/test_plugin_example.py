@@ -37,6 +37,7 @@ from mf_worker.generation import (
     load_generator,
     validate_result,
 )
+from mf_worker.settings import load_settings
 
 from .factories import make_note, make_queue_item, make_tenant
 from .workers import ROOT, run_single, worker_env
@@ -140,11 +141,11 @@ def test_its_failures_are_of_the_kinds_the_worker_understands(example_on_path: N
 def test_a_bad_setting_stops_loading_with_the_variable_named(
     example_on_path: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("EXAMPLE_DIGEST_STYLE", "haiku")
-    with pytest.raises(PluginLoadError, match=r"EXAMPLE_DIGEST_STYLE='haiku'"):
-        load_generator(SPEC)
-    monkeypatch.setenv("EXAMPLE_DIGEST_STYLE", "bullets")
-    result = asyncio.run(load_generator(SPEC).generate(make_request()))
+    haiku, _ = load_settings(environ={"EXAMPLE_DIGEST_STYLE": "haiku"})
+    with pytest.raises(PluginLoadError, match=r"EXAMPLE_DIGEST_STYLE='haiku': must be one of"):
+        load_generator(SPEC, haiku)
+    bullets, _ = load_settings(environ={"EXAMPLE_DIGEST_STYLE": "bullets"})
+    result = asyncio.run(load_generator(SPEC, bullets).generate(make_request()))
     assert "- More on permits\n- Recycling, please" in result.blocks[-1].content
 
 

@@ -29,12 +29,8 @@ from mf_worker.generation.api import (
     RATE_LIMIT_MAX_SECONDS,
     RATE_LIMIT_MIN_SECONDS,
 )
-from mf_worker.generation.openai_compat import (
-    LLMConfig,
-    OpenAICompatibleGenerator,
-    parse_reset,
-    rate_limit_delay,
-)
+from mf_worker.generators.openai import LLMConfig, OpenAICompatibleGenerator
+from mf_worker.generators.openai.client import parse_reset, rate_limit_delay
 
 from .provider import ProviderServer, format_reset
 from .test_openai_generator import make_request

@@ -17,6 +17,7 @@ from typing import Any
 from mf_worker.daemon import build, run_one, serve, shutdown
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import Generator, load_generator
+from mf_worker.settings import Settings, load_settings
 
 from .conftest import settings_for
 
@@ -24,11 +25,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTED = "tests.generators:scripted"
 
 
+def llm_settings() -> Settings:
+    """Settings holding only this process's ``MF_LLM_*`` variables (and a systemd credentials
+    directory): what a generator plugin such as `openai` is configured from, as `mf-worker`
+    would configure it from its environment. Everything else keeps its default."""
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("MF_LLM_") or k == "CREDENTIALS_DIRECTORY"}
+    settings, _ = load_settings(environ=env)
+    return settings
+
+
 def run_burst(db_url: str, generator: str | Generator = SCRIPTED, **overrides: Any
               ) -> list[AttemptReport]:
     """Run a worker in this process until nothing is due; return every attempt's report."""
     reports: list[AttemptReport] = []
-    gen = load_generator(generator) if isinstance(generator, str) else generator
+    gen = load_generator(generator, llm_settings()) if isinstance(generator, str) else generator
     settings = settings_for(db_url, **{"poll_interval": 0.05, **overrides})
 
     async def main() -> None:
@@ -46,7 +57,8 @@ def run_single(db_url: str, item_id: str | None = None, generator: str = SCRIPTE
     settings = settings_for(db_url, **overrides)
 
     async def main() -> Outcome | None:
-        components = await build(settings, generator=load_generator(generator), scheduler=False)
+        components = await build(settings, generator=load_generator(generator, llm_settings()),
+                                 scheduler=False)
         try:
             return await run_one(components, item_id)
         finally:

@@ -78,7 +78,7 @@ async def build(
 ) -> Components:
     """Open the pool, check the schema, and assemble the worker and its loops (not started).
     ``observers`` are subscribed to every attempt's report."""
-    generator = generator or load_generator(settings.generator)
+    generator = generator or load_generator(settings.generator, settings)
     prices = prices or load_price_table(settings.pricing_file)
     budget = Budget(prices=prices, default_limit=settings.daily_cost_limit_gbp,
                     reserve_per_item=settings.cost_reserve_gbp)

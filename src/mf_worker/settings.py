@@ -8,6 +8,13 @@ variables the service manager sets.)
 
 A secret may also come from a systemd credential (``LoadCredential=``): when neither its variable
 nor its fallback variable is set, the file ``$CREDENTIALS_DIRECTORY/<credential>`` is read.
+
+Plugins' settings go through the same parser. A plugin declares its own frozen dataclass of
+fields made with `setting` (the `openai` generator's is `OpenAISettings`) and registers it under
+the ``mf_worker.settings`` entry-point group; `load_settings` then parses and validates it at
+start-up with the core settings (a bad value stops the process, naming the variable), `config`
+shows it and the README documents it. The plugin reads its values with `Settings.plugin(spec)`;
+see docs/plugins.md.
 """
 
 from __future__ import annotations
@@ -21,15 +28,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
 
 import psycopg.conninfo
 
-from .cost.smtp import parse_address, parse_address_list, parse_smtp_url
 from .credentials import credential as read_credential
-from .errors import ConfigError
+from .errors import ConfigError, PluginLoadError
+from .plugins import entry_point_targets, import_target
+from .smtp import parse_address, parse_address_list, parse_smtp_url
 
 ENV_PREFIX: Final = "MF_"
+T = TypeVar("T")
+
+PLUGIN_SETTINGS_GROUP: Final = "mf_worker.settings"
+"""The entry-point group a plugin registers its settings spec (a `setting` dataclass) under."""
 
 # Variables that are not settings but are legitimately MF_-prefixed (used by the test harness).
 _KNOWN_NON_SETTINGS: Final = frozenset({"MF_TEST_DATABASE_URL", "MF_TEST_REQUIRE_ALL"})
@@ -225,13 +238,23 @@ def _password_parts(conninfo: str) -> list[str]:
 
 _log_level = _choice("debug", "info", "warning", "error", "critical")
 
+# The parsers a plugin's settings spec may use (docs/plugins.md): the same ones, so a plugin's
+# variable is read exactly like a core one. A plugin may also pass any `str -> value` function
+# that raises ValueError with the reason.
+whole_number = _int
+number = _float
+boolean = _bool
+choice = _choice
+text = _text
+secret_text = _secret_text
+
 
 # ---------------------------------------------------------------------------------------------
 # The settings
 # ---------------------------------------------------------------------------------------------
 
 
-def _setting(
+def setting(
     env: str,
     default: Any,
     parse: Parser,
@@ -242,7 +265,19 @@ def _setting(
     fallback_env: str | None = None,
     credential: str | None = None,
     empty_ok: bool = False,
+    excludes: str | None = None,
+    show: Callable[[str], str] | None = None,
 ) -> Any:
+    """One setting: a dataclass field carrying its variable, parser and documentation.
+
+    ``parse`` turns the raw text into the value or raises ValueError with the reason (the
+    message becomes ``VARIABLE='raw': reason``). ``secret``: the raw value is never shown.
+    ``fallback_env``: another variable read when ``env`` is unset; ``credential``: then the
+    systemd credential of that name. ``excludes``: a variable that may not be set together
+    with this one (nor does the credential apply when it is). ``show``: how an error message
+    shows the raw value (e.g. a URL without its password). ``flag``: the CLI option (core
+    settings only).
+    """
     return field(
         default=default,
         metadata={
@@ -254,8 +289,13 @@ def _setting(
             "fallback_env": fallback_env,
             "credential": credential,
             "empty_ok": empty_ok,
+            "excludes": excludes,
+            "show": show,
         },
     )
+
+
+_setting = setting
 
 
 def _default_worker_id() -> str:
@@ -446,46 +486,6 @@ class Settings:
         "instead of its users (e.g. a support inbox, or a worker role that may not read users' "
         "addresses).",
     )
-    llm_base_url: str | None = _setting(
-        "MF_LLM_BASE_URL", None, _text,
-        "`openai` generator: base URL of the OpenAI-compatible API up to and including `/v1` "
-        "(e.g. `http://127.0.0.1:8080/v1`). Required with `MF_GENERATOR=openai`.",
-    )
-    llm_model: str | None = _setting(
-        "MF_LLM_MODEL", None, _text,
-        "`openai` generator: model name sent to the server; token usage is recorded and priced "
-        "under it. Required with `MF_GENERATOR=openai`.",
-    )
-    llm_api_key: Secret | None = _setting(
-        "MF_LLM_API_KEY", None, _secret_text,
-        "`openai` generator: API key sent as `Authorization: Bearer …` (local servers need "
-        "none). Never logged.",
-        secret=True,
-    )
-    llm_api_key_file: Path | None = _setting(
-        "MF_LLM_API_KEY_FILE", None, _file,
-        "`openai` generator: file holding the API key instead of `MF_LLM_API_KEY` (also read: "
-        "`$CREDENTIALS_DIRECTORY/mf_llm_api_key`, systemd's `LoadCredential=`).",
-    )
-    llm_max_tokens: int = _setting(
-        "MF_LLM_MAX_TOKENS", 1500, _int(1, 1_000_000),
-        "`openai` generator: most tokens the model may write per call; with the one repair "
-        "turn an episode can use twice this.",
-    )
-    llm_temperature: float = _setting(
-        "MF_LLM_TEMPERATURE", 0.7, _float(0.0),
-        "`openai` generator: sampling temperature, 0 to 2 (0: most deterministic).",
-    )
-    llm_timeout: float = _setting(
-        "MF_LLM_TIMEOUT", 120.0, _float(0.0, exclusive=True),
-        "`openai` generator: seconds one HTTP call to the model may take in all; a slower call "
-        "is a retryable failure.",
-    )
-    llm_json_mode: bool = _setting(
-        "MF_LLM_JSON_MODE", True, _bool,
-        "`openai` generator: ask for `response_format: json_object` (JSON mode). Turn off for "
-        "servers that reject it; replies are parsed tolerantly either way.",
-    )
     llm_requests_per_minute: float | None = _setting(
         "MF_LLM_REQUESTS_PER_MINUTE", None, _float(0.0, exclusive=True),
         "The provider's request limit per minute for the generator's limit key (the `openai` "
@@ -568,6 +568,11 @@ class Settings:
         "MF_LOG_LEVEL", "info", _log_level, "debug, info, warning, error or critical.",
         flag="--log-level",
     )
+    # Not settings themselves: the registered plugins' settings, parsed (entry-point name to
+    # spec instance), and the environment they came from, which `plugin` parses for a spec that
+    # is not registered. Neither shows in a repr.
+    plugins: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    plugin_environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def notifiers(self) -> tuple[str, ...]:
@@ -594,6 +599,18 @@ class Settings:
             )
         return self.database_url.reveal()
 
+    def plugin(self, spec: type[T]) -> T:
+        """A plugin's settings: an instance of ``spec``, a dataclass of `setting` fields.
+
+        A spec registered under ``mf_worker.settings`` was parsed and validated by
+        `load_settings`; any other is parsed now, from the same variables, by the same parser.
+        Raises ConfigError naming the variable and the bad value.
+        """
+        for parsed in self.plugins.values():
+            if type(parsed) is spec:
+                return parsed
+        return parse_plugin_settings(spec, self.plugin_environ)
+
 
 @dataclass(frozen=True, slots=True)
 class SettingInfo:
@@ -606,10 +623,20 @@ class SettingInfo:
     flag: str | None
     secret: bool
     fallback_env: str | None
+    plugin: str | None = None
+    """The entry-point name of the plugin whose setting this is; None for a core setting."""
+
+    def value_in(self, settings: Settings) -> Any:
+        """This setting's value in ``settings``."""
+        owner = settings if self.plugin is None else settings.plugins[self.plugin]
+        return getattr(owner, self.name)
 
 
-def describe_settings() -> list[SettingInfo]:
-    """Every setting with its variable, default and documentation, in declaration order."""
+def _is_setting(f: dataclasses.Field[Any]) -> bool:
+    return "env" in f.metadata
+
+
+def _infos(spec: type[Any], plugin: str | None) -> list[SettingInfo]:
     return [
         SettingInfo(
             name=f.name,
@@ -619,9 +646,45 @@ def describe_settings() -> list[SettingInfo]:
             flag=f.metadata["flag"],
             secret=f.metadata["secret"],
             fallback_env=f.metadata["fallback_env"],
+            plugin=plugin,
         )
-        for f in dataclasses.fields(Settings)
+        for f in dataclasses.fields(spec)
+        if _is_setting(f)
     ]
+
+
+def describe_settings() -> list[SettingInfo]:
+    """Every setting with its variable, default and documentation: the core settings in
+    declaration order, then each registered plugin's, by plugin name."""
+    infos = _infos(Settings, None)
+    for name, spec in registered_plugin_settings().items():
+        infos += _infos(spec, name)
+    return infos
+
+
+def registered_plugin_settings() -> dict[str, type[Any]]:
+    """The settings specs registered under ``mf_worker.settings``, by entry-point name.
+
+    Raises ConfigError when one cannot be imported or is not a dataclass of `setting` fields.
+    """
+    specs: dict[str, type[Any]] = {}
+    for name, target in sorted(entry_point_targets(PLUGIN_SETTINGS_GROUP).items()):
+        try:
+            spec = import_target(name, target, kind="plugin settings")
+        except PluginLoadError as exc:
+            raise ConfigError(str(exc)) from None
+        if not (isinstance(spec, type) and dataclasses.is_dataclass(spec)):
+            raise ConfigError(f"plugin settings {name!r}: {target} is not a dataclass")
+        specs[name] = spec
+    return specs
+
+
+def parse_plugin_settings(spec: type[T], environ: Mapping[str, str]) -> T:
+    """An instance of the plugin settings ``spec`` from ``environ``, parsed like a core
+    setting. Raises ConfigError naming the variable and the bad value."""
+    if not dataclasses.is_dataclass(spec):
+        raise TypeError(f"{spec!r} is not a dataclass of setting() fields")
+    return spec(**_read_fields(spec, dict(environ), {}))
 
 
 def _flag_or_env(f: dataclasses.Field[Any], from_flag: bool) -> str:
@@ -629,8 +692,11 @@ def _flag_or_env(f: dataclasses.Field[Any], from_flag: bool) -> str:
     return name
 
 
-def _shown(value: str, secret: bool) -> str:
-    return "'***'" if secret else repr(value)
+def _shown(value: str, f: dataclasses.Field[Any]) -> str:
+    if f.metadata["secret"]:
+        return "'***'"
+    show = f.metadata.get("show")
+    return repr(show(value) if show else value)
 
 
 def _credential(name: str, env: Mapping[str, str]) -> tuple[str, str] | None:
@@ -644,40 +710,28 @@ def _credential(name: str, env: Mapping[str, str]) -> tuple[str, str] | None:
     return (value, source) if value and value.strip() else None
 
 
-def load_settings(
-    environ: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> tuple[Settings, list[str]]:
-    """Build the settings from environment variables, then CLI overrides.
-
-    A setting with a systemd credential (the database URL) falls back to
-    ``$CREDENTIALS_DIRECTORY/<credential>`` when neither its variable nor its fallback variable
-    is set; ``$CREDENTIALS_DIRECTORY`` is taken from ``environ`` like everything else.
-
-    ``overrides`` maps field names to raw strings (from flags) or already-typed values; ``None``
-    values are ignored. Returns the settings and a list of warnings (unknown ``MF_`` variables),
-    which the caller logs once logging is configured. Raises ConfigError naming the variable (or
-    flag) and the bad value; secrets are never shown.
-    """
-    env = dict(os.environ if environ is None else environ)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    unknown_overrides = set(overrides) - set(fields)
-    if unknown_overrides:
-        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown_overrides))}")
-
+def _read_fields(
+    spec: type[Any], env: Mapping[str, str], overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The values of ``spec``'s `setting` fields that are given (flag, variable, fallback
+    variable or credential), parsed: the one parser of core and plugin settings alike."""
     values: dict[str, Any] = {}
-    for name, f in fields.items():
-        meta = f.metadata
+    for f in dataclasses.fields(spec):
+        if not _is_setting(f):
+            continue
+        name, meta = f.name, f.metadata
+        own = env.get(meta["env"], "") != "" or (meta["env"] in env and meta.get("empty_ok"))
+        excluded = meta.get("excludes") and env.get(meta["excludes"], "") != ""
+        if own and excluded and name not in overrides:
+            raise ConfigError(f"{meta['env']} and {meta['excludes']} are both set; set only one")
         if name in overrides:
             raw, source = overrides[name], _flag_or_env(f, from_flag=True)
-        elif env.get(meta["env"], "") != "" or (
-            meta["env"] in env and meta.get("empty_ok")
-        ):
+        elif own:
             raw, source = env[meta["env"]], meta["env"]
         elif meta["fallback_env"] and env.get(meta["fallback_env"], "") != "":
             raw, source = env[meta["fallback_env"]], meta["fallback_env"]
-        elif meta["credential"] and (found := _credential(meta["credential"], env)) is not None:
+        elif (meta["credential"] and not excluded
+              and (found := _credential(meta["credential"], env)) is not None):
             raw, source = found
         else:
             continue
@@ -687,12 +741,46 @@ def load_settings(
         try:
             values[name] = meta["parse"](raw)
         except ValueError as exc:
-            raise ConfigError(f"{source}={_shown(raw, meta['secret'])}: {exc}") from None
+            raise ConfigError(f"{source}={_shown(raw, f)}: {exc}") from None
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Settings, list[str]]:
+    """Build the settings from environment variables, then CLI overrides.
+
+    A setting with a systemd credential (the database URL) falls back to
+    ``$CREDENTIALS_DIRECTORY/<credential>`` when neither its variable nor its fallback variable
+    is set; ``$CREDENTIALS_DIRECTORY`` is taken from ``environ`` like everything else. The
+    settings of every plugin registered under ``mf_worker.settings`` are parsed too.
+
+    ``overrides`` maps field names to raw strings (from flags) or already-typed values; ``None``
+    values are ignored. Returns the settings and a list of warnings (unknown ``MF_`` variables),
+    which the caller logs once logging is configured. Raises ConfigError naming the variable (or
+    flag) and the bad value; secrets are never shown.
+    """
+    env = dict(os.environ if environ is None else environ)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fields = {f.name: f for f in dataclasses.fields(Settings) if _is_setting(f)}
+    unknown_overrides = set(overrides) - set(fields)
+    if unknown_overrides:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown_overrides))}")
+
+    values = _read_fields(Settings, env, overrides)
+    # Kept whole: a plugin's variables need not start with MF_ (hidden from repr).
+    plugin_environ = dict(env)
+    specs = registered_plugin_settings()
+    plugins = {name: parse_plugin_settings(spec, plugin_environ) for name, spec in specs.items()}
 
     known_env = {f.metadata["env"] for f in fields.values()} | _KNOWN_NON_SETTINGS
+    known_env |= {f.metadata["env"] for spec in specs.values()
+                  for f in dataclasses.fields(spec) if _is_setting(f)}
     warnings = [
         f"unknown variable {key} is ignored (known: see `mf-worker config`)"
         for key in sorted(env)
         if key.startswith(ENV_PREFIX) and key not in known_env
     ]
-    return Settings(**values), warnings
+    return Settings(**values, plugins=MappingProxyType(plugins),
+                    plugin_environ=MappingProxyType(plugin_environ)), warnings

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from mf_worker import plugins as plugins_module
 from mf_worker.errors import MfWorkerError
 from mf_worker.generation import (
     ENTRY_POINT_GROUP,
@@ -48,8 +49,7 @@ from mf_worker.generation import (
     load_generator,
     validate_result,
 )
-from mf_worker.generation import loader as loader_module
-from mf_worker.generation.template import TemplateGenerator
+from mf_worker.generators.template import TemplateGenerator
 
 HERE = Path(__file__).resolve().parent
 MIB = 1_048_576
@@ -525,7 +525,7 @@ def fake_entry_points(monkeypatch: pytest.MonkeyPatch, **targets: str) -> None:
     def select(**params: Any) -> EntryPoints:
         return eps.select(**params)
 
-    monkeypatch.setattr(loader_module, "entry_points", select)
+    monkeypatch.setattr(plugins_module, "entry_points", select)
 
 
 def test_builtin_template_loads_by_name_without_installed_metadata(
@@ -549,7 +549,7 @@ def test_entry_point_names_are_loaded_and_listed(
     fake_entry_points(monkeypatch, sample="plugin_samples:factory")
     assert available_generators() == {
         "sample": "plugin_samples:factory",
-        "template": "mf_worker.generation.template:TemplateGenerator",
+        "template": "mf_worker.generators.template:TemplateGenerator",
     }
     generator = load_generator("sample")
     assert generate(generator, REQUEST).title == "from factory"
@@ -574,7 +574,7 @@ def test_unknown_name_lists_the_available_ones(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_module_attr_path_loads_a_builtin_class() -> None:
-    generator = load_generator("mf_worker.generation.template:TemplateGenerator")
+    generator = load_generator("mf_worker.generators.template:TemplateGenerator")
     assert isinstance(generator, TemplateGenerator)
 
 
@@ -666,7 +666,7 @@ def test_unusable_objects_are_rejected_with_the_reason(
 
 
 def test_available_generators_includes_the_builtin() -> None:
-    assert available_generators()["template"] == "mf_worker.generation.template:TemplateGenerator"
+    assert available_generators()["template"] == "mf_worker.generators.template:TemplateGenerator"
 
 
 # --------------------------------------------------------------------------------------------

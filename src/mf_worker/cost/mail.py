@@ -37,8 +37,8 @@ from ..db import Pool, as_org
 from ..db.sql import load_queries
 from ..errors import MfWorkerError
 from ..logs import get_logger
+from ..smtp import SmtpTarget
 from .budget import Trip
-from .smtp import SmtpTarget
 
 __all__ = [
     "EmailNotifier",

@@ -25,12 +25,12 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from ..backoff import Backoff
 from ..db import Pool
 from ..errors import MfWorkerError, PluginLoadError, describe_error
-from ..generation.loader import import_target
 from ..logs import get_logger
+from ..plugins import import_target
 from ..settings import Settings
+from ..smtp import parse_smtp_url
 from .budget import Trip
 from .mail import EmailNotifier, database_contacts
-from .smtp import parse_smtp_url
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,9 @@
 
 A generator turns a `GenerationRequest` into a `GenerationResult`; the worker loads one with
 `load_generator`, checks its output with `validate_result`, and tells transient failures
-(`RetryableGenerationError`) from final ones (everything else). See docs/plugins.md.
+(`RetryableGenerationError`) from final ones (everything else). A plugin's own settings are a
+dataclass of `setting` fields, read from the `Settings` object the loader passes to its factory
+(`Settings.plugin`). See docs/plugins.md.
 """
 
 from mf_worker.errors import PluginLoadError
@@ -35,6 +37,17 @@ from mf_worker.generation.loader import (
     load_generator,
 )
 from mf_worker.generation.validate import MAX_TITLE_CHARS, validate_result
+from mf_worker.settings import (
+    Secret,
+    Settings,
+    boolean,
+    choice,
+    number,
+    secret_text,
+    setting,
+    text,
+    whole_number,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -57,11 +70,20 @@ __all__ = [
     "QuotaExhaustedError",
     "RateLimitedError",
     "RetryableGenerationError",
+    "Secret",
+    "Settings",
     "TokenUsage",
     "UsageEstimator",
     "available_generators",
+    "boolean",
+    "choice",
     "estimate_max_usage",
     "limit_key_of",
     "load_generator",
+    "number",
+    "secret_text",
+    "setting",
+    "text",
     "validate_result",
+    "whole_number",
 ]

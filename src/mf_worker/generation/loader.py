@@ -8,7 +8,8 @@ A spec is either a name or a `package.module:attribute` path:
 * a path is imported directly, which needs no packaging at all.
 
 The object found may be a generator (anything with an `async def generate(request)`), a
-zero-argument factory or class that returns one, or a plain function taking the request,
+factory or class that returns one (called with no arguments, or with ``settings=`` — the one
+`Settings` object — when it declares that keyword), or a plain function taking the request,
 which is wrapped in `FunctionGenerator`. Loading happens once at startup, so every failure is
 a `PluginLoadError` whose message names the spec and says what went wrong: a bad setting
 should stop the worker before it takes any queue item, not fail every item later.
@@ -17,14 +18,19 @@ should stop the worker before it takes any queue item, not fail every item later
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 from collections.abc import Awaitable, Callable
-from importlib.metadata import EntryPoint, entry_points
 from typing import cast
 
 from mf_worker.errors import PluginLoadError
 from mf_worker.generation.api import GenerationRequest, GenerationResult, Generator, GeneratorFn
+from mf_worker.plugins import (
+    describe_exception,
+    entry_point_targets,
+    import_target,
+    load_entry_point,
+)
+from mf_worker.settings import Settings
 
 __all__ = ["ENTRY_POINT_GROUP", "FunctionGenerator", "available_generators", "load_generator"]
 
@@ -32,7 +38,7 @@ ENTRY_POINT_GROUP = "mf_worker.generators"
 """The entry-point group other distributions publish generators under."""
 
 _BUILTINS: dict[str, str] = {
-    "template": "mf_worker.generation.template:TemplateGenerator",
+    "template": "mf_worker.generators.template:TemplateGenerator",
 }
 
 
@@ -41,15 +47,17 @@ def available_generators() -> dict[str, str]:
 
     Built-ins win over an entry point of the same name, exactly as `load_generator` resolves.
     """
-    found: dict[str, str] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep.value)
+    found = entry_point_targets(ENTRY_POINT_GROUP)
     found.update(_BUILTINS)
     return dict(sorted(found.items()))
 
 
-def load_generator(spec: str) -> Generator:
+def load_generator(spec: str, settings: Settings | None = None) -> Generator:
     """Load the generator `spec` names: an entry-point name or `package.module:attribute`.
+
+    A factory (or class) with a keyword parameter named ``settings`` is called with
+    ``settings=settings``, the one validated `Settings` object, from which the plugin reads its
+    own section (`Settings.plugin`, docs/plugins.md); it is never given the environment.
 
     Raises `PluginLoadError` naming the spec and the problem (unknown name, with the
     available ones; module not found; import failed; attribute missing; the object is not a
@@ -58,8 +66,8 @@ def load_generator(spec: str) -> Generator:
     spec = spec.strip()
     if not spec:
         raise PluginLoadError("generator spec is empty; set MF_GENERATOR or --generator")
-    obj = import_target(spec, spec) if ":" in spec else _load_named(spec)
-    return _as_generator(spec, obj)
+    obj = import_target(spec, spec, kind="generator") if ":" in spec else _load_named(spec)
+    return _as_generator(spec, obj, settings)
 
 
 class FunctionGenerator:
@@ -102,68 +110,26 @@ class FunctionGenerator:
 def _load_named(name: str) -> object:
     target = _BUILTINS.get(name)
     if target is not None:
-        return import_target(name, target)
-    matches: list[EntryPoint] = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
-    if not matches:
+        return import_target(name, target, kind="generator")
+    found = load_entry_point(ENTRY_POINT_GROUP, name, kind="generator")
+    if found is None:
         names = ", ".join(available_generators()) or "none"
         raise PluginLoadError(
             f"generator {name!r}: unknown name (available: {names}); "
             "use 'package.module:attribute' to load a Python object directly"
         )
-    ep = matches[0]
-    try:
-        return ep.load()
-    except Exception as exc:
-        raise PluginLoadError(
-            f"generator {name!r}: entry point {ep.value!r} failed to load: {_describe(exc)}"
-        ) from exc
-
-
-def import_target(spec: str, target: str, *, kind: str = "generator") -> object:
-    """Import ``package.module:attr.path``; PluginLoadError names the ``kind`` and the spec."""
-    module_name, _, attr_path = (part.strip() for part in target.partition(":"))
-    if not module_name or not attr_path:
-        raise PluginLoadError(
-            f"{kind} {spec!r}: malformed path {target!r}, expected 'package.module:attribute'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (
-            module_name == exc.name or module_name.startswith(exc.name + ".")
-        ):
-            raise PluginLoadError(f"{kind} {spec!r}: module {module_name!r} not found") from exc
-        raise PluginLoadError(
-            f"{kind} {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
-        ) from exc
-    except Exception as exc:
-        raise PluginLoadError(
-            f"{kind} {spec!r}: importing module {module_name!r} failed: {_describe(exc)}"
-        ) from exc
-    obj: object = module
-    owner = f"module {module_name!r}"
-    walked = f"{module_name}:"
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise PluginLoadError(
-                f"{kind} {spec!r}: {owner} has no attribute {part!r}"
-            ) from None
-        walked += part if walked.endswith(":") else f".{part}"
-        owner = repr(walked)
-    return obj
+    return found
 
 
 # --------------------------------------------------------------------------------------------
 # Making a generator of it
 
 
-def _as_generator(spec: str, obj: object) -> Generator:
+def _as_generator(spec: str, obj: object, settings: Settings | None) -> Generator:
     if not inspect.isclass(obj) and _is_generator_object(obj):
         return cast(Generator, obj)
     if inspect.isclass(obj):
-        return _call_factory(spec, obj)
+        return _call_factory(spec, obj, settings)
     if not callable(obj):
         if callable(getattr(obj, "generate", None)):
             raise PluginLoadError(
@@ -180,7 +146,7 @@ def _as_generator(spec: str, obj: object) -> Generator:
                 f"generator {spec!r}: async function without a required parameter; a generate "
                 "function takes the request, and a factory must be synchronous"
             )
-        return _call_factory(spec, obj)
+        return _call_factory(spec, obj, settings)
     if required == 1:
         return FunctionGenerator(cast(GeneratorFn, obj), name=spec)
     raise PluginLoadError(
@@ -189,11 +155,22 @@ def _as_generator(spec: str, obj: object) -> Generator:
     )
 
 
-def _call_factory(spec: str, factory: Callable[..., object]) -> Generator:
+def _call_factory(
+    spec: str, factory: Callable[..., object], settings: Settings | None
+) -> Generator:
+    wants_settings = _settings_parameter(factory)
+    if wants_settings is not None and settings is None and wants_settings.default is _EMPTY:
+        raise PluginLoadError(
+            f"generator {spec!r}: its factory needs the settings; load it with "
+            "load_generator(spec, settings)"
+        )
     try:
-        made: object = factory()
+        made: object = (factory(settings=settings)
+                        if wants_settings is not None and settings is not None else factory())
     except Exception as exc:
-        raise PluginLoadError(f"generator {spec!r}: factory raised {_describe(exc)}") from exc
+        raise PluginLoadError(
+            f"generator {spec!r}: factory raised {describe_exception(exc)}"
+        ) from exc
     if inspect.isawaitable(made):
         if inspect.iscoroutine(made):
             made.close()
@@ -208,6 +185,18 @@ def _call_factory(spec: str, factory: Callable[..., object]) -> Generator:
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+_EMPTY = inspect.Parameter.empty
+SETTINGS_PARAMETER = "settings"
+"""The keyword a factory declares to receive the `Settings` object."""
+
+
+def _settings_parameter(factory: Callable[..., object]) -> inspect.Parameter | None:
+    try:
+        param = inspect.signature(factory).parameters.get(SETTINGS_PARAMETER)
+    except (TypeError, ValueError):
+        return None
+    return param if param is not None and param.kind in _BY_KEYWORD else None
 
 
 def _required_parameters(spec: str, fn: Callable[..., object]) -> int:
@@ -221,6 +210,8 @@ def _required_parameters(spec: str, fn: Callable[..., object]) -> int:
     for param in signature.parameters.values():
         if param.default is not inspect.Parameter.empty:
             continue
+        if param.kind in _BY_KEYWORD and param.name == SETTINGS_PARAMETER:
+            continue  # given by _call_factory
         if param.kind is inspect.Parameter.KEYWORD_ONLY:
             raise PluginLoadError(
                 f"generator {spec!r}: callable has a required keyword-only parameter "
@@ -260,8 +251,3 @@ def _kind(obj: object) -> str:
         return f"function {name!r}"
     type_name = type(obj).__name__
     return f"{'an' if type_name[:1].lower() in 'aeiou' else 'a'} {type_name}"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,7 +1,8 @@
 """`DigestGenerator`: the smallest generator that does everything a real one must.
 
-* It is a class with a zero-argument constructor, so mf-worker can build it from the entry
-  point; configuration comes from the plugin's own environment variable, read once here.
+* It is a class mf-worker builds from the entry point, passing ``settings=`` (mf-worker's one
+  settings object); its own variable is declared in `DigestSettings` and parsed by mf-worker's
+  settings parser, never read from the environment here.
 * `generate` is `async def` and returns a `GenerationResult` with a title, blocks, the token
   usage it "spent", the ids of the planning notes it used and a memory it wants kept.
 * It fails on purpose the two ways the worker understands: `PermanentGenerationError` when
@@ -14,7 +15,7 @@ Everything is imported from `mf_worker.generation`, the only stable API of mf-wo
 from __future__ import annotations
 
 import math
-import os
+from dataclasses import dataclass
 
 from mf_worker.generation import (
     BlockDraft,
@@ -23,7 +24,10 @@ from mf_worker.generation import (
     MemoryDraft,
     PermanentGenerationError,
     RetryableGenerationError,
+    Settings,
     TokenUsage,
+    choice,
+    setting,
 )
 
 MODEL = "example-digest"
@@ -33,15 +37,24 @@ _CHARS_PER_TOKEN = 4
 _MAX_OUTPUT_TOKENS = 1_000
 
 
+@dataclass(frozen=True, slots=True)
+class DigestSettings:
+    """This plugin's settings (registered under the ``mf_worker.settings`` entry point)."""
+
+    style: str = setting(
+        "EXAMPLE_DIGEST_STYLE", "prose", choice(*STYLES),
+        "`example` generator: `prose` or `bullets` for the notes section.",
+    )
+
+
 class DigestGenerator:
     """Writes a short digest episode from the brief, the pending notes and earlier episodes."""
 
-    def __init__(self) -> None:
-        # Read configuration once, at start-up: a bad value stops the worker before it takes
-        # any queue item (mf-worker reports it as a PluginLoadError naming this generator).
-        self.style = os.environ.get("EXAMPLE_DIGEST_STYLE", "prose").strip() or "prose"
-        if self.style not in STYLES:
-            raise ValueError(f"EXAMPLE_DIGEST_STYLE={self.style!r}: must be prose or bullets")
+    def __init__(self, *, settings: Settings | None = None) -> None:
+        # Configuration is read once, at start-up: a bad value stops the worker before it
+        # takes any queue item, naming the variable. Without settings: the defaults.
+        config = settings.plugin(DigestSettings) if settings else DigestSettings()
+        self.style = config.style
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Write the episode for `request` (no network, so it never awaits anything)."""

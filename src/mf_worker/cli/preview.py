@@ -21,10 +21,7 @@ from ..db import Connection, act_for
 from ..db.sql import load_queries
 from ..engine import context
 from ..errors import InvalidItemError, MfWorkerError
-from ..logs import get_logger
-from ..queue import ClaimedItem
-from ..scheduling.cadence import CadenceError, zone_for
-from .api import (
+from ..generation.api import (
     GenerationError,
     GenerationRequest,
     GenerationResult,
@@ -34,11 +31,14 @@ from .api import (
     TokenUsage,
     estimate_max_usage,
 )
-from .validate import validate_result
+from ..generation.validate import validate_result
+from ..logs import get_logger
+from ..queue import ClaimedItem
+from ..scheduling.cadence import CadenceError, zone_for
 
 __all__ = ["Preview", "build_preview_request", "preview_to_json", "render_preview", "run_preview"]
 
-_Q = load_queries(__package__ or "mf_worker.generation", "preview.sql")
+_Q = load_queries(__package__ or "mf_worker.cli", "preview.sql")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,141 +1,44 @@
-"""The ``mf-worker`` command line: the only place that reads the environment.
-
-Each command builds the settings once (environment, then its flags), sets up logging, and runs
-one async entry point. Results go to stdout, logs to stderr. Exit codes: 0 success, 1 the work
-failed, 2 bad configuration or usage, 3 nothing to do (``run-once`` with nothing due).
-"""
+"""Operators' commands: migrate, config, run, run-once, schedule, enqueue, status, retry,
+cancel and memories migrate."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import psycopg
 import typer
 from psycopg_pool import PoolTimeout
 
-from . import __version__
-from .audit import default_actor, validate_actor
-from .cost.pricing import load_price_table
-from .daemon import Components, build, run_one, serve, shutdown
-from .db import Connection, Pool, connect, open_pool
-from .db.migrate import apply_migrations, migration_status
-from .demo import run_demo
-from .engine.worker import Outcome
-from .errors import ConfigError, MfWorkerError, describe_error
-from .generation import available_generators, load_generator
-from .generation.preview import (
-    Preview,
-    build_preview_request,
-    preview_to_json,
-    render_preview,
-    run_preview,
+from ..audit import default_actor, validate_actor
+from ..daemon import Components, build, run_one, serve, shutdown
+from ..db import Connection, Pool, open_pool
+from ..db.migrate import apply_migrations, load_migrations, migration_status
+from ..engine.worker import Outcome
+from ..logs import get_logger
+from ..maintenance.scheduler import Scheduler, SchedulerConfig
+from ..memories import TRIGGER_MEMORIES, ProjectReport, migrate_memories, render_report
+from ..scheduling.scheduler import SchedulerResult, enqueue_item
+from ..settings import Settings, describe_settings
+from ..status import Snapshot, cancel_queue_item, read_snapshot, render_snapshot, retry_queue_item
+from .common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_NOTHING_TO_DO,
+    Actor,
+    Concurrency,
+    DatabaseUrl,
+    GeneratorOpt,
+    LogFormat,
+    LogLevel,
+    app,
+    build_settings,
+    connect_error,
+    database,
+    fail,
+    run_async,
 )
-from .logs import configure_logging, get_logger, register_secret
-from .maintenance.scheduler import Scheduler, SchedulerConfig
-from .memories import TRIGGER_MEMORIES, ProjectReport, migrate_memories, render_report
-from .scheduling.scheduler import SchedulerResult, enqueue_item
-from .settings import Settings, describe_settings, load_settings
-from .status import Snapshot, cancel_queue_item, read_snapshot, render_snapshot, retry_queue_item
-
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
-EXIT_NOTHING_TO_DO = 3
-
-T = TypeVar("T")
-
-app = typer.Typer(
-    name="mf-worker",
-    help="Schedules and generates Many Futures episodes from a PostgreSQL queue.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help="PostgreSQL URL (default: $MF_DATABASE_URL, then $DATABASE_URL).",
-        show_default=False,
-    ),
-]
-LogFormat = Annotated[
-    str | None, typer.Option("--log-format", help="auto, json or console ($MF_LOG_FORMAT).")
-]
-Actor = Annotated[
-    str | None,
-    typer.Option(
-        "--actor",
-        help="Who is acting, for the audit log (default: the OS user running the command).",
-        show_default=False,
-    ),
-]
-LogLevel = Annotated[str | None, typer.Option("--log-level", help="Log level ($MF_LOG_LEVEL).")]
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"mf-worker: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def build_settings(**overrides: Any) -> Settings:
-    """Settings from the environment and the command's flags; logging configured from them."""
-    try:
-        settings, warnings = load_settings(overrides=overrides)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
-    if settings.database_url is not None:
-        register_secret(_password_of(settings.database_url.reveal()))
-    configure_logging(settings.log_format, settings.log_level)
-    log = get_logger("mf_worker.settings")
-    for warning in warnings:
-        log.warning("unknown_setting", detail=warning)
-    return settings
-
-
-def _password_of(conninfo: str) -> str | None:
-    import psycopg.conninfo
-
-    try:
-        return psycopg.conninfo.conninfo_to_dict(conninfo).get("password")  # type: ignore[return-value]
-    except psycopg.Error:
-        return None
-
-
-def run_async(main: Callable[[], Awaitable[T]]) -> T:
-    """Run a command's coroutine, turning our errors into one clear line and an exit code."""
-    try:
-        return asyncio.run(main())  # type: ignore[arg-type]
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
-    except MfWorkerError as exc:
-        _fail(str(exc), EXIT_FAILED)
-    except (psycopg.Error, PoolTimeout) as exc:
-        _fail(f"database error: {describe_error(exc)}", EXIT_FAILED)
-    except OSError as exc:
-        _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"mf-worker {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show version."),
-    ] = False,
-) -> None:
-    """Schedules and generates Many Futures episodes from a PostgreSQL queue."""
 
 
 @app.command()
@@ -151,7 +54,7 @@ def migrate(
     settings = build_settings(database_url=database_url, log_format=log_format, log_level=log_level)
 
     async def main() -> None:
-        async with _database(settings) as conn:
+        async with database(settings) as conn:
             if status:
                 await _print_migration_status(conn)
                 return
@@ -168,8 +71,6 @@ def migrate(
 async def _print_migration_status(conn: Connection) -> None:
     st = await migration_status(conn)
     applied_at = {a.version: a.applied_at for a in st.applied}
-    from .db.migrate import load_migrations
-
     for migration in load_migrations():
         when = applied_at.get(migration.version)
         state = f"applied {when:%Y-%m-%d %H:%M:%S%z}" if when else "pending"
@@ -195,7 +96,7 @@ def config(
     settings = build_settings()
     rows = []
     for info in describe_settings():
-        value = getattr(settings, info.name)
+        value = info.value_in(settings)
         shown = "***" if (info.secret and value is not None) else value
         rows.append({"variable": info.env, "value": shown, "default": info.default,
                      "doc": info.doc})
@@ -206,35 +107,12 @@ def config(
         typer.echo(f"{row['variable']:24} = {row['value']!s:30} {row['doc']}")
 
 
-Concurrency = Annotated[
-    int | None, typer.Option("--concurrency", help="Items in flight ($MF_CONCURRENCY).")
-]
-GeneratorOpt = Annotated[
-    str | None,
-    typer.Option("--generator", help="Generator plugin: entry-point name or module:attr."),
-]
-
-
-def _connect_error(exc: BaseException) -> MfWorkerError:
-    return MfWorkerError(f"cannot connect to the database: {describe_error(exc)}")
-
-
-@asynccontextmanager
-async def _database(settings: Settings) -> AsyncIterator[Connection]:
-    """One autocommit connection for a CLI command, with a clear error if it cannot connect."""
-    try:
-        conn = await connect(settings)
-    except psycopg.OperationalError as exc:
-        raise _connect_error(exc) from None
-    async with conn:
-        yield conn
-
 
 async def _components(settings: Settings, **kwargs: Any) -> Components:
     try:
         return await build(settings, **kwargs)
     except (psycopg.OperationalError, PoolTimeout) as exc:
-        raise _connect_error(exc) from None
+        raise connect_error(exc) from None
 
 
 @app.command()
@@ -327,7 +205,7 @@ async def _open_pool(settings: Settings) -> Pool:
     try:
         return await open_pool(settings, max_size=2)
     except (psycopg.OperationalError, PoolTimeout) as exc:
-        raise _connect_error(exc) from None
+        raise connect_error(exc) from None
 
 
 @app.command()
@@ -348,7 +226,7 @@ def enqueue(
     who = _actor(actor)
 
     async def main() -> tuple[str, datetime]:
-        async with _database(settings) as conn:
+        async with database(settings) as conn:
             return await enqueue_item(conn, project_id, at=when, replace=replace,
                                       now=datetime.now(UTC), actor=who,
                                       lead_seconds=settings.lead_seconds)
@@ -364,16 +242,16 @@ def _actor(flag: str | None) -> str:
     try:
         return validate_actor(flag)
     except ValueError as exc:
-        _fail(f"--actor={flag!r}: {exc}", EXIT_CONFIG)
+        fail(f"--actor={flag!r}: {exc}", EXIT_CONFIG)
 
 
 def _parse_instant(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        _fail(f"--at={text!r}: not an ISO 8601 date-time", EXIT_CONFIG)
+        fail(f"--at={text!r}: not an ISO 8601 date-time", EXIT_CONFIG)
     if value.tzinfo is None:
-        _fail(f"--at={text!r}: give an offset or Z (e.g. 2026-01-05T09:00:00Z)", EXIT_CONFIG)
+        fail(f"--at={text!r}: give an offset or Z (e.g. 2026-01-05T09:00:00Z)", EXIT_CONFIG)
     return value
 
 
@@ -386,7 +264,7 @@ def status(
     settings = build_settings(database_url=database_url)
 
     async def main() -> Snapshot:
-        async with _database(settings) as conn:
+        async with database(settings) as conn:
             return await read_snapshot(conn, default_limit_gbp=settings.daily_cost_limit_gbp)
 
     snapshot = run_async(main)
@@ -405,7 +283,7 @@ def retry(
     who = _actor(actor)
 
     async def main() -> None:
-        async with _database(settings) as conn:
+        async with database(settings) as conn:
             await retry_queue_item(conn, item_id, actor=who)
 
     run_async(main)
@@ -426,7 +304,7 @@ def cancel(
     who = _actor(actor)
 
     async def main() -> None:
-        async with _database(settings) as conn:
+        async with database(settings) as conn:
             await cancel_queue_item(conn, item_id, reason, actor=who)
 
     run_async(main)
@@ -463,14 +341,14 @@ def memories_migrate(
     for flag, value in (("--min-count", minimum), ("--batch-size", batch_size),
                         ("--max-batches", max_batches)):
         if value is not None and value < 1:
-            _fail(f"{flag}={value}: must be at least 1", EXIT_CONFIG)
+            fail(f"{flag}={value}: must be at least 1", EXIT_CONFIG)
 
     def show(report: ProjectReport) -> None:
         for line in render_report(report, dry_run=dry_run):
             typer.echo(line)
 
     async def main() -> list[ProjectReport]:
-        async with _database(settings) as conn:
+        async with database(settings) as conn:
             return await migrate_memories(
                 conn, project_id=project, min_count=minimum, dry_run=dry_run,
                 batch_size=batch_size, max_batches=max_batches, on_report=show)
@@ -483,52 +361,6 @@ def memories_migrate(
                f"{sum(len(r.skipped) for r in reports)} skipped")
 
 
-@app.command()
-def generators() -> None:
-    """List the installed generator plugins (no database needed)."""
-    for name, target in sorted(available_generators().items()):
-        typer.echo(f"{name:20} {target}")
-
-
-@app.command()
-def generate(
-    project_id: Annotated[str, typer.Argument(help="The project to write an episode for.")],
-    generator: GeneratorOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    database_url: DatabaseUrl = None,
-    log_format: LogFormat = None,
-    log_level: LogLevel = None,
-) -> None:
-    """Print what the generator writes for a project's next episode; store nothing."""
-    settings = build_settings(
-        generator=generator, database_url=database_url,
-        log_format=log_format or "console", log_level=log_level,
-    )
-
-    async def main() -> Preview:
-        prices = load_price_table(settings.pricing_file)
-        plugin = load_generator(settings.generator)
-        async with _database(settings) as conn:
-            request = await build_preview_request(conn, project_id)
-        return await run_preview(
-            plugin, request, generator_name=settings.generator,
-            timeout=settings.generation_timeout,
-            max_episode_bytes=settings.max_episode_bytes, price=prices.cost,
-        )
-
-    preview = run_async(main)
-    typer.echo(json.dumps(preview_to_json(preview), indent=2, ensure_ascii=False) if as_json
-               else render_preview(preview))
-
-
-@app.command()
-def demo(
-    log_format: LogFormat = None,
-    log_level: Annotated[str | None, typer.Option("--log-level")] = "warning",
-) -> None:
-    """Run the whole pipeline on an embedded PostgreSQL and print what happened."""
-    settings = build_settings(log_format=log_format, log_level=log_level)
-    run_async(lambda: run_demo(settings, typer.echo))
 
 
 def settings_markdown_table() -> str:
@@ -545,10 +377,3 @@ def settings_markdown_table() -> str:
         lines.append(f"| `{info.env}` | {default} | {flag} | {info.doc} |")
     return "\n".join(lines)
 
-
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)

@@ -16,21 +16,23 @@ import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import time
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from psycopg.types.json import Jsonb
 
-from .daemon import build, serve
-from .db import Connection, connect
-from .db.migrate import apply_migrations
-from .db.sql import load_queries
-from .errors import MfWorkerError
-from .ids import new_id
-from .logs import get_logger
-from .maintenance.scheduler import Scheduler, SchedulerConfig
-from .settings import Secret, Settings
+from ..daemon import build, serve
+from ..db import Connection, connect
+from ..db.migrate import apply_migrations
+from ..db.sql import load_queries
+from ..errors import MfWorkerError
+from ..ids import new_id
+from ..logs import get_logger
+from ..maintenance.scheduler import Scheduler, SchedulerConfig
+from ..settings import Secret, Settings
+from .common import LogFormat, app, build_settings, run_async
 
-_Q = load_queries(__package__ or "mf_worker", "demo.sql")
+_Q = load_queries(__package__ or "mf_worker.cli", "demo.sql")
 
 PROJECTS: list[dict[str, Any]] = [
     {"timezone": "Europe/London", "title": "The future of urban farming",
@@ -163,3 +165,14 @@ async def _print_summary(conn: Connection, org_id: str, say: Callable[[str], Non
     for row in await (await conn.execute(_Q["summarise_usage"], params)).fetchall():
         say(f"  {row['date']}: {row['total_tokens']} tokens, £{row['total_cost_gbp']:.4f}, "
             f"{row['episode_count']} episodes")
+
+
+@app.command()
+def demo(
+    log_format: LogFormat = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = "warning",
+) -> None:
+    """Run the whole pipeline on an embedded PostgreSQL and print what happened."""
+    settings = build_settings(log_format=log_format, log_level=log_level)
+    run_async(lambda: run_demo(settings, typer.echo))
+
