@@ -114,10 +114,15 @@ def test_scraped_metrics_move_by_the_right_amounts_and_pass_promtool(
     # The secrets and the log context first: they need nothing installed.
     logs = log.read_text()
     assert "s3cr3t-pw" not in logs
+    completed = 0
     for line in logs.splitlines():
         entry = json.loads(line)
         if entry["event"] in ("item_completed", "attempt_failed", "generation_started"):
             assert {"queue_id", "project_id", "organization_id", "attempt"} <= set(entry), line
+            completed += entry["event"] == "item_completed"
+    # item_completed is said by the log's subscription to the event hub (event_log), with the
+    # context the item's task bound.
+    assert completed >= 11
 
     promtool = require_binary("promtool")  # skips (fails in CI) without it, after the above
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,

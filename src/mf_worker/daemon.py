@@ -43,6 +43,7 @@ from .maintenance.pruner import Pruner, PrunerConfig
 from .maintenance.publisher import Publisher, PublisherConfig
 from .maintenance.reaper import Reaper, ReaperConfig
 from .maintenance.scheduler import Scheduler, SchedulerConfig
+from .observability.event_log import EventLog
 from .observability.health import HealthServer
 from .observability.metrics import Metrics
 from .observability.queue_depth import read_queue_depth
@@ -93,6 +94,7 @@ async def build(
     events = EventHub()
     metrics = Metrics(concurrency=settings.concurrency)
     metrics.subscribe(events)
+    EventLog().subscribe(events)
     publisher = Publisher(pool, PublisherConfig(max_wait=settings.poll_interval), clock=clock,
                           events=events)
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from datetime import time as dt_time
 from decimal import Decimal
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -591,17 +591,8 @@ class Worker:
         self.events.publish(TripNotified(delivered))
 
     def _report(self, report: AttemptReport) -> None:
-        key = report.outcome.value
-        fields: dict[str, Any] = {"outcome": key, "seconds": round(report.item_seconds, 4)}
-        if report.outcome is Outcome.SUCCESS:
-            if report.delivery is not None and report.delivery.published_at is None:
-                # Finished in the lead window: the publisher makes it visible at its instant.
-                fields["publishes_at"] = report.delivery.scheduled_for.isoformat()
-            self._log.info("item_completed", **fields)
-        elif report.outcome is Outcome.LEASE_LOST:
-            self._log.warning("lease_lost", error=report.error, **fields)
-        elif report.outcome is Outcome.CANCELLED:
-            self._log.info("item_cancelled", reason=report.error, **fields)
+        # Metrics, the log (observability.event_log: item_completed, lease_lost, …) and the
+        # publisher's timer subscribe; called within the item's bind_item context.
         self.events.publish(report)
 
     async def _db(self, work: Callable[[Connection], Awaitable[T]], *, alone: bool = True) -> T:

@@ -25,7 +25,6 @@ from ..db import Pool, act_for
 from ..db.sql import load_queries
 from ..engine.events import EventHub
 from ..ids import new_id
-from ..logs import bind_item
 from ..scheduling.cadence import CadenceError, next_occurrence
 from .loop import PeriodicLoop, check_positive
 
@@ -143,11 +142,7 @@ class Publisher(PeriodicLoop[PublishResult]):
         result.next_at = row["due_at"] if row else None
         self._timer_at = result.next_at
         for withdrawal in result.withdrawn:
-            with bind_item(queue_id=withdrawal.queue_id,
-                           organization_id=withdrawal.organization_id):
-                self._log.info("episode_withdrawn", episode_id=withdrawal.episode_id,
-                               reason=withdrawal.reason)
-            self._events.publish(withdrawal)
+            self._events.publish(withdrawal)  # logged as episode_withdrawn (event_log)
         for publication in result.published:
             self._events.publish(publication)
         if result.published:

@@ -15,7 +15,6 @@ from .. import queue
 from ..db import Pool
 from ..engine.events import EventHub
 from ..engine.failures import record_lost_attempts
-from ..logs import bind_item
 from .loop import PeriodicLoop, check_positive
 
 
@@ -61,8 +60,5 @@ class Reaper(PeriodicLoop[list[queue.ReapedItem]]):
                 now=now)
             await record_lost_attempts(conn, reaped)
         for item in reaped:
-            with bind_item(queue_id=item.id, organization_id=item.organization_id,
-                           attempt=item.attempt):
-                self._log.warning("item_reaped", status=item.status, error=item.error)
-            self._events.publish(item)
+            self._events.publish(item)  # the log says item_reaped (observability.event_log)
         return reaped
