@@ -196,3 +196,17 @@ def test_one_organisations_backlog_does_not_hide_the_others_among_many(
     claimed = [item for batch in claims_in_turn(db_url, 2, 30) for item in batch]
     assert set(small) <= {i.organization_id for i in claimed}
     assert big in {i.organization_id for i in claimed}
+
+
+def test_a_backlog_among_many_idle_organisations_is_claimed_at_every_claim(
+    db_url: str, db: Conn
+) -> None:
+    """One organisation has 200 due items (more than a claim's first look reads) and 300 others
+    have only items due tomorrow. Every claim takes an item: the walk over the organisations may
+    not reach the busy one within its steps, so the organisations of the earliest due items
+    come in too (a claim that came back empty would send the worker to sleep with work due)."""
+    many_orgs(db, 300, 1, NOW + timedelta(days=1), prefix="idle")
+    [busy] = many_orgs(db, 1, 200, NOW - timedelta(minutes=5), prefix="zzz")
+    batches = claims_in_turn(db_url, 1, 10)
+    assert [len(b) for b in batches] == [1] * 10
+    assert {i.organization_id for b in batches for i in b} == {busy}

@@ -30,29 +30,47 @@ SELECT (SELECT count(*) FROM prefix) <= %(scan)s AS complete,
 
 -- name: walk_due_organizations
 -- A backlog (more due items than the first look reads): walk the organisations that have
--- pending items in id order after `after`, one index descent each (an organisation's first
--- entry in the pending index is its earliest run_after, so due or not is read there), until
--- `want` with a due item were found or `steps` were looked at. The last row is where the walk
--- stopped: the next claim of this process goes on from there.
-WITH RECURSIVE walk (organization_id, due, found, step) AS (
-    SELECT f.organization_id, f.due, f.due::int, 1
-    FROM (SELECT organization_id, run_after <= coalesce(%(now)s, now()) AS due
-          FROM public.episode_schedule_queue
-          WHERE status = 'pending' AND organization_id > %(after)s
-          ORDER BY organization_id, run_after
+-- pending items in id order after `after`, wrapping round to the first, one index descent each
+-- (an organisation's first entry in the pending index is its earliest run_after, so due or not
+-- is read there), until `want` with a due item were found, `steps` were looked at, or the walk
+-- is back where it began (then it has seen every organisation with pending items). The last
+-- row is where the walk stopped: the next claim of this process goes on from there.
+WITH RECURSIVE walk (organization_id, due, found, step, first) AS (
+    SELECT f.organization_id, f.due, f.due::int, 1, f.organization_id
+    FROM ((SELECT organization_id, run_after <= coalesce(%(now)s, now()) AS due
+           FROM public.episode_schedule_queue
+           WHERE status = 'pending' AND organization_id > %(after)s
+           ORDER BY organization_id, run_after
+           LIMIT 1)
+          UNION ALL
+          (SELECT organization_id, run_after <= coalesce(%(now)s, now())
+           FROM public.episode_schedule_queue
+           WHERE status = 'pending'
+           ORDER BY organization_id, run_after
+           LIMIT 1)
           LIMIT 1) AS f
     UNION ALL
-    SELECT n.organization_id, n.due, walk.found + n.due::int, walk.step + 1
+    SELECT n.organization_id, n.due, walk.found + n.due::int, walk.step + 1, walk.first
     FROM walk
     CROSS JOIN LATERAL (
-        SELECT organization_id, run_after <= coalesce(%(now)s, now()) AS due
-        FROM public.episode_schedule_queue
-        WHERE status = 'pending' AND organization_id > walk.organization_id
-        ORDER BY organization_id, run_after
+        (SELECT organization_id, run_after <= coalesce(%(now)s, now()) AS due
+         FROM public.episode_schedule_queue
+         WHERE status = 'pending' AND organization_id > walk.organization_id
+         ORDER BY organization_id, run_after
+         LIMIT 1)
+        UNION ALL
+        (SELECT organization_id, run_after <= coalesce(%(now)s, now())
+         FROM public.episode_schedule_queue
+         WHERE status = 'pending'
+         ORDER BY organization_id, run_after
+         LIMIT 1)
         LIMIT 1) AS n
     WHERE walk.found < %(want)s AND walk.step < %(steps)s
+      AND n.organization_id <> walk.first
 )
-SELECT organization_id, due FROM walk ORDER BY step;
+SELECT organization_id, due, step, found,
+       found < %(want)s AND step < %(steps)s AS round
+FROM walk ORDER BY step;
 
 -- name: claim_due_items
 -- Batched: one short transaction claims up to `limit` due items of the given organisations

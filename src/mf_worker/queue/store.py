@@ -64,10 +64,11 @@ class ReapedItem:
 
 
 # A claim looks at up to CLAIM_ORGS_PER_ITEM × limit organisations with a due item (the fair
-# ordering's candidates; more would only cost index descents per claim). It first reads the
-# earliest DUE_PREFIX_PER_ITEM × limit due items: when those are all the due items, their
-# organisations are every due one. Otherwise (a backlog) it walks the organisations in id order
-# from where the previous claim stopped, up to WALK_STEPS_PER_ITEM × limit of them.
+# ordering's candidates; more would only cost index descents per claim). It reads the earliest
+# DUE_PREFIX_PER_ITEM × limit due items: when those are all the due items, their organisations
+# are every due one. Otherwise (a backlog) it walks the organisations in id order from where
+# the previous claim stopped, up to WALK_STEPS_PER_ITEM × limit of them; while the backlog
+# lasts the walk goes first, and the first look only tops up a walk that came back short.
 CLAIM_ORGS_PER_ITEM = 4
 DUE_PREFIX_PER_ITEM = 32
 WALK_STEPS_PER_ITEM = 64
@@ -78,9 +79,11 @@ class OrganizationRotation:
     """Where one process's claims stopped among the organisations with due items, so the next
     claim goes on after it: when more organisations are due than one claim looks at, they take
     turns, and none waits longer than a round of claims for its turn, however many there are.
-    Each process keeps its own (no shared row to contend on)."""
+    Each process keeps its own (no shared row to contend on). ``backlog``: the last claim found
+    more due items than its first look reads, so the next one walks first."""
 
     after: str = ""
+    backlog: bool = False
 
 
 async def _due_organizations(
@@ -88,46 +91,52 @@ async def _due_organizations(
 ) -> list[str]:
     """The organisations the next claim chooses among: at most ``CLAIM_ORGS_PER_ITEM × limit``
     with a due item, those after ``rotation.after`` first (wrapping round); moves the rotation
-    on to the last one this claim looked at."""
+    on to the last one this claim looked at.
+
+    Few due items (the earliest ``DUE_PREFIX_PER_ITEM × limit`` are all of them): their
+    organisations, in turn. A backlog: the walk's, topped up with the organisations of the
+    earliest due items, so a claim never comes back empty while items are due (the walk may
+    not reach the one busy organisation among many idle ones within its steps)."""
     want = CLAIM_ORGS_PER_ITEM * limit
+    walked: list[str] = []
+    if rotation.backlog:
+        walked, whole = await _walk_due_organizations(conn, want=want, limit=limit,
+                                                      rotation=rotation, now=now)
+        if len(walked) >= want or (whole and walked):
+            return walked
     first = await (await conn.execute(
         _Q["list_due_organizations"], {"scan": DUE_PREFIX_PER_ITEM * limit, "now": now},
     )).fetchone()
-    if first is None or not first["organizations"]:
-        return []
-    if first["complete"]:
-        due = sorted(first["organizations"])
-        if len(due) <= want:
-            return due
-        turn = ([o for o in due if o > rotation.after] + [o for o in due if o <= rotation.after]
-                )[:want]
+    earliest: list[str] = sorted(first["organizations"]) if first else []
+    if first is None or first["complete"]:
+        rotation.backlog = False
+        if len(earliest) <= want:
+            return earliest
+        turn = ([o for o in earliest if o > rotation.after]
+                + [o for o in earliest if o <= rotation.after])[:want]
         rotation.after = turn[-1]
         return turn
-    # A backlog: walk from where the previous claim stopped, once round the ring at most.
-    chosen: list[str] = []
-    examined: set[str] = set()
-    steps, start, wrapped, last = WALK_STEPS_PER_ITEM * limit, rotation.after, False, None
-    while True:
-        rows = await (await conn.execute(_Q["walk_due_organizations"], {
-            "after": start, "want": want - len(chosen), "steps": steps, "now": now,
-        })).fetchall()
-        steps -= len(rows)
-        for row in rows:
-            organization = row["organization_id"]
-            if wrapped and (organization in examined or organization == rotation.after):
-                steps = 0  # back where this claim began
-                break
-            examined.add(organization)
-            last = organization
-            if row["due"]:
-                chosen.append(organization)
-        if len(chosen) >= want or steps <= 0 or wrapped or not rotation.after:
-            break
-        # The walk ran off the end of the organisations before its budget: wrap round.
-        wrapped, start = True, ""
-    if last is not None:
-        rotation.after = last
-    return chosen
+    if not rotation.backlog:
+        rotation.backlog = True
+        walked, whole = await _walk_due_organizations(conn, want=want, limit=limit,
+                                                      rotation=rotation, now=now)
+    return (walked + [o for o in earliest if o not in walked])[:want]
+
+
+async def _walk_due_organizations(
+    conn: Connection, *, want: int, limit: int, rotation: OrganizationRotation,
+    now: datetime | None,
+) -> tuple[list[str], bool]:
+    """Up to ``want`` organisations with a due item, walking round from ``rotation.after``
+    (``WALK_STEPS_PER_ITEM × limit`` organisations looked at, at most); and whether the walk
+    went all the way round (so it found every due organisation)."""
+    rows = await (await conn.execute(_Q["walk_due_organizations"], {
+        "after": rotation.after, "want": want, "steps": WALK_STEPS_PER_ITEM * limit, "now": now,
+    })).fetchall()
+    if not rows:
+        return [], True  # no organisation has a pending item
+    rotation.after = rows[-1]["organization_id"]
+    return [r["organization_id"] for r in rows if r["due"]], bool(rows[-1]["round"])
 
 
 async def claim_due_items(
