@@ -4,7 +4,7 @@
 -- partitioned, cancelled by an operator, reaped and re-claimed — even by itself) matches
 -- nothing. The fence is `id = … AND claim_token = … AND status = 'processing'`. A generation's
 -- completion is fenced the same way inside its final write (complete_episode in
--- engine/episodes.sql), and its budget reservation inside reserve_budget (cost/budget.sql), so
+-- engine/write.sql), and its budget reservation inside reserve_budget (cost/budget.sql), so
 -- that each stays one statement.
 --
 --   pending ──claim──▶ processing ──complete──▶ completed
@@ -198,7 +198,7 @@ FROM held LEFT JOIN extended ON extended.id = held.id;
 
 -- name: complete_items
 -- Fenced completion of a batch (the queue machinery alone; the full pipeline completes each
--- item inside its final write: complete_episode in engine/episodes.sql). Settles any
+-- item inside its final write: complete_episode in engine/write.sql). Settles any
 -- reservation without booking it (nothing was generated).
 UPDATE episode_schedule_queue AS q
 SET status           = 'completed',
