@@ -370,7 +370,9 @@ class Worker:
                     entry.flow_settled = True
                     self.flow.done()
             report.item_seconds = time.monotonic() - started
-            self._report(report)
+            # Within the item's bind_item context: metrics, the log (observability.event_log:
+            # item_completed, lease_lost, …) and the publisher's timer subscribe.
+            self.events.publish(report)
             return report.outcome
 
     async def _process(self, entry: InFlight, report: AttemptReport) -> None:
@@ -590,11 +592,6 @@ class Worker:
     def _notified(self, delivered: bool) -> None:
         self.events.publish(TripNotified(delivered))
 
-    def _report(self, report: AttemptReport) -> None:
-        # Metrics, the log (observability.event_log: item_completed, lease_lost, …) and the
-        # publisher's timer subscribe; called within the item's bind_item context.
-        self.events.publish(report)
-
     async def _db(self, work: Callable[[Connection], Awaitable[T]], *, alone: bool = True) -> T:
         """Run one transaction-sized unit of work on a pooled connection, retrying the whole
         unit (never half a transaction) while the database is unreachable, up to one lease.
@@ -661,7 +658,7 @@ class Worker:
                                organization_id=entry.item.organization_id,
                                attempt=entry.item.attempt):
                     self._log.info("item_released")
-                self._report(AttemptReport(item=entry.item, outcome=Outcome.RELEASED))
+                self.events.publish(AttemptReport(item=entry.item, outcome=Outcome.RELEASED))
         return released
 
 

@@ -36,21 +36,11 @@ SELECT (SELECT count(*) FROM prefix) <= %(scan)s AS complete,
 -- is back where it began (then it has seen every organisation with pending items). The last
 -- row is where the walk stopped: the next claim of this process goes on from there.
 WITH RECURSIVE walk (organization_id, due, found, step, first) AS (
-    SELECT f.organization_id, f.due, f.due::int, 1, f.organization_id
-    FROM ((SELECT organization_id, run_after <= coalesce(%(now)s, now()) AS due
-           FROM public.episode_schedule_queue
-           WHERE status = 'pending' AND organization_id > %(after)s
-           ORDER BY organization_id, run_after
-           LIMIT 1)
-          UNION ALL
-          (SELECT organization_id, run_after <= coalesce(%(now)s, now())
-           FROM public.episode_schedule_queue
-           WHERE status = 'pending'
-           ORDER BY organization_id, run_after
-           LIMIT 1)
-          LIMIT 1) AS f
+    -- Step 0 stands where the previous claim stopped; each step is the next organisation.
+    SELECT %(after)s::text, false, 0, 0, NULL::text
     UNION ALL
-    SELECT n.organization_id, n.due, walk.found + n.due::int, walk.step + 1, walk.first
+    SELECT n.organization_id, n.due, walk.found + n.due::int, walk.step + 1,
+           coalesce(walk.first, n.organization_id)
     FROM walk
     CROSS JOIN LATERAL (
         (SELECT organization_id, run_after <= coalesce(%(now)s, now()) AS due
@@ -66,11 +56,10 @@ WITH RECURSIVE walk (organization_id, due, found, step, first) AS (
          LIMIT 1)
         LIMIT 1) AS n
     WHERE walk.found < %(want)s AND walk.step < %(steps)s
-      AND n.organization_id <> walk.first
+      AND n.organization_id IS DISTINCT FROM walk.first
 )
-SELECT organization_id, due, step, found,
-       found < %(want)s AND step < %(steps)s AS round
-FROM walk ORDER BY step;
+SELECT organization_id, due, found < %(want)s AND step < %(steps)s AS round
+FROM walk WHERE step > 0 ORDER BY step;
 
 -- name: claim_due_items
 -- Batched: one short transaction claims up to `limit` due items of the given organisations
