@@ -324,8 +324,10 @@ SELECT min(run_after) AS due_at FROM episode_schedule_queue WHERE status = 'pend
 -- these: time does). Back to pending
 -- after the delay, counted by kind (retry_count for transient failures, deferred_count for
 -- the rest). The backoff of a transient failure is
--- 1 s · 2^retry_count capped at `cap_seconds`, times the caller's `jitter`, or the provider's
--- `retry_after` if longer (mf_worker/backoff.py holds the rule and draws the jitter); its retry
+-- 1 s · 2^retry_count capped at `cap_seconds`, times the caller's `jitter`, capped again (the
+-- jitter spreads retries below the cap, never above it), or the provider's `retry_after` if
+-- longer: `ITEM_RETRY.delay` in mf_worker/backoff.py, which holds the rule and draws the
+-- jitter (tests/test_net.py compares the two); its retry
 -- must come before the deadline (picked_up_at + deadline_seconds) and before the project's
 -- next occurrence (`not_after`), else the item fails with its error. Returns the status it
 -- ended in and the delay. Fenced like every transition out of 'processing'.
@@ -334,9 +336,10 @@ WITH p AS (
 ), d AS (
     SELECT q.id,
            CASE WHEN p.reason = 'transient'
-                THEN greatest(least(%(base_seconds)s::float8 * power(2::float8,
-                                        least(q.retry_count, 30)), %(cap_seconds)s::float8)
-                              * %(jitter)s::float8,
+                THEN greatest(least(least(%(base_seconds)s::float8
+                                          * power(2::float8, least(q.retry_count, 30)),
+                                          %(cap_seconds)s::float8) * %(jitter)s::float8,
+                                    %(cap_seconds)s::float8),
                               coalesce(%(retry_after)s::float8, 0))
                 ELSE coalesce(%(retry_after)s::float8, 0) END AS delay_seconds,
            q.picked_up_at
