@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test coverage lint schema bench readme clean
+.PHONY: setup demo test coverage lint schema bench readme mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ schema: setup
 
 readme: setup
 	$(BIN)/python tools/sync_readme.py
+
+# Plant each bug of tools/mutants.toml alone, in a scratch copy of the tree, and run its tests:
+# every mutant must be caught. Not part of CI (minutes); run it before resolving an issue that
+# touches one of the promises it lists. `make mutants ONLY=claim-unfair,reaper-reaps-early`.
+mutants: setup
+	$(BIN)/python tools/mutants.py $(if $(ONLY),--only $(ONLY))
 
 bench: setup
 	$(BIN)/python bench/run_all.py

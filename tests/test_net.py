@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 from mf_worker import queue
 from mf_worker.backoff import ITEM_RETRY
-from mf_worker.db import open_pool
+from mf_worker.db import as_org, open_pool
 from mf_worker.engine.worker import Outcome
 from mf_worker.maintenance.reaper import Reaper, ReaperConfig
 
@@ -204,6 +204,27 @@ def test_failures_deferrals_and_cancels_are_written_for_their_organisation_under
                paused_item["id"])["status"] == "cancelled"
 
 
+def test_acting_for_an_organisation_ends_with_its_transaction(
+    worker_role_url: str, db: Conn
+) -> None:
+    """The organisation a transaction acts for is a transaction-local setting: the next
+    transaction on the same (pooled) connection sees no organisation's rows until it acts for
+    one itself, so a connection never carries one organisation's access into another's work."""
+    t = make_tenant(db)
+    make_episode(db, t["project"])
+
+    async def main() -> tuple[int, int]:
+        async with await _connect(worker_role_url) as conn:
+            async with as_org(conn, t["org"]["id"]):
+                inside = await (await conn.execute("SELECT count(*) AS n FROM episodes")
+                                ).fetchone()
+            after = await (await conn.execute("SELECT count(*) AS n FROM episodes")).fetchone()
+            assert inside is not None and after is not None
+            return inside["n"], after["n"]
+
+    assert asyncio.run(main()) == (1, 0)
+
+
 # -- the reaper -----------------------------------------------------------------------------------
 
 
@@ -248,6 +269,24 @@ def test_the_reaper_reaps_a_lease_just_after_it_expires_and_not_just_before(
                item.id) == {"status": "processing", "claim_token": item.token}
     reaped = _reap_at(db_url, expiry + timedelta(milliseconds=1))
     assert [(r.id, r.status) for r in reaped] == [(item.id, "pending")]
+
+
+def test_a_heartbeat_keeps_a_slow_workers_item_from_the_reaper(db_url: str, db: Conn) -> None:
+    """Ten seconds before its lease runs out, the heartbeat renews it for another lease from
+    then: the reaper leaves the item alone past the first expiry, and reaps it only after the
+    renewed one (the worker stopped beating)."""
+    item = _claim_one(db_url, db)
+    beat_at = item.lease_expires_at - timedelta(seconds=10)
+
+    async def beat() -> queue.LeaseRenewal:
+        async with await _connect(db_url) as conn:
+            return await queue.extend_leases(conn, [item], lease_seconds=60, now=beat_at)
+
+    assert asyncio.run(beat()).renewed == {item.token}
+    renewed = beat_at + timedelta(seconds=60)
+    assert _reap_at(db_url, item.lease_expires_at + timedelta(seconds=1)) == []
+    assert _reap_at(db_url, renewed - timedelta(milliseconds=1)) == []
+    assert [r.id for r in _reap_at(db_url, renewed + timedelta(milliseconds=1))] == [item.id]
 
 
 def test_the_reaper_records_a_lost_attempt_for_its_organisation_under_rls(
