@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from mf_worker import queue
+from mf_worker import flow, queue
 from mf_worker.backoff import ITEM_RETRY
 from mf_worker.db import as_org, open_pool
 from mf_worker.engine.worker import Outcome
@@ -225,6 +225,29 @@ def test_acting_for_an_organisation_ends_with_its_transaction(
     assert asyncio.run(main()) == (1, 0)
 
 
+# -- flow control ---------------------------------------------------------------------------------
+
+
+def test_a_429_holds_a_key_with_no_known_limits_until_its_reset(db_url: str) -> None:
+    """A fleet that configured no limits and got a 429 that stated none: no bucket holds its
+    calls, only the key's cooldown does — every call waits for the provider's reset."""
+    t0 = NOW
+    nothing = flow.Limits()
+
+    async def main() -> list[flow.Grant]:
+        async with await _connect(db_url) as conn:
+            assert (await flow.acquire(conn, "k", limits=nothing, now=t0)).granted
+            await flow.cool_down(conn, "k", seconds=30, reason="rate_limited", now=t0)
+            return [await flow.acquire(conn, "k", limits=nothing, now=t0 + timedelta(seconds=s))
+                    for s in (10, 29, 31)]
+
+    during, late, after = asyncio.run(main())
+    assert (during.granted, during.cooling_for) == (False, "rate_limited")
+    assert during.wait_seconds == pytest.approx(20)
+    assert not late.granted
+    assert after.granted
+
+
 # -- the reaper -----------------------------------------------------------------------------------
 
 
@@ -269,6 +292,20 @@ def test_the_reaper_reaps_a_lease_just_after_it_expires_and_not_just_before(
                item.id) == {"status": "processing", "claim_token": item.token}
     reaped = _reap_at(db_url, expiry + timedelta(milliseconds=1))
     assert [(r.id, r.status) for r in reaped] == [(item.id, "pending")]
+
+
+@pytest.mark.parametrize(("lost_before", "status"),
+                         [(0, "pending"), (1, "pending"), (2, "failed")])
+def test_a_reaped_item_fails_on_its_max_attempts_th_lost_worker_and_not_before(
+    db_url: str, db: Conn, lost_before: int, status: str
+) -> None:
+    """MF_MAX_ATTEMPTS 3: the first and the second lost worker put the item back; the third
+    fails it (counted by lost_count, apart from the transient failures' attempts)."""
+    item = _claim_one(db_url, db, lost_count=lost_before, attempt_count=5)
+    reaped = _reap_at(db_url, item.lease_expires_at + timedelta(seconds=1))
+    assert [(r.id, r.status) for r in reaped] == [(item.id, status)]
+    assert one(db, "SELECT lost_count FROM episode_schedule_queue WHERE id = %s",
+               item.id)["lost_count"] == lost_before + 1
 
 
 def test_a_heartbeat_keeps_a_slow_workers_item_from_the_reaper(db_url: str, db: Conn) -> None:

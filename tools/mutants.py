@@ -188,7 +188,8 @@ def _make_env(scratch: Path, tree: Path) -> Path:
 def _pytest(mutant: Mutant, python: Path, tree: Path, tests: tuple[str, ...],
             timeout: float, heavy: bool, workers: int) -> tuple[str, float, str]:
     command = [str(python), "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider",
-               "--no-header", "-o", "addopts=--strict-markers --strict-config"]
+               "--no-header", "--tb=line", "--show-capture=no",
+               "-o", "addopts=--strict-markers --strict-config"]
     command += ["-n", str(workers)] if workers else ["-p", "no:xdist"]
     if heavy:
         command = ["flock", HEAVY_LOCK, *command]
@@ -201,11 +202,15 @@ def _pytest(mutant: Mutant, python: Path, tree: Path, tests: tuple[str, ...],
     except subprocess.TimeoutExpired:
         return "timeout", time.monotonic() - started, f"no result after {timeout:g} s"
     seconds = time.monotonic() - started
-    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    tail = "\n".join(lines[-15:])
     if done.returncode == 0:
         return "survived", seconds, tail
-    if done.returncode == 1:  # tests ran and some failed
-        return "caught", seconds, tail
+    if done.returncode == 1:  # tests ran and some failed: say which, and how
+        failed = [ln for ln in lines if ln.startswith("FAILED ")]
+        where = [ln.replace(str(tree) + "/", "") for ln in lines
+                 if str(tree) in ln and ": " in ln][:1]
+        return "caught", seconds, "\n".join(failed[:1] + where)[:400]
     return "error", seconds, f"pytest exited {done.returncode}\n{tail}"
 
 
@@ -225,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only check that every mutant still applies")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the run of the tests on the unmutated copy")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="print the end of every test run, not only surprising ones")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="say only the verdict of a caught mutant, not the test that failed")
     args = parser.parse_args(argv)
 
     mutants = load()
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(Result(mutant, verdict, seconds, tail))
             print(f"{mutant.name:<{width}}  {verdict:<8}  {seconds:6.1f} s  [{mutant.promise}]",
                   flush=True)
-            if verdict != "caught" or args.verbose:
+            if tail and (verdict != "caught" or not args.quiet):
                 print("    " + tail.replace("\n", "\n    "), flush=True)
 
     caught = sum(r.verdict == "caught" for r in results)
