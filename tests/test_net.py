@@ -5,7 +5,9 @@ A claim passes over a row another transaction holds instead of waiting for it; a
 organisation's due item and leaves its item that is not due yet; an item's retry delay in SQL is
 the rule of ``backoff.py`` (jittered, then capped at five minutes); every outcome other than
 success is written acting for the item's organisation, so it works under the least-privilege
-role; the reaper reaps a lease just after it expires, never before.
+role, and that organisation ends with its transaction; a 429 holds even a key with no known
+limits; the reaper reaps a lease just after it expires, never before, fails an item on its
+MF_MAX_ATTEMPTS-th lost worker, and leaves alone an item whose heartbeat renewed its lease.
 """
 
 from __future__ import annotations
