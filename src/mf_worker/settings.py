@@ -403,7 +403,8 @@ class Settings:
         30,
         _int(1),
         "Completed and cancelled queue items older than this are deleted (episodes and usage "
-        "stay).",
+        "stay), except an item whose episode still waits for its delivery instant or whose "
+        "slot has not come yet.",
     )
     max_episode_bytes: int = _setting(
         "MF_MAX_EPISODE_BYTES",

@@ -301,12 +301,18 @@ RETURNING q.id, q.organization_id, q.episode_id, q.status, q.attempt_count, q.la
 -- name: prune_finished_items
 -- Retention: completed and cancelled items past their time (finished_at: set once when the item
 -- reached its final status, so no heartbeat or claim changes an indexed column), in small
--- batches so the pruner never holds many locks or bloats one transaction. Episodes and usage rows are not touched.
+-- batches so the pruner never holds many locks or bloats one transaction. Episodes and usage
+-- rows are not touched. Kept whatever their age: an item whose episode still waits for its
+-- instant (delivery 'scheduled': the publisher finds it through its item), and one whose slot
+-- (scheduled_for) has not come yet, because it is what tells the scheduler that this slot
+-- already ended (a slot is generated once).
 DELETE FROM episode_schedule_queue
 WHERE id IN (
     SELECT id FROM episode_schedule_queue
     WHERE status IN ('completed', 'cancelled')
       AND finished_at < coalesce(%(now)s, now()) - make_interval(days => %(retention_days)s)
+      AND delivery IS DISTINCT FROM 'scheduled'
+      AND scheduled_for < coalesce(%(now)s, now())
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 );

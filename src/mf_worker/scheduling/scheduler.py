@@ -30,7 +30,7 @@ zone is invalid gets no item; it is reported once per process and counted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -38,7 +38,7 @@ from psycopg.types.json import Jsonb
 from ..audit import record_operator_action
 from ..db import Connection, Pool
 from ..db.sql import load_queries
-from ..errors import MfWorkerError
+from ..errors import ConfigError, MfWorkerError
 from ..ids import new_id
 from .cadence import CadenceError, next_occurrence, zone_for
 
@@ -80,6 +80,33 @@ def plan_next_item(
 
 class ProjectNotSchedulable(MfWorkerError):
     """``enqueue`` cannot add an item for this project (the message says why)."""
+
+
+class InstantOutOfRange(ConfigError):
+    """A delivery instant given by hand is before 2000 or more than a year ahead."""
+
+
+# The instants an operator may give (`enqueue --at`): a date before 2000 is a typo (year 1
+# overflows every zone's arithmetic, and a claim of it would fail), and more than a year ahead
+# is nothing a daily, weekly or custom cadence plans.
+EARLIEST_INSTANT = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_AHEAD = timedelta(days=366)
+
+
+def check_instant(when: datetime, now: datetime, *, name: str = "instant") -> datetime:
+    """``when`` in UTC if it has a zone and lies between 2000-01-01 and a year after ``now``;
+    else :class:`InstantOutOfRange` naming ``name`` (comparisons of aware instants never
+    overflow, unlike converting year 1 to UTC)."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise InstantOutOfRange(f"{name}: give an offset or Z (e.g. 2026-01-05T09:00:00Z)")
+    latest = now + MAX_AHEAD
+    if when < EARLIEST_INSTANT:
+        raise InstantOutOfRange(f"{name}: {when.isoformat()} is before 2000-01-01")
+    if when > latest:
+        raise InstantOutOfRange(
+            f"{name}: {when.isoformat()} is more than a year ahead (after "
+            f"{latest.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ})")
+    return when.astimezone(UTC)
 
 
 @dataclass
@@ -341,12 +368,15 @@ async def enqueue_item(
 ) -> tuple[str, datetime]:
     """Add an extra item for a project now (or at ``at``); for support and debugging.
 
-    The item is due at ``at`` (published then) and claimable ``lead_seconds`` before it.
+    The item is due at ``at`` (published then) and claimable ``lead_seconds`` before it; an
+    ``at`` before 2000 or more than a year after ``now`` raises :class:`InstantOutOfRange`.
 
     Refuses when the project already has an open item, unless ``replace`` cancels the waiting
     one (an item being processed is never replaced). Returns the new item's id and due time.
     The new item (and a replaced one) is audited under ``actor``.
     """
+    if at is not None:
+        at = check_instant(at, now, name="--at")
     async with conn.transaction():
         cur = await conn.execute(_Q["get_project_for_enqueue"], {"project_id": project_id})
         project = await cur.fetchone()
