@@ -5,9 +5,12 @@ is one pass, and ``enqueue_item`` the operator's extra item.
 A pass cancels items of paused, archived and deleted projects, re-plans waiting items whose
 project changed its cadence, delivery time or zone, and plans the next item of every active
 project that has none. An item is due at its delivery instant (``scheduled_for``) but
-claimable a lead window before it (``run_after = scheduled_for - lead``, ``MF_LEAD_SECONDS``);
-a slot whose episode was already generated in that window and waits to be published is never
-planned again. Its cost follows what changed, not how many projects there are:
+claimable a lead window before it (``run_after = scheduled_for - lead``, ``MF_LEAD_SECONDS``).
+A slot is generated once: a slot whose item already reached a final state (completed — its
+episode perhaps waiting to be published —, failed, or cancelled by an operator) is never
+planned again; only an operator's ``retry`` or ``enqueue`` opens it again (an item that
+``enqueue --replace`` cancelled moved its delivery and does not end its slot). Its cost follows
+what changed, not how many projects there are:
 
 * One pass per fleet. A pass holds a PostgreSQL advisory lock (``SCHEDULER_LOCK_KEY``) from
   start to end, in a transaction that a second pooled connection keeps open (so it holds
@@ -29,6 +32,7 @@ zone is invalid gets no item; it is reported once per process and counted.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -59,13 +63,20 @@ class PlannedItem:
 
 
 def plan_next_item(
-    cadence_config: Any, delivery_time: time, timezone: str, after: datetime
+    cadence_config: Any, delivery_time: time, timezone: str, after: datetime,
+    ended: Collection[datetime] = (),
 ) -> PlannedItem:
-    """The next occurrence strictly after ``after``, with the debugging metadata the item keeps.
+    """The next occurrence strictly after ``after`` that is not one of the ``ended`` slots
+    (instants whose item already reached a final state: a slot is generated once), with the
+    debugging metadata the item keeps.
 
     Raises :class:`CadenceError` naming the bad field.
     """
     when = next_occurrence(cadence_config, delivery_time, timezone, after)
+    skip = set(ended)
+    while when in skip:  # each ended slot moves the plan on once: at most len(ended) times
+        skip.discard(when)
+        when = next_occurrence(cadence_config, delivery_time, timezone, when)
     local = when.astimezone(zone_for(timezone))
     return PlannedItem(
         scheduled_for=when,
@@ -214,11 +225,12 @@ async def _handle_changes(conn: Connection, now: datetime, result: SchedulerResu
             cur = await conn.execute(_Q["cancel_items_of_inactive_projects_in"], params)
             result.cancelled += len(await cur.fetchall())
             await conn.execute(_Q["clear_next_scheduled_at_of_inactive_projects_in"], params)
-            cur = await conn.execute(_Q["list_stale_pending_items_in"], params)
+            cur = await conn.execute(_Q["list_stale_pending_items_in"], {**params, "now": now})
             stale = _plan_rows(await cur.fetchall(), now, result, key="project_id")
             if stale:
                 result.rescheduled += await _reschedule(conn, stale, options.lead_seconds)
-            cur = await conn.execute(_Q["list_projects_without_open_item_in"], params)
+            cur = await conn.execute(_Q["list_projects_without_open_item_in"],
+                                     {**params, "now": now})
             planned = _plan_rows(await cur.fetchall(), now, result)
             if planned:
                 result.created += await _insert_planned(conn, planned, options.lead_seconds)
@@ -230,7 +242,7 @@ async def _plan_missing(conn: Connection, now: datetime, result: SchedulerResult
     while True:
         cur = await conn.execute(
             _Q["list_projects_without_open_item"],
-            {"after_id": after_id, "limit": options.batch_size},
+            {"after_id": after_id, "limit": options.batch_size, "now": now},
         )
         rows = await cur.fetchall()
         if not rows:
@@ -246,7 +258,8 @@ async def _reschedule_stale(conn: Connection, now: datetime, result: SchedulerRe
     moved, after_id = 0, ""
     while True:
         cur = await conn.execute(
-            _Q["list_stale_pending_items"], {"after_id": after_id, "limit": options.batch_size}
+            _Q["list_stale_pending_items"],
+            {"after_id": after_id, "limit": options.batch_size, "now": now}
         )
         rows = await cur.fetchall()
         if not rows:
@@ -263,13 +276,10 @@ def _plan_rows(
     planned = []
     for row in rows:
         try:
-            plan = plan_next_item(row["cadence_config"], row["delivery_time"], row["timezone"], now)
-            generated = row.get("generated_slot")
-            if generated is not None and plan.scheduled_for == generated:
-                # That slot's episode exists (generated in the lead window, published at the
-                # instant): plan the one after it, or the project would get two.
-                plan = plan_next_item(row["cadence_config"], row["delivery_time"],
-                                      row["timezone"], generated)
+            # Slots ahead whose item already ended (completed, perhaps with its episode waiting
+            # for the instant; failed; cancelled) are not planned again: the next after them.
+            plan = plan_next_item(row["cadence_config"], row["delivery_time"], row["timezone"],
+                                  now, row["ended_slots"])
         except CadenceError as exc:
             result.invalid[row[key]] = str(exc)
             continue
@@ -345,13 +355,13 @@ async def cancel_items_of_deleted_projects(conn: Connection) -> int:
 
 
 async def _insert_item(
-    conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem,
-    lead_seconds: float,
+    conn: Connection, *, item_id: str, project_id: str, organization_id: str,
+    plan: PlannedItem, lead_seconds: float,
 ) -> dict[str, Any] | None:
     cur = await conn.execute(
         _Q["insert_enqueued_item"],
         {
-            "id": new_id("queue"),
+            "id": item_id,
             "project_id": project_id,
             "organization_id": organization_id,
             "scheduled_for": plan.scheduled_for,
@@ -387,6 +397,7 @@ async def enqueue_item(
                 f"project {project_id} is {project['status']}; only active projects get episodes"
             )
         replaced: dict[str, Any] | None = None
+        new_item_id = new_id("queue")
         if project["open_item_id"] is not None:
             open_desc = (
                 f"{project['open_item_id']} ({project['open_item_status']}, due "
@@ -399,7 +410,8 @@ async def enqueue_item(
                 )
             cur = await conn.execute(
                 _Q["cancel_open_pending_item"],
-                {"id": project["open_item_id"], "reason": "replaced by mf-worker enqueue"},
+                {"id": project["open_item_id"], "reason": "replaced by mf-worker enqueue",
+                 "replaced_by": new_item_id},
             )
             replaced = await cur.fetchone()
             if replaced is None:
@@ -421,7 +433,7 @@ async def enqueue_item(
                 "enqueued_at": now.isoformat(),
             },
         )
-        row = await _insert_item(conn, project_id=project_id,
+        row = await _insert_item(conn, item_id=new_item_id, project_id=project_id,
                                  organization_id=project["organization_id"], plan=plan,
                                  lead_seconds=lead_seconds)
         if row is None:  # a scheduler slipped one in between: the index decided
