@@ -69,6 +69,16 @@ def cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, env=worker_env(db_url), cwd=ROOT, timeout=120, check=False)
 
 
+def cancel(db_url: str, item_id: str) -> None:
+    """`mf-worker cancel`, in this process."""
+    async def main() -> None:
+        conn = await connect(settings_for(db_url))
+        async with conn:
+            await cancel_queue_item(conn, item_id, "not this one", actor="test")
+
+    asyncio.run(main())
+
+
 def planned_metadata(delivery: str = "09:00:00") -> Jsonb:
     return Jsonb({"cadence": DAILY, "delivery_time": delivery, "user_timezone": LONDON})
 
@@ -104,13 +114,7 @@ def test_cancelling_tomorrows_item_skips_that_delivery(db_url: str, db: Conn) ->
     now = datetime.now(UTC)
     scheduler_pass(db_url, now)
     [tomorrow] = open_items(db, t["project"]["id"])
-
-    async def cancel() -> None:
-        conn = await connect(settings_for(db_url))
-        async with conn:
-            await cancel_queue_item(conn, tomorrow["id"], "not this one", actor="test")
-
-    asyncio.run(cancel())
+    cancel(db_url, tomorrow["id"])
     scheduler_pass(db_url, datetime.now(UTC))
     [following] = open_items(db, t["project"]["id"])
     assert following["scheduled_for"] == next_occurrence(
@@ -125,13 +129,41 @@ def test_the_final_write_does_not_plan_a_slot_that_already_ended(db_url: str, db
     t = make_tenant(db, cadence=DAILY)
     now = datetime.now(UTC)
     tomorrow = next_occurrence(DAILY, time(9, 0), LONDON, now)
-    make_queue_item(db, t["project"], scheduled_for=tomorrow, status="cancelled",
-                    last_error="skipped by an operator", metadata=planned_metadata())
+    skipped = make_queue_item(db, t["project"], scheduled_for=tomorrow,
+                              metadata=planned_metadata())
+    cancel(db_url, skipped["id"])
     make_queue_item(db, t["project"], scheduled_for=now - timedelta(seconds=1),
                     metadata=Jsonb({"manual": True}))
     assert [r.outcome for r in run_burst(db_url)] == [Outcome.SUCCESS]
     [nxt] = open_items(db, t["project"]["id"])
     assert nxt["scheduled_for"] == next_occurrence(DAILY, time(9, 0), LONDON, tomorrow)
+
+
+def test_a_project_paused_and_resumed_before_its_slot_gets_it(db_url: str, db: Conn) -> None:
+    """The pause cancelled tomorrow's waiting item, but that was the system, not a skipped
+    delivery: resumed before the instant, the project is planned for the same slot again."""
+    t = make_tenant(db, cadence=DAILY)
+    scheduler_pass(db_url, datetime.now(UTC))
+    [planned] = open_items(db, t["project"]["id"])
+    db.execute("UPDATE projects SET status = 'paused' WHERE id = %s", [t["project"]["id"]])
+    scheduler_pass(db_url, datetime.now(UTC))
+    assert item_state(db, planned["id"])["status"] == "cancelled"
+    db.execute("UPDATE projects SET status = 'active' WHERE id = %s", [t["project"]["id"]])
+    scheduler_pass(db_url, datetime.now(UTC))
+    [again] = open_items(db, t["project"]["id"])
+    assert again["scheduled_for"] == planned["scheduled_for"]
+
+
+def test_retry_of_a_skipped_item_opens_its_slot_again(db_url: str, db: Conn) -> None:
+    """An operator who cancelled tomorrow's item and then `retry`s it has it again: the mark
+    that skipped the slot goes with the retry."""
+    t = make_tenant(db, cadence=DAILY)
+    slot = next_occurrence(DAILY, time(9, 0), LONDON, datetime.now(UTC))
+    item = make_queue_item(db, t["project"], scheduled_for=slot, metadata=planned_metadata())
+    cancel(db_url, item["id"])
+    assert item_state(db, item["id"])["metadata"]["skipped"] is True
+    assert cli(db_url, "retry", item["id"]).returncode == 0
+    assert "skipped" not in item_state(db, item["id"])["metadata"]
 
 
 def test_an_item_replaced_by_enqueue_does_not_skip_its_slot(db_url: str, db: Conn) -> None:

@@ -44,7 +44,8 @@ WITH old AS (
 UPDATE episode_schedule_queue q
 SET status = 'pending', run_after = now(), attempt_count = 0, last_error = NULL,
     completed_at = NULL, picked_up_at = NULL, retry_count = 0, deferred_count = 0,
-    deferred_reason = NULL, lost_count = 0, blocked_on = NULL
+    deferred_reason = NULL, lost_count = 0, blocked_on = NULL,
+    metadata = q.metadata - 'skipped'
 FROM old
 WHERE q.id = old.id
 RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;

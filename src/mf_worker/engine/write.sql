@@ -6,13 +6,13 @@
 -- The project as it is at commit: its row locked (FOR NO KEY UPDATE, the lock the final write's
 -- cache update takes anyway, taken first) until the write commits, so a pause, a new delivery
 -- time or a deletion by the web app either committed before this read or waits for the write.
--- No row: the project was deleted. `ended_slots`: its instants after `after` whose item
--- already reached a final state (a slot is generated once; see scheduling/queries.sql).
+-- No row: the project was deleted. `ended_slots`: its instants after `after` that already
+-- ended (a slot is generated once; the same rule as scheduling/queries.sql).
 SELECT p.status, p.cadence_config, p.delivery_time, u.timezone,
        ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
-             WHERE e.project_id = p.id AND e.status IN ('completed', 'failed', 'cancelled')
-               AND e.scheduled_for > %(after)s
-               AND NOT (e.metadata ? 'replaced_by')) AS ended_slots
+             WHERE e.project_id = p.id AND e.scheduled_for > %(after)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.id = %(project_id)s

@@ -298,14 +298,17 @@ RETURNING id;
 -- `mf-worker cancel`: a pending, blocked or processing item is cancelled with the reason. A
 -- generation in flight is fenced out by its claim token (its write, heartbeat and failure all
 -- match nothing); the trigger of migration 0004 fails the episode an attempt had started.
--- `old_status` is for the operator's audit row.
+-- metadata.skipped: an operator skipped this delivery, so its slot has ended and the scheduler
+-- plans the following occurrence (scheduling/queries.sql). `old_status` is for the operator's
+-- audit row.
 WITH old AS (
     SELECT id, status FROM episode_schedule_queue
     WHERE id = %(id)s AND status IN ('pending', 'blocked', 'processing')
     FOR UPDATE
 )
 UPDATE episode_schedule_queue q
-SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL
+SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL,
+    metadata = q.metadata || '{"skipped": true}'::jsonb
 FROM old
 WHERE q.id = old.id
 RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;

@@ -4,15 +4,18 @@
 
 -- name: list_projects_without_open_item
 -- Keyset-paginated by project id so 100,000 projects never load at once. `ended_slots`: the
--- instants after `now` whose item already reached a final state (completed — its episode may
--- wait for the instant —, failed, cancelled), so that no slot is generated twice: the plan is
--- the next occurrence that is not one of them. Only an operator opens an ended slot again
--- (`retry`, `enqueue`); an item that `enqueue --replace` cancelled (metadata.replaced_by)
--- moved the delivery instead of ending it.
+-- instants after `now` that already ended for this project, so that no slot is generated
+-- twice: the plan is the next occurrence that is not one of them. A slot ends when its item
+-- completes (its episode may still wait for the instant) or fails, or when an operator
+-- cancels it (`mf-worker cancel` marks it metadata.skipped: that delivery is skipped). An item
+-- cancelled by the system (its project paused or deleted, `enqueue --replace`) ends nothing: a
+-- project resumed before the slot gets it. Only an operator opens an ended slot again
+-- (`retry`, `enqueue`).
 SELECT p.id, p.organization_id, p.cadence_config, p.delivery_time, u.timezone,
        ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
-             WHERE e.project_id = p.id AND e.status IN ('completed', 'failed', 'cancelled')
-               AND e.scheduled_for > %(now)s AND NOT (e.metadata ? 'replaced_by')) AS ended_slots
+             WHERE e.project_id = p.id AND e.scheduled_for > %(now)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.status = 'active'
@@ -59,9 +62,9 @@ WHERE p.id = n.id AND locked.id = n.id
 -- fractional seconds ('09:00:00.5'), so both spellings are compared (no cast that could fail).
 SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone,
        ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
-             WHERE e.project_id = q.project_id
-               AND e.status IN ('completed', 'failed', 'cancelled')
-               AND e.scheduled_for > %(now)s AND NOT (e.metadata ? 'replaced_by')) AS ended_slots
+             WHERE e.project_id = q.project_id AND e.scheduled_for > %(now)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM episode_schedule_queue q
 JOIN projects p ON p.id = q.project_id
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
@@ -125,8 +128,7 @@ FOR UPDATE OF p;
 
 -- name: cancel_open_pending_item
 -- `enqueue --replace`; `old_status` is for the audit row. metadata.replaced_by names the item
--- that takes its place: the delivery moved, its slot did not end (the scheduler may plan it
--- again once the new item has run).
+-- that takes its place (a moved delivery: its slot does not end, unlike an operator's cancel).
 WITH old AS (
     SELECT id, status FROM episode_schedule_queue
     WHERE id = %(id)s AND status IN ('pending', 'blocked')
@@ -238,9 +240,9 @@ WHERE id = ANY(%(ids)s::text[]) AND status <> 'active' AND next_scheduled_at IS 
 -- list_stale_pending_items for the given projects only (keep the two in step).
 SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone,
        ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
-             WHERE e.project_id = q.project_id
-               AND e.status IN ('completed', 'failed', 'cancelled')
-               AND e.scheduled_for > %(now)s AND NOT (e.metadata ? 'replaced_by')) AS ended_slots
+             WHERE e.project_id = q.project_id AND e.scheduled_for > %(now)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM episode_schedule_queue q
 JOIN projects p ON p.id = q.project_id
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
@@ -261,8 +263,9 @@ ORDER BY q.id;
 -- list_projects_without_open_item for the given projects only (keep the two in step).
 SELECT p.id, p.organization_id, p.cadence_config, p.delivery_time, u.timezone,
        ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
-             WHERE e.project_id = p.id AND e.status IN ('completed', 'failed', 'cancelled')
-               AND e.scheduled_for > %(now)s AND NOT (e.metadata ? 'replaced_by')) AS ended_slots
+             WHERE e.project_id = p.id AND e.scheduled_for > %(now)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.id = ANY(%(ids)s::text[])

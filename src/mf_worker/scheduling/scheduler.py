@@ -6,11 +6,12 @@ A pass cancels items of paused, archived and deleted projects, re-plans waiting 
 project changed its cadence, delivery time or zone, and plans the next item of every active
 project that has none. An item is due at its delivery instant (``scheduled_for``) but
 claimable a lead window before it (``run_after = scheduled_for - lead``, ``MF_LEAD_SECONDS``).
-A slot is generated once: a slot whose item already reached a final state (completed — its
-episode perhaps waiting to be published —, failed, or cancelled by an operator) is never
-planned again; only an operator's ``retry`` or ``enqueue`` opens it again (an item that
-``enqueue --replace`` cancelled moved its delivery and does not end its slot). Its cost follows
-what changed, not how many projects there are:
+A slot is generated once: a slot whose item completed (its episode perhaps waiting to be
+published) or failed, or that an operator cancelled (``mf-worker cancel``: that delivery is
+skipped), is never planned again; only an operator's ``retry`` or ``enqueue`` opens it again.
+An item the system cancelled (its project paused, ``enqueue --replace``) ends nothing.
+
+A pass's cost follows what changed, not how many projects there are:
 
 * One pass per fleet. A pass holds a PostgreSQL advisory lock (``SCHEDULER_LOCK_KEY``) from
   start to end, in a transaction that a second pooled connection keeps open (so it holds
