@@ -134,7 +134,7 @@ def test_the_final_write_does_not_plan_a_slot_that_already_ended(db_url: str, db
     cancel(db_url, skipped["id"])
     make_queue_item(db, t["project"], scheduled_for=now - timedelta(seconds=1),
                     metadata=Jsonb({"manual": True}))
-    assert [r.outcome for r in run_burst(db_url)] == [Outcome.SUCCESS]
+    assert [r.outcome for r in run_burst(db_url, lead_seconds=0)] == [Outcome.SUCCESS]
     [nxt] = open_items(db, t["project"]["id"])
     assert nxt["scheduled_for"] == next_occurrence(DAILY, time(9, 0), LONDON, tomorrow)
 
@@ -174,7 +174,8 @@ def test_an_item_replaced_by_enqueue_does_not_skip_its_slot(db_url: str, db: Con
     [planned] = open_items(db, t["project"]["id"])
     done = cli(db_url, "enqueue", t["project"]["id"], "--replace")
     assert done.returncode == 0, done.stderr
-    assert [r.outcome for r in run_burst(db_url)] == [Outcome.SUCCESS]
+    # No lead: the replaced slot's new item must not be claimed in this burst too.
+    assert [r.outcome for r in run_burst(db_url, lead_seconds=0)] == [Outcome.SUCCESS]
     [nxt] = open_items(db, t["project"]["id"])
     assert nxt["scheduled_for"] == planned["scheduled_for"]
 
@@ -264,17 +265,21 @@ def test_a_project_paused_mid_generation_gets_no_next_item_and_its_episode_is_wi
 def test_a_delivery_time_changed_mid_generation_plans_the_next_item_from_the_new_one(
     db_url: str, db: Conn
 ) -> None:
-    """The user moved delivery from 09:00 to 18:00 while the episode was generated: the next
-    item is planned at 18:00, not at the 09:00 read when the generation was prepared."""
+    """The user moved delivery from 09:00 to another hour (18:00 in the issue; here six hours
+    from now, so the next item is never due during the test) while the episode was generated:
+    the next item is planned at the new time, not at the 09:00 read when the generation was
+    prepared."""
     t = make_tenant(db, cadence=DAILY)
-    item = make_queue_item(db, t["project"], scheduled_for=datetime.now(UTC) - timedelta(minutes=1),
+    now = datetime.now(UTC)
+    moved = time((now.hour + 6) % 24, 0)
+    item = make_queue_item(db, t["project"], scheduled_for=now - timedelta(minutes=1),
                            metadata=planned_metadata())
-    gen = ChangesTheProject(db_url, "UPDATE projects SET delivery_time = '18:00' WHERE id = %s")
-    assert [r.outcome for r in run_burst(db_url, gen)] == [Outcome.SUCCESS]
+    gen = ChangesTheProject(db_url, f"UPDATE projects SET delivery_time = '{moved}' WHERE id = %s")
+    assert [r.outcome for r in run_burst(db_url, gen, lead_seconds=0)] == [Outcome.SUCCESS]
     [nxt] = open_items(db, t["project"]["id"])
     after = max(item["scheduled_for"], nxt["created_at"] - timedelta(seconds=5))
-    assert nxt["scheduled_for"] == next_occurrence(DAILY, time(18, 0), LONDON, after)
-    assert nxt["metadata"]["delivery_time"] == "18:00:00"
+    assert nxt["scheduled_for"] == next_occurrence(DAILY, moved, LONDON, after)
+    assert nxt["metadata"]["delivery_time"] == moved.isoformat()
 
 
 def test_a_project_deleted_mid_generation_cancels_the_item_with_its_usage_booked(
