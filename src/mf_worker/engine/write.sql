@@ -44,9 +44,10 @@ WITH fence AS (
         locked_by        = NULL,
         lease_expires_at = NULL,
         last_error       = 'episode withdrawn: ' || %(withdrawn_reason)s::text,
-        delivery         = CASE WHEN %(withdrawn_reason)s::text IS NOT NULL THEN 'withdrawn'
-                                WHEN scheduled_for > now() THEN 'scheduled'
-                                ELSE 'published' END,
+        delivery         = CASE WHEN scheduled_for > now()
+                                     AND %(withdrawn_reason)s::text IS NULL THEN 'scheduled'
+                                WHEN %(withdrawn_reason)s::text IS NULL THEN 'published'
+                                ELSE 'withdrawn' END,
         published_at     = CASE WHEN %(withdrawn_reason)s::text IS NOT NULL
                                   OR scheduled_for > now() THEN NULL
                                 ELSE now() END

@@ -75,6 +75,7 @@ FROM walk WHERE step > 0 ORDER BY step;
 --      takes (among late items too);
 --   3. then the earliest delivery instant (scheduled_for), an item that was already started
 --      (put back by a rate limit) before one that was not, and the id.
+-- (1 and 2 are one sort key, `turn`: the array {0 if late else 1, the fair turn}.)
 -- The fair candidates come from the given organisations (store.claim_due_items chooses at
 -- most 4 × limit of those with a due item, taking turns among all of them from one claim to
 -- the next) plus those of the late items. With k organisations, each offers its first
@@ -92,13 +93,13 @@ WITH late AS MATERIALIZED (
            row_number() OVER (PARTITION BY e.organization_id
                               ORDER BY e.scheduled_for, e.run_after, e.id) AS rank
     FROM (
-        SELECT q.id, q.organization_id, q.scheduled_for, q.run_after,
-               q.picked_up_at IS NOT NULL AS started
-        FROM public.episode_schedule_queue AS q
-        WHERE q.status = 'pending'
-          AND q.scheduled_for <= coalesce(%(now)s, now())
-          AND q.run_after <= coalesce(%(now)s, now())
-        ORDER BY q.scheduled_for, q.run_after, q.id
+        SELECT l.id, l.organization_id, l.scheduled_for, l.run_after,
+               l.picked_up_at IS NOT NULL AS started
+        FROM public.episode_schedule_queue AS l
+        WHERE l.status = 'pending'
+          AND l.scheduled_for <= coalesce(%(now)s, now())
+          AND l.run_after <= coalesce(%(now)s, now())
+        ORDER BY l.scheduled_for, l.run_after, l.id
         LIMIT %(limit)s
     ) AS e
 ), due_orgs AS MATERIALIZED (
@@ -132,7 +133,9 @@ WITH late AS MATERIALIZED (
                 ELSE greatest(%(org_max_in_flight)s::int - n.busy, 0) END AS cap
     FROM counted AS n
 ), candidates AS (
-    SELECT c.id, m.before + c.rank AS turn, c.scheduled_for <= coalesce(%(now)s, now()) AS late,
+    -- turn: {0 if the item is late else 1, its fair turn}, compared in that order.
+    SELECT c.id, ARRAY[(c.scheduled_for > coalesce(%(now)s, now()))::int,
+                       m.before + c.rank] AS turn,
            c.scheduled_for, c.started
     FROM spread, room AS m
     CROSS JOIN LATERAL (
@@ -146,7 +149,7 @@ WITH late AS MATERIALIZED (
         LIMIT least(spread.share, coalesce(m.cap, spread.share))
     ) AS c
     UNION ALL
-    SELECT l.id, m.before + l.rank, true, l.scheduled_for, l.started
+    SELECT l.id, ARRAY[0, m.before + l.rank], l.scheduled_for, l.started
     FROM late AS l
     JOIN room AS m ON m.id = l.organization_id
     WHERE m.cap IS NULL OR l.rank <= m.cap
@@ -154,11 +157,11 @@ WITH late AS MATERIALIZED (
     -- The best few candidates, chosen in memory before any row is locked (a few more than
     -- asked, so rows that concurrent claims hold can be skipped). An item offered twice (late,
     -- and among its organisation's share) keeps its better turn.
-    SELECT id, bool_or(late) AS late, min(turn) AS turn, min(scheduled_for) AS scheduled_for,
+    SELECT id, min(turn) AS turn, min(scheduled_for) AS scheduled_for,
            bool_or(started) AS started
     FROM candidates
     GROUP BY id
-    ORDER BY bool_or(late) DESC, min(turn), min(scheduled_for), bool_or(started) DESC, id
+    ORDER BY turn, scheduled_for, started DESC, id
     LIMIT 4 * %(limit)s
 ), due AS (
     SELECT q.id
@@ -166,7 +169,7 @@ WITH late AS MATERIALIZED (
     JOIN public.episode_schedule_queue AS q ON q.id = c.id
     WHERE q.status = 'pending'
       AND q.run_after <= coalesce(%(now)s, now())
-    ORDER BY c.late DESC, c.turn, c.scheduled_for, c.started DESC, c.id
+    ORDER BY c.turn, c.scheduled_for, c.started DESC, c.id
     LIMIT %(limit)s
     FOR UPDATE OF q SKIP LOCKED
 )
