@@ -2,10 +2,12 @@
 
 Seeds ``--items`` due pending items spread evenly over ``--orgs`` organisations (one project
 each item, as the queue allows one open item per project; a tenth of the organisations also
-have an item processing), then times, interleaved in one run, the claim as shipped (each
-organisation's due items take turns after those it has processing or just completed; one
-statement with ``FOR UPDATE SKIP LOCKED``) and, for comparison, the claim before it (due
-items earliest deadline first, nothing else). Each claim of ``--limit`` items runs in a
+have an item processing), then times, interleaved in one run, the claim as shipped
+(``queue.claim_due_items`` as one process makes it: choosing the organisations, then one
+statement with ``FOR UPDATE SKIP LOCKED`` in which items at or past their instant go first and
+each organisation's due items take turns after those it has processing or just completed)
+and, for comparison, the claim before fair ordering (due items earliest deadline first,
+nothing else). Each claim of ``--limit`` items runs in a
 transaction that is rolled back, so every repetition sees the same queue. Prints the median
 and 90th percentile per claim. Figures only: nothing here asserts. Uses a throwaway database
 on ``MF_BENCH_DATABASE_URL`` (default ``postgresql:///postgres``).
@@ -17,6 +19,7 @@ on ``MF_BENCH_DATABASE_URL`` (default ``postgresql:///postgres``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import sys
@@ -32,9 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_burst import bench_database  # noqa: E402
 
-from mf_worker.db.sql import load_queries  # noqa: E402
-
-FAIR = load_queries("mf_worker.queue", "queries.sql")["claim_due_items"]
+from mf_worker import queue  # noqa: E402
 
 # The claim before fair ordering (issue #13): due items earliest deadline first, nothing else.
 BY_DEADLINE = """
@@ -85,6 +86,19 @@ def timed(conn: psycopg.Connection[Any], query: Any, params: dict[str, Any]) -> 
         return time.perf_counter() - started, len(rows)
 
 
+async def timed_claim(conn: psycopg.AsyncConnection[Any], rotation: queue.OrganizationRotation,
+                      org_max_in_flight: int | None, limit: int) -> tuple[float, int]:
+    """The claim as the worker makes it (`queue.claim_due_items`: choosing the organisations,
+    then the claim statement), rolled back."""
+    async with conn.transaction(force_rollback=True):
+        started = time.perf_counter()
+        items = await queue.claim_due_items(conn, worker="bench", limit=limit,
+                                            lease_seconds=60,
+                                            org_max_in_flight=org_max_in_flight,
+                                            rotation=rotation)
+        return time.perf_counter() - started, len(items)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=100_000)
@@ -93,32 +107,46 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
     admin_url = os.environ.get("MF_BENCH_DATABASE_URL", "postgresql:///postgres")
-    with bench_database(admin_url) as url, psycopg.connect(url, row_factory=dict_row) as conn:
-        started = time.perf_counter()
-        with conn.transaction():
-            for statement in SEED.split(";\n"):
-                if statement.strip():
-                    conn.execute(statement, {"orgs": args.orgs, "items": args.items})
-        print(f"seeded {args.items:,} due items across {args.orgs:,} organisations "
-              f"in {time.perf_counter() - started:.1f} s")
-        params = {"worker": "bench", "limit": args.limit, "lease_seconds": 60, "now": None,
-                  "org_max_in_flight": None}
-        capped = {**params, "org_max_in_flight": 4}
-        times: dict[str, list[float]] = {"fair": [], "fair, MF_ORG_MAX_IN_FLIGHT=4": [],
-                                         "earliest deadline only (before)": []}
-        counts: dict[str, int] = {}
-        for _ in range(args.repeat):
-            for name, query, values in (("fair", FAIR, params),
-                                        ("fair, MF_ORG_MAX_IN_FLIGHT=4", FAIR, capped),
-                                        ("earliest deadline only (before)", BY_DEADLINE, params)):
-                seconds, claimed = timed(conn, query, values)
+    with bench_database(admin_url) as url:
+        with psycopg.connect(url, row_factory=dict_row) as conn:
+            started = time.perf_counter()
+            with conn.transaction():
+                for statement in SEED.split(";\n"):
+                    if statement.strip():
+                        conn.execute(statement, {"orgs": args.orgs, "items": args.items})
+            print(f"seeded {args.items:,} due items across {args.orgs:,} organisations "
+                  f"in {time.perf_counter() - started:.1f} s")
+        asyncio.run(measure(url, args))
+
+
+async def measure(url: str, args: argparse.Namespace) -> None:
+    """Interleaved: the claim as shipped (as one process makes it, rotation and all), the same
+    with an organisation cap, and the claim before fair ordering."""
+    params = {"worker": "bench", "limit": args.limit, "lease_seconds": 60, "now": None,
+              "org_max_in_flight": None}
+    rotations = {name: queue.OrganizationRotation() for name in ("fair", "capped")}
+    times: dict[str, list[float]] = {"fair": [], "fair, MF_ORG_MAX_IN_FLIGHT=4": [],
+                                     "earliest deadline only (before)": []}
+    counts: dict[str, int] = {}
+    aconn = await psycopg.AsyncConnection.connect(url, row_factory=dict_row)
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        async with aconn:
+            for _ in range(args.repeat):
+                for name, cap, rotation in (
+                        ("fair", None, rotations["fair"]),
+                        ("fair, MF_ORG_MAX_IN_FLIGHT=4", 4, rotations["capped"])):
+                    seconds, claimed = await timed_claim(aconn, rotation, cap, args.limit)
+                    times[name].append(seconds)
+                    counts[name] = claimed
+                name = "earliest deadline only (before)"
+                seconds, claimed = timed(conn, BY_DEADLINE, params)
                 times[name].append(seconds)
                 counts[name] = claimed
-        for name, samples in times.items():
-            samples.sort()
-            p90 = samples[int(0.9 * (len(samples) - 1))]
-            print(f"{name:32} median {statistics.median(samples) * 1000:7.2f} ms, "
-                  f"p90 {p90 * 1000:7.2f} ms per claim of {counts[name]} items")
+    for name, samples in times.items():
+        samples.sort()
+        p90 = samples[int(0.9 * (len(samples) - 1))]
+        print(f"{name:32} median {statistics.median(samples) * 1000:7.2f} ms, "
+              f"p90 {p90 * 1000:7.2f} ms per claim of {counts[name]} items")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def test_final_write_plans_the_next_item_a_lead_window_early(db_url: str, db: Co
 
 def test_enqueue_at_an_instant_is_claimable_a_lead_window_before_it(db_url: str, db: Conn) -> None:
     t = make_tenant(db)
-    at = datetime(2030, 1, 2, 9, 0, tzinfo=UTC)
+    # Within the year ahead that enqueue accepts.
+    at = (datetime.now(UTC) + timedelta(days=30)).replace(hour=9, minute=0, second=0,
+                                                          microsecond=0)
 
     async def main() -> None:
         conn = await connect(settings_for(db_url))

@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta, timezone
 from time import monotonic, sleep
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -37,6 +37,13 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 NOW = datetime(2026, 3, 4, 12, 30, tzinfo=UTC)  # a Wednesday
 OPEN = ("pending", "processing", "blocked")
+
+
+def soon(days: int = 30) -> datetime:
+    """09:00 UTC some days from the real clock: `enqueue --at` takes nothing more than a year
+    ahead, so fixed dates would expire."""
+    return (datetime.now(UTC) + timedelta(days=days)).replace(hour=9, minute=0, second=0,
+                                                               microsecond=0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -325,12 +332,13 @@ def test_attempted_or_manual_items_are_not_rescheduled(db_url: str, db: Conn) ->
 def test_item_enqueued_by_hand_is_not_rescheduled(db_url: str, db: Conn) -> None:
     """An item from `mf-worker enqueue` keeps its time whatever the project's cadence."""
     project = make_tenant(db)["project"]
-    done = cli(db_url, "enqueue", project["id"], "--at", "2030-01-01T09:00:00Z")
+    at = soon()
+    done = cli(db_url, "enqueue", project["id"], "--at", at.isoformat())
     assert done.returncode == 0, done.stderr
     db.execute('UPDATE projects SET cadence_config = \'{"mode": "weekly"}\'')
     result = run_pass(db_url)
     assert (result.created, result.rescheduled) == (0, 0)
-    assert open_item(db, project["id"])["scheduled_for"] == datetime(2030, 1, 1, 9, tzinfo=UTC)
+    assert open_item(db, project["id"])["scheduled_for"] == at
 
 
 def test_delivery_time_with_fractional_seconds_is_stable(db_url: str, db: Conn) -> None:
@@ -591,9 +599,10 @@ def test_enqueue_cli_adds_refuses_and_replaces_manual_items(db_url: str, db: Con
     waiting one; the refusal names the open item (in UTC, whatever the session zone)."""
     project = make_tenant(db)["project"]
     pid = project["id"]
-    at = datetime(2030, 1, 1, 9, tzinfo=UTC)
+    at, later = soon(30), soon(60)
+    plus_one = later.astimezone(timezone(timedelta(hours=1))).isoformat()
 
-    first = cli(db_url, "enqueue", pid, "--at", "2030-01-01T09:00:00Z")
+    first = cli(db_url, "enqueue", pid, "--at", at.isoformat().replace("+00:00", "Z"))
     assert first.returncode == 0, first.stderr
     item = open_item(db, pid)
     assert first.stdout.strip() == f"enqueued {item['id']} for {pid}, due {at.isoformat()}"
@@ -602,20 +611,21 @@ def test_enqueue_cli_adds_refuses_and_replaces_manual_items(db_url: str, db: Con
         "pending", at, at - timedelta(minutes=15))
     assert item["metadata"]["manual"] is True
     assert item["metadata"]["user_timezone"] == "Europe/London"
-    assert item["metadata"]["user_local_time"] == "2030-01-01T09:00:00+00:00"
+    assert item["metadata"]["user_local_time"] == at.astimezone(
+        ZoneInfo("Europe/London")).isoformat()
     assert next_scheduled_at(db, pid) == at
 
     # PGTZ makes the session zone non-UTC; the message must still show the due time in UTC.
     refused = cli(
-        db_url, "enqueue", pid, "--at", "2030-02-01T09:00:00+01:00", PGTZ="America/New_York"
+        db_url, "enqueue", pid, "--at", plus_one, PGTZ="America/New_York"
     )
     assert refused.returncode == 1
     assert item["id"] in refused.stderr
     assert "--replace" in refused.stderr
-    assert "due 2030-01-01T09:00:00Z" in refused.stderr
+    assert f"due {at:%Y-%m-%dT%H:%M:%SZ}" in refused.stderr
     assert [r["id"] for r in items(db, pid)] == [item["id"]]
 
-    replaced = cli(db_url, "enqueue", pid, "--at", "2030-02-01T09:00:00+01:00", "--replace")
+    replaced = cli(db_url, "enqueue", pid, "--at", plus_one, "--replace")
     assert replaced.returncode == 0, replaced.stderr
     old, new = items(db, pid)
     assert (old["id"], old["status"], old["last_error"]) == (
@@ -624,7 +634,7 @@ def test_enqueue_cli_adds_refuses_and_replaces_manual_items(db_url: str, db: Con
         "replaced by mf-worker enqueue",
     )
     assert new["status"] == "pending"
-    assert new["scheduled_for"] == datetime(2030, 2, 1, 8, tzinfo=UTC)
+    assert new["scheduled_for"] == later
     assert new["metadata"]["manual"] is True
     assert next_scheduled_at(db, pid) == new["scheduled_for"]
 
@@ -656,11 +666,11 @@ def test_enqueue_cli_refuses_paused_and_unknown_projects_and_naive_times(
     """Clear failures: paused or unknown project exit 1, a time without an offset exits 2."""
     paused = make_tenant(db, status="paused")["project"]
 
-    result = cli(db_url, "enqueue", paused["id"], "--at", "2030-01-01T09:00:00Z")
+    result = cli(db_url, "enqueue", paused["id"], "--at", soon().isoformat())
     assert result.returncode == 1
     assert f"project {paused['id']} is paused" in result.stderr
 
-    result = cli(db_url, "enqueue", "prj_does_not_exist", "--at", "2030-01-01T09:00:00Z")
+    result = cli(db_url, "enqueue", "prj_does_not_exist", "--at", soon().isoformat())
     assert result.returncode == 1
     assert "'prj_does_not_exist' does not exist" in result.stderr
 
@@ -734,7 +744,7 @@ def test_operator_actions_are_audited_with_actor_and_statuses(db_url: str, db: C
     pid, org = tenant["project"]["id"], tenant["org"]["id"]
     os_user = pwd.getpwuid(os.getuid()).pw_name
 
-    assert cli(db_url, "enqueue", pid, "--at", "2030-01-01T09:00:00Z").returncode == 0
+    assert cli(db_url, "enqueue", pid, "--at", soon().isoformat()).returncode == 0
     first = open_item(db, pid)
     replaced = cli(db_url, "enqueue", pid, "--replace", "--actor", "alice@support")
     assert replaced.returncode == 0, replaced.stderr

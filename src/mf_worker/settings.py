@@ -403,7 +403,8 @@ class Settings:
         30,
         _int(1),
         "Completed and cancelled queue items older than this are deleted (episodes and usage "
-        "stay).",
+        "stay), except an item whose episode still waits for its delivery instant or whose "
+        "slot has not come yet.",
     )
     max_episode_bytes: int = _setting(
         "MF_MAX_EPISODE_BYTES",
@@ -529,9 +530,10 @@ class Settings:
         900.0,
         _float(0.0, maximum=21600.0),
         "How long before its delivery instant an episode may be generated (the lead window): "
-        "the scheduler sets `run_after = scheduled_for - lead`, claims go earliest deadline "
-        "first, and an episode finished early stays `scheduled` until the publisher makes it "
-        "`ready` at the instant. `0` generates at the delivery instant. At most 21600 (6 h): "
+        "the scheduler sets `run_after = scheduled_for - lead`, claims take items at or past "
+        "their instant first (then the fair turn, then the earliest deadline), and an episode "
+        "finished early stays `scheduled` until the publisher makes it `ready` at the instant. "
+        "`0` generates at the delivery instant. At most 21600 (6 h): "
         "shorter than the gap between two occurrences (a day at least), so finishing one "
         "episode never makes the next one claimable at once.",
     )

@@ -156,8 +156,9 @@ def render_snapshot(snapshot: Snapshot) -> str:
 
 
 async def retry_queue_item(conn: Connection, item_id: str, *, actor: str) -> None:
-    """Make a failed/cancelled/blocked item pending and due now, with fresh attempts; its
-    episode, if it failed with the item, is generating again. Audited under ``actor``."""
+    """Make a failed/cancelled/blocked item pending and due now, with a fresh start (attempts,
+    retry deadline, backoff, deferrals and lost-worker count); its episode, if it failed with
+    the item, is generating again. Audited under ``actor``."""
     try:
         async with conn.transaction():
             cur = await conn.execute(_Q["retry_item_now"], {"id": item_id})

@@ -32,7 +32,10 @@ WHERE p.status = 'active'
 
 -- name: retry_item_now
 -- `mf-worker retry`: a failed, cancelled or blocked item (or a pending one that is backing off)
--- becomes pending and due now, with a fresh set of attempts. `old_status` is for the audit row.
+-- becomes pending and due now, with a fresh start: its attempts (MF_MAX_ATTEMPTS), its retry
+-- deadline (MF_RETRY_DEADLINE runs from the next pick-up: picked_up_at), its backoff (the
+-- exponent, retry_count), its deferrals and its lost-worker count (lost_count). `old_status`
+-- is for the audit row.
 WITH old AS (
     SELECT id, status FROM episode_schedule_queue
     WHERE id = %(id)s AND status IN ('failed', 'cancelled', 'blocked', 'pending')
@@ -40,7 +43,9 @@ WITH old AS (
 )
 UPDATE episode_schedule_queue q
 SET status = 'pending', run_after = now(), attempt_count = 0, last_error = NULL,
-    completed_at = NULL
+    completed_at = NULL, picked_up_at = NULL, retry_count = 0, deferred_count = 0,
+    deferred_reason = NULL, lost_count = 0, blocked_on = NULL,
+    metadata = q.metadata - 'skipped'
 FROM old
 WHERE q.id = old.id
 RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;

@@ -19,7 +19,12 @@ from ..engine.worker import Outcome
 from ..logs import get_logger
 from ..maintenance.scheduler import Scheduler, SchedulerConfig
 from ..memories import TRIGGER_MEMORIES, ProjectReport, migrate_memories, render_report
-from ..scheduling.scheduler import SchedulerResult, enqueue_item
+from ..scheduling.scheduler import (
+    InstantOutOfRange,
+    SchedulerResult,
+    check_instant,
+    enqueue_item,
+)
 from ..settings import Settings, describe_settings
 from ..status import Snapshot, cancel_queue_item, read_snapshot, render_snapshot, retry_queue_item
 from .common import (
@@ -212,7 +217,8 @@ async def _open_pool(settings: Settings) -> Pool:
 def enqueue(
     project_id: Annotated[str, typer.Argument(help="The project to add an item for.")],
     at: Annotated[
-        str | None, typer.Option("--at", help="ISO 8601 instant with offset (default: now).")
+        str | None, typer.Option("--at", help="ISO 8601 instant with offset, from 2000 to a "
+                                 "year ahead (default: now).")
     ] = None,
     replace: Annotated[
         bool, typer.Option("--replace", help="Cancel the project's waiting item first.")
@@ -252,6 +258,12 @@ def _parse_instant(text: str) -> datetime:
         fail(f"--at={text!r}: not an ISO 8601 date-time", EXIT_CONFIG)
     if value.tzinfo is None:
         fail(f"--at={text!r}: give an offset or Z (e.g. 2026-01-05T09:00:00Z)", EXIT_CONFIG)
+    try:
+        # Not before 2000, at most a year ahead: year 1 in Europe/London overflowed the zone
+        # arithmetic (a traceback), and a daemon could not claim an item due before year 1.
+        check_instant(value, datetime.now(UTC), name=f"--at={text!r}")
+    except InstantOutOfRange as exc:
+        fail(str(exc), EXIT_CONFIG)
     return value
 
 
@@ -278,7 +290,8 @@ def retry(
     actor: Actor = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Make a failed, cancelled or blocked item pending and due now, with fresh attempts."""
+    """Make a failed, cancelled or blocked item pending and due now, with a fresh start:
+    attempts, retry deadline, backoff and lost-worker count."""
     settings = build_settings(database_url=database_url)
     who = _actor(actor)
 
@@ -287,7 +300,9 @@ def retry(
             await retry_queue_item(conn, item_id, actor=who)
 
     run_async(main)
-    typer.echo(f"{item_id} is pending and due now")
+    typer.echo(f"{item_id} is pending and due now, with a fresh start: attempts, retry "
+               "deadline (MF_RETRY_DEADLINE from its next pick-up), backoff and lost-worker "
+               "count reset")
 
 
 @app.command()

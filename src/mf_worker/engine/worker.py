@@ -431,9 +431,13 @@ class Worker:
         except TRANSIENT_DB_ERRORS as exc:  # the episode matters more than the correction
             self._log.warning("flow_correction_failed", error=describe_error(exc))
         costs = tuple(self.budget.prices.cost(u) for u in result.usages)
-        report.delivery = await self._writes.submit(EpisodeWrite(
-            item=item, prepared=prepared, result=result, costs=costs, now=self.clock(),
-            lead_seconds=self.settings.lead_seconds))
+        try:
+            report.delivery = await self._writes.submit(EpisodeWrite(
+                item=item, prepared=prepared, result=result, costs=costs, now=self.clock(),
+                lead_seconds=self.settings.lead_seconds))
+        except ItemUnavailable as exc:  # the project was deleted while it generated
+            report.outcome, report.error, report.costs = Outcome.CANCELLED, str(exc), costs
+            return
         report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
 
     async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:

@@ -2,6 +2,22 @@
 -- transaction acting for the item's organisation (act_for), so row-level security rejects any
 -- row of another organisation.
 
+-- name: lock_project_for_write
+-- The project as it is at commit: its row locked (FOR NO KEY UPDATE, the lock the final write's
+-- cache update takes anyway, taken first) until the write commits, so a pause, a new delivery
+-- time or a deletion by the web app either committed before this read or waits for the write.
+-- No row: the project was deleted. `ended_slots`: its instants after `after` that already
+-- ended (a slot is generated once; the same rule as scheduling/queries.sql).
+SELECT p.status, p.cadence_config, p.delivery_time, u.timezone,
+       ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
+             WHERE e.project_id = p.id AND e.scheduled_for > %(after)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
+FROM projects p
+JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
+WHERE p.id = %(project_id)s
+FOR NO KEY UPDATE OF p;
+
 -- name: complete_episode
 -- The final write of one item, in one statement so that a batch of items pipelines in one
 -- transaction (lists arrive as JSON: one parameter each, cheap to send and to unpack): the
@@ -12,7 +28,11 @@
 -- memories, the audit row, the user events, and the project's next item with its cache. The
 -- episode is visible ('ready', published_at, the `episode_ready` event) only if its delivery
 -- instant has come; finished before it, it is 'scheduled' and the publisher (engine/
--- publisher.sql) makes it ready at the instant. The
+-- publisher.sql) makes it ready at the instant. A project that is no longer active at commit
+-- (`withdrawn_reason`: 'project paused', 'project archived') gets its episode 'withdrawn' at
+-- once instead (never visible; its usage booked; the notes it used stay pending, for the next
+-- episode; no user events; an `episode.withdraw` audit row), no next item, and no
+-- next_scheduled_at. The
 -- next item selects FROM fence, so the completed row has left the open-item index before the
 -- insert checks it. `held` 0 means the claim is no longer ours and nothing was written.
 WITH fence AS (
@@ -23,16 +43,23 @@ WITH fence AS (
         reserved_cost_gbp = NULL,
         locked_by        = NULL,
         lease_expires_at = NULL,
-        last_error       = NULL,
-        delivery         = CASE WHEN scheduled_for > now() THEN 'scheduled' ELSE 'published' END,
-        published_at     = CASE WHEN scheduled_for > now() THEN NULL ELSE now() END
+        last_error       = 'episode withdrawn: ' || %(withdrawn_reason)s::text,
+        delivery         = CASE WHEN scheduled_for > now()
+                                     AND %(withdrawn_reason)s::text IS NULL THEN 'scheduled'
+                                WHEN %(withdrawn_reason)s::text IS NULL THEN 'published'
+                                ELSE 'withdrawn' END,
+        published_at     = CASE WHEN %(withdrawn_reason)s::text IS NOT NULL
+                                  OR scheduled_for > now() THEN NULL
+                                ELSE now() END
     WHERE id = %(id)s
       AND claim_token = %(token)s
       AND status = 'processing'
     RETURNING id, scheduled_for, delivery, published_at
 ), episode AS (
     UPDATE episodes
-    SET status = CASE WHEN fence.delivery = 'scheduled' THEN 'scheduled' ELSE 'ready' END,
+    SET status = CASE fence.delivery WHEN 'scheduled' THEN 'scheduled'
+                                     WHEN 'withdrawn' THEN 'withdrawn' ELSE 'ready' END,
+        withdrawn_reason = %(withdrawn_reason)s,
         published_at = fence.published_at,
         title = %(title)s, generation_attempts = generation_attempts + 1
     FROM fence
@@ -58,7 +85,8 @@ WITH fence AS (
     UPDATE planning_notes
     SET status = 'incorporated', processed_at = now(), episode_id = %(episode_id)s
     FROM fence
-    WHERE planning_notes.project_id = %(project_id)s AND planning_notes.status = 'pending'
+    WHERE fence.delivery <> 'withdrawn'
+      AND planning_notes.project_id = %(project_id)s AND planning_notes.status = 'pending'
       AND planning_notes.id IN (SELECT jsonb_array_elements_text(%(note_ids)s::jsonb))
 ), memories AS (
     INSERT INTO agent_memory (id, project_id, organization_id, content, memory_type,
@@ -72,10 +100,17 @@ WITH fence AS (
     SELECT %(audit_id)s, NULL, %(organization_id)s, 'episode.generate', %(episode_id)s,
            %(summary)s
     FROM fence
+), withdraw_audit AS (
+    INSERT INTO audit_log (id, user_id, organization_id, action, resource_id, new_value)
+    SELECT %(withdraw_audit_id)s, NULL, %(organization_id)s, 'episode.withdraw',
+           %(episode_id)s, %(withdrawn_reason)s
+    FROM fence
+    WHERE fence.delivery = 'withdrawn'
 ), event AS (
     INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
     SELECT %(event_id)s, %(user_id)s, %(organization_id)s, 'episode_generated', %(event_data)s
     FROM fence
+    WHERE fence.delivery <> 'withdrawn'
 ), ready_event AS (
     INSERT INTO user_events (id, user_id, organization_id, event_type, event_data)
     SELECT %(ready_event_id)s, %(user_id)s, %(organization_id)s, 'episode_ready', %(event_data)s
@@ -97,6 +132,13 @@ WITH fence AS (
     FROM next_item
     WHERE p.id = next_item.project_id
       AND p.next_scheduled_at IS DISTINCT FROM next_item.scheduled_for
+), uncached AS (
+    -- An inactive project has no next item, so no next delivery.
+    UPDATE projects p SET next_scheduled_at = NULL
+    FROM fence
+    WHERE fence.delivery = 'withdrawn' AND p.id = %(project_id)s
+      AND p.next_scheduled_at IS NOT NULL
 )
-SELECT count(*) AS held, max(scheduled_for) AS scheduled_for, max(published_at) AS published_at
+SELECT count(*) AS held, max(scheduled_for) AS scheduled_for, max(published_at) AS published_at,
+       %(withdrawn_reason)s::text AS withdrawn_reason
 FROM fence;

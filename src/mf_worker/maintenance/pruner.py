@@ -1,4 +1,5 @@
-"""The pruner: completed and cancelled queue items are deleted once they are old enough.
+"""The pruner: completed and cancelled queue items are deleted once they are old enough, except
+an item whose episode still waits for its delivery instant or whose slot has not come yet.
 
 The queue is a hot, update-heavy table; keeping it small keeps claims fast. Episodes, usage and
 audit rows are never touched here: the queue row is only the scheduling record.

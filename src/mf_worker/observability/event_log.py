@@ -44,7 +44,10 @@ class EventLog:
         fields: dict[str, Any] = {"outcome": report.outcome.value,
                                   "seconds": round(report.item_seconds, 4)}
         if report.outcome is Outcome.SUCCESS:
-            if report.delivery is not None and report.delivery.published_at is None:
+            if report.delivery is not None and report.delivery.withdrawn_reason is not None:
+                # Its project was paused or archived while it was generated.
+                fields["withdrawn"] = report.delivery.withdrawn_reason
+            elif report.delivery is not None and report.delivery.published_at is None:
                 # Finished in the lead window: the publisher makes it visible at its instant.
                 fields["publishes_at"] = report.delivery.scheduled_for.isoformat()
             self._worker.info("item_completed", **fields)

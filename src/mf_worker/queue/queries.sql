@@ -62,30 +62,56 @@ SELECT organization_id, due, found < %(want)s AND step < %(steps)s AS round
 FROM walk WHERE step > 0 ORDER BY step;
 
 -- name: claim_due_items
--- Batched: one short transaction claims up to `limit` due items of the given organisations
--- (store.claim_due_items chooses at most 4 × limit of those with a due item, taking turns
--- among all of them from one claim to the next), skipping rows other workers have locked.
--- Fair across those organisations: an organisation's due items take turns after the items it
--- already has processing or completed in the last ten minutes (its first due item's turn is
--- that count + 1), and items are taken by turn, then by the time they were due
--- (scheduled_for), an item that was already started (put back by a rate limit) before one that
--- was not; so every organisation's earliest item comes before any organisation's second, and
--- one organisation's backlog cannot starve the rest however many claims it takes. With k
--- organisations, each offers its first ceil(4 × limit / k) due items (its share; an index
--- range scan that stops early), and its recent completions are counted up to that share too:
--- one served its share or more in the last ten minutes goes behind every one served less, and
--- the work per claim stays about 4 × limit index entries however large the fleet is. At most
+-- Batched: one short transaction claims up to `limit` due items, skipping rows other workers
+-- have locked. The order is for on-time delivery first, then fairness:
+--   1. late first: items whose delivery instant (scheduled_for) has come, before items that are
+--      only in their lead window (claimable early, MF_LEAD_SECONDS). The earliest `limit` late
+--      items of the whole queue are found here (the deadline index; whichever organisations
+--      the caller chose), so a late item never waits behind another organisation's early one;
+--   2. then the fair turn: an organisation's due items take turns after the items it already
+--      has processing or completed in the last ten minutes (its first due item's turn is that
+--      count + 1), so every organisation's earliest item comes before any organisation's
+--      second, and one organisation's backlog cannot starve the rest however many claims it
+--      takes (among late items too);
+--   3. then the earliest delivery instant (scheduled_for), an item that was already started
+--      (put back by a rate limit) before one that was not, and the id.
+-- (1 and 2 are one sort key, `turn`: the array {0 if late else 1, the fair turn}.)
+-- The fair candidates come from the given organisations (store.claim_due_items chooses at
+-- most 4 × limit of those with a due item, taking turns among all of them from one claim to
+-- the next) plus those of the late items. With k organisations, each offers its first
+-- ceil(4 × limit / k) due items by run_after (its share; an index range scan that stops
+-- early), and its recent completions are counted up to that share too: one served its share
+-- or more in the last ten minutes goes behind every one served less, and the work per claim
+-- stays about 5 × limit index entries however large the fleet is. At most
 -- `org_max_in_flight` minus what an organisation has processing (NULL: no cap; concurrent
 -- claims may overshoot the cap by what they take at the same instant). Each claim draws a
 -- new claim token. attempt_count counts generator calls (a release gives the attempt back).
-WITH due_orgs AS MATERIALIZED (
-    SELECT DISTINCT o.id FROM unnest(%(organizations)s::text[]) AS o(id)
+WITH late AS MATERIALIZED (
+    -- The earliest-deadline due items whose instant has come, across every organisation,
+    -- ranked within each organisation.
+    SELECT e.id, e.organization_id, e.scheduled_for, e.started,
+           row_number() OVER (PARTITION BY e.organization_id
+                              ORDER BY e.scheduled_for, e.run_after, e.id) AS rank
+    FROM (
+        SELECT l.id, l.organization_id, l.scheduled_for, l.run_after,
+               l.picked_up_at IS NOT NULL AS started
+        FROM public.episode_schedule_queue AS l
+        WHERE l.status = 'pending'
+          AND l.scheduled_for <= coalesce(%(now)s, now())
+          AND l.run_after <= coalesce(%(now)s, now())
+        ORDER BY l.scheduled_for, l.run_after, l.id
+        LIMIT %(limit)s
+    ) AS e
+), due_orgs AS MATERIALIZED (
+    SELECT o.id FROM unnest(%(organizations)s::text[]) AS o(id)
+    UNION
+    SELECT organization_id FROM late
 ), spread AS (
     -- Each organisation's share: four times the claim split among them, so that claims racing
     -- for the same items find others to take when SKIP LOCKED passes over one.
     SELECT ceil(4 * %(limit)s::numeric / greatest(count(*), 1))::int AS share FROM due_orgs
-), candidates AS (
-    SELECT c.id, b.busy + r.served + c.rank AS turn, c.scheduled_for, c.started
+), counted AS (
+    SELECT o.id, b.busy, r.served
     FROM spread, due_orgs AS o
     CROSS JOIN LATERAL (
         SELECT count(*) AS busy FROM public.episode_schedule_queue AS p
@@ -100,22 +126,41 @@ WITH due_orgs AS MATERIALIZED (
             LIMIT spread.share
         ) AS recent
     ) AS r
+), room AS (
+    -- How many more of its items an organisation may have processing.
+    SELECT n.id, n.busy + n.served AS before,
+           CASE WHEN %(org_max_in_flight)s::int IS NULL THEN NULL
+                ELSE greatest(%(org_max_in_flight)s::int - n.busy, 0) END AS cap
+    FROM counted AS n
+), candidates AS (
+    -- turn: {0 if the item is late else 1, its fair turn}, compared in that order.
+    SELECT c.id, ARRAY[(c.scheduled_for > coalesce(%(now)s, now()))::int,
+                       m.before + c.rank] AS turn,
+           c.scheduled_for, c.started
+    FROM spread, room AS m
     CROSS JOIN LATERAL (
         SELECT q.id, q.scheduled_for, q.picked_up_at IS NOT NULL AS started,
                row_number() OVER (ORDER BY q.run_after, q.id) AS rank
         FROM public.episode_schedule_queue AS q
-        WHERE q.organization_id = o.id
+        WHERE q.organization_id = m.id
           AND q.status = 'pending'
           AND q.run_after <= coalesce(%(now)s, now())
         ORDER BY q.run_after, q.id
-        LIMIT least(spread.share,
-                    CASE WHEN %(org_max_in_flight)s::int IS NULL THEN spread.share
-                         ELSE greatest(%(org_max_in_flight)s::int - b.busy, 0) END)
+        LIMIT least(spread.share, coalesce(m.cap, spread.share))
     ) AS c
+    UNION ALL
+    SELECT l.id, ARRAY[0, m.before + l.rank], l.scheduled_for, l.started
+    FROM late AS l
+    JOIN room AS m ON m.id = l.organization_id
+    WHERE m.cap IS NULL OR l.rank <= m.cap
 ), first AS (
     -- The best few candidates, chosen in memory before any row is locked (a few more than
-    -- asked, so rows that concurrent claims hold can be skipped).
-    SELECT id, turn, scheduled_for, started FROM candidates
+    -- asked, so rows that concurrent claims hold can be skipped). An item offered twice (late,
+    -- and among its organisation's share) keeps its better turn.
+    SELECT id, min(turn) AS turn, min(scheduled_for) AS scheduled_for,
+           bool_or(started) AS started
+    FROM candidates
+    GROUP BY id
     ORDER BY turn, scheduled_for, started DESC, id
     LIMIT 4 * %(limit)s
 ), due AS (
@@ -256,14 +301,17 @@ RETURNING id;
 -- `mf-worker cancel`: a pending, blocked or processing item is cancelled with the reason. A
 -- generation in flight is fenced out by its claim token (its write, heartbeat and failure all
 -- match nothing); the trigger of migration 0004 fails the episode an attempt had started.
--- `old_status` is for the operator's audit row.
+-- metadata.skipped: an operator skipped this delivery, so its slot has ended and the scheduler
+-- plans the following occurrence (scheduling/queries.sql). `old_status` is for the operator's
+-- audit row.
 WITH old AS (
     SELECT id, status FROM episode_schedule_queue
     WHERE id = %(id)s AND status IN ('pending', 'blocked', 'processing')
     FOR UPDATE
 )
 UPDATE episode_schedule_queue q
-SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL
+SET status = 'cancelled', last_error = %(reason)s, locked_by = NULL, lease_expires_at = NULL,
+    metadata = q.metadata || '{"skipped": true}'::jsonb
 FROM old
 WHERE q.id = old.id
 RETURNING q.id, q.status, q.organization_id, q.episode_id, old.status AS old_status;
@@ -301,12 +349,18 @@ RETURNING q.id, q.organization_id, q.episode_id, q.status, q.attempt_count, q.la
 -- name: prune_finished_items
 -- Retention: completed and cancelled items past their time (finished_at: set once when the item
 -- reached its final status, so no heartbeat or claim changes an indexed column), in small
--- batches so the pruner never holds many locks or bloats one transaction. Episodes and usage rows are not touched.
+-- batches so the pruner never holds many locks or bloats one transaction. Episodes and usage
+-- rows are not touched. Kept whatever their age: an item whose episode still waits for its
+-- instant (delivery 'scheduled': the publisher finds it through its item), and one whose slot
+-- (scheduled_for) has not come yet, because it is what tells the scheduler that this slot
+-- already ended (a slot is generated once).
 DELETE FROM episode_schedule_queue
 WHERE id IN (
     SELECT id FROM episode_schedule_queue
     WHERE status IN ('completed', 'cancelled')
       AND finished_at < coalesce(%(now)s, now()) - make_interval(days => %(retention_days)s)
+      AND delivery IS DISTINCT FROM 'scheduled'
+      AND scheduled_for < coalesce(%(now)s, now())
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 );

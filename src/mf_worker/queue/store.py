@@ -69,6 +69,8 @@ class ReapedItem:
 # are every due one. Otherwise (a backlog) it walks the organisations in id order from where
 # the previous claim stopped, up to WALK_STEPS_PER_ITEM × limit of them; while the backlog
 # lasts the walk goes first, and the first look only tops up a walk that came back short.
+# The walk chooses whose fair turn comes; items past their delivery instant do not wait for
+# it: the claim statement itself adds the earliest of them, whatever their organisation.
 CLAIM_ORGS_PER_ITEM = 4
 DUE_PREFIX_PER_ITEM = 32
 WALK_STEPS_PER_ITEM = 64
@@ -144,9 +146,11 @@ async def claim_due_items(
     now: datetime | None = None, org_max_in_flight: int | None = None,
     rotation: OrganizationRotation | None = None,
 ) -> list[ClaimedItem]:
-    """Claim up to ``limit`` due pending items for ``worker``, fairly across organisations
-    (each one's earliest before anyone's second, and organisations taking turns when more are
-    due than a claim looks at: pass the same ``rotation`` to every claim of a process), with at
+    """Claim up to ``limit`` due pending items for ``worker``: items whose delivery instant has
+    come first (the earliest deadlines of the whole queue, whichever organisations the
+    rotation chose), then fairly across organisations (each one's earliest before anyone's
+    second, and organisations taking turns when more are due than a claim looks at: pass the
+    same ``rotation`` to every claim of a process), then earliest delivery instant; with at
     most ``org_max_in_flight`` of one organisation's items processing (None: no cap). The
     claim itself is one short transaction; the organisations are read just before it."""
     organizations = await _due_organizations(

@@ -3,12 +3,19 @@
 -- guard against concurrent schedulers; a conflict is simply "someone else did it".
 
 -- name: list_projects_without_open_item
--- Keyset-paginated by project id so 100,000 projects never load at once. `generated_slot`:
--- the latest instant this project already has an episode waiting for (generated in the lead
--- window, not yet published), so that slot is not planned a second time.
+-- Keyset-paginated by project id so 100,000 projects never load at once. `ended_slots`: the
+-- instants after `now` that already ended for this project, so that no slot is generated
+-- twice: the plan is the next occurrence that is not one of them. A slot ends when its item
+-- completes (its episode may still wait for the instant) or fails, or when an operator
+-- cancels it (`mf-worker cancel` marks it metadata.skipped: that delivery is skipped). An item
+-- cancelled by the system (its project paused or deleted, `enqueue --replace`) ends nothing: a
+-- project resumed before the slot gets it. Only an operator opens an ended slot again
+-- (`retry`, `enqueue`).
 SELECT p.id, p.organization_id, p.cadence_config, p.delivery_time, u.timezone,
-       (SELECT max(w.scheduled_for) FROM episode_schedule_queue w
-         WHERE w.project_id = p.id AND w.delivery = 'scheduled') AS generated_slot
+       ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
+             WHERE e.project_id = p.id AND e.scheduled_for > %(now)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.status = 'active'
@@ -54,8 +61,10 @@ WHERE p.id = n.id AND locked.id = n.id
 -- (HH:MM:SS, or HH:MM:SS.ffffff with microseconds), which time::text does not reproduce for
 -- fractional seconds ('09:00:00.5'), so both spellings are compared (no cast that could fail).
 SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone,
-       (SELECT max(w.scheduled_for) FROM episode_schedule_queue w
-         WHERE w.project_id = q.project_id AND w.delivery = 'scheduled') AS generated_slot
+       ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
+             WHERE e.project_id = q.project_id AND e.scheduled_for > %(now)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM episode_schedule_queue q
 JOIN projects p ON p.id = q.project_id
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
@@ -118,14 +127,16 @@ WHERE p.id = %(project_id)s
 FOR UPDATE OF p;
 
 -- name: cancel_open_pending_item
--- `enqueue --replace`; `old_status` is for the audit row.
+-- `enqueue --replace`; `old_status` is for the audit row. metadata.replaced_by names the item
+-- that takes its place (a moved delivery: its slot does not end, unlike an operator's cancel).
 WITH old AS (
     SELECT id, status FROM episode_schedule_queue
     WHERE id = %(id)s AND status IN ('pending', 'blocked')
     FOR UPDATE
 )
 UPDATE episode_schedule_queue q
-SET status = 'cancelled', last_error = %(reason)s
+SET status = 'cancelled', last_error = %(reason)s,
+    metadata = q.metadata || jsonb_build_object('replaced_by', %(replaced_by)s::text)
 FROM old
 WHERE q.id = old.id
 RETURNING q.id, q.organization_id, old.status AS old_status;
@@ -228,8 +239,10 @@ WHERE id = ANY(%(ids)s::text[]) AND status <> 'active' AND next_scheduled_at IS 
 -- name: list_stale_pending_items_in
 -- list_stale_pending_items for the given projects only (keep the two in step).
 SELECT q.id, q.project_id, q.organization_id, p.cadence_config, p.delivery_time, u.timezone,
-       (SELECT max(w.scheduled_for) FROM episode_schedule_queue w
-         WHERE w.project_id = q.project_id AND w.delivery = 'scheduled') AS generated_slot
+       ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
+             WHERE e.project_id = q.project_id AND e.scheduled_for > %(now)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM episode_schedule_queue q
 JOIN projects p ON p.id = q.project_id
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
@@ -249,8 +262,10 @@ ORDER BY q.id;
 -- name: list_projects_without_open_item_in
 -- list_projects_without_open_item for the given projects only (keep the two in step).
 SELECT p.id, p.organization_id, p.cadence_config, p.delivery_time, u.timezone,
-       (SELECT max(w.scheduled_for) FROM episode_schedule_queue w
-         WHERE w.project_id = p.id AND w.delivery = 'scheduled') AS generated_slot
+       ARRAY(SELECT e.scheduled_for FROM episode_schedule_queue e
+             WHERE e.project_id = p.id AND e.scheduled_for > %(now)s
+               AND (e.status IN ('completed', 'failed')
+                    OR (e.status = 'cancelled' AND e.metadata ? 'skipped'))) AS ended_slots
 FROM projects p
 JOIN users u ON u.id = p.user_id AND u.organization_id = p.organization_id
 WHERE p.id = ANY(%(ids)s::text[])

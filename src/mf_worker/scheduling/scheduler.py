@@ -5,9 +5,13 @@ is one pass, and ``enqueue_item`` the operator's extra item.
 A pass cancels items of paused, archived and deleted projects, re-plans waiting items whose
 project changed its cadence, delivery time or zone, and plans the next item of every active
 project that has none. An item is due at its delivery instant (``scheduled_for``) but
-claimable a lead window before it (``run_after = scheduled_for - lead``, ``MF_LEAD_SECONDS``);
-a slot whose episode was already generated in that window and waits to be published is never
-planned again. Its cost follows what changed, not how many projects there are:
+claimable a lead window before it (``run_after = scheduled_for - lead``, ``MF_LEAD_SECONDS``).
+A slot is generated once: a slot whose item completed (its episode perhaps waiting to be
+published) or failed, or that an operator cancelled (``mf-worker cancel``: that delivery is
+skipped), is never planned again; only an operator's ``retry`` or ``enqueue`` opens it again.
+An item the system cancelled (its project paused, ``enqueue --replace``) ends nothing.
+
+A pass's cost follows what changed, not how many projects there are:
 
 * One pass per fleet. A pass holds a PostgreSQL advisory lock (``SCHEDULER_LOCK_KEY``) from
   start to end, in a transaction that a second pooled connection keeps open (so it holds
@@ -29,8 +33,9 @@ zone is invalid gets no item; it is reported once per process and counted.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -38,7 +43,7 @@ from psycopg.types.json import Jsonb
 from ..audit import record_operator_action
 from ..db import Connection, Pool
 from ..db.sql import load_queries
-from ..errors import MfWorkerError
+from ..errors import ConfigError, MfWorkerError
 from ..ids import new_id
 from .cadence import CadenceError, next_occurrence, zone_for
 
@@ -59,13 +64,20 @@ class PlannedItem:
 
 
 def plan_next_item(
-    cadence_config: Any, delivery_time: time, timezone: str, after: datetime
+    cadence_config: Any, delivery_time: time, timezone: str, after: datetime,
+    ended: Collection[datetime] = (),
 ) -> PlannedItem:
-    """The next occurrence strictly after ``after``, with the debugging metadata the item keeps.
+    """The next occurrence strictly after ``after`` that is not one of the ``ended`` slots
+    (instants whose item already reached a final state: a slot is generated once), with the
+    debugging metadata the item keeps.
 
     Raises :class:`CadenceError` naming the bad field.
     """
     when = next_occurrence(cadence_config, delivery_time, timezone, after)
+    skip = set(ended)
+    while when in skip:  # each ended slot moves the plan on once: at most len(ended) times
+        skip.discard(when)
+        when = next_occurrence(cadence_config, delivery_time, timezone, when)
     local = when.astimezone(zone_for(timezone))
     return PlannedItem(
         scheduled_for=when,
@@ -80,6 +92,33 @@ def plan_next_item(
 
 class ProjectNotSchedulable(MfWorkerError):
     """``enqueue`` cannot add an item for this project (the message says why)."""
+
+
+class InstantOutOfRange(ConfigError):
+    """A delivery instant given by hand is before 2000 or more than a year ahead."""
+
+
+# The instants an operator may give (`enqueue --at`): a date before 2000 is a typo (year 1
+# overflows every zone's arithmetic, and a claim of it would fail), and more than a year ahead
+# is nothing a daily, weekly or custom cadence plans.
+EARLIEST_INSTANT = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_AHEAD = timedelta(days=366)
+
+
+def check_instant(when: datetime, now: datetime, *, name: str = "instant") -> datetime:
+    """``when`` in UTC if it has a zone and lies between 2000-01-01 and a year after ``now``;
+    else :class:`InstantOutOfRange` naming ``name`` (comparisons of aware instants never
+    overflow, unlike converting year 1 to UTC)."""
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise InstantOutOfRange(f"{name}: give an offset or Z (e.g. 2026-01-05T09:00:00Z)")
+    latest = now + MAX_AHEAD
+    if when < EARLIEST_INSTANT:
+        raise InstantOutOfRange(f"{name}: {when.isoformat()} is before 2000-01-01")
+    if when > latest:
+        raise InstantOutOfRange(
+            f"{name}: {when.isoformat()} is more than a year ahead (after "
+            f"{latest.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ})")
+    return when.astimezone(UTC)
 
 
 @dataclass
@@ -187,11 +226,12 @@ async def _handle_changes(conn: Connection, now: datetime, result: SchedulerResu
             cur = await conn.execute(_Q["cancel_items_of_inactive_projects_in"], params)
             result.cancelled += len(await cur.fetchall())
             await conn.execute(_Q["clear_next_scheduled_at_of_inactive_projects_in"], params)
-            cur = await conn.execute(_Q["list_stale_pending_items_in"], params)
+            cur = await conn.execute(_Q["list_stale_pending_items_in"], {**params, "now": now})
             stale = _plan_rows(await cur.fetchall(), now, result, key="project_id")
             if stale:
                 result.rescheduled += await _reschedule(conn, stale, options.lead_seconds)
-            cur = await conn.execute(_Q["list_projects_without_open_item_in"], params)
+            cur = await conn.execute(_Q["list_projects_without_open_item_in"],
+                                     {**params, "now": now})
             planned = _plan_rows(await cur.fetchall(), now, result)
             if planned:
                 result.created += await _insert_planned(conn, planned, options.lead_seconds)
@@ -203,7 +243,7 @@ async def _plan_missing(conn: Connection, now: datetime, result: SchedulerResult
     while True:
         cur = await conn.execute(
             _Q["list_projects_without_open_item"],
-            {"after_id": after_id, "limit": options.batch_size},
+            {"after_id": after_id, "limit": options.batch_size, "now": now},
         )
         rows = await cur.fetchall()
         if not rows:
@@ -219,7 +259,8 @@ async def _reschedule_stale(conn: Connection, now: datetime, result: SchedulerRe
     moved, after_id = 0, ""
     while True:
         cur = await conn.execute(
-            _Q["list_stale_pending_items"], {"after_id": after_id, "limit": options.batch_size}
+            _Q["list_stale_pending_items"],
+            {"after_id": after_id, "limit": options.batch_size, "now": now}
         )
         rows = await cur.fetchall()
         if not rows:
@@ -236,13 +277,10 @@ def _plan_rows(
     planned = []
     for row in rows:
         try:
-            plan = plan_next_item(row["cadence_config"], row["delivery_time"], row["timezone"], now)
-            generated = row.get("generated_slot")
-            if generated is not None and plan.scheduled_for == generated:
-                # That slot's episode exists (generated in the lead window, published at the
-                # instant): plan the one after it, or the project would get two.
-                plan = plan_next_item(row["cadence_config"], row["delivery_time"],
-                                      row["timezone"], generated)
+            # Slots ahead whose item already ended (completed, perhaps with its episode waiting
+            # for the instant; failed; cancelled) are not planned again: the next after them.
+            plan = plan_next_item(row["cadence_config"], row["delivery_time"], row["timezone"],
+                                  now, row["ended_slots"])
         except CadenceError as exc:
             result.invalid[row[key]] = str(exc)
             continue
@@ -318,13 +356,13 @@ async def cancel_items_of_deleted_projects(conn: Connection) -> int:
 
 
 async def _insert_item(
-    conn: Connection, *, project_id: str, organization_id: str, plan: PlannedItem,
-    lead_seconds: float,
+    conn: Connection, *, item_id: str, project_id: str, organization_id: str,
+    plan: PlannedItem, lead_seconds: float,
 ) -> dict[str, Any] | None:
     cur = await conn.execute(
         _Q["insert_enqueued_item"],
         {
-            "id": new_id("queue"),
+            "id": item_id,
             "project_id": project_id,
             "organization_id": organization_id,
             "scheduled_for": plan.scheduled_for,
@@ -341,12 +379,15 @@ async def enqueue_item(
 ) -> tuple[str, datetime]:
     """Add an extra item for a project now (or at ``at``); for support and debugging.
 
-    The item is due at ``at`` (published then) and claimable ``lead_seconds`` before it.
+    The item is due at ``at`` (published then) and claimable ``lead_seconds`` before it; an
+    ``at`` before 2000 or more than a year after ``now`` raises :class:`InstantOutOfRange`.
 
     Refuses when the project already has an open item, unless ``replace`` cancels the waiting
     one (an item being processed is never replaced). Returns the new item's id and due time.
     The new item (and a replaced one) is audited under ``actor``.
     """
+    if at is not None:
+        at = check_instant(at, now, name="--at")
     async with conn.transaction():
         cur = await conn.execute(_Q["get_project_for_enqueue"], {"project_id": project_id})
         project = await cur.fetchone()
@@ -357,6 +398,7 @@ async def enqueue_item(
                 f"project {project_id} is {project['status']}; only active projects get episodes"
             )
         replaced: dict[str, Any] | None = None
+        new_item_id = new_id("queue")
         if project["open_item_id"] is not None:
             open_desc = (
                 f"{project['open_item_id']} ({project['open_item_status']}, due "
@@ -369,7 +411,8 @@ async def enqueue_item(
                 )
             cur = await conn.execute(
                 _Q["cancel_open_pending_item"],
-                {"id": project["open_item_id"], "reason": "replaced by mf-worker enqueue"},
+                {"id": project["open_item_id"], "reason": "replaced by mf-worker enqueue",
+                 "replaced_by": new_item_id},
             )
             replaced = await cur.fetchone()
             if replaced is None:
@@ -391,7 +434,7 @@ async def enqueue_item(
                 "enqueued_at": now.isoformat(),
             },
         )
-        row = await _insert_item(conn, project_id=project_id,
+        row = await _insert_item(conn, item_id=new_item_id, project_id=project_id,
                                  organization_id=project["organization_id"], plan=plan,
                                  lead_seconds=lead_seconds)
         if row is None:  # a scheduler slipped one in between: the index decided
