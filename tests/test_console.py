@@ -1,0 +1,278 @@
+"""The operator console over HTTP, against a real database and a real server (no browser):
+sign-in and its rate limit, sessions, CSRF, roles, the security headers, the pages' content,
+the actions and their audit rows, sanitised episode text, and `mf-worker console add-user`.
+The same flows in a real browser are tests/test_console_browser.py."""
+
+from __future__ import annotations
+
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from mf_worker.console.render import render_markdown
+from mf_worker.console.security import LoginLimiter, SessionCodec
+from mf_worker.console.users import UsersFile, add_user
+
+from .console_support import PASSWORDS, ConsoleServer, console_server, seed_story, write_users
+
+Conn = psycopg.Connection[Any]
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Path:
+    return write_users(tmp_path / "console-users")
+
+
+@pytest.fixture
+def server(db_url: str, users: Path) -> Iterator[ConsoleServer]:
+    with console_server(db_url, users) as running:
+        yield running
+
+
+def client(server: ConsoleServer) -> httpx.Client:
+    return httpx.Client(base_url=server.url, follow_redirects=False, timeout=30)
+
+
+def csrf_of(html: str) -> str:
+    found = CSRF.search(html)
+    assert found, "the page has no CSRF field"
+    return found.group(1)
+
+
+def sign_in(http: httpx.Client, name: str, password: str | None = None) -> httpx.Response:
+    page = http.get("/login")
+    return http.post("/login", data={"username": name, "password": password or PASSWORDS[name],
+                                      "csrf": csrf_of(page.text), "next": "/items"})
+
+
+def test_every_page_asks_for_sign_in_and_comes_back_after_it(server: ConsoleServer) -> None:
+    with client(server) as http:
+        for path in ("/", "/items?status=failed", "/organizations", "/providers"):
+            answer = http.get(path)
+            assert answer.status_code == 303
+            assert answer.headers["location"].startswith("/login?next=")
+        signed = sign_in(http, "olivia")
+        assert signed.status_code == 303 and signed.headers["location"] == "/items"
+        assert http.get("/").status_code == 200
+
+
+def test_the_session_cookie_is_signed_httponly_and_samesite(server: ConsoleServer) -> None:
+    with client(server) as http:
+        answer = sign_in(http, "olivia")
+        cookie = answer.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie
+        assert "secure" not in cookie  # plain HTTP here; behind TLS see the proxy test
+        forged = http.cookies["mf_console"][:-2] + "xx"
+        http.cookies.clear()
+        http.cookies.set("mf_console", forged)
+        assert http.get("/").status_code == 303
+
+
+def test_wrong_passwords_are_refused_and_then_rate_limited(server: ConsoleServer) -> None:
+    with client(server) as http:
+        answers = [sign_in(http, "olivia", "wrong-password-here").status_code for _ in range(6)]
+        assert answers == [401] * 5 + [429]
+        # Even the right password waits now: the limit is on the name and the address.
+        assert sign_in(http, "olivia").status_code == 429
+
+
+def test_sign_in_without_the_forms_token_is_refused(server: ConsoleServer) -> None:
+    with client(server) as http:
+        http.get("/login")
+        answer = http.post("/login", data={"username": "olivia",
+                                           "password": PASSWORDS["olivia"], "csrf": "forged"})
+        assert answer.status_code == 403
+
+
+def test_responses_carry_a_strict_content_security_policy(server: ConsoleServer) -> None:
+    with client(server) as http:
+        sign_in(http, "victor")
+        headers = http.get("/").headers
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_pages_show_the_queue(server: ConsoleServer, db: Conn) -> None:
+    story = seed_story(db)
+    with client(server) as http:
+        sign_in(http, "victor")
+        overview = http.get("/").text
+        assert "<svg" in overview and "Last hour: 1 completed" in overview
+        failed = http.get("/items", params={"status": "failed"}).text
+        assert story["failed"]["id"] in failed and story["pending"]["id"] not in failed
+        by_error = http.get("/items", params={"error": "EMPTY TEXT"}).text
+        assert story["failed"]["id"] in by_error and story["completed"]["id"] not in by_error
+        item = http.get(f"/items/{story['failed']['id']}").text
+        for fact in ("provider timeout after 120 s", "gpt-test: 1200 + 800 tokens",
+                     "Vertical farms: week 12", "£0.01"):
+            assert fact in item
+        project = http.get(f"/projects/{story['other']['project']['id']}").text
+        assert story["pending"]["id"] in project
+        assert http.get("/organizations").status_code == 200
+        assert http.get("/providers").status_code == 200
+
+
+def test_items_page_by_keyset_without_gaps_or_repeats(server: ConsoleServer, db: Conn) -> None:
+    from .factories import make_queue_item, make_tenant
+
+    tenant = make_tenant(db)
+    made = {make_queue_item(db, tenant["project"], status="cancelled")["id"]
+            for _ in range(120)}
+    seen: list[str] = []
+    with client(server) as http:
+        sign_in(http, "victor")
+        link: str | None = "/items?status=cancelled"
+        while link:
+            html = http.get(link).text
+            seen += re.findall(r'<a href="/items/(queue_[^"]+)">', html)
+            found = re.search(r'<a href="([^"]+)" rel="next">', html)
+            link = found.group(1).replace("&amp;", "&") if found else None
+    assert len(seen) == len(set(seen)) == 120 and set(seen) == made
+
+
+def test_an_operator_retries_with_the_token_and_is_audited(server: ConsoleServer,
+                                                          db: Conn) -> None:
+    story = seed_story(db)
+    item_id = story["failed"]["id"]
+    with client(server) as http:
+        sign_in(http, "olivia")
+        confirm = http.get(f"/items/{item_id}/retry")
+        assert confirm.status_code == 200 and "Yes, retry" in confirm.text
+        missing = http.post(f"/items/{item_id}/retry", data={})
+        assert missing.status_code == 403
+        assert db.execute("SELECT status FROM episode_schedule_queue WHERE id = %s",
+                          [item_id]).fetchone() == {"status": "failed"}
+        done = http.post(f"/items/{item_id}/retry", data={"csrf": csrf_of(confirm.text)})
+        assert done.status_code == 303
+        assert "Retried" in http.get(done.headers["location"]).text
+    row = db.execute("SELECT status, attempt_count FROM episode_schedule_queue WHERE id = %s",
+                     [item_id]).fetchone()
+    assert row == {"status": "pending", "attempt_count": 0}
+    audit = db.execute("SELECT action, actor, old_value, new_value FROM audit_log "
+                       "WHERE resource_id = %s", [item_id]).fetchall()
+    assert audit == [{"action": "queue_item.retry", "actor": "olivia (console)",
+                      "old_value": "failed", "new_value": "pending"}]
+
+
+def test_cancel_needs_a_reason_and_enqueue_refuses_a_second_open_item(
+    server: ConsoleServer, db: Conn,
+) -> None:
+    story = seed_story(db)
+    item_id = story["pending"]["id"]
+    with client(server) as http:
+        sign_in(http, "olivia")
+        token = csrf_of(http.get(f"/items/{item_id}/cancel").text)
+        assert http.post(f"/items/{item_id}/cancel", data={"csrf": token}).status_code == 409
+        done = http.post(f"/items/{item_id}/cancel",
+                         data={"csrf": token, "reason": "user asked to skip this week"})
+        assert done.status_code == 303
+        row = db.execute("SELECT status, last_error FROM episode_schedule_queue WHERE id = %s",
+                         [item_id]).fetchone()
+        assert row == {"status": "cancelled", "last_error": "user asked to skip this week"}
+        project_id = story["other"]["project"]["id"]
+        first = http.post(f"/projects/{project_id}/enqueue", data={"csrf": token})
+        assert first.status_code == 303
+        second = http.post(f"/projects/{project_id}/enqueue", data={"csrf": token})
+        assert second.status_code == 409 and "already has an open item" in second.text
+    actions = [r["action"] for r in db.execute(
+        "SELECT action FROM audit_log WHERE actor = 'olivia (console)' ORDER BY created_at")]
+    assert actions == ["queue_item.cancel", "queue_item.enqueue"]
+
+
+def test_a_viewer_sees_everything_and_changes_nothing(server: ConsoleServer, db: Conn) -> None:
+    story = seed_story(db)
+    item_id = story["failed"]["id"]
+    with client(server) as http:
+        sign_in(http, "victor")
+        page = http.get(f"/items/{item_id}").text
+        assert "Retry…" not in page
+        answer = http.post(f"/items/{item_id}/retry", data={"csrf": csrf_of(page)})
+        assert answer.status_code == 403 and "can see everything but change nothing" in answer.text
+    assert db.execute("SELECT status FROM episode_schedule_queue WHERE id = %s",
+                      [item_id]).fetchone() == {"status": "failed"}
+    assert db.execute("SELECT count(*) AS n FROM audit_log").fetchone() == {"n": 0}
+
+
+def test_removing_a_user_from_the_file_ends_their_session(server: ConsoleServer,
+                                                          users: Path) -> None:
+    with client(server) as http:
+        sign_in(http, "victor")
+        assert http.get("/").status_code == 200
+        kept = [line for line in users.read_text().splitlines()
+                if not line.startswith("victor:")]
+        users.write_text("\n".join(kept) + "\n")
+        assert http.get("/").status_code == 303
+
+
+def test_a_trusted_proxys_user_header_is_believed_and_nobody_elses(
+    db_url: str, users: Path,
+) -> None:
+    env = {"MF_CONSOLE_USER_HEADER": "X-Forwarded-User"}
+    with console_server(db_url, users, MF_CONSOLE_TRUSTED_PROXIES="127.0.0.1", **env) as srv, \
+            client(srv) as http:
+        answer = http.get("/", headers={"X-Forwarded-User": "olivia",
+                                        "X-Forwarded-Proto": "https"})
+        assert answer.status_code == 200 and "olivia" in answer.text
+        assert "secure" in answer.headers["set-cookie"].lower()
+    with console_server(db_url, users, MF_CONSOLE_TRUSTED_PROXIES="10.0.0.0/8", **env) as srv, \
+            client(srv) as http:
+        assert http.get("/", headers={"X-Forwarded-User": "olivia"}).status_code == 303
+
+
+def test_markdown_is_rendered_without_script_handlers_or_javascript_links() -> None:
+    from .console_support import HOSTILE_MARKDOWN
+
+    html = str(render_markdown(HOSTILE_MARKDOWN))
+    assert "<script" not in html and "<img" not in html and 'href="javascript' not in html
+    assert "&lt;script&gt;" in html  # shown as text, not dropped silently
+    assert '<a href="https://example.org/report"' in html and "<h2>" in html
+
+
+def test_the_login_limiter_forgets_failures_after_its_window() -> None:
+    limiter = LoginLimiter(attempts=2, window=60)
+    limiter.failed("ip:a", now=0)
+    limiter.failed("ip:a", now=1)
+    assert limiter.retry_after("ip:a", now=2) == pytest.approx(58)
+    assert limiter.retry_after("ip:b", now=2) == 0
+    assert limiter.retry_after("ip:a", now=61) == 0
+
+
+def test_expired_or_foreign_sessions_are_void() -> None:
+    from mf_worker.console.security import Session
+
+    cookie = SessionCodec("a" * 40, max_age=3600).dumps(Session(user="olivia"))
+    assert SessionCodec("a" * 40, max_age=3600).loads(cookie) is not None
+    assert SessionCodec("b" * 40, max_age=3600).loads(cookie) is None
+    assert SessionCodec("a" * 40, max_age=-1).loads(cookie) is None
+
+
+def test_add_user_writes_a_private_file_of_argon2_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    result = subprocess.run(
+        [sys.executable, "-m", "mf_worker", "console", "add-user", "ana@example.org",
+         "--role", "operator", "--users-file", str(path), "--password-stdin"],
+        input="a long enough password\n", capture_output=True, text=True, timeout=60,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    line = path.read_text().splitlines()[-1]
+    assert line.startswith("ana@example.org:operator:$argon2id$")
+    assert "a long enough password" not in path.read_text()
+    users = UsersFile(path)
+    assert users.verify("ana@example.org", "a long enough password") is not None
+    assert users.verify("ana@example.org", "wrong") is None
+    assert add_user(path, "ana@example.org", "viewer", "another long password") is False
+    assert UsersFile(path).role_of("ana@example.org") == "viewer"
+    with pytest.raises(ValueError, match="12 characters"):
+        add_user(path, "bob", "viewer", "short")
