@@ -276,3 +276,59 @@ def test_add_user_writes_a_private_file_of_argon2_hashes(tmp_path: Path) -> None
     assert UsersFile(path).role_of("ana@example.org") == "viewer"
     with pytest.raises(ValueError, match="12 characters"):
         add_user(path, "bob", "viewer", "short")
+
+
+@pytest.fixture
+def console_role_url(db_url: str, db: Conn) -> Iterator[str]:
+    """``db_url`` logged in as the console's documented role: docs/database-roles.sql applied
+    with psql and a console password, as an operator does."""
+    import uuid
+
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from .conftest import ROLES_SQL, ensure_cross_org_role, require_binary
+
+    worker, console = (f"mf_test_{kind}_{uuid.uuid4().hex[:10]}" for kind in ("w", "console"))
+    ensure_cross_org_role(db)
+    applied = subprocess.run(
+        [require_binary("psql"), db_url, "-v", f"worker_role={worker}", "-v",
+         "worker_password='x'", "-v", f"console_role={console}", "-v",
+         "console_password='y'", "-f", str(ROLES_SQL)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert applied.returncode == 0, applied.stderr
+    try:
+        yield make_conninfo("", **{**conninfo_to_dict(db_url), "user": console})
+    finally:
+        for role in (worker, console):
+            db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE usename = %s", [role])
+            db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_the_console_works_under_its_least_privilege_role(
+    console_role_url: str, db: Conn, users: Path,
+) -> None:
+    """Every page and action through the documented role (row-level security applies), which
+    still cannot read a user's address."""
+    story = seed_story(db)
+    with console_server(console_role_url, users) as srv, client(srv) as http:
+        sign_in(http, "olivia")
+        for path in ("/", "/items", "/organizations", "/providers",
+                     f"/projects/{story['other']['project']['id']}"):
+            assert http.get(path).status_code == 200, path
+        item = http.get(f"/items/{story['failed']['id']}")
+        assert item.status_code == 200 and "provider timeout after 120 s" in item.text
+        assert "Weekly briefing" in item.text and "gpt-test" in item.text
+        token = csrf_of(item.text)
+        assert http.post(f"/items/{story['failed']['id']}/retry",
+                         data={"csrf": token}).status_code == 303
+        assert http.post(f"/items/{story['pending']['id']}/cancel",
+                         data={"csrf": token, "reason": "support ticket 42"}).status_code == 303
+        assert http.post(f"/projects/{story['other']['project']['id']}/enqueue",
+                         data={"csrf": token}).status_code == 303
+    assert db.execute("SELECT count(*) AS n FROM audit_log").fetchone() == {"n": 3}
+    with psycopg.connect(console_role_url) as conn, pytest.raises(
+            psycopg.errors.InsufficientPrivilege):
+        conn.execute("SELECT email FROM users")
