@@ -332,3 +332,34 @@ def test_the_console_works_under_its_least_privilege_role(
     with psycopg.connect(console_role_url) as conn, pytest.raises(
             psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT email FROM users")
+
+
+def test_the_console_is_deployable_the_three_ways() -> None:
+    """A compose service (opt-in profile, its own database role, loopback port), a Kubernetes
+    Deployment probing /healthz as non-root on a read-only root, and a systemd unit reading
+    its secrets as credentials (tests/test_deploy.py verifies and scores the unit)."""
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    compose = yaml.safe_load((root / "deploy" / "compose.yaml").read_text())
+    console = compose["services"]["console"]
+    assert console["command"] == ["console"] and console["profiles"] == ["console"]
+    assert console["build"]["args"]["EXTRAS"] == "console"
+    assert console["environment"]["MF_DATABASE_URL"].startswith("postgresql://mf_console:")
+    assert console["ports"] == ["127.0.0.1:8080:8080"] and console["read_only"] is True
+    assert any("console_password" in arg for arg in compose["services"]["roles"]["command"])
+    docs = list(yaml.safe_load_all((root / "deploy" / "kubernetes" / "console.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["console"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    unit = (root / "systemd" / "mf-worker-console.service").read_text()
+    assert "ExecStart=/opt/mf-worker/bin/mf-worker console\n" in unit
+    assert "LoadCredential=mf_console_users:" in unit
+
+
+def test_healthz_answers_without_sign_in(server: ConsoleServer) -> None:
+    with client(server) as http:
+        answer = http.get("/healthz")
+    assert (answer.status_code, answer.text) == (200, "ok\n")

@@ -23,7 +23,7 @@ import jinja2
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -269,6 +269,18 @@ async def logout(request: Request) -> Response:
     return response
 
 
+async def healthz(request: Request) -> Response:
+    """For probes, without sign-in: 200 when the database answers, else 503."""
+    console: Console = request.app.state.console
+    try:
+        async with console.connection() as conn:
+            await conn.execute("SELECT 1")
+    except Exception as exc:  # any failure to reach the database: not ready
+        log.warning("console_unhealthy", error=str(exc))
+        return PlainTextResponse("database unreachable\n", status_code=503)
+    return PlainTextResponse("ok\n")
+
+
 class SecurityHeaders:
     """Adds the security headers to every response, and believes ``X-Forwarded-Proto`` and
     ``X-Forwarded-For`` only from a trusted proxy (marking the request as coming through one,
@@ -330,6 +342,7 @@ def create_app(settings: Settings, config: ConsoleSettings, *, open_db: bool = T
                 await console.pool.close()
 
     routes = [
+        Route("/healthz", healthz, methods=["GET"]),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),

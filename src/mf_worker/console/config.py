@@ -73,8 +73,9 @@ class ConsoleSettings:
     secret_key: Secret | None = setting(
         "MF_CONSOLE_SECRET_KEY", None, secret_text,
         "`console`: key that signs session cookies; give every replica the same one (at least "
-        "32 characters). Unset: a random key per process, so sessions end at a restart.",
-        secret=True,
+        "32 characters; also read: the systemd credential `mf_console_secret_key`). Unset: a "
+        "random key per process, so sessions end at a restart.",
+        secret=True, credential="mf_console_secret_key",
     )
     session_hours: float = setting(
         "MF_CONSOLE_SESSION_HOURS", 12.0, number(0.0, exclusive=True, maximum=24.0 * 30),
