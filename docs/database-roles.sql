@@ -96,8 +96,9 @@ ALTER ROLE :"worker_role" SET idle_in_transaction_session_timeout = '30s';
 --               projects, organisations, the daily aggregate, trips and provider limits across
 --               organisations; an item's episode, blocks, usage and audit rows it reads acting
 --               for the item's organisation. Of users it reads the zone, never an address or a
---               name. It writes only what an operator's retry, cancel and enqueue write: the
---               queue row, the episode they reopen or fail, the audit row; nothing else.
+--               name. It writes only what an operator's retry, cancel, enqueue and provider
+--               key reset write: the queue row, the episode they reopen or fail, the limit
+--               key, the audit row; nothing else.
 \if :{?console_password}
 \if :{?console_role}
 \else
@@ -119,6 +120,7 @@ GRANT INSERT, UPDATE ON episode_schedule_queue TO :"console_role";
 GRANT UPDATE ON episodes TO :"console_role";
 GRANT INSERT ON audit_log TO :"console_role";
 GRANT UPDATE (next_scheduled_at) ON projects TO :"console_role";
+GRANT UPDATE ON provider_limits TO :"console_role";
 -- A page is a few indexed reads: nothing it runs waits long or runs long.
 ALTER ROLE :"console_role" SET lock_timeout = '5s';
 ALTER ROLE :"console_role" SET statement_timeout = '10s';

@@ -190,6 +190,38 @@ def test_cancel_needs_a_reason_and_enqueue_refuses_a_second_open_item(
     assert actions == ["queue_item.cancel", "queue_item.enqueue"]
 
 
+def hold_key(db: Conn, key: str = "openai:gpt-test") -> str:
+    db.execute("INSERT INTO provider_limits (limit_key, refilled_at, cooldown_until, "
+               "cooldown_reason, requests_per_second, request_level) VALUES "
+               "(%s, now(), now() + interval '1 hour', 'quota_exhausted', 2, 0)", [key])
+    return key
+
+
+def test_an_operator_resets_a_provider_key_audited_fleet_wide(server: ConsoleServer,
+                                                              db: Conn) -> None:
+    key = hold_key(db)
+    with client(server) as http:
+        sign_in(http, "olivia")
+        assert "quota_exhausted until" in http.get("/providers").text
+        confirm = http.get("/providers/reset", params={"key": key})
+        assert "Yes, reset" in confirm.text
+        done = http.post("/providers/reset", data={"csrf": csrf_of(confirm.text), "key": key})
+        assert done.status_code == 303
+        page = http.get(done.headers["location"]).text
+        assert "Reset: the key admits calls again" in page and "quota_exhausted" not in page
+        missing = http.post("/providers/reset",
+                            data={"csrf": csrf_of(confirm.text), "key": "no-such-key"})
+        assert missing.status_code == 409
+    row = db.execute("SELECT cooldown_until, request_level, requests_per_second "
+                     "FROM provider_limits WHERE limit_key = %s", [key]).fetchone()
+    assert row == {"cooldown_until": None, "request_level": None, "requests_per_second": None}
+    audit = db.execute("SELECT organization_id, action, actor, resource_id, old_value "
+                       "FROM audit_log").fetchall()
+    assert audit == [{"organization_id": None, "action": "provider_limit.reset",
+                      "actor": "olivia (console)", "resource_id": key,
+                      "old_value": "quota_exhausted"}]
+
+
 def test_a_viewer_sees_everything_and_changes_nothing(server: ConsoleServer, db: Conn) -> None:
     story = seed_story(db)
     item_id = story["failed"]["id"]
@@ -328,7 +360,9 @@ def test_the_console_works_under_its_least_privilege_role(
                          data={"csrf": token, "reason": "support ticket 42"}).status_code == 303
         assert http.post(f"/projects/{story['other']['project']['id']}/enqueue",
                          data={"csrf": token}).status_code == 303
-    assert db.execute("SELECT count(*) AS n FROM audit_log").fetchone() == {"n": 3}
+        assert http.post("/providers/reset",
+                         data={"csrf": token, "key": hold_key(db)}).status_code == 303
+    assert db.execute("SELECT count(*) AS n FROM audit_log").fetchone() == {"n": 4}
     with psycopg.connect(console_role_url) as conn, pytest.raises(
             psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT email FROM users")
@@ -363,3 +397,35 @@ def test_healthz_answers_without_sign_in(server: ConsoleServer) -> None:
     with client(server) as http:
         answer = http.get("/healthz")
     assert (answer.status_code, answer.text) == (200, "ok\n")
+
+
+def test_fleet_audit_rows_are_hidden_from_an_organisations_own_view(db_url: str,
+                                                                    db: Conn) -> None:
+    """A key reset's audit row has no organisation (migration 0016): a role that is not a
+    member of mf_cross_org neither sees such rows, acting for any organisation, nor writes
+    one."""
+    import uuid
+
+    from psycopg import sql
+
+    from .factories import make_tenant
+
+    tenant = make_tenant(db)
+    db.execute("INSERT INTO audit_log (organization_id, action, actor) "
+               "VALUES (NULL, 'provider_limit.reset', 'olivia (console)')")
+    role = f"mf_test_app_{uuid.uuid4().hex[:10]}"
+    db.execute(sql.SQL("CREATE ROLE {} NOSUPERUSER NOBYPASSRLS").format(sql.Identifier(role)))
+    db.execute(sql.SQL("GRANT SELECT, INSERT ON audit_log TO {}").format(sql.Identifier(role)))
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            with conn.transaction():
+                conn.execute("SELECT set_config('app.current_org_id', %s, true)",
+                             [tenant["org"]["id"]])
+                assert conn.execute("SELECT count(*) FROM audit_log").fetchone() == (0,)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("INSERT INTO audit_log (organization_id, action, actor) "
+                                 "VALUES (NULL, 'x', 'y')")
+    finally:
+        db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -1,4 +1,5 @@
-"""The operator's actions: retry, cancel (with a reason), enqueue now for a project.
+"""The operator's actions: retry, cancel (with a reason), enqueue now for a project, and
+reset a provider limit key.
 
 Each one is a GET that shows what will happen and asks for confirmation, and a POST (an
 operator's, with the form's CSRF token: `app.action`) that does it through the command line's
@@ -6,6 +7,8 @@ own code, `status.retry_queue_item`, `status.cancel_queue_item` and
 `scheduling.scheduler.enqueue_item` — the same transitions and the same audit rows as
 ``mf-worker retry|cancel|enqueue``, with the signed-in user as the actor — then shows the result
 on the item's page. A refusal (the item moved on meanwhile) is shown on the confirmation page.
+A key reset goes through `flow.limiter.reset_limit` and writes a fleet-wide audit row
+(`audit.record_fleet_action`: it belongs to no organisation).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from ..audit import record_fleet_action
 from ..errors import MfWorkerError
+from ..flow.limiter import reset_limit
 from ..logs import get_logger
 from ..queue import get_item
 from ..scheduling.scheduler import enqueue_item
@@ -100,6 +105,27 @@ async def enqueue(request: Request, ctx: Context, form: FormData) -> Response:
     return RedirectResponse(f"/items/{item_id}?done=enqueued", status_code=303)
 
 
+async def confirm_reset(request: Request, ctx: Context) -> Response:
+    return ctx.render("confirm.html", verb="reset", item=None, project=None, error=None,
+                      reason="", key=request.query_params.get("key", ""))
+
+
+async def reset(request: Request, ctx: Context, form: FormData) -> Response:
+    key = str(form.get("key") or "")
+    async with ctx.console.connection() as conn, conn.transaction():
+        old = await reset_limit(conn, key)
+        if old is not None:
+            await record_fleet_action(
+                conn, actor=ctx.actor, action="provider_limit.reset", resource_id=key,
+                old_value=old["old_cooldown_reason"] or "no cooldown", new_value="reset")
+    if old is None:
+        return ctx.render("confirm.html", status=409, verb="reset", item=None, project=None,
+                          reason="", key=key, error=f"no provider limit key {key!r}")
+    log.info("console_provider_key_reset", limit_key=key, actor=ctx.actor,
+             ended=old["old_cooldown_reason"])
+    return RedirectResponse("/providers?done=reset", status_code=303)
+
+
 def routes() -> list[Route]:
     return [
         Route("/items/{item_id}/retry", page(confirm_retry), methods=["GET"]),
@@ -108,4 +134,6 @@ def routes() -> list[Route]:
         Route("/items/{item_id}/cancel", action(cancel), methods=["POST"]),
         Route("/projects/{project_id}/enqueue", page(confirm_enqueue), methods=["GET"]),
         Route("/projects/{project_id}/enqueue", action(enqueue), methods=["POST"]),
+        Route("/providers/reset", page(confirm_reset), methods=["GET"]),
+        Route("/providers/reset", action(reset), methods=["POST"]),
     ]

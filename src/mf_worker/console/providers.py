@@ -21,4 +21,6 @@ async def show(request: Request, ctx: Context) -> Response:
         keys = await read_limits(conn, now=now)
         deferred = await (await conn.execute(_Q["count_deferred_by_reason"], {"now": now}))\
             .fetchall()
-    return ctx.render("providers.html", keys=keys, deferred=deferred, now=now)
+    done = ("Reset: the key admits calls again, with full buckets and no learnt rates."
+            if request.query_params.get("done") == "reset" else None)
+    return ctx.render("providers.html", keys=keys, deferred=deferred, now=now, done=done)

@@ -240,7 +240,7 @@ CREATE TABLE public.agent_memory (
 CREATE TABLE public.audit_log (
     id text DEFAULT public.mf_new_id('aud'::text) NOT NULL,
     user_id text,
-    organization_id text NOT NULL,
+    organization_id text,
     action text NOT NULL,
     resource_id text,
     old_value text,
@@ -872,6 +872,8 @@ CREATE POLICY cross_org_worker ON public.episode_schedule_queue USING (( SELECT 
 ALTER TABLE public.episode_schedule_queue ENABLE ROW LEVEL SECURITY;
 
 ALTER TABLE public.episodes ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY fleet_actions ON public.audit_log USING (((organization_id IS NULL) AND ( SELECT public.mf_has_cross_org_access() AS mf_has_cross_org_access))) WITH CHECK (((organization_id IS NULL) AND ( SELECT public.mf_has_cross_org_access() AS mf_has_cross_org_access)));
 
 CREATE POLICY fleet_worker ON public.provider_limits USING (( SELECT public.mf_has_cross_org_access() AS mf_has_cross_org_access)) WITH CHECK (( SELECT public.mf_has_cross_org_access() AS mf_has_cross_org_access));
 
