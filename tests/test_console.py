@@ -123,6 +123,18 @@ def test_the_pages_show_the_queue(server: ConsoleServer, db: Conn) -> None:
         assert http.get("/providers").status_code == 200
 
 
+def test_a_project_page_shows_any_cadence(server: ConsoleServer, db: Conn) -> None:
+    """A cadence without `days` (daily, weekdays) or a malformed one still renders."""
+    from .factories import make_tenant
+
+    weekdays = make_tenant(db, cadence={"mode": "weekdays"})["project"]
+    broken = make_tenant(db, cadence={"every": "fortnight"})["project"]
+    with client(server) as http:
+        sign_in(http, "victor")
+        assert "weekdays" in http.get(f"/projects/{weekdays['id']}").text
+        assert http.get(f"/projects/{broken['id']}").status_code == 200
+
+
 def test_items_page_by_keyset_without_gaps_or_repeats(server: ConsoleServer, db: Conn) -> None:
     from .factories import make_queue_item, make_tenant
 
