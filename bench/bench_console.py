@@ -9,9 +9,9 @@ each page ``--requests`` times in turn, after a warm-up round. It prints p50 and
 per page in milliseconds, as the client measures it (request sent to body read, over
 loopback), beside the 200 ms p95 target.
 
-Pages: the overview, the items list unfiltered, by state, by organisation, by project, by error
-text within a day, and its second page (keyset), one item's timeline, one project, the
-organisations and the providers.
+Pages: the overview, the items list unfiltered and its second page (keyset), by state (failed,
+blocked), by organisation, by project, by error text among failed items and among all items
+of one day, one item's timeline, one project, the organisations and the providers.
 
 Throwaway databases ``mf_bench_console_<random>`` on ``MF_BENCH_DATABASE_URL`` (default
 ``postgresql:///postgres``), dropped at the end. The load needs a superuser. About 10 minutes
@@ -86,6 +86,7 @@ def pages(ids: dict[str, str], http: httpx.Client) -> dict[str, str]:
         "items blocked": "/items?status=blocked",
         "items by org": f"/items?organization={ids['org']}",
         "items by project": f"/items?project={ids['project']}",
+        "items failed + error": "/items?status=failed&error=history",
         "items error in a day": f"/items?error=history&since={day}&until={day + timedelta(1)}",
         "item timeline": f"/items/{ids['item']}",
         "project": f"/projects/{ids['project']}",

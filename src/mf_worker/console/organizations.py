@@ -21,5 +21,5 @@ async def show(request: Request, ctx: Context) -> Response:
         rows = await (await conn.execute(_Q["list_organizations_today"], {
             "date": now.date(), "default_limit": ctx.console.settings.daily_cost_limit_gbp,
             "organization_id": org, "limit": 200,
-        })).fetchall()
+        }, prepare=False)).fetchall()  # planned per filter, as the items list
     return ctx.render("organizations.html", rows=rows, today=now.date(), organization=org)

@@ -2,25 +2,54 @@
 
 -- name: count_finished_by_slot
 -- Items that finished in each five-minute slot of the hour before %(now)s (slot 0 is the
--- latest), completed and failed apart: the throughput chart.
+-- latest), completed and failed apart: the throughput chart. One branch per status, so each
+-- reads its partial index on finished_at.
 SELECT floor(extract(epoch FROM %(now)s::timestamptz - finished_at) / 300)::int AS slot,
-       status, count(*) AS items
+       'completed' AS status, count(*) AS items
 FROM episode_schedule_queue
-WHERE status IN ('completed', 'failed')
+WHERE status = 'completed'
   AND finished_at > %(now)s::timestamptz - interval '1 hour'
   AND finished_at <= %(now)s::timestamptz
-GROUP BY 1, 2;
+GROUP BY 1
+UNION ALL
+SELECT floor(extract(epoch FROM %(now)s::timestamptz - finished_at) / 300)::int,
+       'failed', count(*)
+FROM episode_schedule_queue
+WHERE status = 'failed'
+  AND finished_at > %(now)s::timestamptz - interval '1 hour'
+  AND finished_at <= %(now)s::timestamptz
+GROUP BY 1;
 
 -- name: count_deliveries_by_hour
 -- Open items due in each of the next 24 hours (hour 0 starts at %(now)s): the zones' morning
--- waves. Open items are one per active project, so this reads the pending index, not history.
-SELECT floor(extract(epoch FROM scheduled_for - %(now)s::timestamptz) / 3600)::int AS hour,
-       count(*) AS items
-FROM episode_schedule_queue
-WHERE status IN ('pending', 'processing', 'blocked')
-  AND scheduled_for >= %(now)s::timestamptz
-  AND scheduled_for < %(now)s::timestamptz + interval '24 hours'
-GROUP BY 1;
+-- waves. One branch per open status, each through its own partial index.
+SELECT hour, sum(items)::bigint AS items
+FROM (
+    SELECT floor(extract(epoch FROM scheduled_for - %(now)s::timestamptz) / 3600)::int AS hour,
+           count(*) AS items
+    FROM episode_schedule_queue
+    WHERE status = 'pending'
+      AND scheduled_for >= %(now)s::timestamptz
+      AND scheduled_for < %(now)s::timestamptz + interval '24 hours'
+    GROUP BY 1
+    UNION ALL
+    SELECT floor(extract(epoch FROM scheduled_for - %(now)s::timestamptz) / 3600)::int,
+           count(*)
+    FROM episode_schedule_queue
+    WHERE status = 'processing'
+      AND scheduled_for >= %(now)s::timestamptz
+      AND scheduled_for < %(now)s::timestamptz + interval '24 hours'
+    GROUP BY 1
+    UNION ALL
+    SELECT floor(extract(epoch FROM scheduled_for - %(now)s::timestamptz) / 3600)::int,
+           count(*)
+    FROM episode_schedule_queue
+    WHERE status = 'blocked'
+      AND scheduled_for >= %(now)s::timestamptz
+      AND scheduled_for < %(now)s::timestamptz + interval '24 hours'
+    GROUP BY 1
+) AS waves
+GROUP BY hour;
 
 -- name: list_organizations_near_limit
 -- Organisations whose spend today (measured, estimated and reserved) has reached 80 % of their

@@ -660,7 +660,11 @@ CREATE INDEX chat_sessions_user_id_idx ON public.chat_sessions USING btree (user
 
 CREATE INDEX cost_limit_trips_unnotified ON public.cost_limit_trips USING btree (next_notify_at) WHERE (notified_at IS NULL);
 
+CREATE INDEX episode_schedule_queue_by_due ON public.episode_schedule_queue USING btree (scheduled_for, id);
+
 CREATE INDEX episode_schedule_queue_cost_blocked ON public.episode_schedule_queue USING btree (organization_id, blocked_on) WHERE (status = 'blocked'::text);
+
+CREATE INDEX episode_schedule_queue_deferred ON public.episode_schedule_queue USING btree (run_after) WHERE ((status = 'pending'::text) AND (deferred_reason IS NOT NULL));
 
 CREATE INDEX episode_schedule_queue_due_by_deadline ON public.episode_schedule_queue USING btree (scheduled_for, run_after, id) WHERE (status = 'pending'::text);
 
@@ -668,7 +672,11 @@ CREATE INDEX episode_schedule_queue_due_pending ON public.episode_schedule_queue
 
 CREATE INDEX episode_schedule_queue_episode_id_idx ON public.episode_schedule_queue USING btree (episode_id);
 
+CREATE INDEX episode_schedule_queue_failed ON public.episode_schedule_queue USING btree (finished_at) WHERE (status = 'failed'::text);
+
 CREATE INDEX episode_schedule_queue_finished ON public.episode_schedule_queue USING btree (finished_at) WHERE (status = ANY (ARRAY['completed'::text, 'cancelled'::text]));
+
+CREATE INDEX episode_schedule_queue_finished_by_due ON public.episode_schedule_queue USING btree (status, scheduled_for, id) WHERE (status = ANY (ARRAY['completed'::text, 'failed'::text, 'cancelled'::text]));
 
 CREATE UNIQUE INDEX episode_schedule_queue_one_open_per_project ON public.episode_schedule_queue USING btree (project_id) WHERE (status = ANY (ARRAY['pending'::text, 'processing'::text, 'blocked'::text]));
 
