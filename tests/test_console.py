@@ -441,3 +441,18 @@ def test_fleet_audit_rows_are_hidden_from_an_organisations_own_view(db_url: str,
     finally:
         db.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_database_failure_is_a_page_not_a_crash(server: ConsoleServer, db: Conn) -> None:
+    """A statement that fails (here: the queue table gone) answers 503 with the reason, with
+    the security headers, and the console keeps serving."""
+    with client(server) as http:
+        sign_in(http, "victor")
+        db.execute("ALTER TABLE episode_schedule_queue RENAME TO q_away")
+        try:
+            answer = http.get("/items")
+        finally:
+            db.execute("ALTER TABLE q_away RENAME TO episode_schedule_queue")
+        assert answer.status_code == 503 and "The database did not answer" in answer.text
+        assert "default-src 'none'" in answer.headers["content-security-policy"]
+        assert http.get("/items").status_code == 200

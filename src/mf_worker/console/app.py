@@ -20,6 +20,8 @@ from typing import Any, Final
 from urllib.parse import quote
 
 import jinja2
+import psycopg
+from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -29,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..db import Pool, open_pool
+from ..errors import describe_error
 from ..logs import get_logger
 from ..settings import Settings
 from .config import ConsoleSettings
@@ -157,7 +160,7 @@ def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
         fresh = session is None
         ctx = Context(console, user, session or Session(user=None), request)
-        response = await handler(request, ctx)
+        response = await _answer(ctx, handler(request, ctx))
         if fresh:  # signed in by the proxy: a session for the CSRF token of its forms
             _set_session(console, request, response, ctx.session)
         return response
@@ -189,9 +192,21 @@ def action(handler: Callable[[Request, Context, FormData], Awaitable[Response]],
             return ctx.render("error.html", status=403, heading="Refused",
                               message=f"Your role ({user.role}) can see everything but "
                                       "change nothing.")
-        return await handler(request, ctx, form)
+        return await _answer(ctx, handler(request, ctx, form))
 
     return endpoint
+
+
+async def _answer(ctx: Context, response: Awaitable[Response]) -> Response:
+    """The handler's response; a page of its own (with the usual headers) when the database
+    fails it, instead of a bare 500."""
+    try:
+        return await response
+    except (psycopg.Error, PoolTimeout) as exc:
+        log.warning("console_database_error", path=ctx.request.url.path,
+                    error=describe_error(exc))
+        return ctx.render("error.html", status=503, heading="Database error",
+                          message=f"The database did not answer: {describe_error(exc)}")
 
 
 def _refused(console: Console, request: Request, user: User | None, session: Session | None,
