@@ -83,3 +83,46 @@ ALTER ROLE :"worker_role" SET idle_in_transaction_session_timeout = '30s';
 -- role the owner of new tables, and owners bypass RLS; running it as a superuser makes the
 -- SECURITY DEFINER functions run as a superuser, which their pinned search_path makes safe
 -- but which is more power than they need.
+
+-- ---------------------------------------------------------------------------------------------
+-- The operator console's role (`mf-worker console`, docs/console.md). Created only when a
+-- password is given for it; the worker's part above is unchanged without one:
+--
+--   psql "$ADMIN_URL" -v worker_password="'…'" -v console_password="'…'" -f docs/database-roles.sql
+--   psql "$ADMIN_URL" … -v console_role=mf_console_eu -v console_password="'…'" -f …
+--
+-- console role  The console's login role (default name mf_console): no superuser, no
+--               BYPASSRLS, not an owner, member of mf_cross_org, so it reads the queue,
+--               projects, organisations, the daily aggregate, trips and provider limits across
+--               organisations; an item's episode, blocks, usage and audit rows it reads acting
+--               for the item's organisation. Of users it reads the zone, never an address or a
+--               name. It writes only what an operator's retry, cancel, enqueue and provider
+--               key reset write: the queue row, the episode they reopen or fail, the limit
+--               key, the audit row; nothing else.
+\if :{?console_password}
+\if :{?console_role}
+\else
+  \set console_role mf_console
+\endif
+SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE',
+              :'console_role')
+WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'console_role') \gexec
+ALTER ROLE :"console_role" PASSWORD :console_password;
+GRANT mf_cross_org TO :"console_role";
+GRANT USAGE ON SCHEMA public TO :"console_role";
+-- What its pages read.
+GRANT SELECT ON episode_schedule_queue, projects, organizations, episodes, blocks, token_usage,
+    token_usage_daily, cost_limit_trips, provider_limits, audit_log TO :"console_role";
+REVOKE SELECT ON users FROM :"console_role";
+GRANT SELECT (id, organization_id, timezone) ON users TO :"console_role";
+-- What its actions write (the same statements as `mf-worker retry|cancel|enqueue`).
+GRANT INSERT, UPDATE ON episode_schedule_queue TO :"console_role";
+GRANT UPDATE ON episodes TO :"console_role";
+GRANT INSERT ON audit_log TO :"console_role";
+GRANT UPDATE (next_scheduled_at) ON projects TO :"console_role";
+GRANT UPDATE ON provider_limits TO :"console_role";
+-- A page is a few indexed reads: nothing it runs waits long or runs long.
+ALTER ROLE :"console_role" SET lock_timeout = '5s';
+ALTER ROLE :"console_role" SET statement_timeout = '10s';
+ALTER ROLE :"console_role" SET idle_in_transaction_session_timeout = '30s';
+\endif

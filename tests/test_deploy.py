@@ -50,7 +50,7 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 DEPLOY = ROOT / "deploy"
 SYSTEMD = ROOT / "systemd"
-UNITS = ("mf-worker.service", "mf-worker-migrate.service")
+UNITS = ("mf-worker.service", "mf-worker-migrate.service", "mf-worker-console.service")
 # The exposure score `systemd-analyze security` may give the units (0 best, 10 worst); its
 # --threshold option counts in tenths (the default, 100, is 10.0).
 SECURITY_THRESHOLD = 2.0
@@ -67,7 +67,9 @@ LLM_VARIABLES = frozenset(
     }
 )
 # systemd credentials the code reads: the settings' database URL, the `openai` generator's key.
-CREDENTIALS = frozenset({"mf_database_url", "mf_llm_api_key"})
+CREDENTIALS = frozenset({"mf_database_url", "mf_llm_api_key",
+                         # the console's (systemd/mf-worker-console.service)
+                         "mf_console_secret_key", "mf_console_users"})
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

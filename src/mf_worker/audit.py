@@ -13,7 +13,9 @@ from .db import Connection, act_for
 from .db.sql import load_queries
 from .ids import new_id
 
-__all__ = ["default_actor", "record_operator_action", "validate_actor"]
+__all__ = [
+    "default_actor", "record_fleet_action", "record_operator_action", "validate_actor",
+]
 
 _Q = load_queries(__package__ or "mf_worker", "audit.sql")
 
@@ -49,4 +51,17 @@ async def record_operator_action(
         "id": new_id("aud"), "organization_id": organization_id, "action": action,
         "resource_id": item_id, "old_value": old_status, "new_value": new_status,
         "actor": actor,
+    })
+
+
+async def record_fleet_action(
+    conn: Connection, *, actor: str, action: str, resource_id: str, old_value: str | None,
+    new_value: str,
+) -> None:
+    """The audit row of an action on the whole fleet (a provider limit key), which belongs to
+    no organisation (organization_id NULL: only members of mf_cross_org see or write such
+    rows, migration 0016). Inside the caller's open transaction."""
+    await conn.execute(_Q["insert_fleet_action"], {
+        "id": new_id("aud"), "action": action, "resource_id": resource_id,
+        "old_value": old_value, "new_value": new_value, "actor": actor,
     })

@@ -17,8 +17,11 @@ from . import ops
 from . import generate
 from . import demo
 # isort: on
-from .common import app
+from .common import app, register_command_groups
 from .ops import settings_markdown_table
+
+# Command groups of the layers above the command line (the console), by entry point.
+register_command_groups()
 
 __all__ = ["app", "demo", "generate", "main", "ops", "settings_markdown_table"]
 

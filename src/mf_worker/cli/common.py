@@ -21,6 +21,7 @@ from .. import __version__
 from ..db import Connection, connect
 from ..errors import ConfigError, MfWorkerError, describe_error
 from ..logs import configure_logging, get_logger, register_secret
+from ..plugins import entry_point_targets, import_target
 from ..settings import Settings, load_settings
 
 EXIT_FAILED = 1
@@ -28,6 +29,10 @@ EXIT_CONFIG = 2
 EXIT_NOTHING_TO_DO = 3
 
 T = TypeVar("T")
+
+COMMANDS_GROUP = "mf_worker.commands"
+"""Entry points naming typer apps added as command groups (``console``): layers above the
+command line register their commands this way, so the CLI never imports them."""
 
 app = typer.Typer(
     name="mf-worker",
@@ -144,3 +149,11 @@ async def database(settings: Settings) -> AsyncIterator[Connection]:
     async with conn:
         yield conn
 
+
+
+def register_command_groups() -> None:
+    """Add every ``mf_worker.commands`` entry point's typer app under its name."""
+    for name, target in sorted(entry_point_targets(COMMANDS_GROUP).items()):
+        group = import_target(name, target, kind="command group")
+        if isinstance(group, typer.Typer):
+            app.add_typer(group, name=name)

@@ -240,7 +240,7 @@ CREATE TABLE public.agent_memory (
 CREATE TABLE public.audit_log (
     id text DEFAULT public.mf_new_id('aud'::text) NOT NULL,
     user_id text,
-    organization_id text NOT NULL,
+    organization_id text,
     action text NOT NULL,
     resource_id text,
     old_value text,
@@ -660,7 +660,11 @@ CREATE INDEX chat_sessions_user_id_idx ON public.chat_sessions USING btree (user
 
 CREATE INDEX cost_limit_trips_unnotified ON public.cost_limit_trips USING btree (next_notify_at) WHERE (notified_at IS NULL);
 
+CREATE INDEX episode_schedule_queue_by_due ON public.episode_schedule_queue USING btree (scheduled_for, id);
+
 CREATE INDEX episode_schedule_queue_cost_blocked ON public.episode_schedule_queue USING btree (organization_id, blocked_on) WHERE (status = 'blocked'::text);
+
+CREATE INDEX episode_schedule_queue_deferred ON public.episode_schedule_queue USING btree (run_after) WHERE ((status = 'pending'::text) AND (deferred_reason IS NOT NULL));
 
 CREATE INDEX episode_schedule_queue_due_by_deadline ON public.episode_schedule_queue USING btree (scheduled_for, run_after, id) WHERE (status = 'pending'::text);
 
@@ -668,7 +672,11 @@ CREATE INDEX episode_schedule_queue_due_pending ON public.episode_schedule_queue
 
 CREATE INDEX episode_schedule_queue_episode_id_idx ON public.episode_schedule_queue USING btree (episode_id);
 
+CREATE INDEX episode_schedule_queue_failed ON public.episode_schedule_queue USING btree (finished_at) WHERE (status = 'failed'::text);
+
 CREATE INDEX episode_schedule_queue_finished ON public.episode_schedule_queue USING btree (finished_at) WHERE (status = ANY (ARRAY['completed'::text, 'cancelled'::text]));
+
+CREATE INDEX episode_schedule_queue_finished_by_due ON public.episode_schedule_queue USING btree (status, scheduled_for, id) WHERE (status = ANY (ARRAY['completed'::text, 'failed'::text, 'cancelled'::text]));
 
 CREATE UNIQUE INDEX episode_schedule_queue_one_open_per_project ON public.episode_schedule_queue USING btree (project_id) WHERE (status = ANY (ARRAY['pending'::text, 'processing'::text, 'blocked'::text]));
 
@@ -872,6 +880,8 @@ CREATE POLICY cross_org_worker ON public.episode_schedule_queue USING (( SELECT 
 ALTER TABLE public.episode_schedule_queue ENABLE ROW LEVEL SECURITY;
 
 ALTER TABLE public.episodes ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY fleet_actions ON public.audit_log USING (((organization_id IS NULL) AND ( SELECT public.mf_has_cross_org_access() AS mf_has_cross_org_access))) WITH CHECK (((organization_id IS NULL) AND ( SELECT public.mf_has_cross_org_access() AS mf_has_cross_org_access)));
 
 CREATE POLICY fleet_worker ON public.provider_limits USING (( SELECT public.mf_has_cross_org_access() AS mf_has_cross_org_access)) WITH CHECK (( SELECT public.mf_has_cross_org_access() AS mf_has_cross_org_access));
 

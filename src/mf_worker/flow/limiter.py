@@ -38,6 +38,7 @@ __all__ = [
     "cool_down",
     "correct",
     "read_limits",
+    "reset_limit",
 ]
 
 _Q = load_queries(__package__ or "mf_worker.flow", "limiter.sql")
@@ -181,3 +182,13 @@ async def read_limits(conn: Connection, *, now: datetime | None = None) -> list[
                  rate_limited_count=r["rate_limited_count"], quota_pauses=r["quota_pauses"])
         for r in await cur.fetchall()
     ]
+
+
+async def reset_limit(conn: Connection, key: str, *,
+                      now: datetime | None = None) -> dict[str, Any] | None:
+    """An operator's reset of ``key``: no cooldown, full buckets, no learnt rates. Returns the
+    cooldown it ended (``old_cooldown_reason``, ``old_cooldown_until``; both None if none), or
+    None when there is no such key."""
+    cur = await conn.execute(_Q["reset_limit"], {"key": key, "now": now})
+    row = await cur.fetchone()
+    return None if row is None else dict(row)

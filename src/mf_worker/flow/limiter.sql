@@ -141,3 +141,23 @@ SELECT l.limit_key, l.requests_per_second, l.tokens_per_second, l.request_level,
        l.rate_limited_count, l.quota_pauses, l.updated_at
 FROM public.provider_limits AS l
 ORDER BY l.limit_key;
+
+-- name: reset_limit
+-- An operator's reset of a key (the console): end its cooldown, refill both buckets and forget
+-- the rates learnt from the provider's headers (configured rates are passed at every take, so
+-- they still apply). For after a quota top-up, or a learnt rate that was wrong. Returns the
+-- state before, for the audit row; no row when the key does not exist.
+WITH old AS (
+    SELECT limit_key, cooldown_reason, cooldown_until
+    FROM public.provider_limits
+    WHERE limit_key = %(key)s
+    FOR UPDATE
+)
+UPDATE public.provider_limits AS l
+SET cooldown_until = NULL, cooldown_reason = NULL, request_level = NULL, token_level = NULL,
+    requests_per_second = NULL, tokens_per_second = NULL,
+    refilled_at = coalesce(%(now)s::timestamptz, clock_timestamp()),
+    updated_at = coalesce(%(now)s::timestamptz, clock_timestamp())
+FROM old
+WHERE l.limit_key = old.limit_key
+RETURNING old.cooldown_reason AS old_cooldown_reason, old.cooldown_until AS old_cooldown_until;
