@@ -327,7 +327,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_runs(runs: list[Run], top: int) -> None:
-    base_rate = {}
+    base_rate: dict[tuple[str, int], float] = {}
     for run in runs:
         base_rate.setdefault((run.revision, run.orgs), run.rate)
     rows = []
