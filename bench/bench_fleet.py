@@ -9,7 +9,7 @@ and the script waits for them to exit. Printed per run:
 
 * **episodes/s**: completed items ÷ the drain (first pick-up to last completion, from the queue
   table: no interpreter start or exit in it); *wall ep/s* divides by first spawn to last exit;
-* **speed-up**: episodes/s ÷ those of the smallest K of the same O;
+* **speed-up**: episodes/s ÷ the median of the smallest K's runs of the same O and revision;
 * **PG CPU ms/ep**: CPU per episode of the whole PostgreSQL cluster (the postmaster and all its
   children from ``/proc/<pid>/stat``, utime + stime, after minus before, plus what the postmaster
   reaped): the WAL writer, checkpointer and background writer included, and also any other
@@ -327,9 +327,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def print_runs(runs: list[Run], top: int) -> None:
-    base_rate: dict[tuple[str, int], float] = {}
-    for run in runs:
-        base_rate.setdefault((run.revision, run.orgs), run.rate)
+    # Speed-up against the median rate of the smallest K of the same revision and O.
+    smallest = {(r.revision, r.orgs): min(x.processes for x in runs
+                                          if (x.revision, x.orgs) == (r.revision, r.orgs))
+                for r in runs}
+    base_rate = {key: statistics.median(r.rate for r in runs
+                                        if (r.revision, r.orgs) == key and r.processes == k)
+                 for key, k in smallest.items()}
     rows = []
     for run in runs:
         rows.append([
