@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +18,7 @@ from mf_worker.db import migrate as migrate_mod
 from mf_worker.db.migrate import load_migrations
 
 from .conftest import settings_for
-from .factories import make_tenant
+from .factories import make_queue_item, make_tenant
 
 OPERATIONS = ("episode_generation", "project_onboarding", "chat")
 
@@ -212,3 +213,63 @@ def test_migration_0006_fills_hourly_peak_for_existing_days(
         assert db.execute("SELECT hourly_peak, peak_hour FROM token_usage_daily"
                           " WHERE organization_id = %s", [org]).fetchone() == {
             "hourly_peak": 51, "peak_hour": 21}
+
+
+def _usage(conn: psycopg.Connection[Any], org_id: str, cost: str) -> None:
+    conn.execute(
+        "INSERT INTO token_usage (organization_id, operation, model, prompt_tokens,"
+        " completion_tokens, cost_gbp) VALUES (%s, 'episode_generation', 'm', 10, 5, %s)",
+        [org_id, Decimal(cost)])
+
+
+def test_usage_in_an_open_transaction_does_not_hold_the_organisations_daily_row(
+    db_url: str, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """Issue #28: one organisation's final writes must not queue on its row of the aggregate for
+    the length of each other's transactions. A transaction that booked usage and is still open
+    (a batch of final writes on its way) leaves the row free for another transaction's usage,
+    which commits without waiting; the aggregate is still exact once both have committed."""
+    org = make_tenant(db)["org"]["id"]
+    _usage(db, org, "0.10")  # the day's row exists, as it does after the first episode
+    with psycopg.connect(db_url) as first, psycopg.connect(db_url) as second:
+        _usage(first, org, "0.20")  # open: not committed yet
+        second.execute("SET lock_timeout = '2s'")
+        _usage(second, org, "0.30")  # waiting for `first` would end in LockNotAvailable
+        second.commit()
+        first.commit()
+    row = db.execute("SELECT total_cost_gbp, total_tokens FROM token_usage_daily"
+                     " WHERE organization_id = %s", [org]).fetchone()
+    assert row == {"total_cost_gbp": Decimal("0.60"), "total_tokens": 45}
+
+
+def test_a_settled_reservation_in_an_open_transaction_does_not_hold_the_daily_row(
+    db_url: str, db: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """The final write also settles the item's reservation (its status leaves 'processing'):
+    neither that nor the usage it books takes the organisation's row before the commit, and
+    until then the reservation still counts, so the limit check of another transaction stays
+    on the safe side; after the commit the reservation is gone and the real cost booked."""
+    tenant = make_tenant(db)
+    org = tenant["org"]["id"]
+    db.execute("INSERT INTO token_usage_daily (organization_id, date, reserved_gbp)"
+               " VALUES (%s, (now() AT TIME ZONE 'UTC')::date, 0.50)", [org])
+    item = make_queue_item(db, tenant["project"], status="processing", locked_by="w", claim_token=1,
+                           lease_expires_at=datetime.now(UTC) + timedelta(minutes=5),
+                           reserved_cost_gbp=Decimal("0.50"),
+                           reserved_on=datetime.now(UTC).date())
+    with psycopg.connect(db_url) as first, psycopg.connect(db_url) as second:
+        first.execute("UPDATE episode_schedule_queue SET status = 'completed',"
+                      " completed_at = now(), reserved_cost_gbp = NULL WHERE id = %s",
+                      [item["id"]])
+        _usage(first, org, "0.40")
+        second.execute("SET lock_timeout = '2s'")
+        seen = second.execute(
+            "SELECT reserved_gbp FROM token_usage_daily WHERE organization_id = %s FOR UPDATE",
+            [org]).fetchone()
+        assert seen == (Decimal("0.50"),)  # not committed yet: still reserved
+        second.commit()
+        first.commit()
+    row = db.execute("SELECT total_cost_gbp, reserved_gbp, estimated_cost_gbp"
+                     " FROM token_usage_daily WHERE organization_id = %s", [org]).fetchone()
+    assert row == {"total_cost_gbp": Decimal("0.40"), "reserved_gbp": 0,
+                   "estimated_cost_gbp": 0}

@@ -105,6 +105,21 @@ BEGIN
     RETURN NULL;
 END $$;
 
+CREATE FUNCTION public.mf_queue_give_back_reservation() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    IF TG_RELID <> 'public.episode_schedule_queue'::regclass THEN
+        RAISE EXCEPTION 'mf_queue_give_back_reservation() maintains public.episode_schedule_queue only';
+    END IF;
+    UPDATE public.token_usage_daily
+    SET reserved_gbp = greatest(reserved_gbp - OLD.reserved_cost_gbp, 0),
+        last_updated = now()
+    WHERE organization_id = OLD.organization_id AND date = OLD.reserved_on;
+    RETURN NULL;
+END $$;
+
 CREATE FUNCTION public.mf_queue_notify_due() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -123,10 +138,6 @@ BEGIN
     END IF;
     IF OLD.reserved_cost_gbp IS NOT NULL
        AND (TG_OP = 'DELETE' OR NEW.status <> 'processing') THEN
-        UPDATE public.token_usage_daily
-        SET reserved_gbp = greatest(reserved_gbp - OLD.reserved_cost_gbp, 0),
-            last_updated = now()
-        WHERE organization_id = OLD.organization_id AND date = OLD.reserved_on;
         IF TG_OP = 'DELETE' OR NEW.reserved_cost_gbp IS NOT NULL THEN
             INSERT INTO public.token_usage
                 (organization_id, project_id, episode_id, operation, model, prompt_tokens,
@@ -170,9 +181,10 @@ BEGIN
         RAISE EXCEPTION 'mf_token_usage_daily_add() maintains public.token_usage only';
     END IF;
     -- One per episode and day: only the episode's first usage row on this billing day counts
-    -- it. Every row visible here that another statement wrote came first; among the rows of
-    -- this very statement (all visible to an AFTER trigger, same xmin and cmin) the smallest id
-    -- is first.
+    -- it. Rows of other transactions visible here committed first; among this transaction's
+    -- rows (same xmin; all visible at commit, later statements' too) the earlier command
+    -- (cmin, which has no ordering operator: compared as a number) is first, and within one
+    -- statement the smallest id.
     IF NEW.operation = 'episode_generation' THEN
         new_episode := CASE WHEN NEW.episode_id IS NULL OR NOT EXISTS (
             SELECT 1
@@ -181,7 +193,9 @@ BEGIN
               AND t.episode_id = NEW.episode_id AND t.operation = 'episode_generation'
               AND t.id <> NEW.id
               AND coalesce(t.billing_date, (t.created_at AT TIME ZONE 'UTC')::date) = day
-              AND NOT (t.xmin = me.xmin AND t.cmin = me.cmin AND t.id > NEW.id))
+              AND NOT (t.xmin = me.xmin
+                       AND (t.cmin::text::int8 > me.cmin::text::int8
+                            OR (t.cmin = me.cmin AND t.id > NEW.id))))
         THEN 1 ELSE 0 END;
     END IF;
     first_hours[hour + 1] := NEW.total_tokens;
@@ -740,6 +754,10 @@ CREATE TRIGGER episode_schedule_queue_draw_claim_token BEFORE UPDATE ON public.e
 
 CREATE CONSTRAINT TRIGGER episode_schedule_queue_fail_open_episode AFTER UPDATE OF status ON public.episode_schedule_queue DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((new.status = ANY (ARRAY['failed'::text, 'cancelled'::text])) AND (old.status IS DISTINCT FROM new.status) AND (new.episode_id IS NOT NULL))) EXECUTE FUNCTION public.mf_queue_fail_open_episode();
 
+CREATE CONSTRAINT TRIGGER episode_schedule_queue_give_back_reservation AFTER UPDATE ON public.episode_schedule_queue DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((old.reserved_cost_gbp IS NOT NULL) AND (new.status <> 'processing'::text))) EXECUTE FUNCTION public.mf_queue_give_back_reservation();
+
+CREATE CONSTRAINT TRIGGER episode_schedule_queue_give_back_reservation_deleted AFTER DELETE ON public.episode_schedule_queue DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((old.reserved_cost_gbp IS NOT NULL)) EXECUTE FUNCTION public.mf_queue_give_back_reservation();
+
 CREATE CONSTRAINT TRIGGER episode_schedule_queue_log_item_deleted AFTER DELETE ON public.episode_schedule_queue DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((old.status = ANY (ARRAY['pending'::text, 'processing'::text, 'blocked'::text])) AND (old.project_id IS NOT NULL))) EXECUTE FUNCTION public.mf_log_item_ended();
 
 CREATE CONSTRAINT TRIGGER episode_schedule_queue_log_item_ended AFTER UPDATE OF status ON public.episode_schedule_queue DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (((old.status = ANY (ARRAY['pending'::text, 'processing'::text, 'blocked'::text])) AND (new.status <> ALL (ARRAY['pending'::text, 'processing'::text, 'blocked'::text])) AND (old.project_id IS NOT NULL))) EXECUTE FUNCTION public.mf_log_item_ended();
@@ -764,7 +782,7 @@ CREATE TRIGGER projects_log_new_for_scheduler AFTER INSERT ON public.projects FO
 
 CREATE TRIGGER projects_touch_updated_at BEFORE UPDATE ON public.projects FOR EACH ROW EXECUTE FUNCTION public.mf_touch_updated_at();
 
-CREATE TRIGGER token_usage_maintain_daily AFTER INSERT ON public.token_usage FOR EACH ROW EXECUTE FUNCTION public.mf_token_usage_daily_add();
+CREATE CONSTRAINT TRIGGER token_usage_maintain_daily AFTER INSERT ON public.token_usage DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.mf_token_usage_daily_add();
 
 CREATE TRIGGER users_log_zone_change_for_scheduler AFTER UPDATE OF timezone ON public.users FOR EACH ROW WHEN ((old.timezone IS DISTINCT FROM new.timezone)) EXECUTE FUNCTION public.mf_log_user_zone_change();
 
@@ -948,6 +966,8 @@ REVOKE ALL ON FUNCTION public.mf_log_user_zone_change() FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.mf_organization_emails(org text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION public.mf_queue_fail_open_episode() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION public.mf_queue_give_back_reservation() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION public.mf_queue_release_reservation() FROM PUBLIC;
 
