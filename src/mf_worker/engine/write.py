@@ -42,6 +42,8 @@ class EpisodeWrite:
     costs: tuple[Decimal, ...]  # GBP per usage of ``result``
     now: datetime
     lead_seconds: float = 0.0  # the next item is claimable this long before it is due
+    # What to book, call by call (cost.settlement); None: ``result``'s usages priced as ``costs``.
+    bookings: tuple[cost.Booking, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +111,8 @@ def _episode_params(write: EpisodeWrite) -> dict[str, Any]:
              "reasoning": b.reasoning, "confidence": b.confidence}
             for position, b in enumerate(blocks)
         ]),
-        "usages": cost.usage_rows(usages, write.costs),
+        "usages": (cost.usage_rows(usages, write.costs) if write.bookings is None
+                   else cost.booking_rows(write.bookings)),
         "note_ids": Jsonb(list(result.incorporated_note_ids)),
         "memories": Jsonb([
             {"id": new_id("mem"), "content": m.content, "memory_type": m.memory_type,
