@@ -234,8 +234,7 @@ class ProviderServer:
     def counts(self) -> dict[str, int]:
         with self.lock:
             return {"accepted": len(self.accepted), "rate_limited": self.rate_limited,
-                    "unavailable": self.unavailable, "quota_rejected": self.quota_rejected,
-                    "hung": self.hung}
+                    "unavailable": self.unavailable, "quota_rejected": self.quota_rejected}
 
     # -- the decision --------------------------------------------------------------------------
 

@@ -639,8 +639,9 @@ class Worker:
             return None
 
     async def _give_back_flow(self, entry: InFlight) -> None:
-        """The item ends before any call: its request goes back to the key's bucket."""
-        if entry.flow_settled:
+        """The item ends before any call: the request the claim took for it goes back to the
+        key's bucket (an item claimed by ``run-once`` took none)."""
+        if entry.flow_settled or not entry.admitted:
             return
         entry.flow_settled = True
         try:
