@@ -218,12 +218,16 @@ def settlement(
 
 async def settle(
     conn: Connection, item: ClaimedItem, *, day: date | None, episode_id: str | None,
-    bookings: Sequence[Booking],
+    bookings: Sequence[Booking] | None = None, usages: Sequence[TokenUsage] = (),
+    costs: Sequence[Decimal] = (),
 ) -> None:
     """Book what an attempt that did not succeed is known to owe (:func:`settlement`: answered
-    calls' usage, estimates for unknown calls) on its reservation's ``day``. Runs in the
-    caller's transaction acting for the item's organisation, beside the fenced queue transition
-    that clears the reservation without booking it as an estimate (its ``settled``)."""
+    calls' usage, estimates for unknown calls) on its reservation's ``day``; or, without
+    ``bookings``, ``usages`` priced as ``costs``. Runs in the caller's transaction acting for
+    the item's organisation, beside the fenced queue transition that clears the reservation
+    without booking it as an estimate (its ``settled``)."""
+    if bookings is None:
+        bookings = [Booking(c, u) for u, c in zip(usages, costs, strict=True)]
     if not bookings:
         return
     await conn.execute(_Q["book_attempt_usage"], {
