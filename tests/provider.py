@@ -7,8 +7,13 @@ its prompt plus its ``max_tokens``, as hosted providers do; over a limit it answ
 headers real providers send: ``Retry-After`` (whole seconds), ``x-ratelimit-limit-requests`` /
 ``-tokens``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` (``1s``, ``6m0s``,
 ``250ms``). An admitted call waits ``latency`` seconds and gets a valid episode in JSON with a
-``usage`` block. Other modes: `outage` answers 503 for a while; `exhaust_quota` answers every
-call with the ``insufficient_quota`` 429 that waiting does not fix.
+``usage`` block. Other modes: `outage` answers 503 for a while (or, with ``hang``, runs each call
+but answers only after ``hang`` seconds: a client that gave up earlier meets a timeout after its
+request was sent); `exhaust_quota` answers every call with the ``insufficient_quota`` 429 that
+waiting does not fix; `broken_drafts` answers every first call of an item (its idempotency key
+has no ``:repair``) with text that is not JSON, billed, so the generator makes a repair call, and
+`repair_fault` makes that repair call meet a 429 (``rate_limited``), an exhausted quota
+(``quota``) or a hang (``hang``).
 
 Every decision is counted (`accepted`, `rate_limited`, `unavailable`, `quota_rejected`) with the
 time and the organisation of each accepted call, read from the idempotency key's queue item
@@ -117,7 +122,12 @@ class ProviderServer:
         self.rate_limited = 0
         self.unavailable = 0
         self.quota_rejected = 0
+        self.hung = 0  # calls run but answered too late (the client timed out after sending)
         self.calls = 0
+        self.broken_drafts = False
+        self.repair_fault: str | None = None  # "rate_limited", "quota" or "hang"
+        self.hang_seconds = 0.0
+        self._hang_until = 0.0
         self._outage_until = 0.0
         self._quota_exhausted = False
         self.started_at = time.monotonic()
@@ -138,10 +148,12 @@ class ProviderServer:
                 if not self.path.endswith("/chat/completions"):
                     self._send(404, {"error": {"message": f"no route {self.path}"}}, {})
                     return
-                status, payload, headers = server._decide(
+                status, payload, headers, hang = server._decide(
                     body, self.headers.get("idempotency-key") or "")
                 if status == 200 and server.latency:
                     time.sleep(server.latency)
+                if hang:
+                    time.sleep(hang)
                 self._send(status, payload, headers)
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str]
@@ -204,10 +216,15 @@ class ProviderServer:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def outage(self, seconds: float) -> None:
-        """Answer 503 to every call for the next ``seconds``."""
+    def outage(self, seconds: float, *, hang: float = 0.0) -> None:
+        """Answer 503 to every call for the next ``seconds``; with ``hang``, run every call
+        of that time (billed, counted in `accepted` and `hung`) but answer it only ``hang``
+        seconds later."""
         with self.lock:
-            self._outage_until = time.monotonic() + seconds
+            if hang:
+                self._hang_until, self.hang_seconds = time.monotonic() + seconds, hang
+            else:
+                self._outage_until = time.monotonic() + seconds
 
     def exhaust_quota(self, exhausted: bool = True) -> None:
         """Answer every call with the ``insufficient_quota`` 429 (or stop doing so)."""
@@ -222,7 +239,19 @@ class ProviderServer:
     # -- the decision --------------------------------------------------------------------------
 
     def _decide(self, body: dict[str, Any], item_id: str
-                ) -> tuple[int, dict[str, Any], dict[str, str]]:
+                ) -> tuple[int, dict[str, Any], dict[str, str], float]:
+        status, payload, headers = self._admit(body, item_id)
+        hang = 0.0
+        if status == 200:
+            with self.lock:
+                if (time.monotonic() < self._hang_until
+                        or (item_id.endswith(":repair") and self.repair_fault == "hang")):
+                    self.hung += 1
+                    hang = self.hang_seconds
+        return status, payload, headers, hang
+
+    def _admit(self, body: dict[str, Any], item_id: str
+               ) -> tuple[int, dict[str, Any], dict[str, str]]:
         prompt = _prompt_tokens(body)
         max_tokens = body.get("max_tokens")
         cost = prompt + (max_tokens if isinstance(max_tokens, int) else 0)
@@ -236,7 +265,13 @@ class ProviderServer:
                 self.unavailable += 1
                 return 503, _error("The server is overloaded or not ready yet.",
                                    kind="server_error"), {}
-            if self._quota_exhausted:
+            repair = item_id.endswith(":repair")
+            if repair and self.repair_fault == "rate_limited":
+                self.rate_limited += 1
+                return 429, _error("Rate limit reached for requests per min (RPM).",
+                                   kind="requests", code="rate_limit_exceeded"), {
+                                       "retry-after": "1"}
+            if self._quota_exhausted or (repair and self.repair_fault == "quota"):
                 self.quota_rejected += 1
                 return 429, {"error": {
                     "message": "You exceeded your current quota, please check your plan and "
@@ -261,7 +296,8 @@ class ProviderServer:
                     bucket.level -= amount
             self.accepted.append(Call(now - self.started_at, item_id))
             headers = self._limit_headers()
-        return 200, _completion(body, prompt, self.completion_tokens), headers
+            broken = self.broken_drafts and not repair
+        return 200, _completion(body, prompt, self.completion_tokens, broken=broken), headers
 
     def server_close_later(self) -> None:
         threading.Thread(target=self.stop, daemon=True).start()
@@ -289,7 +325,8 @@ def _error(message: str, *, kind: str = "server_error", code: str | None = None
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def _completion(body: dict[str, Any], prompt: int, completion: int) -> dict[str, Any]:
+def _completion(body: dict[str, Any], prompt: int, completion: int, *, broken: bool = False
+                ) -> dict[str, Any]:
     episode = {
         "title": "What moved this week",
         "sections": [
@@ -299,11 +336,12 @@ def _completion(body: dict[str, Any], prompt: int, completion: int) -> dict[str,
         "used_note_ids": [],
         "new_memories": [],
     }
+    content = "Sorry, here is prose instead of JSON." if broken else json.dumps(episode)
     return {
         "id": "chatcmpl-provider", "object": "chat.completion",
         "model": body.get("model", "model"),
         "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": json.dumps(episode)}}],
+                     "message": {"role": "assistant", "content": content}}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                   "total_tokens": prompt + completion},
     }

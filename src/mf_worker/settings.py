@@ -381,7 +381,12 @@ class Settings:
     )
     max_attempts: int = _setting(
         "MF_MAX_ATTEMPTS", 3, _int(1, 100),
-        "Generator calls per item before it is marked failed.",
+        "Workers lost on one item (its lease expired: a crash, a kill, a network partition) "
+        "before the reaper marks it failed instead of returning it to the queue. Each lost "
+        "worker books the attempt's reserved worst case as an estimate, so this bounds what lost "
+        "workers cost an item. It bounds nothing else: permanent errors and invalid output fail "
+        "an item at once, transient failures are bounded by `MF_RETRY_DEADLINE`, and rate "
+        "limits and exhausted quotas use no attempt.",
     )
     generation_timeout: float = _setting(
         "MF_GENERATION_TIMEOUT",
@@ -503,8 +508,12 @@ class Settings:
     retry_deadline: float = _setting(
         "MF_RETRY_DEADLINE", 4 * 3600.0, _float(0.0),
         "Seconds after an item was first picked up during which transient failures (timeouts, "
-        "5xx, dropped connections) are retried with backoff; never past the project's next "
-        "occurrence. Rate limits never fail an item.",
+        "5xx, dropped or refused connections) are retried with backoff (1 s, 2 s, 4 s … capped "
+        "at 5 minutes); never past the project's next occurrence; then the item fails. Each "
+        "retry books what its calls cost: nothing for a call the provider refused (a 5xx, a "
+        "refused connection), its real usage for one it answered, the call's worst case "
+        "(estimated) for one it may have run (a timeout). Rate limits and exhausted quotas "
+        "never fail an item and use no attempt.",
     )
     org_max_in_flight: int | None = _setting(
         "MF_ORG_MAX_IN_FLIGHT", None, _int(1, 100_000),

@@ -33,7 +33,14 @@ from .. import queue
 from ..db import Connection, Pool, as_org
 from ..db.sql import load_queries
 from ..errors import LeaseLost, MfWorkerError, describe_error
-from ..generation import GenerationRequest, Generator, TokenUsage, estimate_max_usage
+from ..generation import (
+    CallOutcome,
+    GenerationRequest,
+    Generator,
+    ProviderCall,
+    TokenUsage,
+    estimate_max_usage,
+)
 from ..ids import new_id
 from ..logs import get_logger
 from ..queue import ClaimedItem
@@ -156,24 +163,76 @@ async def reserve(
 def usage_rows(usages: Sequence[TokenUsage], costs: Sequence[Decimal]) -> Jsonb:
     """``token_usage`` rows for ``usages`` priced as ``costs`` (GBP each), as one JSON
     parameter (the final write and :func:`settle` unpack it with ``jsonb_to_recordset``)."""
+    return booking_rows([Booking(cost, u) for u, cost in zip(usages, costs, strict=True)])
+
+
+@dataclass(frozen=True, slots=True)
+class Booking:
+    """One ``token_usage`` row an attempt books: a call's real ``usage`` priced at ``cost``, or
+    (``usage`` None) the worst case of a call whose fate is unknown, marked estimated; an
+    estimate carries its cost only (model ``estimate``, no tokens), like the queue trigger's."""
+
+    cost: Decimal
+    usage: TokenUsage | None = None
+
+    @property
+    def estimated(self) -> bool:
+        return self.usage is None
+
+
+def booking_rows(bookings: Sequence[Booking]) -> Jsonb:
+    """``token_usage`` rows for ``bookings``, as one JSON parameter."""
     return Jsonb([
-        {"id": new_id("tok"), "model": u.model, "prompt_tokens": u.prompt_tokens,
-         "completion_tokens": u.completion_tokens, "cost_gbp": str(cost)}
-        for u, cost in zip(usages, costs, strict=True)
+        {"id": new_id("tok"), "model": b.usage.model if b.usage else "estimate",
+         "prompt_tokens": b.usage.prompt_tokens if b.usage else 0,
+         "completion_tokens": b.usage.completion_tokens if b.usage else 0,
+         "cost_gbp": str(b.cost), "estimated": b.estimated}
+        for b in bookings
     ])
+
+
+def settlement(
+    calls: Sequence[ProviderCall], *, reserved: Decimal, prices: PriceTable,
+) -> tuple[Booking, ...]:
+    """What an attempt books for the provider calls it made, whatever its outcome: each
+    answered call's usage; nothing for a refused call; an unknown call's own worst case
+    (``max_usage``), marked estimated, or, for a call that stated none, what is left of the
+    attempt's ``reserved`` worst case after the rest (the reservation bounds the attempt's
+    calls together). A zero estimate books nothing."""
+    bookings: list[Booking] = []
+    unbounded = False
+    for call in calls:
+        if call.outcome is CallOutcome.ANSWERED and call.usage is not None:
+            bookings.append(Booking(prices.cost(call.usage), call.usage))
+        elif call.outcome is CallOutcome.REFUSED:
+            continue
+        elif call.max_usage is not None:
+            bookings.append(Booking(prices.cost(call.max_usage)))
+        else:
+            unbounded = True
+    if unbounded:
+        bookings.append(Booking(max(reserved - sum((b.cost for b in bookings), Decimal(0)),
+                                    Decimal(0))))
+    return tuple(b for b in bookings if not (b.estimated and b.cost <= 0))
 
 
 async def settle(
     conn: Connection, item: ClaimedItem, *, day: date | None, episode_id: str | None,
-    usages: Sequence[TokenUsage], costs: Sequence[Decimal],
+    bookings: Sequence[Booking] | None = None, usages: Sequence[TokenUsage] = (),
+    costs: Sequence[Decimal] = (),
 ) -> None:
-    """Book the known usage of an attempt that did not succeed (output that failed validation,
-    a billed refusal) on its reservation's ``day``, priced as ``costs``. Runs in the caller's
-    transaction acting for the item's organisation, beside the fenced queue transition that
-    clears the reservation without booking it as an estimate (its ``settled``)."""
+    """Book what an attempt that did not succeed is known to owe (:func:`settlement`: answered
+    calls' usage, estimates for unknown calls) on its reservation's ``day``; or, without
+    ``bookings``, ``usages`` priced as ``costs``. Runs in the caller's transaction acting for
+    the item's organisation, beside the fenced queue transition that clears the reservation
+    without booking it as an estimate (its ``settled``)."""
+    if bookings is None:
+        bookings = [Booking(c, u) for u, c in zip(usages, costs, strict=True)]
+    if not bookings:
+        return
     await conn.execute(_Q["book_attempt_usage"], {
         "organization_id": item.organization_id, "project_id": item.project_id,
-        "episode_id": episode_id, "billing_date": day, "usages": usage_rows(usages, costs),
+        "episode_id": episode_id, "billing_date": day, "usages": booking_rows(bookings),
     })
 
 

@@ -78,15 +78,18 @@ LEFT JOIN token_usage_daily d ON d.organization_id = o.id AND d.date = today.day
 WHERE o.id = %(organization_id)s;
 
 -- name: book_attempt_usage
--- The known usage of an attempt that did not succeed (output that failed validation, a refusal
--- that was billed), on the day its reservation was taken (cost.settle); the caller's fenced queue
--- transition in the same transaction clears the reservation without booking its estimate.
+-- What an attempt that did not succeed owes (cost.settle): the usage of the calls the provider
+-- answered, and the worst case of each call whose fate is unknown (`estimated`), on the day its
+-- reservation was taken; the caller's fenced queue transition in the same transaction clears
+-- the reservation without booking it as a whole.
 INSERT INTO token_usage (id, organization_id, project_id, episode_id, operation, model,
-                         prompt_tokens, completion_tokens, cost_gbp, billing_date)
+                         prompt_tokens, completion_tokens, cost_gbp, billing_date, estimated)
 SELECT u.id, %(organization_id)s, %(project_id)s, %(episode_id)s, 'episode_generation',
-       u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp, %(billing_date)s
+       u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp, %(billing_date)s,
+       coalesce(u.estimated, false)
 FROM jsonb_to_recordset(%(usages)s::jsonb)
-     AS u(id text, model text, prompt_tokens bigint, completion_tokens bigint, cost_gbp numeric);
+     AS u(id text, model text, prompt_tokens bigint, completion_tokens bigint, cost_gbp numeric,
+          estimated boolean);
 
 -- name: block_org_pending_items
 UPDATE episode_schedule_queue

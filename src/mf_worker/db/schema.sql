@@ -481,6 +481,7 @@ CREATE TABLE public.provider_limits (
     quota_pauses bigint DEFAULT 0 NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    quota_noticed_at timestamp with time zone,
     CONSTRAINT provider_limits_check CHECK (((cooldown_until IS NULL) = (cooldown_reason IS NULL))),
     CONSTRAINT provider_limits_cooldown_reason_check CHECK ((cooldown_reason = ANY (ARRAY['rate_limited'::text, 'quota_exhausted'::text]))),
     CONSTRAINT provider_limits_limit_key_check CHECK (((length(limit_key) >= 1) AND (length(limit_key) <= 200))),

@@ -5,20 +5,22 @@ not use up an attempt (``write_deferral``), an item whose project is gone or ina
 (``cancel_item``), and the reaper's verdict on attempts whose worker was lost
 (``record_lost_attempts``). Each one that ends a call adds it to the episode's history
 (``generation_attempts``, ``generation_errors``), and settles the attempt's spend in the same
-transaction (``cost.settle``).
+transaction (``cost.settle``): ``bookings`` are what the attempt's provider calls owe
+(``cost.settlement``: answered calls' usage, the worst case of unknown ones, nothing for refused
+ones); None leaves the reservation to the queue's trigger, which books it whole as an estimate.
+A hand-back at shutdown after the call started (``write_release``) is settled the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from decimal import Decimal
 
 from .. import cost, queue
+from ..cost import Booking
 from ..db import Connection, act_for, as_org
 from ..db.sql import load_queries
 from ..errors import LeaseLost
-from ..generation import TokenUsage
 from ..queue import ClaimedItem
 from .prepare import Prepared
 
@@ -39,16 +41,15 @@ async def write_failure(
     *,
     error: str,
     retry_in: float | None,
-    usages: Sequence[TokenUsage] = (),
-    costs: Sequence[Decimal] = (),
+    bookings: Sequence[Booking] | None = None,
 ) -> bool:
     """Record a failed attempt: retry after ``retry_in`` seconds, or fail for good (``retry_in``
     None; the queue's trigger then fails the episode). Settles the attempt's spend in the same
-    transaction: its known ``usages`` (priced as ``costs``) are booked on the reservation's day;
-    when none are known, the queue's trigger books the reserved worst case as an estimate.
-    Raises LeaseLost when the fence no longer holds (nothing written)."""
+    transaction: ``bookings`` on the reservation's day (None: the queue's trigger books the
+    reserved worst case as an estimate). Raises LeaseLost when the fence no longer holds
+    (nothing written)."""
     episode_id = prepared.episode_id if prepared else item.episode_id
-    settled = bool(usages) and prepared is not None
+    settled = bookings is not None and prepared is not None
     async with as_org(conn, item.organization_id):
         if retry_in is None:
             held = await queue.finish_item(conn, item, status="failed", error=error,
@@ -59,9 +60,9 @@ async def write_failure(
         if not held:
             raise LeaseLost(item.id)
         if settled:
-            assert prepared is not None
+            assert prepared is not None and bookings is not None
             await cost.settle(conn, item, day=prepared.billing_day, episode_id=episode_id,
-                              usages=usages, costs=costs)
+                              bookings=bookings)
         if episode_id is not None:
             await conn.execute(
                 _Q["record_episode_error"],
@@ -81,17 +82,18 @@ async def write_deferral(
     deadline_seconds: float,
     not_after: datetime | None,
     backoff: tuple[float, float, float],
-    usages: Sequence[TokenUsage] = (),
-    costs: Sequence[Decimal] = (),
+    bookings: Sequence[Booking] | None = None,
 ) -> queue.Deferral:
     """Put the item back without using up its attempt (``queue.defer_item``). A transient
-    failure's call goes into the episode's history and its spend is settled like a failed
-    attempt's (known ``usages`` booked, else the reservation booked as an estimate); when the
-    item gives up, the queue's trigger fails the episode. A rate limit or an exhausted quota
-    is not a call the provider ran: no history, and the reservation is released unbooked.
-    Raises LeaseLost when the fence no longer holds (nothing written)."""
+    failure's call goes into the episode's history; when the item gives up, the queue's
+    trigger fails the episode. Whatever the reason, the attempt's spend is settled like a
+    failed attempt's (``bookings``: a refused call owes nothing, but a billed draft before a
+    refused repair does); a rate limit or an exhausted quota without ``bookings`` releases the
+    reservation unbooked (the provider refused the call), a transient failure without them
+    books it as an estimate. Raises LeaseLost when the fence no longer holds (nothing
+    written)."""
     episode_id = prepared.episode_id if prepared else item.episode_id
-    settled = reason == "transient" and bool(usages) and prepared is not None
+    settled = bookings is not None and prepared is not None
     async with as_org(conn, item.organization_id):
         deferral = await queue.defer_item(
             conn, item, reason=reason, error=error, retry_after=retry_after,
@@ -100,15 +102,33 @@ async def write_deferral(
         if deferral is None:
             raise LeaseLost(item.id)
         if settled:
-            assert prepared is not None
+            assert prepared is not None and bookings is not None
             await cost.settle(conn, item, day=prepared.billing_day, episode_id=episode_id,
-                              usages=usages, costs=costs)
+                              bookings=bookings)
         if episode_id is not None and reason == "transient":
             await conn.execute(
                 _Q["record_episode_error"],
                 {"episode_id": episode_id, "error": f"attempt {item.attempt}: {error}"},
             )
     return deferral
+
+
+async def write_release(
+    conn: Connection, item: ClaimedItem, prepared: Prepared | None, *, called: bool,
+    bookings: Sequence[Booking] | None,
+) -> bool:
+    """Hand an item back at shutdown (``queue.release_item``): before its call started, whole
+    (attempt given back, nothing booked); after it, the attempt stays used and the spend is
+    settled: ``bookings`` (what its calls owe) or, when None, the reservation booked whole as
+    an estimate by the queue's trigger. False when the fence no longer holds."""
+    settled = called and bookings is not None and prepared is not None
+    async with as_org(conn, item.organization_id):
+        held = await queue.release_item(conn, item, called=called, settled=settled)
+        if held and settled:
+            assert prepared is not None and bookings is not None
+            await cost.settle(conn, item, day=prepared.billing_day,
+                              episode_id=prepared.episode_id, bookings=bookings)
+    return held
 
 
 async def record_lost_attempts(conn: Connection, reaped: list[queue.ReapedItem]) -> None:

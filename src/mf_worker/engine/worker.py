@@ -8,11 +8,21 @@ items that reach the step together share one transaction (group commit); failure
 and cost blocks are rare and are written one by one. The heartbeat keeps the leases of the
 items in flight; when one is lost, the generation is abandoned because its write would be
 refused anyway.
+
+Every provider call an attempt makes goes through the request's call ledger
+(``request.calls``): flow control admits it (the claim's request for the first call, one more
+request and its tokens for each further call, a repair included), and whatever the attempt's
+outcome — success, failure, deferral, hand-back — the attempt books what its calls owe
+(``cost.settlement``): each answered call's usage, nothing for a call the provider refused, the
+worst case of a call whose fate is unknown, marked estimated. A generator that reports no
+calls is one implied call: its result's or error's usage, nothing for a rate limit, an
+exhausted quota or a refused connection, else the whole reservation as an estimate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,16 +45,21 @@ from tenacity import (
 
 from .. import queue
 from ..backoff import ITEM_RETRY, Backoff
-from ..cost import Budget, CostLimitReached, deliver_trip, trip_breaker
+from ..cost import Booking, Budget, CostLimitReached, deliver_trip, settlement, trip_breaker
 from ..cost.notify import LogNotifier, Notifier, ProviderPaused, notify_provider_paused
 from ..db import Connection, Pool
 from ..errors import InvalidItemError, LeaseLost, describe_error
 from ..flow import FlowControl, KeyCoolingDown, Limits
 from ..generation import (
+    CallLedger,
+    CallOutcome,
+    CallsPaused,
+    GenerationRequest,
     GenerationResult,
     Generator,
     InvalidOutputError,
     PermanentGenerationError,
+    ProviderCall,
     QuotaExhaustedError,
     RateLimitedError,
     RetryableGenerationError,
@@ -59,7 +74,7 @@ from ..scheduling.cadence import next_occurrence
 from ..settings import Settings
 from .batching import Batcher
 from .events import ClaimLoopTicked, EventHub, ItemsClaimed, TripNotified
-from .failures import cancel_item, write_deferral, write_failure
+from .failures import cancel_item, write_deferral, write_failure, write_release
 from .prepare import ItemUnavailable, Prepared, PrepareOutcome, prepare_generations
 from .write import Delivery, EpisodeWrite, WriteOutcome, write_episodes
 
@@ -130,7 +145,12 @@ class InFlight:
     task: asyncio.Task[Outcome] | None = None
     phase: str = "preparing"  # preparing → generating → writing
     lost: bool = False
-    flow_settled: bool = False  # its flow-control slot was handed back already
+    admitted: bool = False  # the claim loop took a request for it (its first call's)
+    flow_settled: bool = False  # that request was used by a call, or handed back
+    prepared: Prepared | None = None
+    calls: CallLedger | None = None  # the attempt's provider calls
+    first_charge: int = 0  # tokens flow control took before the first call
+    bookings: tuple[Booking, ...] | None = None  # what the calls owe, once generate ended
 
 
 @dataclass
@@ -159,6 +179,8 @@ class _Failure:
     retry_after: float | None = None
     usages: tuple[TokenUsage, ...] = ()  # what the failed attempt is known to have consumed
     stated: Limits | None = None  # the limits a 429 stated
+    refused: bool = False  # the provider certainly did not run the (implied) call
+    paused: bool = False  # flow control held the call back: no feedback to give
 
 
 def _known_usages(usages: Sequence[object]) -> tuple[TokenUsage, ...]:
@@ -242,32 +264,41 @@ class Worker:
                 continue
             self.wake.clear()
             wanted = min(free, self._claim_chunk)
+            items: list[ClaimedItem] = []
+            failed: BaseException | None = None
             try:
                 # Claim only what the provider's budget admits; otherwise sleep until the
-                # refill (or until an item ends and frees a slot of the window).
+                # refill (or until an item ends and frees a slot of the window, whose use is
+                # the count of items this process holds: nothing to leak).
                 # After a claim that found nothing, ask for one request only: an idle worker
                 # must not keep taking (and giving back) the fleet's budget at every poll.
                 admitted, flow_wait = await self.flow.admit(
-                    1 if drained and self.flow.enabled else wanted)
+                    1 if drained and self.flow.enabled else wanted, in_use=len(self.in_flight))
                 if admitted == 0:
                     await self._wait({self._slot_freed},
                                      self.settings.poll_interval if flow_wait is None
                                      else min(flow_wait, self.settings.poll_interval))
                     continue
                 wanted = admitted
-                items = await self._claim(wanted)
+                try:
+                    items = await self._claim(wanted)
+                finally:
+                    # Whatever happened: every claimed item runs, and every admitted request
+                    # that no item took goes back (a failed claim, a short one).
+                    for item in items:
+                        self._start(item, admitted=self.flow.enabled)
+                    if len(items) < wanted:
+                        await self._give_back_requests(wanted - len(items))
                 drained = not items
-                if len(items) < wanted:
-                    await self.flow.unused(wanted - len(items))
                 failures = 0
             except TRANSIENT_DB_ERRORS as exc:
+                failed = exc
+            if failed is not None:
                 failures += 1
                 delay = claim_retry.delay(failures)
-                self._log.warning("claim_failed", error=describe_error(exc), retry_in=delay)
+                self._log.warning("claim_failed", error=describe_error(failed), retry_in=delay)
                 await self._wait(set(), delay)
                 continue
-            for item in items:
-                self._start(item)
             if len(items) < wanted:
                 if burst and not items:
                     if not self.in_flight:
@@ -276,6 +307,14 @@ class Worker:
                     continue
                 await self._wait({self.wake, self._slot_freed} if burst else {self.wake},
                                  await self._idle_timeout())
+
+    async def _give_back_requests(self, count: int) -> None:
+        """Admitted requests no claimed item took go back to the key's bucket; if even that
+        fails (the database is away), the bucket's refill makes up for them."""
+        try:
+            await self.flow.unused(count)
+        except TRANSIENT_DB_ERRORS as exc:
+            self._log.warning("flow_correction_failed", error=describe_error(exc))
 
     async def _claim(self, limit: int) -> list[ClaimedItem]:
         async with self.pool.connection() as conn:
@@ -317,8 +356,8 @@ class Worker:
                 w.cancel()
         self._slot_freed.clear()
 
-    def _start(self, item: ClaimedItem) -> None:
-        entry = InFlight(item=item)
+    def _start(self, item: ClaimedItem, *, admitted: bool = False) -> None:
+        entry = InFlight(item=item, admitted=admitted)
         self.in_flight[item.token] = entry
         entry.task = asyncio.create_task(self.process(entry), name=f"item {item.id}")
         entry.task.add_done_callback(partial(self._finished, item.token))
@@ -365,10 +404,6 @@ class Worker:
                 self._log.exception("item_crashed", error=describe_error(exc))
                 report.reason, report.error = FailureReason.LOST_WORKER, describe_error(exc)
                 report.outcome = Outcome.LEASE_LOST
-            finally:
-                if not entry.flow_settled:
-                    entry.flow_settled = True
-                    self.flow.done()
             report.item_seconds = time.monotonic() - started
             # Within the item's bind_item context: metrics, the log (observability.event_log:
             # item_completed, lease_lost, …) and the publisher's timer subscribe.
@@ -397,14 +432,21 @@ class Worker:
             )
             return
 
-        # The call's worst-case tokens from the provider's budget (the reservation's estimate),
-        # corrected with the real usage afterwards.
+        entry.prepared = prepared
+        # The attempt's calls go through its ledger: flow control admits each, and the
+        # settlement books each by what the provider did with it.
+        entry.calls = CallLedger(partial(self._admit_call, entry, report))
+        request = dataclasses.replace(prepared.request, calls=entry.calls)
+        # The first call's worst-case tokens from the provider's budget (the reservation's
+        # estimate; the request is the one the claim took), corrected with the real usage
+        # afterwards. A generator that reports no calls makes this one implied call.
         charged = 0
         if self.flow.enabled:
-            estimate = estimate_max_usage(self.generator, prepared.request)
+            estimate = estimate_max_usage(self.generator, request)
             charged = estimate.total_tokens if estimate is not None else 0
             try:
-                report.flow_wait_seconds = await self.flow.take_tokens(charged)
+                report.flow_wait_seconds = await self.flow.take_tokens(
+                    charged, requests=0 if entry.admitted else 1)
             except KeyCoolingDown as held:
                 # No call was made: the request goes back, and so does the item, for when
                 # the key's hold ends (no attempt used, no feedback: nothing new was learned).
@@ -412,33 +454,66 @@ class Worker:
                 reason = (FailureReason.QUOTA_EXHAUSTED if held.reason == "quota_exhausted"
                           else FailureReason.RATE_LIMITED)
                 await self._defer(entry, prepared,
-                                  _Failure(reason, str(held), True, held.seconds), str(held),
-                                  report, feedback=False)
+                                  _Failure(reason, str(held), True, held.seconds, refused=True),
+                                  str(held), report, feedback=False, bookings=())
                 return
+        entry.flow_settled = True  # the claim's request is the first call's now
+        entry.first_charge = charged
         entry.phase = "generating"
         report.reserved_gbp = prepared.reserved_gbp
         self._log.debug("generation_started", episode_id=prepared.episode_id)
         gen_started = time.monotonic()
-        result, failure = await self._generate(prepared)
+        result, failure = await self._generate(prepared, request)
         report.generation_seconds = time.monotonic() - gen_started
         entry.phase = "writing"
+        calls = entry.calls.calls or _implied_calls(result, failure)
+        entry.bookings = bookings = settlement(
+            calls, reserved=prepared.reserved_gbp, prices=self.budget.prices)
+        await self._flow_after_calls(entry, calls)
         if failure is not None:
-            await self._record_failure(entry, prepared, failure, report)
+            await self._record_failure(entry, prepared, failure, report, bookings)
             return
         assert result is not None
-        try:
-            await self.flow.succeeded(charged, sum(u.total_tokens for u in result.usages))
-        except TRANSIENT_DB_ERRORS as exc:  # the episode matters more than the correction
-            self._log.warning("flow_correction_failed", error=describe_error(exc))
         costs = tuple(self.budget.prices.cost(u) for u in result.usages)
         try:
             report.delivery = await self._writes.submit(EpisodeWrite(
                 item=item, prepared=prepared, result=result, costs=costs, now=self.clock(),
-                lead_seconds=self.settings.lead_seconds))
+                lead_seconds=self.settings.lead_seconds, bookings=bookings))
         except ItemUnavailable as exc:  # the project was deleted while it generated
             report.outcome, report.error, report.costs = Outcome.CANCELLED, str(exc), costs
             return
         report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
+
+    async def _admit_call(self, entry: InFlight, report: AttemptReport, call: ProviderCall,
+                          index: int) -> None:
+        """The gate of the attempt's call ledger: the first call uses what was taken before
+        `generate` (the claim's request, the attempt's worst-case tokens); each further call
+        takes one more request and its own worst-case tokens, or is held back
+        (`CallsPaused`) while the key is paused for longer than an item should wait."""
+        if index == 0:
+            call.charged_tokens = entry.first_charge
+            return
+        tokens = call.max_usage.total_tokens if call.max_usage is not None else 0
+        try:
+            report.flow_wait_seconds += await self.flow.take_tokens(tokens, requests=1)
+        except KeyCoolingDown as held:
+            raise CallsPaused(str(held), held.seconds, reason=held.reason) from None
+        call.charged_tokens = tokens
+
+    async def _flow_after_calls(self, entry: InFlight, calls: Sequence[ProviderCall]) -> None:
+        """Give back the tokens answered calls did not use (and grow the window); an answered
+        call also shows the key's quota works (the next exhaustion is notified anew)."""
+        answered = [c for c in calls if c.outcome is CallOutcome.ANSWERED and c.usage]
+        if not answered or not self.flow.enabled:
+            return
+        implied = not (entry.calls and entry.calls.calls)
+        charged = entry.first_charge if implied else sum(c.charged_tokens for c in answered)
+        used = sum(c.usage.total_tokens for c in answered if c.usage is not None)
+        try:
+            await self.flow.succeeded(charged, used)
+            await self.flow.quota_recovered()
+        except TRANSIENT_DB_ERRORS as exc:  # the episode matters more than the correction
+            self._log.warning("flow_correction_failed", error=describe_error(exc))
 
     async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:
         # now=None: the billing day is the database's UTC day, whatever this host's clock says.
@@ -452,20 +527,26 @@ class Worker:
         return await self._db(partial(write_episodes, writes=writes), alone=len(writes) == 1)
 
     async def _generate(
-        self, prepared: Prepared
+        self, prepared: Prepared, request: GenerationRequest
     ) -> tuple[GenerationResult | None, _Failure | None]:
         timeout = self.settings.generation_timeout
         raw: object = None
         try:
-            raw = await asyncio.wait_for(self.generator.generate(prepared.request), timeout)
+            raw = await asyncio.wait_for(self.generator.generate(request), timeout)
             return validate_result(raw, prepared.request,
                                    max_episode_bytes=self.settings.max_episode_bytes), None
+        except CallsPaused as exc:
+            return None, _Failure(
+                FailureReason.QUOTA_EXHAUSTED if exc.reason == "quota_exhausted"
+                else FailureReason.RATE_LIMITED, str(exc), True, exc.retry_after,
+                refused=True, paused=True)
         except RateLimitedError as exc:
             return None, _Failure(FailureReason.RATE_LIMITED, str(exc), True, exc.retry_after,
-                                  stated=Limits(exc.requests_per_minute, exc.tokens_per_minute))
+                                  stated=Limits(exc.requests_per_minute, exc.tokens_per_minute),
+                                  refused=True)
         except QuotaExhaustedError as exc:
             return None, _Failure(FailureReason.QUOTA_EXHAUSTED, str(exc), True,
-                                  exc.retry_after)
+                                  exc.retry_after, refused=True)
         except RetryableGenerationError as exc:
             return None, _Failure(FailureReason.GENERATOR_RETRYABLE, str(exc), True,
                                   exc.retry_after, usages=_known_usages(exc.usages))
@@ -481,25 +562,26 @@ class Worker:
             return None, _Failure(FailureReason.GENERATOR_PERMANENT, str(exc), False,
                                   usages=_known_usages(exc.usages))
         except ConnectionError as exc:
+            # A refused connection sent nothing; a reset or an abort may have come mid-reply.
             return None, _Failure(FailureReason.GENERATOR_RETRYABLE,
-                                  f"generator connection failed: {describe_error(exc)}", True)
+                                  f"generator connection failed: {describe_error(exc)}", True,
+                                  refused=isinstance(exc, ConnectionRefusedError))
         except Exception as exc:  # a plugin bug: it would very likely repeat
             return None, _Failure(FailureReason.GENERATOR_PERMANENT,
                                   f"generator raised {describe_error(exc)}", False)
 
     async def _record_failure(
         self, entry: InFlight, prepared: Prepared | None, failure: _Failure,
-        report: AttemptReport,
+        report: AttemptReport, bookings: tuple[Booking, ...] | None = None,
     ) -> None:
         item = entry.item
         message = failure.message[:MAX_ERROR_CHARS]
         if failure.retryable:
-            await self._defer(entry, prepared, failure, message, report)
+            await self._defer(entry, prepared, failure, message, report, bookings=bookings)
             return
-        costs = tuple(self.budget.prices.cost(u) for u in failure.usages)
         await self._db(partial(write_failure, item=item, prepared=prepared, error=message,
-                               retry_in=None, usages=failure.usages, costs=costs))
-        report.costs = costs
+                               retry_in=None, bookings=bookings))
+        report.costs = tuple(b.cost for b in bookings or ())
         report.outcome = Outcome.FAILED
         report.reason, report.error = failure.reason, message
         self._log.warning("attempt_failed", reason=failure.reason.value, error=message,
@@ -508,13 +590,17 @@ class Worker:
     async def _defer(
         self, entry: InFlight, prepared: Prepared | None, failure: _Failure, message: str,
         report: AttemptReport, *, feedback: bool = True,
+        bookings: tuple[Booking, ...] | None = None,
     ) -> None:
         """A call that does not use up an attempt. A rate limit holds the fleet's calls under
         the key until the provider's reset and puts the item back for then; an exhausted quota
-        pauses the key (the first worker to see it notifies) and the item waits; a transient
-        failure backs off until MF_RETRY_DEADLINE or the project's next occurrence."""
+        pauses the key (the first worker to see it since calls last succeeded notifies, once
+        per exhaustion) and the item waits; a transient failure backs off until
+        MF_RETRY_DEADLINE or the project's next occurrence. Whatever the kind, ``bookings``
+        (what the attempt's calls owe) are booked."""
         item = entry.item
         retry_after = failure.retry_after
+        feedback = feedback and not failure.paused
         kind = "transient"
         if failure.reason is FailureReason.RATE_LIMITED:
             kind = "rate_limited"
@@ -528,18 +614,16 @@ class Worker:
             hold = await self._flow_feedback(self.flow.quota_exhausted(retry_after or 600.0))
             if hold is not None:
                 retry_after = max((hold.until - self.clock()).total_seconds(), 0.0)
-                if hold.started and self.flow.key is not None:
+                if (self.flow.key is not None
+                        and await self._flow_feedback(self.flow.claim_quota_notice())):
                     await self._notify_paused(ProviderPaused(
                         limit_key=self.flow.key, reason=kind, paused_until=hold.until,
                         error=message))
-        costs = tuple(self.budget.prices.cost(u) for u in failure.usages)
         deferral = await self._db(partial(
             write_deferral, item=item, prepared=prepared, reason=kind, error=message,
             retry_after=retry_after, deadline_seconds=self.settings.retry_deadline,
-            not_after=_next_occurrence(item), backoff=_item_backoff(),
-            usages=failure.usages if kind == "transient" else (), costs=costs))
-        if kind == "transient":
-            report.costs = costs
+            not_after=_next_occurrence(item), backoff=_item_backoff(), bookings=bookings))
+        report.costs = tuple(b.cost for b in bookings or ())
         failed = deferral.status == "failed"
         if failed:
             message = deferral.error
@@ -559,8 +643,9 @@ class Worker:
             return None
 
     async def _give_back_flow(self, entry: InFlight) -> None:
-        """The item ends before any call: its request goes back to the key's bucket."""
-        if entry.flow_settled:
+        """The item ends before any call: the request the claim took for it goes back to the
+        key's bucket (an item claimed by ``run-once`` took none)."""
+        if entry.flow_settled or not entry.admitted:
             return
         entry.flow_settled = True
         try:
@@ -645,13 +730,22 @@ class Worker:
         await asyncio.gather(*(e.task for e in leftovers if e.task), return_exceptions=True)
         released = 0
         for entry in leftovers:
+            called = entry.phase != "preparing"
+            bookings = entry.bookings
+            if bookings is None and called and entry.calls is not None and entry.calls.calls:
+                # Stopped mid-generation: the calls it reported are booked by what became of
+                # them (the one cut short is unknown: its worst case, estimated).
+                reserved = entry.prepared.reserved_gbp if entry.prepared else Decimal(0)
+                bookings = settlement(entry.calls.calls, reserved=reserved,
+                                      prices=self.budget.prices)
             try:
-                # A generation that had started may have been billed: its reservation is
-                # booked and its attempt stays used. One still preparing is handed back whole.
-                held = await self._db(
-                    partial(queue.release_item, item=entry.item,
-                            called=entry.phase != "preparing")
-                )
+                # A generation that had started may have been billed: what its calls owe is
+                # booked (a generator that reports no calls: its whole reservation, as an
+                # estimate) and its attempt stays used. One still preparing is handed back
+                # whole.
+                held = await self._db(partial(write_release, item=entry.item,
+                                              prepared=entry.prepared, called=called,
+                                              bookings=bookings))
             except TRANSIENT_DB_ERRORS as exc:
                 self._log.error("release_failed", queue_id=entry.item.id,
                                 error=describe_error(exc))
@@ -664,6 +758,28 @@ class Worker:
                     self._log.info("item_released")
                 self.events.publish(AttemptReport(item=entry.item, outcome=Outcome.RELEASED))
         return released
+
+
+def _implied_calls(result: GenerationResult | None, failure: _Failure | None
+                   ) -> tuple[ProviderCall, ...]:
+    """The calls of a generator that reported none, as one call implied by how it ended: its
+    result's usage, or its error's usage when it carried some (a billed refusal); nothing for
+    a rate limit, an exhausted quota or a refused connection (the provider ran nothing); else
+    unknown, with no bound of its own, so the whole reservation is its estimate."""
+    if result is not None:
+        usages = result.usages
+    elif failure is not None and failure.usages:
+        usages = failure.usages
+    elif failure is not None and failure.refused:
+        return ()
+    else:
+        return (ProviderCall("generate"),)
+    calls = []
+    for usage in usages:
+        call = ProviderCall("generate")
+        call.answered(usage)
+        calls.append(call)
+    return tuple(calls)
 
 
 def _item_backoff() -> tuple[float, float, float]:

@@ -48,6 +48,8 @@ class EpisodeWrite:
     costs: tuple[Decimal, ...]  # GBP per usage of ``result``
     now: datetime
     lead_seconds: float = 0.0  # the next item is claimable this long before it is due
+    # What to book, call by call (cost.settlement); None: ``result``'s usages priced as ``costs``.
+    bookings: tuple[cost.Booking, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +124,14 @@ async def _cancel_for_deleted_project(conn: Connection, write: EpisodeWrite) -> 
     none). Without reported usage the reservation is booked as an estimate by the queue's
     trigger, as for any cancelled attempt."""
     item, usages = write.item, write.result.usages
-    settled = bool(usages)
+    settled = bool(write.bookings if write.bookings is not None else usages)
     if not await queue.finish_item(conn, item, status="cancelled", error="project deleted",
                                    settled=settled):
         return LeaseLost(item.id)
-    if settled:
+    if settled:  # call by call when the worker settled them (cost.settlement)
         await cost.settle(conn, replace(item, project_id=None), day=write.prepared.billing_day,
-                          episode_id=None, usages=usages, costs=write.costs)
+                          episode_id=None, bookings=write.bookings, usages=usages,
+                          costs=write.costs)
     return ItemUnavailable("project deleted")
 
 
@@ -157,7 +160,8 @@ def _episode_params(write: EpisodeWrite, project: dict[str, Any]) -> dict[str, A
              "reasoning": b.reasoning, "confidence": b.confidence}
             for position, b in enumerate(blocks)
         ]),
-        "usages": cost.usage_rows(usages, write.costs),
+        "usages": (cost.usage_rows(usages, write.costs) if write.bookings is None
+                   else cost.booking_rows(write.bookings)),
         "note_ids": Jsonb(list(result.incorporated_note_ids)),
         "memories": Jsonb([
             {"id": new_id("mem"), "content": m.content, "memory_type": m.memory_type,

@@ -74,13 +74,14 @@ WITH fence AS (
          AS b(id text, content text, position int, reasoning text, confidence float8)
 ), usage AS (
     INSERT INTO token_usage (id, organization_id, project_id, episode_id, operation, model,
-                             prompt_tokens, completion_tokens, cost_gbp, billing_date)
+                             prompt_tokens, completion_tokens, cost_gbp, billing_date, estimated)
     SELECT u.id, %(organization_id)s, %(project_id)s, %(episode_id)s, 'episode_generation',
-           u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp, %(billing_date)s
+           u.model, u.prompt_tokens, u.completion_tokens, u.cost_gbp, %(billing_date)s,
+           coalesce(u.estimated, false)
     FROM fence,
          jsonb_to_recordset(%(usages)s::jsonb)
          AS u(id text, model text, prompt_tokens bigint, completion_tokens bigint,
-              cost_gbp numeric)
+              cost_gbp numeric, estimated boolean)
 ), notes AS (
     UPDATE planning_notes
     SET status = 'incorporated', processed_at = now(), episode_id = %(episode_id)s

@@ -5,11 +5,16 @@ generator call must wait for.
 generator that names its limit key (`mf_worker.generation.limit_key_of`), before each claim the
 claim loop asks `admit` how many items it may claim: one request is taken from the key's bucket
 per item (so the fleet claims only what the provider's budget admits, and sleeps until the
-refill otherwise), capped by an adaptive in-flight window per key. Before the call the item
-takes its worst-case tokens (`take_tokens`); afterwards the tokens are corrected with the real
-usage (`succeeded`), a 429 halves the window and sets the shared cooldown (`rate_limited`), and
-an exhausted quota pauses the key (`quota_exhausted`). A generator without a limit key passes
-straight through: no statement, no wait.
+refill otherwise), capped by an adaptive in-flight window per key; the window's use is the
+count of items the process holds, passed in by the worker, so nothing here can drift from it.
+Before its first call the item takes its worst-case tokens (`take_tokens`); every further call
+of the attempt (a repair) takes one more request and its own tokens (`take_tokens` with
+``requests=1``, through the request's call ledger), so the request bucket counts HTTP calls,
+not items. Afterwards the tokens are corrected with the real usage (`succeeded`), a 429 halves
+the window and sets the shared cooldown (`rate_limited`), and an exhausted quota pauses the key
+(`quota_exhausted`), whose first observer since calls last succeeded notifies
+(`claim_quota_notice`; an answered call clears it: `quota_recovered`). A generator without a
+limit key passes straight through: no statement, no wait.
 
 The window starts small (`INITIAL_WINDOW`) and grows by one per success, like a slow start,
 until the first 429; it then halves (at most once per cooldown) and grows by 1/window per
@@ -27,9 +32,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..db import Pool
+from ..db.sql import load_queries
 from ..errors import MfWorkerError
 from . import limiter
 from .limiter import CoolDown, Limits
+
+_Q = load_queries(__package__ or "mf_worker.flow", "control.sql")
 
 __all__ = ["INITIAL_WINDOW", "FlowControl", "FlowEvent", "KeyCoolingDown"]
 
@@ -69,8 +77,11 @@ class FlowControl:
         self.limits = limits
         self.concurrency = concurrency
         self.window = float(min(INITIAL_WINDOW, concurrency))
-        self.in_flight = 0  # items admitted and not yet done
         self._slow_start = True
+        # Whether an exhausted quota may still be on record for the key (the notice that
+        # stops a second notification): cleared by this process's first answered call after
+        # it starts or after it saw the quota exhausted, so most successes cost no statement.
+        self._quota_noticed = True
         self._halved_at = -math.inf
         self._monotonic = monotonic
         self.listeners: list[Callable[[FlowEvent], None]] = []
@@ -85,13 +96,14 @@ class FlowControl:
 
     # -- admission -----------------------------------------------------------------------------
 
-    async def admit(self, wanted: int) -> tuple[int, float | None]:
+    async def admit(self, wanted: int, *, in_use: int) -> tuple[int, float | None]:
         """How many of ``wanted`` items the claim loop may claim now (their requests are
         taken), and if fewer, how long to sleep before asking again (None: until a slot of the
-        window frees)."""
+        window frees). ``in_use``: the items this process holds under the key now (the
+        worker's own count, so a failed claim cannot leave slots taken)."""
         if self.key is None:
             return wanted, None
-        room = min(wanted, math.floor(self.window) - self.in_flight)
+        room = min(wanted, math.floor(self.window) - in_use)
         if room <= 0:
             return 0, None
         granted, wait = 0, None
@@ -102,31 +114,30 @@ class FlowControl:
                     wait = grant.wait_seconds
                     break
                 granted += 1
-        self.in_flight += granted
         if wait is not None and granted == 0:
             self._emit(FlowEvent("wait", self.key, seconds=wait))
         return granted, wait
 
     async def unused(self, count: int) -> None:
-        """The claim found fewer items than admitted, or items ended before their call: give
-        their requests back and free their window slots."""
+        """The claim failed or found fewer items than admitted, or items ended before their
+        call: give their requests back to the key's bucket."""
         if self.key is None or count <= 0:
             return
-        self.in_flight = max(self.in_flight - count, 0)
         async with self.pool.connection() as conn:
             await limiter.correct(conn, self.key, limits=self.limits, requests=count)
 
-    async def take_tokens(self, tokens: int) -> float:
-        """Before the call: take its worst-case tokens, sleeping until the bucket holds them.
-        Returns the seconds waited. Raises `KeyCoolingDown` when the key is held for longer
-        than `MAX_TOKEN_WAIT_SECONDS` (the item should go back to the queue instead)."""
-        if self.key is None or tokens <= 0:
+    async def take_tokens(self, tokens: int, *, requests: int = 0) -> float:
+        """Before a call: take its worst-case tokens (and ``requests``: 1 for a call the claim
+        did not admit, such as a repair), sleeping until the buckets hold them. Returns the
+        seconds waited. Raises `KeyCoolingDown` when the key is held for longer than
+        `MAX_TOKEN_WAIT_SECONDS` (the item should go back to the queue instead)."""
+        if self.key is None or (tokens <= 0 and requests <= 0):
             return 0.0
         waited = 0.0
         while True:
             async with self.pool.connection() as conn:
-                grant = await limiter.acquire(conn, self.key, limits=self.limits, requests=0,
-                                              tokens=tokens)
+                grant = await limiter.acquire(conn, self.key, limits=self.limits,
+                                              requests=requests, tokens=max(tokens, 0))
             if grant.granted:
                 if waited:
                     self._emit(FlowEvent("wait", self.key, seconds=waited))
@@ -138,11 +149,6 @@ class FlowControl:
             await asyncio.sleep(pause)
 
     # -- feedback ------------------------------------------------------------------------------
-
-    def done(self) -> None:
-        """An admitted item ended (whatever the outcome): its window slot is free."""
-        if self.key is not None:
-            self.in_flight = max(self.in_flight - 1, 0)
 
     async def succeeded(self, charged_tokens: int, used_tokens: int) -> None:
         """The call went through: grow the window, give back the tokens it did not use."""
@@ -187,3 +193,24 @@ class FlowControl:
         if hold.started:
             self._emit(FlowEvent("cooldown", self.key, seconds=pause, reason="quota_exhausted"))
         return hold
+
+    async def claim_quota_notice(self) -> bool:
+        """Whether this process is the one to tell the operator about the key's exhausted
+        quota: True once per exhaustion, fleet-wide (the first to ask since calls under the key
+        last succeeded); later pauses of the same exhaustion stay quiet."""
+        if self.key is None:
+            return False
+        self._quota_noticed = True
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_Q["claim_quota_notice"], {"key": self.key})
+            return await cur.fetchone() is not None
+
+    async def quota_recovered(self) -> None:
+        """A call under the key was answered: the quota works again, so the next exhaustion is
+        a new one and is notified. Costs a statement only after this process started or saw
+        the quota exhausted."""
+        if self.key is None or not self._quota_noticed:
+            return
+        async with self.pool.connection() as conn:
+            await conn.execute(_Q["clear_quota_notice"], {"key": self.key})
+        self._quota_noticed = False

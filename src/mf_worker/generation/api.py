@@ -6,21 +6,34 @@ beyond this module: no database handle, no settings object, no logger. The worke
 `GenerationResult` (see `mf_worker.generation.validate`) and stores it in one transaction.
 Failures are told apart by exception type only: `RetryableGenerationError` means "try again
 later", anything else means the attempt failed for good.
+
+A generator that calls a provider says what became of each call through the request's
+`CallLedger` (``request.calls``): it opens every HTTP call with ``async with
+request.calls.call(...)`` (the worker's flow control admits the call there: one request and its
+tokens from the provider's limit), and marks it `answered` with its usage, `refused` (the
+provider did not run it: nothing is booked) or leaves it unknown (a timeout after the request
+was sent: its worst case is booked, marked as an estimate). See docs/plugins.md.
 """
 
 from __future__ import annotations
 
+import enum
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from types import TracebackType
 from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
 
 from mf_worker.errors import MfWorkerError
 
 __all__ = [
     "BlockDraft",
+    "CallGate",
+    "CallLedger",
+    "CallOutcome",
+    "CallsPaused",
     "GenerationError",
     "GenerationRequest",
     "GenerationResult",
@@ -33,6 +46,7 @@ __all__ = [
     "PlanningNote",
     "PreviousEpisode",
     "ProjectInfo",
+    "ProviderCall",
     "QuotaExhaustedError",
     "RateLimitedError",
     "RetryableGenerationError",
@@ -112,6 +126,11 @@ class GenerationRequest:
     `scheduled_for` is the UTC instant the episode was due; `local_date` is that instant's date
     in the project's timezone, which is the date a reader would put on the episode.
 
+    `calls` is this attempt's `CallLedger`: open each provider call through it (``async with
+    request.calls.call(...)``) so that flow control admits the call and the worker books what the
+    provider did with it. It is the one mutable part of a request (and is left out of equality
+    and hashing); a request built outside the worker gets a ledger that admits every call.
+
     The constructor checks the two invariants plugins rely on (1-based attempt, UTC-aware
     `scheduled_for`) and turns list arguments into tuples so a request is really immutable.
     """
@@ -127,6 +146,8 @@ class GenerationRequest:
     memories: tuple[Memory, ...]
     previous_episodes: tuple[PreviousEpisode, ...]
     idempotency_key: str
+    calls: CallLedger = field(default_factory=lambda: CallLedger(), hash=False, compare=False,
+                              repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 1:
@@ -356,6 +377,120 @@ class InvalidOutputError(PermanentGenerationError):
                  usages: Sequence[TokenUsage] = ()) -> None:
         super().__init__(message, usages=usages)
         self.field = field
+
+
+# --------------------------------------------------------------------------------------------
+# Provider calls: what became of each one
+
+
+class CallOutcome(enum.StrEnum):
+    """What the provider did with one call, which decides what the worker books for it."""
+
+    ANSWERED = "answered"
+    """It ran the call and answered (a 2xx, or an error reply that carries usage): its usage."""
+    REFUSED = "refused"
+    """It did not run it (a 429, ``insufficient_quota``, a 5xx or 4xx reply without usage, a
+    connection refused or reset before the request was sent): nothing."""
+    UNKNOWN = "unknown"
+    """Nobody can tell (a timeout after the request was sent, a connection dropped mid-reply,
+    an attempt stopped mid-call): the call's worst case (``max_usage``), marked estimated."""
+
+
+@dataclass(slots=True)
+class ProviderCall:
+    """One call an attempt made to the provider, as `CallLedger.call` opened it.
+
+    It is `CallOutcome.UNKNOWN` until the generator marks it: `answered` with the usage the
+    provider reported, or `refused`. A call left unmarked (the generator raised, or the attempt
+    was stopped mid-call: a timeout, a shutdown) stays unknown, which books its ``max_usage``
+    as an estimate; so mark a call refused only when you are sure the provider did not run it.
+    """
+
+    name: str
+    max_usage: TokenUsage | None = None
+    outcome: CallOutcome = CallOutcome.UNKNOWN
+    usage: TokenUsage | None = None
+    charged_tokens: int = 0  # what flow control took for it (the worker's bookkeeping)
+
+    def answered(self, usage: TokenUsage) -> None:
+        """The provider ran the call and reported (or the plugin counted) ``usage``."""
+        self.outcome, self.usage = CallOutcome.ANSWERED, usage
+
+    def refused(self) -> None:
+        """The provider did not run the call: nothing is booked for it."""
+        self.outcome, self.usage = CallOutcome.REFUSED, None
+
+    def unknown(self) -> None:
+        """Whether the provider ran the call cannot be known: its worst case is booked."""
+        self.outcome, self.usage = CallOutcome.UNKNOWN, None
+
+
+class CallsPaused(RetryableGenerationError):
+    """Raised by `CallLedger.call` when the worker will not let a call start: calls under the
+    generator's limit key are held (a provider's reset after a 429, an exhausted quota) for
+    longer than an item should wait. No call was made; let it propagate: the item goes back to
+    the queue for when the hold ends, without using up an attempt. ``reason`` is
+    ``rate_limited`` or ``quota_exhausted``."""
+
+    reason: str
+
+    def __init__(self, message: str, retry_after: float | None = None, *,
+                 reason: str = "rate_limited") -> None:
+        super().__init__(message, retry_after)
+        self.reason = reason
+
+
+CallGate: TypeAlias = Callable[[ProviderCall, int], Awaitable[None]]
+"""What the worker runs before each call may start (``call``, its 0-based index in the
+attempt): flow control takes the call's request and tokens, waiting for them, or raises
+`CallsPaused`."""
+
+
+class CallLedger:
+    """The provider calls of one attempt (``request.calls``): admits each, and records it.
+
+    ``async with request.calls.call("draft", max_usage=bound) as call:`` waits until the
+    worker's flow control admits the call (one request, and ``max_usage``'s tokens, from the
+    provider's limit key; it raises `CallsPaused` when the key is held for long), records it,
+    and hands it back to be marked `ProviderCall.answered` or `ProviderCall.refused`. Open one
+    per HTTP request, a retry or repair included. ``max_usage`` is that call's worst case (the
+    prompt's upper bound plus ``max_tokens``): what an unknown call is booked at. Without it,
+    an unknown call is booked at what is left of the attempt's reservation.
+    """
+
+    __slots__ = ("_calls", "_gate")
+
+    def __init__(self, gate: CallGate | None = None) -> None:
+        self._gate = gate
+        self._calls: list[ProviderCall] = []
+
+    def call(self, name: str = "call", *, max_usage: TokenUsage | None = None) -> _OpenCall:
+        """Open one provider call (an async context manager yielding its `ProviderCall`)."""
+        return _OpenCall(self, ProviderCall(name=name, max_usage=max_usage))
+
+    @property
+    def calls(self) -> tuple[ProviderCall, ...]:
+        """The calls opened so far (each admitted, so each may have reached the provider)."""
+        return tuple(self._calls)
+
+
+class _OpenCall:
+    __slots__ = ("_call", "_ledger")
+
+    def __init__(self, ledger: CallLedger, call: ProviderCall) -> None:
+        self._ledger, self._call = ledger, call
+
+    async def __aenter__(self) -> ProviderCall:
+        ledger = self._ledger
+        if ledger._gate is not None:
+            await ledger._gate(self._call, len(ledger._calls))
+        # Recorded only once admitted: a call refused by the gate never left this process.
+        ledger._calls.append(self._call)
+        return self._call
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        return None
 
 
 # --------------------------------------------------------------------------------------------

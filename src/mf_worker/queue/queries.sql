@@ -281,12 +281,13 @@ RETURNING id;
 -- Hand an item back (shutdown, cost block): pending (after `delay_seconds`) or blocked. Before
 -- its generator call started (`called` false) the attempt the claim counted is given back and
 -- the reservation released unbooked, since nothing can have been billed; after it started, the
--- attempt stays used and the reservation is booked as an estimate (migration 0008).
+-- attempt stays used and the reservation is booked as an estimate (migration 0008), unless the
+-- caller booked what the attempt's calls owe in this transaction (`settled`).
 UPDATE episode_schedule_queue
 SET status           = %(status)s,
     attempt_count    = CASE WHEN %(called)s THEN attempt_count
                             ELSE greatest(attempt_count - 1, 0) END,
-    reserved_cost_gbp = CASE WHEN %(called)s THEN reserved_cost_gbp END,
+    reserved_cost_gbp = CASE WHEN %(called)s AND NOT %(settled)s THEN reserved_cost_gbp END,
     run_after        = coalesce(%(now)s, now()) + make_interval(secs => %(delay_seconds)s),
     last_error       = coalesce(%(error)s, last_error),
     blocked_on       = %(blocked_on)s,

@@ -267,18 +267,19 @@ async def finish_item(
 async def release_item(
     conn: Connection, item: ClaimedItem, *, status: str = "pending", called: bool = False,
     delay_seconds: float = 0.0, error: str | None = None, blocked_on: date | None = None,
-    now: datetime | None = None,
+    settled: bool = False, now: datetime | None = None,
 ) -> bool:
     """Hand the item back: ``pending`` (shutdown; after ``delay_seconds``) or ``blocked`` by the
     cost breaker on ``blocked_on``. Before the generator call started (``called`` false) the
     attempt is given back and the reservation released; after it, the attempt stays used and
-    the reservation is booked as an estimate (the call may have been billed)."""
+    the reservation is booked as an estimate (the call may have been billed), unless
+    ``settled``: the caller books what the attempt's calls owe in this transaction."""
     if status not in ("pending", "blocked"):
         raise ValueError(f"release_item: status must be pending or blocked, not {status!r}")
     return await _fenced(
         conn, "release_item",
         {**fence(item), "now": now, "status": status, "error": error, "called": called,
-         "delay_seconds": delay_seconds,
+         "settled": settled, "delay_seconds": delay_seconds,
          "blocked_on": blocked_on if status == "blocked" else None},
     )
 

@@ -9,7 +9,10 @@ reply it still cannot use gets exactly ONE repair turn; if that fails too, the c
 a reply that was cut off or broke part-way is kept when it still holds a title and a section
 (``llm_reply_salvaged``); otherwise the attempt ends with a `PermanentGenerationError` naming
 the reason. Token usage is the server's own counts summed over the calls (the repair turn
-included). Its settings are the ``MF_LLM_*`` variables (`config`).
+included). Each HTTP call goes through the request's `CallLedger` with its own worst case (the
+prompt's upper bound plus ``max_tokens``), so flow control admits the draft and the repair each,
+and the worker books each by what the provider did with it. Its settings are the ``MF_LLM_*``
+variables (`config`).
 
 The modules: `config` (settings), `client` (HTTP and what an answer means), `prompt` (the
 messages, with ``prompts/*.txt``), `reply` (the pure reply parser and the salvage).
@@ -21,7 +24,6 @@ from typing import Any, Final
 
 from mf_worker.errors import ConfigError
 from mf_worker.generation.api import (
-    GenerationError,
     GenerationRequest,
     GenerationResult,
     PermanentGenerationError,
@@ -84,7 +86,10 @@ class OpenAICompatibleGenerator:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Write the episode: one call, plus one repair call if the first reply is unusable."""
         messages = build_messages(request)
-        first = await self._chat.complete(messages, request.idempotency_key, call="draft")
+        draft_bound, repair_bound = self._call_bounds(messages)
+        async with request.calls.call("draft", max_usage=draft_bound) as record:
+            first = await self._chat.complete(messages, request.idempotency_key, call="draft",
+                                              record=record)
         usages = [first.usage]
         try:
             parsed = interpret(parse_reply(first.content, first.finish_reason), request)
@@ -95,12 +100,11 @@ class OpenAICompatibleGenerator:
                       {"role": "assistant", "content": first.content[:_BAD_REPLY_CHARS]},
                       {"role": "user", "content": repair_prompt(exc.reason)}]
             # A key of its own: a provider that deduplicates would replay the broken reply.
-            try:
+            # A call of its own too: flow control admits it, and the worker books the draft
+            # whatever becomes of it (the ledger holds both).
+            async with request.calls.call("repair", max_usage=repair_bound) as record:
                 second = await self._chat.complete(
-                    repair, f"{request.idempotency_key}:repair", call="repair")
-            except GenerationError as failed:  # the draft was billed all the same
-                failed.usages = (*usages, *failed.usages)
-                raise
+                    repair, f"{request.idempotency_key}:repair", call="repair", record=record)
             usages.append(second.usage)
             try:
                 parsed = interpret(parse_reply(second.content, second.finish_reason), request)
@@ -139,17 +143,26 @@ class OpenAICompatibleGenerator:
         broken reply (at most ``MF_LLM_MAX_TOKENS``) and the repair instructions, the bound
         covers both calls: prompt ×2 + max_tokens + repair text, completion = 2 × max_tokens.
         """
-        messages = build_messages(request)
+        draft, repair = self._call_bounds(build_messages(request))
+        return TokenUsage(
+            model=self.config.model,
+            prompt_tokens=draft.prompt_tokens + repair.prompt_tokens,
+            completion_tokens=draft.completion_tokens + repair.completion_tokens,
+        )
+
+    def _call_bounds(self, messages: list[dict[str, str]]) -> tuple[TokenUsage, TokenUsage]:
+        """Each call's worst case: the draft (the prompt, ``max_tokens`` out) and the repair
+        (the prompt again, the broken reply of at most ``max_tokens``, the repair text,
+        ``max_tokens`` out). An unknown call is booked at its own bound; both together are
+        the attempt's reservation (`estimate_max_usage`)."""
         prompt = upper_bound_tokens(messages)
         repair_text = upper_bound_tokens(
             [{"role": "user", "content": repair_prompt("x" * 200)}]
         )
-        max_tokens = self.config.max_tokens
-        return TokenUsage(
-            model=self.config.model,
-            prompt_tokens=2 * prompt + max_tokens + MESSAGE_OVERHEAD_TOKENS + repair_text,
-            completion_tokens=2 * max_tokens,
-        )
+        max_tokens, model = self.config.max_tokens, self.config.model
+        return (TokenUsage(model, prompt, max_tokens),
+                TokenUsage(model, prompt + max_tokens + MESSAGE_OVERHEAD_TOKENS + repair_text,
+                           max_tokens))
 
     async def aclose(self) -> None:
         """Close the HTTP client (the next call opens a new one)."""

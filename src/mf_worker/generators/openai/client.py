@@ -14,6 +14,13 @@ outlives its lease; a retryable failure carries ``retry_after`` (from ``retry-af
 `rate_limit_delay` below) and the queue waits, never this call. That delay parsing is the
 generator's part of the retry/backoff story; the backoff itself is the engine's.
 
+Each call also says what the provider did with it (`ProviderCall`, the attempt's ledger entry):
+answered with usage (a 2xx, or an error reply that carries ``usage``), refused (a 429, a 5xx or
+4xx reply without usage, a connection refused, or a timeout or reset before the request's body
+was sent: httpcore's trace events tell where the request got to), or unknown (a timeout or a
+dropped connection after the request was sent, a 2xx reply that cannot be read): the worker
+books the usage, nothing, or the call's worst case as an estimate.
+
 The API key is never logged and never part of an error message: it is registered with the log
 masker, and every text that came from the server is scrubbed of it before it is used.
 """
@@ -34,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 from mf_worker.errors import PluginLoadError
 from mf_worker.generation.api import (
     PermanentGenerationError,
+    ProviderCall,
     QuotaExhaustedError,
     RateLimitedError,
     RetryableGenerationError,
@@ -125,8 +133,12 @@ class ChatClient:
         return self._client
 
     async def complete(
-        self, messages: list[dict[str, str]], idempotency_key: str, *, call: str
+        self, messages: list[dict[str, str]], idempotency_key: str, *, call: str,
+        record: ProviderCall | None = None,
     ) -> Reply:
+        """One chat-completions call; ``record`` (the attempt's ledger entry for it) is marked
+        answered or refused when the outcome says so, and left unknown otherwise."""
+        record = record if record is not None else ProviderCall(call)
         httpx = self._httpx
         config = self.config
         body: dict[str, Any] = {
@@ -142,25 +154,31 @@ class ChatClient:
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         client = self._http()
+        progress = _Progress()
         try:
             async with asyncio.timeout(config.timeout), client.stream(
-                "POST", f"{config.base_url}/chat/completions", json=body, headers=headers
+                "POST", f"{config.base_url}/chat/completions", json=body, headers=headers,
+                extensions={"trace": progress.trace},
             ) as streamed:
                 content = await self._read_capped(streamed)
                 response = httpx.Response(streamed.status_code, headers=streamed.headers,
                                           content=content, request=streamed.request)
-        except (TimeoutError, httpx.TimeoutException):
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if progress.unsent(exc, httpx):
+                record.refused()
             raise RetryableGenerationError(
                 f"LLM server {config.server} did not answer within {config.timeout:g} s "
                 "(MF_LLM_TIMEOUT)"
             ) from None
         except httpx.TransportError as exc:
+            if progress.unsent(exc, httpx):
+                record.refused()
             raise RetryableGenerationError(
                 f"cannot reach the LLM server {config.server}: {type(exc).__name__}"
                 + (f" ({self.scrub(str(exc))[:120]})" if str(exc) else "")
             ) from None
-        self._check_status(response)
-        return self._reply(response, messages, call)
+        self._check_status(response, messages, call, record)
+        return self._reply(response, messages, call, record)
 
     async def _read_capped(self, streamed: httpx.Response) -> bytes:
         """The body, read only up to :meth:`max_reply_bytes`: a server (or a proxy in front of
@@ -185,10 +203,19 @@ class ChatClient:
         take six bytes per character) plus 64 KiB for the envelope."""
         return 64 * self.config.max_tokens + 64 * 1024
 
-    def _check_status(self, response: httpx.Response) -> None:
+    def _check_status(self, response: httpx.Response, messages: list[dict[str, str]],
+                      call: str, record: ProviderCall) -> None:
         status = response.status_code
         if 200 <= status < 300:
             return
+        # An error reply the provider billed says so with `usage`; one without it is a call
+        # the provider did not run (providers do not bill a 429, a 5xx or a rejected request).
+        payload = _json_or_none(response)
+        raw_usage = payload.get("usage") if isinstance(payload, dict) else None
+        if isinstance(raw_usage, dict):
+            record.answered(self._usage(raw_usage, messages, "", call, None))
+        else:
+            record.refused()
         message = self._server_message(response)
         what = f"HTTP {status}" + (f": {message}" if message else "")
         if status in (402, 429) and _quota_exhausted(response):
@@ -207,11 +234,12 @@ class ChatClient:
             raise PermanentGenerationError(f"LLM server refused the request ({what})")
         raise PermanentGenerationError(f"LLM server gave an unexpected answer ({what})")
 
-    def _reply(self, response: httpx.Response, messages: list[dict[str, str]], call: str
-               ) -> Reply:
+    def _reply(self, response: httpx.Response, messages: list[dict[str, str]], call: str,
+               record: ProviderCall) -> Reply:
         try:
             payload = response.json()
         except ValueError:
+            # A 2xx that cannot be read: the model may well have run (unknown, estimated).
             kind = response.headers.get("content-type", "no content type")
             raise RetryableGenerationError(
                 f"LLM server sent a body that is not JSON (HTTP {response.status_code}, "
@@ -219,6 +247,8 @@ class ChatClient:
             ) from None
         choices = payload.get("choices") if isinstance(payload, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                record.answered(self._usage(payload["usage"], messages, "", call, None))
             said = self._server_message(response)
             raise PermanentGenerationError(
                 "LLM server answered without any choice" + (f": {said}" if said else "")
@@ -236,6 +266,7 @@ class ChatClient:
         usage = self._usage(payload.get("usage"), messages,
                             refusal if refused and isinstance(refusal, str) else text,
                             call, finish)
+        record.answered(usage)
         if refused:
             assert isinstance(refusal, str)
             raise PermanentGenerationError(
@@ -289,6 +320,40 @@ class ChatClient:
     def scrub(self, text: str) -> str:
         return redact_key(text, self._key)
 
+
+
+class _Progress:
+    """How far one request got, from httpcore's ``trace`` events: whether anything was traced
+    at all, and whether the request's body was completely sent."""
+
+    __slots__ = ("sent", "traced")
+
+    def __init__(self) -> None:
+        self.traced = False
+        self.sent = False
+
+    async def trace(self, name: str, _info: dict[str, Any]) -> None:
+        self.traced = True
+        if name.endswith("send_request_body.complete"):
+            self.sent = True
+
+    def unsent(self, exc: BaseException, httpx: ModuleType) -> bool:
+        """Whether the failed request certainly never reached the provider whole: the
+        connection was refused or timed out, the pool had no connection, writing failed, or
+        the trace shows the body was not sent. Otherwise (read timeouts, a reply cut off, a
+        transport that traces nothing) nobody can tell."""
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+                      | httpx.WriteError | httpx.WriteTimeout):
+            return True
+        return self.traced and not self.sent
+
+
+def _json_or_none(response: httpx.Response) -> object:
+    try:
+        payload: object = response.json()
+    except ValueError:
+        return None
+    return payload
 
 
 # --------------------------------------------------------------------------------------------
