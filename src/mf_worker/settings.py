@@ -486,6 +486,19 @@ class Settings:
         "instead of its users (e.g. a support inbox, or a worker role that may not read users' "
         "addresses).",
     )
+    mail_database_url: Secret | None = _setting(
+        "MF_MAIL_DATABASE_URL",
+        None,
+        _database_url,
+        "`email` notifier without `MF_MAIL_TO`: the login of the mail role "
+        "(docs/database-roles.sql with `-v mail_password=…`; also read: the systemd credential "
+        "`mf_mail_database_url`), the one role that reads users' addresses, and only an "
+        "organisation's whose limit tripped today and that has not been told yet. The worker "
+        "role never can. Unset: read through `MF_DATABASE_URL` (the schema owner, in "
+        "development). Never logged.",
+        secret=True,
+        credential="mf_mail_database_url",
+    )
     llm_requests_per_minute: float | None = _setting(
         "MF_LLM_REQUESTS_PER_MINUTE", None, _float(0.0, exclusive=True),
         "The provider's request limit per minute for the generator's limit key (the `openai` "
