@@ -66,12 +66,14 @@ REVOKE TEMPORARY ON DATABASE :"DBNAME" FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA public TO :"worker_role";
 -- What the worker reads: everything it works on, but of users only what scheduling needs (the
--- zone), never an address or a name.
+-- zone), never an address or a name, and none of the app's chats and highlights, which it
+-- never reads (docs/operations.md, "Who can read what").
 SELECT format('GRANT SELECT ON %s TO %I',
               string_agg(format('%I.%I', schemaname, tablename), ', '), :'worker_role')
 FROM pg_tables
-WHERE schemaname = 'public' AND tablename <> 'users' \gexec
-REVOKE SELECT ON users FROM :"worker_role";
+WHERE schemaname = 'public'
+  AND tablename NOT IN ('users', 'chat_sessions', 'chat_messages', 'highlights') \gexec
+REVOKE SELECT ON users, chat_sessions, chat_messages, highlights FROM :"worker_role";
 GRANT SELECT (id, organization_id, timezone) ON users TO :"worker_role";
 -- Claims draw their claim token from this sequence (migration 0004 grants it to mf_cross_org
 -- too, when the role exists at migration time).

@@ -363,3 +363,127 @@ def test_the_email_notifier_mails_a_tripped_organisation_as_the_mail_role(
     assert [sorted(r) for r, _ in inbox.messages] == [["ada@example.org", "bob@example.org"]]
     assert db.execute("SELECT notified_at FROM cost_limit_trips WHERE organization_id = %s",
                       [org["id"]]).fetchone()["notified_at"] is not None  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# The roles table in docs/operations.md
+# ---------------------------------------------------------------------------------------------
+
+TABLE_HEADING = "#### Who can read what"
+WRITES = ("INSERT", "UPDATE", "DELETE")
+
+
+def documented_roles_table() -> dict[str, list[str]]:
+    """The table under TABLE_HEADING in docs/operations.md: object -> its cells (the last one,
+    why, is prose and not compared)."""
+    text = OPERATIONS_MD.read_text(encoding="utf-8")
+    assert TABLE_HEADING in text, f"docs/operations.md has no {TABLE_HEADING!r}"
+    lines = text.split(TABLE_HEADING, 1)[1].splitlines()
+    rows = list(itertools.dropwhile(lambda ln: not ln.startswith("|"), lines))
+    rows = list(itertools.takewhile(lambda ln: ln.startswith("|"), rows))[2:]
+    table = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip().strip("|").split(" | ")]
+        table[cells[0]] = cells[1:]
+    return table
+
+
+def _scope(db: Conn, table: str, role: str, command: str) -> str:
+    """Whose rows ``role`` reaches in ``table`` for ``command``, from its policies."""
+    rls = db.execute("SELECT relrowsecurity FROM pg_class WHERE oid = %s::regclass",
+                     [table]).fetchone()
+    if rls is None or not rls["relrowsecurity"]:
+        return "all rows"
+    policies = db.execute(
+        "SELECT coalesce(qual, '') || ' ' || coalesce(with_check, '') AS expr FROM pg_policies"
+        " WHERE schemaname = 'public' AND tablename = %s AND cmd IN (%s, 'ALL')"
+        "   AND ('public' = ANY(roles) OR %s = ANY(roles))", [table, command, role]).fetchall()
+    cross = db.execute("SELECT pg_has_role(%s, 'mf_cross_org', 'MEMBER') AS m",
+                       [role]).fetchone()
+    exprs = [p["expr"] for p in policies]
+    if cross and cross["m"] and any("mf_has_cross_org_access" in e for e in exprs):
+        return "all rows"
+    if any("mf_current_org_id" in e for e in exprs):
+        return "its organisation's rows"
+    return "none (no policy)"
+
+
+def _columns(db: Conn, table: str, role: str, privilege: str) -> tuple[list[str], bool]:
+    """The columns ``role`` holds ``privilege`` on, and whether that is all of them."""
+    rows = db.execute(
+        "SELECT a.attname, has_column_privilege(%s, a.attrelid, a.attnum, %s) AS ok"
+        " FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attnum > 0"
+        "   AND NOT a.attisdropped ORDER BY a.attnum", [role, privilege, table]).fetchall()
+    granted = [r["attname"] for r in rows if r["ok"]]
+    return granted, len(granted) == len(rows)
+
+
+def _listed(columns: list[str], whole: bool) -> str:
+    return "" if whole else " (" + ", ".join(f"`{c}`" for c in columns) + ")"
+
+
+def reads_cell(db: Conn, table: str, role: str) -> str:
+    columns, whole = _columns(db, table, role, "SELECT")
+    if not columns:
+        return "—"
+    return _scope(db, table, role, "SELECT") + _listed(columns, whole)
+
+
+def writes_cell(db: Conn, table: str, role: str) -> str:
+    groups: dict[str, list[str]] = {}
+    for privilege in WRITES:
+        if privilege == "UPDATE":
+            columns, whole = _columns(db, table, role, "UPDATE")
+            if not columns:
+                continue
+            granted = "UPDATE" + _listed(columns, whole)
+        else:
+            ok = db.execute("SELECT has_table_privilege(%s, %s::regclass, %s) AS ok",
+                            [role, table, privilege]).fetchone()
+            if not (ok and ok["ok"]):
+                continue
+            granted = privilege
+        groups.setdefault(_scope(db, table, role, privilege), []).append(granted)
+    return "; ".join(f"{', '.join(p)}: {scope}" for scope, p in groups.items()) or "—"
+
+
+def computed_roles_table(db: Conn, roles: Roles) -> dict[str, list[str]]:
+    """Every table of the schema and every function granted to a role of ours: what the worker
+    reads and writes, and what the mail role may do, from the catalogs."""
+    assert roles.mail is not None
+    table: dict[str, list[str]] = {}
+    for row in db.execute("SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+                          " AND relkind = 'r' ORDER BY relname").fetchall():
+        name = row["relname"]
+        mail = reads_cell(db, name, roles.mail)
+        mail_writes = writes_cell(db, name, roles.mail)
+        table[f"`{name}`"] = [reads_cell(db, name, roles.worker),
+                              writes_cell(db, name, roles.worker),
+                              mail if mail_writes == "—" else f"{mail}; {mail_writes}"]
+    for row in db.execute(
+        "SELECT p.oid::regprocedure::text AS fn,"
+        "       has_function_privilege(%s, p.oid, 'EXECUTE') AS worker,"
+        "       has_function_privilege(%s, p.oid, 'EXECUTE') AS mail"
+        " FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace"
+        "   AND NOT has_function_privilege('public', p.oid, 'EXECUTE')"
+        "   AND p.prorettype <> 'trigger'::regtype ORDER BY 1",
+        [roles.worker, roles.mail]).fetchall():
+        table[f"`{row['fn']}`"] = ["EXECUTE" if row["worker"] else "—", "—",
+                                   "EXECUTE" if row["mail"] else "—"]
+    return table
+
+
+def test_the_roles_table_in_operations_md_is_what_the_database_grants(
+    db: Conn, roles: Roles
+) -> None:
+    """docs/operations.md, "Who can read what": one row per table of the schema and per
+    function granted to a role, with exactly the rows each role reaches and the privileges it
+    holds, as the roles file and the policies make them (the last column, why, is prose)."""
+    documented = {name: cells[:3] for name, cells in documented_roles_table().items()}
+    computed = computed_roles_table(db, roles)
+    missing = "\n".join(f"| {k} | {' | '.join(v)} | … |" for k, v in computed.items()
+                        if k not in documented)
+    assert set(documented) == set(computed), f"rows to add:\n{missing}"
+    wrong = {k: (documented[k], v) for k, v in computed.items() if documented[k] != v}
+    assert wrong == {}, "documented vs granted:\n" + "\n".join(
+        f"{k}: {d} != {c}" for k, (d, c) in wrong.items())
