@@ -90,9 +90,9 @@ def mask(value: Any) -> Any:
             if secret in value:
                 value = value.replace(secret, "***")
         return mask_url_password(value)
-    if isinstance(value, dict):
+    if type(value) is dict:  # exactly these: a subclass (a namedtuple …) is left as it is
         return {k: mask(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if type(value) in (list, tuple):
         return type(value)(mask(v) for v in value)
     return value
 
