@@ -4,6 +4,15 @@
 --   psql "$ADMIN_URL" -v worker_password="'change-me'" -f docs/database-roles.sql
 --   psql "$ADMIN_URL" -v worker_role=mf_worker_eu -v worker_password="'…'" -f docs/database-roles.sql
 --
+-- With the `email` notifier writing to the organisations' users (MF_NOTIFIER=…,email without
+-- MF_MAIL_TO), also give the mail role a password; the notifier logs in as it through
+-- MF_MAIL_DATABASE_URL:
+--
+--   psql "$ADMIN_URL" -v worker_password="'…'" -v mail_password="'…'" -f docs/database-roles.sql
+--
+-- Without mail_password (MF_MAIL_TO, or no `email` notifier) no role is granted the addresses,
+-- and a mail role made by an earlier run loses its grant.
+--
 -- Roles are cluster-wide, which is why `mf-worker migrate` does not create them. Safe to run
 -- again (after an upgrade that added tables, for example): roles are created only if missing.
 --
@@ -17,12 +26,26 @@
 --               (set_config('app.current_org_id', …, true)), so a bug that writes another
 --               organisation's id is rejected by the database itself.
 -- worker role   The daemon's login role (default name mf_worker): no superuser, no BYPASSRLS,
---               not the tables' owner (owners bypass RLS), member of mf_cross_org.
+--               not the tables' owner (owners bypass RLS), member of mf_cross_org. It reads no
+--               user's address: of users only id, organization_id and timezone, and no
+--               function that returns an address (tests/test_tenancy.py checks every relation
+--               and function it can reach).
+-- mail role     The `email` notifier's login role (default name mf_mail, made only with
+--               mail_password): may execute mf_trip_recipients(org), the addresses of an
+--               organisation whose daily limit tripped today and has not been told yet, acting
+--               for it; nothing else. Not a member of mf_cross_org; the worker role is not a
+--               member of it either (it must never be: SET ROLE would give the worker the
+--               addresses).
+-- docs/operations.md, "Who can read what", has the whole table.
 
 \set ON_ERROR_STOP on
 \if :{?worker_role}
 \else
   \set worker_role mf_worker
+\endif
+\if :{?mail_role}
+\else
+  \set mail_role mf_mail
 \endif
 
 SELECT 'CREATE ROLE mf_cross_org NOLOGIN'
@@ -43,12 +66,14 @@ REVOKE TEMPORARY ON DATABASE :"DBNAME" FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA public TO :"worker_role";
 -- What the worker reads: everything it works on, but of users only what scheduling needs (the
--- zone), never an address or a name.
+-- zone), never an address or a name, and none of the app's chats and highlights, which it
+-- never reads (docs/operations.md, "Who can read what").
 SELECT format('GRANT SELECT ON %s TO %I',
               string_agg(format('%I.%I', schemaname, tablename), ', '), :'worker_role')
 FROM pg_tables
-WHERE schemaname = 'public' AND tablename <> 'users' \gexec
-REVOKE SELECT ON users FROM :"worker_role";
+WHERE schemaname = 'public'
+  AND tablename NOT IN ('users', 'chat_sessions', 'chat_messages', 'highlights') \gexec
+REVOKE SELECT ON users, chat_sessions, chat_messages, highlights FROM :"worker_role";
 GRANT SELECT (id, organization_id, timezone) ON users TO :"worker_role";
 -- Claims draw their claim token from this sequence (migration 0004 grants it to mf_cross_org
 -- too, when the role exists at migration time).
@@ -66,10 +91,30 @@ GRANT INSERT, UPDATE ON provider_limits TO :"worker_role";
 GRANT UPDATE (next_scheduled_at) ON projects TO :"worker_role";
 GRANT UPDATE, DELETE ON scheduler_project_changes TO :"worker_role";
 GRANT UPDATE ON scheduler_state TO :"worker_role";
--- The `email` notifier (MF_NOTIFIER=…,email without MF_MAIL_TO) mails the users of the one
--- organisation the transaction acts for, through this function; the worker still cannot read
--- users.email itself.
-GRANT EXECUTE ON FUNCTION mf_organization_emails(text) TO :"worker_role";
+-- No address for the worker, whatever an older version of this file granted: the `email`
+-- notifier reads them as the mail role (below). The old lookup (migration 0006) is revoked
+-- from everyone by migration 0011; this repeats it for the worker role.
+REVOKE EXECUTE ON FUNCTION mf_organization_emails(text), mf_trip_recipients(text)
+    FROM :"worker_role";
+
+-- The mail role: only with mail_password (the `email` notifier writing to the organisations'
+-- users). It reads the addresses of an organisation whose limit tripped today, not yet told,
+-- through mf_trip_recipients(org) acting for it, and nothing else: no table, no membership.
+\if :{?mail_password}
+SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE',
+              :'mail_role')
+WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'mail_role') \gexec
+ALTER ROLE :"mail_role" PASSWORD :mail_password;
+GRANT USAGE ON SCHEMA public TO :"mail_role";
+GRANT EXECUTE ON FUNCTION mf_trip_recipients(text) TO :"mail_role";
+ALTER ROLE :"mail_role" SET lock_timeout = '5s';
+ALTER ROLE :"mail_role" SET statement_timeout = '30s';
+ALTER ROLE :"mail_role" SET idle_in_transaction_session_timeout = '30s';
+\else
+-- MF_MAIL_TO (or no `email` notifier): a mail role an earlier run made keeps no grant.
+SELECT format('REVOKE EXECUTE ON FUNCTION mf_trip_recipients(text) FROM %I', :'mail_role')
+WHERE EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'mail_role') \gexec
+\endif
 
 -- No statement of the worker waits for a lock or runs for ever, whichever way it connects:
 -- mf-worker sends these as startup options (MF_DB_LOCK_TIMEOUT, MF_DB_STATEMENT_TIMEOUT), but

@@ -143,18 +143,40 @@ def test_override_list_replaces_the_organisations_users(
     assert [sorted(r) for r, _ in inbox.messages] == [["billing@example.org", "ops@example.org"]]
 
 
+def ours(captured_logs: io.StringIO) -> str:
+    """mf-worker's log lines (not those of the test's own SMTP server, in this process)."""
+    return "\n".join(line for line in captured_logs.getvalue().splitlines()
+                     if '"logger": "mail.log"' not in line)
+
+
 def test_a_refused_recipient_does_not_stop_the_others(
     db_url: str, db: Conn, inbox: Inbox, smtp_port: int, captured_logs: io.StringIO
 ) -> None:
     """The server refuses one address: the other still gets the message, the refusal is
-    logged with the address, and the trip counts as notified (retrying would not help)."""
+    logged with the address's domain (never the whole address: addresses reach only the SMTP
+    server), and the trip counts as notified (retrying would not help)."""
     inbox.refuse.add("gone@example.org")
     org = org_over_its_limit(db, "gone@example.org", "bob@example.org")
     run_burst(db_url, concurrency=1, **email_settings(smtp_port))
     assert [r for r, _ in inbox.messages] == [["bob@example.org"]]
-    logged = captured_logs.getvalue()
-    assert "notification_recipient_refused" in logged and "gone@example.org" in logged
+    logged = ours(captured_logs)
+    assert "notification_recipient_refused" in logged and "***@example.org" in logged
+    assert "gone@" not in logged and "bob@" not in logged
     assert trip_row(db, org["id"])["notified_at"] is not None
+
+
+def test_a_bounce_of_every_recipient_records_and_logs_no_address(
+    db_url: str, db: Conn, inbox: Inbox, smtp_port: int, captured_logs: io.StringIO
+) -> None:
+    """Every address refused: the error recorded on the trip (which the worker's role reads
+    across organisations) and the log line name the domains and codes, not the addresses."""
+    inbox.refuse.update({"gone@example.org", "lost@example.net"})
+    org = org_over_its_limit(db, "gone@example.org", "lost@example.net")
+    run_burst(db_url, concurrency=1, **email_settings(smtp_port))
+    error = trip_row(db, org["id"])["last_notify_error"]
+    assert "refused every recipient" in error and "***@example.net (550)" in error
+    for text in (error, ours(captured_logs)):
+        assert "gone@" not in text and "lost@" not in text
 
 
 def test_a_server_that_is_down_is_retried_by_the_budget_loop(
@@ -237,18 +259,23 @@ def test_email_notifier_needs_its_settings(db_url: str) -> None:
 
 
 def test_email_lookup_answers_only_for_the_organisation_acted_for(db: Conn) -> None:
-    """mf_organization_emails(org) returns org's addresses only inside a transaction acting for
-    that organisation; it is SECURITY DEFINER with a fixed search_path and no PUBLIC EXECUTE."""
+    """mf_trip_recipients(org) returns org's addresses only inside a transaction acting for
+    that organisation, and only while it has a trip of today not yet notified; it is SECURITY
+    DEFINER with a fixed search_path and no PUBLIC EXECUTE (which roles may call it:
+    tests/test_tenancy.py)."""
     mine = make_org(db)
     other = make_org(db)
     make_user(db, mine, email="me@example.org")
     make_user(db, other, email="them@example.org")
+    for org in (mine, other):
+        db.execute("INSERT INTO cost_limit_trips (organization_id, date, spent_gbp, limit_gbp)"
+                   " VALUES (%s, (now() AT TIME ZONE 'UTC')::date, 1, 1)", [org["id"]])
 
     def emails(acting_for: str | None, org: str) -> list[str]:
         with db.transaction():
             if acting_for is not None:
                 db.execute("SELECT set_config('app.current_org_id', %s, true)", [acting_for])
-            rows = db.execute("SELECT e FROM mf_organization_emails(%s) AS e", [org]).fetchall()
+            rows = db.execute("SELECT e FROM mf_trip_recipients(%s) AS e", [org]).fetchall()
         return [r["e"] for r in rows]
 
     assert emails(mine["id"], mine["id"]) == ["me@example.org"]
@@ -256,7 +283,7 @@ def test_email_lookup_answers_only_for_the_organisation_acted_for(db: Conn) -> N
     assert emails(None, mine["id"]) == []
     fn = db.execute(
         "SELECT prosecdef, proconfig, has_function_privilege('public', oid, 'EXECUTE') AS pub"
-        " FROM pg_proc WHERE proname = 'mf_organization_emails'").fetchone()
+        " FROM pg_proc WHERE proname = 'mf_trip_recipients'").fetchone()
     assert fn == {"prosecdef": True, "proconfig": ["search_path=pg_catalog, pg_temp"],
                   "pub": False}
     aggregate = db.execute("SELECT prosecdef, proconfig FROM pg_proc"

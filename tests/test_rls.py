@@ -243,7 +243,8 @@ def test_status_and_notification_retries_work_under_the_least_privilege_role(
 ) -> None:
     """As the documented worker role (cross-organisation reads, no tenant content): status sees
     which projects' memories were migrated (by the owner), and the budget loop re-sends a trip
-    whose notification failed. (The email lookup needs its EXECUTE grant: operations.md.)"""
+    whose notification failed (no address needed: the `email` notifier reads them as the mail
+    role, tests/test_tenancy.py)."""
     import asyncio
     from datetime import UTC, datetime, timedelta
     from decimal import Decimal

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import psycopg.conninfo
 
 from .credentials import credential as read_credential
 from .errors import ConfigError, PluginLoadError
+from .logs import mask, mask_url_password, url_passwords
 from .plugins import entry_point_targets, import_target
 from .smtp import parse_address, parse_address_list, parse_smtp_url
 
@@ -205,9 +205,7 @@ def _file(raw: str) -> Path:
 
 def redact_conninfo(conninfo: str) -> str:
     """The connection string with any password replaced by ``***``, safe to show."""
-    text = re.sub(r"(://[^:/@?#]*:)[^@/?#]*@", r"\1***@", conninfo)
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.I)
-    return text
+    return mask_url_password(conninfo)
 
 
 def _database_url(raw: str) -> Secret:
@@ -230,10 +228,7 @@ def _database_url(raw: str) -> Secret:
 
 
 def _password_parts(conninfo: str) -> list[str]:
-    match = re.search(r"://[^:/@?#]*:([^@/?#]*)@", conninfo)
-    parts = [match.group(1)] if match and match.group(1) else []
-    parts += [m.group(1) for m in re.finditer(r"password\s*=\s*(\S+)", conninfo, flags=re.I)]
-    return parts
+    return url_passwords(conninfo)
 
 
 _log_level = _choice("debug", "info", "warning", "error", "critical")
@@ -274,9 +269,10 @@ def setting(
     message becomes ``VARIABLE='raw': reason``). ``secret``: the raw value is never shown.
     ``fallback_env``: another variable read when ``env`` is unset; ``credential``: then the
     systemd credential of that name. ``excludes``: a variable that may not be set together
-    with this one (nor does the credential apply when it is). ``show``: how an error message
-    shows the raw value (e.g. a URL without its password). ``flag``: the CLI option (core
-    settings only).
+    with this one (nor does the credential apply when it is). ``show``: how ``mf-worker
+    config`` shows the value and how an error message shows a non-secret raw value (e.g.
+    `mask_url_password` for a URL: everything but its password); a secret without it shows as
+    ``***``. ``flag``: the CLI option (core settings only).
     """
     return field(
         default=default,
@@ -318,6 +314,7 @@ class Settings:
         secret=True,
         fallback_env="DATABASE_URL",
         credential="mf_database_url",
+        show=mask_url_password,
     )
     concurrency: int = _setting(
         "MF_CONCURRENCY", 4, _int(1, 1024), "Queue items generated at once by one process.",
@@ -477,6 +474,7 @@ class Settings:
         "`smtps://…[:465]` (TLS from the start). A password is only ever sent encrypted. "
         "Never logged.",
         secret=True,
+        show=mask_url_password,
     )
     mail_from: str | None = _setting(
         "MF_MAIL_FROM",
@@ -491,6 +489,20 @@ class Settings:
         "`email` notifier: comma-separated addresses that get every organisation's mail "
         "instead of its users (e.g. a support inbox, or a worker role that may not read users' "
         "addresses).",
+    )
+    mail_database_url: Secret | None = _setting(
+        "MF_MAIL_DATABASE_URL",
+        None,
+        _database_url,
+        "`email` notifier without `MF_MAIL_TO`: the login of the mail role "
+        "(docs/database-roles.sql with `-v mail_password=…`; also read: the systemd credential "
+        "`mf_mail_database_url`), the one role that reads users' addresses, and only an "
+        "organisation's whose limit tripped today and that has not been told yet. The worker "
+        "role never can. Unset: read through `MF_DATABASE_URL` (the schema owner, in "
+        "development). Never logged.",
+        secret=True,
+        credential="mf_mail_database_url",
+        show=mask_url_password,
     )
     llm_requests_per_minute: float | None = _setting(
         "MF_LLM_REQUESTS_PER_MINUTE", None, _float(0.0, exclusive=True),
@@ -636,11 +648,43 @@ class SettingInfo:
     fallback_env: str | None
     plugin: str | None = None
     """The entry-point name of the plugin whose setting this is; None for a core setting."""
+    show: Callable[[str], str] | None = None
+    """How the value is shown (`setting`'s ``show``)."""
 
     def value_in(self, settings: Settings) -> Any:
         """This setting's value in ``settings``."""
         owner = settings if self.plugin is None else settings.plugins[self.plugin]
         return getattr(owner, self.name)
+
+    def shown_in(self, settings: Settings) -> Any:
+        """The value as ``mf-worker config`` shows it: a secret as ``***`` (or, with a
+        ``show``, e.g. a URL with its password masked), and any other text through
+        `logs.mask`, so a password in any URL-valued setting, core or plugin, never shows."""
+        value = self.value_in(settings)
+        if value is None:
+            return None
+        raw = value.reveal() if isinstance(value, Secret) else value
+        if self.show is not None and isinstance(raw, str):
+            return mask(self.show(raw))
+        if self.secret or isinstance(value, Secret):
+            return "***"
+        return mask(value) if isinstance(value, str | tuple) else value
+
+
+def settings_secrets(settings: Settings) -> list[str]:
+    """Every secret ``settings`` hold, for `logs.register_secret`: the whole value of each
+    secret setting, and the password in every setting's value that is a URL or a libpq string
+    (core and plugin settings alike), as written and decoded."""
+    found: list[str] = []
+    for info in describe_settings():
+        value = info.value_in(settings)
+        raw = value.reveal() if isinstance(value, Secret) else value
+        if not isinstance(raw, str):
+            continue
+        if info.secret or isinstance(value, Secret):
+            found.append(raw)
+        found += url_passwords(raw)
+    return list(dict.fromkeys(found))
 
 
 def _is_setting(f: dataclasses.Field[Any]) -> bool:
@@ -658,6 +702,7 @@ def _infos(spec: type[Any], plugin: str | None) -> list[SettingInfo]:
             secret=f.metadata["secret"],
             fallback_env=f.metadata["fallback_env"],
             plugin=plugin,
+            show=f.metadata.get("show"),
         )
         for f in dataclasses.fields(spec)
         if _is_setting(f)
@@ -704,10 +749,11 @@ def _flag_or_env(f: dataclasses.Field[Any], from_flag: bool) -> str:
 
 
 def _shown(value: str, f: dataclasses.Field[Any]) -> str:
+    """How an error message quotes a raw value: never a secret's, never a URL's password."""
     if f.metadata["secret"]:
         return "'***'"
     show = f.metadata.get("show")
-    return repr(show(value) if show else value)
+    return repr(mask(show(value) if show else value))
 
 
 def _credential(name: str, env: Mapping[str, str]) -> tuple[str, str] | None:

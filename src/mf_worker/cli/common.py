@@ -20,9 +20,9 @@ from psycopg_pool import PoolTimeout
 from .. import __version__
 from ..db import Connection, connect
 from ..errors import ConfigError, MfWorkerError, describe_error
-from ..logs import configure_logging, get_logger, register_secret
+from ..logs import configure_logging, get_logger, mask, register_secret
 from ..plugins import entry_point_targets, import_target
-from ..settings import Settings, load_settings
+from ..settings import Settings, load_settings, settings_secrets
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -66,7 +66,7 @@ LogLevel = Annotated[str | None, typer.Option("--log-level", help="Log level ($M
 
 def fail(message: str, code: int) -> NoReturn:
     """Print ``mf-worker: error: message`` on stderr and exit with ``code``."""
-    typer.echo(f"mf-worker: error: {message}", err=True)
+    typer.echo(f"mf-worker: error: {mask(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -76,22 +76,13 @@ def build_settings(**overrides: Any) -> Settings:
         settings, warnings = load_settings(overrides=overrides)
     except ConfigError as exc:
         fail(str(exc), EXIT_CONFIG)
-    if settings.database_url is not None:
-        register_secret(_password_of(settings.database_url.reveal()))
+    for secret in settings_secrets(settings):  # masked in every log line and error from now
+        register_secret(secret)
     configure_logging(settings.log_format, settings.log_level)
     log = get_logger("mf_worker.settings")
     for warning in warnings:
         log.warning("unknown_setting", detail=warning)
     return settings
-
-
-def _password_of(conninfo: str) -> str | None:
-    import psycopg.conninfo
-
-    try:
-        return psycopg.conninfo.conninfo_to_dict(conninfo).get("password")  # type: ignore[return-value]
-    except psycopg.Error:
-        return None
 
 
 def run_async(main: Callable[[], Awaitable[T]]) -> T:

@@ -16,7 +16,7 @@ from ..daemon import Components, build, run_one, serve, shutdown
 from ..db import Connection, Pool, open_pool
 from ..db.migrate import apply_migrations, load_migrations, migration_status
 from ..engine.worker import Outcome
-from ..logs import get_logger
+from ..logs import get_logger, mask
 from ..maintenance.scheduler import Scheduler, SchedulerConfig
 from ..memories import TRIGGER_MEMORIES, ProjectReport, migrate_memories, render_report
 from ..scheduling.scheduler import (
@@ -94,17 +94,16 @@ def config(
         bool, typer.Option("--markdown", help="The reference table of all settings (README).")
     ] = False,
 ) -> None:
-    """Show every setting: its variable, effective value (secrets masked) and meaning."""
+    """Show every setting: its variable, effective value (secrets masked, URLs without their
+    password) and meaning."""
     if markdown:
         typer.echo(settings_markdown_table())
         return
     settings = build_settings()
     rows = []
     for info in describe_settings():
-        value = info.value_in(settings)
-        shown = "***" if (info.secret and value is not None) else value
-        rows.append({"variable": info.env, "value": shown, "default": info.default,
-                     "doc": info.doc})
+        rows.append({"variable": info.env, "value": info.shown_in(settings),
+                     "default": mask(info.default), "doc": info.doc})
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return

@@ -7,9 +7,13 @@ with TLS from the first byte) from ``MF_MAIL_FROM`` to the organisation's users,
 spend, the limit and when the items resume.
 
 Who receives it is looked up per trip, acting for the organisation: its name from
-``organizations`` and its users' addresses through ``public.mf_organization_emails()``, a
-SECURITY DEFINER function, so the worker's role needs no SELECT on ``users.email``. With
-``MF_MAIL_TO`` set, no address is read from the database at all.
+``organizations`` (the worker's pool), and its users' addresses through
+``public.mf_trip_recipients()``, a SECURITY DEFINER function that answers only while the
+organisation has a trip of today not yet notified, called as the mail role
+(``MF_MAIL_DATABASE_URL``, one short connection per mail): the worker's role can read no
+address at all. With ``MF_MAIL_TO`` set, no address is read from the database at all. An
+address never goes further than the SMTP server: log lines and recorded errors show its domain
+only (``***@example.org``).
 
 Sending uses the standard library's smtplib in a thread, a few quick retries for a connection
 problem; what still fails is raised, the trip stays un-notified, and the budget loop tries
@@ -21,7 +25,9 @@ is never logged and never sent over an unencrypted connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
+import re
 import smtplib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -30,13 +36,15 @@ from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 
+import psycopg
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from ..backoff import Backoff
-from ..db import Pool, as_org
+from ..db import Connection, Pool, as_org, connect
 from ..db.sql import load_queries
-from ..errors import MfWorkerError
+from ..errors import MfWorkerError, describe_error
 from ..logs import get_logger
+from ..settings import Settings
 from ..smtp import SmtpTarget
 from .budget import Trip
 
@@ -46,6 +54,8 @@ __all__ = [
     "OrgContacts",
     "PermanentMailError",
     "database_contacts",
+    "hide_addresses",
+    "mail_settings",
 ]
 
 _Q = load_queries(__package__ or "mf_worker.cost", "mail.sql")
@@ -69,8 +79,11 @@ class OrgContacts:
 ContactLookup = Callable[[str, bool], Awaitable[OrgContacts]]
 
 
-def database_contacts(pool: Pool | None) -> ContactLookup:
-    """Looks the organisation up acting for it; its users' addresses only when asked."""
+def database_contacts(pool: Pool | None, mail_database: Settings | None = None
+                      ) -> ContactLookup:
+    """Looks the organisation up acting for it; its users' addresses only when asked, as the
+    mail role: through ``mail_database`` (settings whose database URL is the mail role's,
+    `mail_settings`) when given, else through ``pool`` (the schema owner, in development)."""
 
     async def lookup(organization_id: str, with_emails: bool) -> OrgContacts:
         if pool is None:
@@ -79,14 +92,52 @@ def database_contacts(pool: Pool | None) -> ContactLookup:
             row = await (await conn.execute(
                 _Q["get_organization_name"], {"organization_id": organization_id}
             )).fetchone()
-            emails: tuple[str, ...] = ()
-            if with_emails:
-                cur = await conn.execute(_Q["list_organization_emails"],
-                                         {"organization_id": organization_id})
-                emails = tuple(r["email"] for r in await cur.fetchall())
+        emails: tuple[str, ...] = ()
+        if with_emails:
+            if mail_database is None:
+                async with pool.connection() as conn:
+                    emails = await _recipients(conn, organization_id)
+            else:
+                try:
+                    mail_conn = await connect(mail_database)
+                except psycopg.OperationalError as exc:
+                    raise MailError("cannot connect as the mail role (MF_MAIL_DATABASE_URL): "
+                                    f"{describe_error(exc)}") from None
+                async with mail_conn:
+                    emails = await _recipients(mail_conn, organization_id)
         return OrgContacts(row["name"] if row else organization_id, emails)
 
     return lookup
+
+
+def mail_settings(settings: Settings) -> Settings | None:
+    """``settings`` with the mail role's login as the database URL (MF_MAIL_DATABASE_URL), or
+    None when it is not set."""
+    if settings.mail_database_url is None:
+        return None
+    return dataclasses.replace(settings, database_url=settings.mail_database_url)
+
+
+async def _recipients(conn: Connection, organization_id: str) -> tuple[str, ...]:
+    try:
+        async with as_org(conn, organization_id):
+            cur = await conn.execute(_Q["list_trip_recipients"],
+                                     {"organization_id": organization_id})
+            return tuple(r["email"] for r in await cur.fetchall())
+    except psycopg.errors.InsufficientPrivilege:
+        raise PermanentMailError(
+            "this database role may not read the organisation's addresses "
+            "(mf_trip_recipients): set MF_MAIL_DATABASE_URL to the mail role's login "
+            "(docs/database-roles.sql, mail_password), or MF_MAIL_TO") from None
+
+
+_ADDRESS = re.compile(r"[^\s<>()\[\],;:\"'@]+@(?=[^\s<>@]+)")
+
+
+def hide_addresses(text: str) -> str:
+    """``text`` with every mail address's local part replaced by ``***`` (the domain stays,
+    which is what a bounce usually needs): what log lines and recorded errors may show."""
+    return _ADDRESS.sub("***@", text)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -112,7 +163,9 @@ class EmailNotifier:
         contacts = await self._contacts(trip.organization_id, self.mail_to is None)
         recipients = self.mail_to or contacts.emails
         if not recipients:
-            raise MailError(f"organisation {trip.organization_id} has no users to write to")
+            raise MailError(
+                f"organisation {trip.organization_id}: no address to write to (no users, or "
+                "its trip is no longer today's and undelivered)")
         message = self.compose(trip, contacts.name, recipients)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
@@ -125,8 +178,8 @@ class EmailNotifier:
         if refused:
             self._log.warning(
                 "notification_recipient_refused", organization_id=trip.organization_id,
-                recipients=sorted(refused),
-                replies=[f"{code} {reply.decode(errors='replace')}"
+                recipients=sorted(hide_addresses(a) for a in refused),
+                replies=[hide_addresses(f"{code} {reply.decode(errors='replace')}")
                          for code, reply in refused.values()],
             )
 
@@ -209,7 +262,8 @@ class EmailNotifier:
                     message, from_addr=parseaddr(self.mail_from)[1], to_addrs=recipients)
                 return refused
         except smtplib.SMTPRecipientsRefused as exc:
-            replies = ", ".join(f"{addr} ({code})" for addr, (code, _) in exc.recipients.items())
+            replies = ", ".join(f"{hide_addresses(addr)} ({code})"
+                                for addr, (code, _) in exc.recipients.items())
             if all(code >= 500 for code, _ in exc.recipients.values()):
                 raise PermanentMailError(
                     f"SMTP server {t.where} refused every recipient: {replies}") from None
@@ -227,7 +281,10 @@ class EmailNotifier:
 
 
 def _reason(exc: BaseException) -> str:
+    """The server's words, without the addresses it may quote."""
     if isinstance(exc, smtplib.SMTPResponseException):
         message = exc.smtp_error
-        return message.decode(errors="replace") if isinstance(message, bytes) else str(message)
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+    else:
+        text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return hide_addresses(text)

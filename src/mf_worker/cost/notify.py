@@ -30,7 +30,7 @@ from ..plugins import import_target
 from ..settings import Settings
 from ..smtp import parse_smtp_url
 from .budget import Trip
-from .mail import EmailNotifier, database_contacts
+from .mail import EmailNotifier, database_contacts, mail_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +202,7 @@ def build_notifier(settings: Settings, pool: Pool | None) -> Notifier:
                 raise PluginLoadError("MF_NOTIFIER=email needs MF_MAIL_FROM (the sender)")
             built.append((name, EmailNotifier(
                 parse_smtp_url(settings.smtp_url.reveal()), settings.mail_from,
-                database_contacts(pool), mail_to=settings.mail_to,
+                database_contacts(pool, mail_settings(settings)), mail_to=settings.mail_to,
                 policy=settings.cost_limit_policy,
             )))
         else:

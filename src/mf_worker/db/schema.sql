@@ -235,6 +235,18 @@ BEGIN
     RETURN NEW;
 END $$;
 
+CREATE FUNCTION public.mf_trip_recipients(org text) RETURNS SETOF text
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+    SELECT u.email FROM public.users u
+    WHERE u.organization_id = org AND org = public.mf_current_org_id()
+      AND EXISTS (SELECT 1 FROM public.cost_limit_trips t
+                  WHERE t.organization_id = org AND t.notified_at IS NULL
+                    AND t.date = (pg_catalog.now() AT TIME ZONE 'UTC')::date)
+    ORDER BY u.created_at, u.id
+$$;
+
 CREATE TABLE public.agent_memory (
     id text DEFAULT public.mf_new_id('mem'::text) NOT NULL,
     project_id text NOT NULL,
@@ -973,3 +985,5 @@ REVOKE ALL ON FUNCTION public.mf_queue_give_back_reservation() FROM PUBLIC;
 REVOKE ALL ON FUNCTION public.mf_queue_release_reservation() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION public.mf_token_usage_daily_add() FROM PUBLIC;
+
+REVOKE ALL ON FUNCTION public.mf_trip_recipients(org text) FROM PUBLIC;
