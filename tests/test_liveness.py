@@ -206,3 +206,43 @@ def test_a_read_only_server_is_waited_out_and_its_connections_replaced(
     assert completed() == 3
     assert seen["readyz_writable"][0] == 200
     assert seen["exit"] == 0
+
+
+def test_a_database_error_retrying_cannot_fix_does_not_end_the_daemon(
+    worker_role_url: str, db: Conn,
+) -> None:
+    """The worker's role loses UPDATE on the queue (an operator's mistake): every claim fails
+    with InsufficientPrivilege, which no retry fixes, yet the daemon keeps running and says so
+    (/healthz red, naming the error); once the grant is back it claims and completes the item,
+    and it ends with 0 when stopped."""
+    role = conninfo_to_dict(worker_role_url)["user"]
+    make_queue_item(db, make_tenant(db)["project"])
+    db.execute(f'REVOKE UPDATE ON episode_schedule_queue FROM "{role}"')
+    settings = settings_for(worker_role_url, poll_interval=0.2, health_starved_seconds=1.0)
+    seen: dict[str, Any] = {}
+
+    def completed() -> int:
+        return int(scalar(db, "SELECT count(*) FROM episode_schedule_queue"
+                              " WHERE status = 'completed'"))
+
+    async def main() -> None:
+        components = await build(settings, generator=load_generator(SCRIPTED, llm_settings()),
+                                 scheduler=False)
+        task = asyncio.create_task(serve(components, install_signals=False))
+        await asyncio.sleep(2.5)
+        assert components.http is not None
+        healthz = f"http://127.0.0.1:{components.http.port}/healthz"
+        seen["running"] = not task.done()
+        seen["healthz"] = await asyncio.to_thread(http_get, healthz)
+        db.execute(f'GRANT UPDATE ON episode_schedule_queue TO "{role}"')
+        await asyncio.to_thread(wait_until, lambda: completed() == 1, 30, "the item done")
+        seen["healthz_after"] = await asyncio.to_thread(http_get, healthz)
+        components.worker.stop()
+        seen["exit"] = await task
+
+    asyncio.run(main())
+    assert seen["running"]
+    status, body = seen["healthz"]
+    assert status == 503 and "InsufficientPrivilege" in json.loads(body)["error"]
+    assert seen["healthz_after"][0] == 200
+    assert seen["exit"] == 0
