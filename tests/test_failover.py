@@ -225,8 +225,14 @@ def test_a_failover_through_a_read_only_standby_loses_nothing_and_ends_no_worker
         wait_until(lambda: _scalar(primary, completed) >= ITEMS // 3, 120, "a third done")
         cluster.kill_primary()
         proxy.flip(cluster.standby_port)
-        wait_until(lambda: _says_read_only(http_get(readyz)), 10,
-                   "/readyz to say the server is read-only")
+
+        def read_only_and_running() -> bool:
+            exited = [i for i, w in enumerate(workers) if w.poll() is not None]
+            assert not exited, (f"worker {exited[0]} exited on the read-only server: "
+                                + (tmp_path / f"w{exited[0]}.log").read_text()[-1500:])
+            return _says_read_only(http_get(readyz))
+
+        wait_until(read_only_and_running, 10, "/readyz to say the server is read-only")
         time.sleep(4.0)  # the read-only window: claims and writes meet a standby
         alive_before_promotion = [w.poll() is None for w in workers]
         cluster.promote_standby()
