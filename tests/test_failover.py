@@ -212,8 +212,8 @@ def test_a_failover_through_a_read_only_standby_loses_nothing_and_ends_no_worker
                               env=worker_env(primary), cwd=ROOT, capture_output=True,
                               text=True, timeout=120, check=False)
     assert migrated.returncode == 0, migrated.stderr
-    with psycopg.connect(primary, autocommit=True, row_factory=dict_row) as conn:
-        seed_many(conn, orgs=6, items=ITEMS, title="slow:0.2")
+    with psycopg.connect(primary, autocommit=True, row_factory=dict_row) as seeder:
+        seed_many(seeder, orgs=6, items=ITEMS, title="slow:0.2")
     proxy = FlippingProxy(cluster.primary_port)
     via = cluster.url(proxy.port, "mf")
     env = {"MF_CONCURRENCY": "4", "MF_POLL_INTERVAL": "0.2", "MF_LEASE_SECONDS": "60"}
