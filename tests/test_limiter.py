@@ -16,7 +16,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from mf_worker.db import Connection
-from mf_worker.flow import Limits, acquire, cool_down, correct, read_limits
+from mf_worker.flow import CONFIGURED_TTL_SECONDS, Limits, acquire, cool_down, correct, read_limits
 
 T = TypeVar("T")
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -184,3 +184,71 @@ def test_a_limit_the_provider_states_in_its_429_paces_a_fleet_that_configured_no
     # Learned: 120 a minute paced at 95 % = 1.9 a second, refilling from empty at the reset.
     assert [g.granted for g in after] == [True, False, False, False]
     assert after[1].wait_seconds == pytest.approx((1 - 0.9) / 1.9)
+
+
+def test_a_configured_rate_paces_replicas_without_one_while_sent_and_lapses_when_none_does(
+    db_url: str,
+) -> None:
+    """Replica A is configured at 60 a minute, replica B with nothing: B is paced at A's rate
+    while A keeps sending it, and once no replica has sent it for CONFIGURED_TTL_SECONDS the
+    rate is gone: B's calls go unpaced and status shows no configured rate."""
+    configured, unknown = Limits(requests_per_minute=60), Limits()
+    lapsed = CONFIGURED_TTL_SECONDS + 1
+
+    async def body(conn: Connection) -> list[Any]:
+        assert (await acquire(conn, KEY, limits=configured, now=T0)).granted
+        paced = [await acquire(conn, KEY, limits=unknown, now=at(10)) for _ in range(5)]
+        sent_late = await acquire(conn, KEY, limits=configured, now=at(lapsed - 10))
+        still = [await acquire(conn, KEY, limits=unknown, now=at(lapsed)) for _ in range(5)]
+        free = [await acquire(conn, KEY, limits=unknown, now=at(2 * lapsed)) for _ in range(30)]
+        states = await read_limits(conn, now=at(2 * lapsed))
+        return [paced, sent_late, still, free, states]
+
+    paced, sent_late, still, free, states = run(db_url, body)
+    # 60 a minute paced at 95 %: 0.95 a second, a bucket of 1.9: one call, then wait.
+    assert [g.granted for g in paced] == [True, False, False, False, False]
+    assert sent_late.granted
+    assert [g.granted for g in still] == [True, False, False, False, False]  # sent again: fresh
+    assert all(g.granted for g in free)  # nobody sent it for the TTL: no pace any more
+    (state,) = states
+    assert state.configured_requests_per_second is None
+    assert state.requests_per_second is None
+
+
+def test_each_429_stating_a_limit_replaces_the_learned_one(db_url: str) -> None:
+    """A 429 stating 120 a minute, then one stating 600 (the limit raised), then one stating 60
+    (lowered): after each reset the fleet paces at the latest stated limit, not the first."""
+    unknown = Limits()
+
+    async def learned_burst(conn: Connection, rpm: float, start: float) -> int:
+        await cool_down(conn, KEY, seconds=1, reason="rate_limited",
+                        stated=Limits(requests_per_minute=rpm), now=at(start))
+        # 20 s after the reset the bucket is full: its size says the rate (2 s of it).
+        grants = [await acquire(conn, KEY, limits=unknown, now=at(start + 21))
+                  for _ in range(30)]
+        return sum(g.granted for g in grants)
+
+    async def body(conn: Connection) -> list[Any]:
+        return [await learned_burst(conn, 120, 0), await learned_burst(conn, 600, 100),
+                await learned_burst(conn, 60, 200), await read_limits(conn, now=at(300))]
+
+    first, raised, lowered, states = run(db_url, body)
+    assert (first, raised, lowered) == (3, 19, 1)  # 2 s of 1.9, 9.5 and 0.95 a second
+    (state,) = states
+    assert state.learned_requests_per_second == pytest.approx(60 * 0.95 / 60)
+    assert state.learned_at == at(200)
+
+
+def test_a_stated_limit_below_the_configured_one_wins(db_url: str) -> None:
+    """Configured at 600 a minute, the provider's 429 says 120: the key paces at 120 (the
+    smaller), although the replica keeps sending its 600."""
+    configured = Limits(requests_per_minute=600)
+
+    async def body(conn: Connection) -> list[Any]:
+        assert (await acquire(conn, KEY, limits=configured, now=T0)).granted
+        await cool_down(conn, KEY, seconds=1, reason="rate_limited",
+                        stated=Limits(requests_per_minute=120), now=T0)
+        return [await acquire(conn, KEY, limits=configured, now=at(21)) for _ in range(10)]
+
+    grants = run(db_url, body)
+    assert sum(g.granted for g in grants) == 3  # 2 s of 1.9 a second, not 19

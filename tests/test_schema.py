@@ -211,6 +211,11 @@ BAD_VALUES: dict[str, Any] = {
     "limit empty key": lambda c, t: _limit(c, limit_key=""),
     "limit zero request rate": lambda c, t: _limit(c, requests_per_second=0),
     "limit zero token rate": lambda c, t: _limit(c, tokens_per_second=0),
+    "limit zero configured request rate": lambda c, t: _limit(
+        c, configured_requests_per_second=0),
+    "limit zero configured token rate": lambda c, t: _limit(c, configured_tokens_per_second=0),
+    "limit zero learned request rate": lambda c, t: _limit(c, learned_requests_per_second=0),
+    "limit zero learned token rate": lambda c, t: _limit(c, learned_tokens_per_second=0),
     "limit unknown cooldown": lambda c, t: _limit(c, cooldown_until=NOW, cooldown_reason="bored"),
     "limit negative 429s": lambda c, t: _limit(c, rate_limited_count=-1),
     "limit negative pauses": lambda c, t: _limit(c, quota_pauses=-1),

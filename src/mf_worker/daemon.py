@@ -32,7 +32,7 @@ from .db import Connection, Pool, open_pool
 from .db.migrate import ensure_schema_current
 from .engine.events import ClaimLoopTicked, EventHub
 from .engine.worker import AttemptReport, InFlight, Outcome, Worker
-from .errors import ConfigError, MfWorkerError
+from .errors import ConfigError, MfWorkerError, describe_error
 from .generation import Generator, load_generator
 from .logs import get_logger
 from .maintenance.budget import BudgetConfig, BudgetLoop
@@ -44,7 +44,7 @@ from .maintenance.publisher import Publisher, PublisherConfig
 from .maintenance.reaper import Reaper, ReaperConfig
 from .maintenance.scheduler import Scheduler, SchedulerConfig
 from .observability.event_log import EventLog
-from .observability.health import HealthServer
+from .observability.health import HealthServer, ServerNotWritable, check_writable
 from .observability.metrics import Metrics
 from .observability.queue_depth import read_queue_depth
 from .observability.systemd import SystemdNotifier
@@ -109,6 +109,7 @@ async def build(
     worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
                     events=events)
     worker.flow.listeners.append(events.publish)
+    metrics.watch_claims(worker.starved)
     loops: list[PeriodicLoop[Any]] = [
         Heartbeat(worker),
         Reaper(pool, ReaperConfig(lease_seconds=settings.lease_seconds,
@@ -140,6 +141,13 @@ def start_http(components: Components) -> HealthServer | None:
         async def check() -> None:
             async with pool.connection(timeout=2.0) as conn:
                 await ensure_schema_current(conn)
+                try:
+                    await check_writable(conn)
+                except ServerNotWritable:
+                    # A connection to a read-only server is no use to the engine either:
+                    # the pool replaces it (as it does one whose write met such a server).
+                    await conn.close()
+                    raise
 
         await asyncio.wait_for(check(), timeout=2.5)
 
@@ -151,11 +159,18 @@ def start_http(components: Components) -> HealthServer | None:
         return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=3.0)
 
     components.metrics.watch_queue(queue_depth)
+    worker = components.worker
+
+    def starved() -> tuple[str | None, float, str | None]:
+        why, seconds = worker.starved()
+        return (why.value if why else None), seconds, worker.starved_detail()
+
     try:
         server = HealthServer(
             settings.metrics_addr, registry=components.metrics.registry, loop=loop,
             claim_loop_age=components.worker.claim_loop_age,
             stall_seconds=settings.health_stall_seconds, ready_check=ready,
+            starved=starved, starved_seconds=settings.health_starved_seconds,
         )
     except OSError as exc:
         raise ConfigError(
@@ -187,10 +202,18 @@ async def serve(components: Components, *, burst: bool = False,
              generator=settings.generator, listen=settings.listen)
     systemd.ready(f"claiming as {worker.worker_id}, concurrency {settings.concurrency}")
     try:
-        await worker.run(burst=burst)
+        failed: Exception | None = None
+        try:
+            await worker.run(burst=burst)
+        except Exception as exc:  # a bug: still hand back what this process holds first
+            log.exception("claim_loop_failed", error=describe_error(exc))
+            worker.stop()
+            failed = exc
         systemd.stopping("draining in-flight items")
         released = await worker.drain(settings.shutdown_grace)
         log.info("worker_stopped", released=released)
+        if failed is not None:
+            raise failed
     finally:
         await shutdown(components)
     return 0
@@ -202,20 +225,24 @@ def systemd_notifier(components: Components) -> SystemdNotifier:
     ``serve`` sends READY=1 through it once the schema is verified, the HTTP server is up and
     the claim loop is about to start, and STOPPING=1 when the loop ends (signal or burst done).
     With ``WatchdogSec=`` set, WATCHDOG=1 is sent from the claim loop's tick, at most every half
-    interval and only while the loop is not stalled (``MF_HEALTH_STALL_SECONDS``): a wedged
-    loop stops feeding, and systemd kills and restarts the process.
+    interval and only while the loop is not stalled (``MF_HEALTH_STALL_SECONDS``) and not
+    starved (``MF_HEALTH_STARVED_SECONDS``: room, and nothing claimed that should have been): a
+    wedged loop, or one that cannot claim, stops feeding, and systemd restarts the process
+    (``WatchdogSignal=SIGTERM`` in the unit: it drains first).
     """
     notifier = SystemdNotifier()
     interval = notifier.watchdog_interval()
     if interval is None:
         return notifier
     worker, stall_seconds = components.worker, components.settings.health_stall_seconds
+    starved_seconds = components.settings.health_starved_seconds
     last_fed = -math.inf
 
     def feed(_tick: ClaimLoopTicked) -> None:
         nonlocal last_fed
         now = time.monotonic()
-        if now - last_fed >= interval / 2 and worker.claim_loop_age() < stall_seconds:
+        if (now - last_fed >= interval / 2 and worker.claim_loop_age() < stall_seconds
+                and worker.starved()[1] < starved_seconds):
             last_fed = now
             notifier.watchdog()
 

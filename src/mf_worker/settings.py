@@ -580,6 +580,17 @@ class Settings:
         "systemd, the watchdog is fed only from the claim loop, so `WatchdogSec=` decides "
         "when a wedged worker is restarted).",
     )
+    health_starved_seconds: float = _setting(
+        "MF_HEALTH_STARVED_SECONDS",
+        60.0,
+        _float(1.0),
+        "/healthz answers 503, and the systemd watchdog is no longer fed, when the worker has "
+        "had free slots for this long without claiming anything while it should: its claims "
+        "fail (the database is unreachable or read-only, the queue table is locked), come "
+        "back empty although items it may take are due, or flow control admits none while it "
+        "holds nothing. Due items that no claim may take (`MF_ORG_MAX_IN_FLIGHT`, a "
+        "provider's cooldown) do not count. See docs/operations.md, MfWorkerNotClaiming.",
+    )
     log_format: str = _setting(
         "MF_LOG_FORMAT",
         "auto",

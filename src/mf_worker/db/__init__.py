@@ -4,6 +4,12 @@ Row-level security isolates organisations by ``app.current_org_id``; :func:`as_o
 ``set_config(..., true)`` (``SET LOCAL``) so it lives exactly as long as the transaction and is
 safe behind a transaction-mode pooler. The organisation always comes from the worker's own data,
 never from a client.
+
+The pool discards a connection that met a read-only server (SQLSTATE 25006,
+``ReadOnlySqlTransaction``): during a failover a connection can reach the standby before it is
+promoted (a DNS name or load balancer that flipped early, a multi-host URL without
+``target_session_attrs=read-write``), and keeping it would send the next unit of work there again.
+The caller sees the error and retries on a fresh connection (the engine counts it as transient).
 """
 
 from __future__ import annotations
@@ -24,7 +30,23 @@ if TYPE_CHECKING:  # settings imports cost (smtp), whose budget imports this mod
     from ..settings import Settings
 
 Connection = psycopg.AsyncConnection[dict[str, Any]]
-Pool = AsyncConnectionPool[Connection]
+
+
+class Pool(AsyncConnectionPool[Connection]):
+    """psycopg's pool, except that a connection whose work met a read-only server is closed
+    (so the pool replaces it) instead of being handed out again."""
+
+    @asynccontextmanager
+    async def connection(
+        self, timeout: float | None = None  # noqa: ASYNC109 - the overridden method's signature
+    ) -> AsyncIterator[Connection]:
+        async with super().connection(timeout) as conn:
+            try:
+                yield conn
+            except psycopg.errors.ReadOnlySqlTransaction:
+                await conn.close()  # the pool sees it closed and opens another
+                raise
+
 
 __all__ = [
     "Connection", "Pool", "act_for", "as_org", "connect", "connection_kwargs", "open_pool",

@@ -84,8 +84,17 @@ T = TypeVar("T")
 # deadlock or serialisation failure (psycopg files those under OperationalError too), and a
 # lock, statement or idle-in-transaction timeout (MF_DB_LOCK_TIMEOUT, MF_DB_STATEMENT_TIMEOUT;
 # the last one is an InternalError to psycopg, raised when a unit stalled mid-transaction).
+# A read-only server (SQLSTATE 25006) is a failover in progress: a standby reached before its
+# promotion (a DNS name or load balancer that flipped early, a multi-host URL without
+# target_session_attrs=read-write). The pool discards the connection that met it (mf_worker.db),
+# and the unit is retried on a fresh one, which reaches the promoted server.
 TRANSIENT_DB_ERRORS = (psycopg.OperationalError, PoolTimeout,
-                       psycopg.errors.IdleInTransactionSessionTimeout)
+                       psycopg.errors.IdleInTransactionSessionTimeout,
+                       psycopg.errors.ReadOnlySqlTransaction)
+# What a failed claim may raise without ending the daemon: any database error at all (a
+# transient one above, or one that retrying may not fix, such as a permission revoked by
+# mistake, which an operator can fix while the worker keeps trying and says so).
+CLAIM_ERRORS = (psycopg.Error, PoolTimeout)
 # The timeouts among them that concern one item's rows (someone holds its lock), not the
 # database as a whole: a batch that meets one is split, not retried whole.
 ITEM_DB_ERRORS = (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
@@ -121,6 +130,15 @@ class Outcome(enum.StrEnum):
     DEFERRED = "deferred"  # back to pending, no attempt used: reservations, rate limit, quota
     LEASE_LOST = "lease_lost"
     RELEASED = "released"
+
+
+class Starvation(enum.StrEnum):
+    """Why the claim loop has room but claims nothing it should (the ``reason`` label of
+    ``mf_worker_claim_starved_seconds``; /healthz names it)."""
+
+    CLAIM_FAILING = "claim_failing"  # the claim statement fails (database away, read-only, locks)
+    CLAIMS_EMPTY = "claims_empty"  # claims come back empty while items it may take are due
+    FLOW_BLOCKED = "flow_blocked"  # flow control admits no claim while this process holds none
 
 
 class FailureReason(enum.StrEnum):
@@ -229,6 +247,13 @@ class Worker:
         # very worker (reaped, or cancelled and retried) while its old attempt still runs.
         self.in_flight: dict[int, InFlight] = {}
         self._last_tick = time.monotonic()  # the claim loop's, for /healthz and the watchdog
+        # Liveness: since when claiming has been going wrong (None: it is not), and why. The
+        # clock starts at the last round that was fine: it claimed, had nothing it could claim,
+        # had no room, or the provider held its calls.
+        self._starving: Starvation | None = None
+        self._fine_at = time.monotonic()
+        self._starving_reported = False
+        self._claim_error: str | None = None
         self.wake = asyncio.Event()
         self._claim_chunk = min(MAX_CLAIM, max(1, -(-settings.concurrency // CLAIM_SHARE)))
         self._prepares: Batcher[ClaimedItem, Prepared] = Batcher(
@@ -259,6 +284,7 @@ class Worker:
             self._tick()
             free = self.settings.concurrency - len(self.in_flight)
             if free <= 0:
+                self._claiming_fine()
                 # Bounded, so a full worker still ticks (health) while its items run.
                 await self._wait({self._slot_freed}, self.settings.poll_interval)
                 continue
@@ -275,6 +301,12 @@ class Worker:
                 admitted, flow_wait = await self.flow.admit(
                     1 if drained and self.flow.enabled else wanted, in_use=len(self.in_flight))
                 if admitted == 0:
+                    # Held by the provider's pace or cooldown, or a window full of this
+                    # process's own items: fine. A window full with nothing held is not.
+                    if flow_wait is not None or self.in_flight:
+                        self._claiming_fine()
+                    else:
+                        self._claiming_starved(Starvation.FLOW_BLOCKED)
                     await self._wait({self._slot_freed},
                                      self.settings.poll_interval if flow_wait is None
                                      else min(flow_wait, self.settings.poll_interval))
@@ -291,22 +323,34 @@ class Worker:
                         await self._give_back_requests(wanted - len(items))
                 drained = not items
                 failures = 0
-            except TRANSIENT_DB_ERRORS as exc:
+            except CLAIM_ERRORS as exc:
                 failed = exc
             if failed is not None:
+                # Whatever the database said, the daemon goes on (and drains at a signal): it
+                # backs off, and /healthz turns red if this lasts (MF_HEALTH_STARVED_SECONDS).
                 failures += 1
                 delay = claim_retry.delay(failures)
-                self._log.warning("claim_failed", error=describe_error(failed), retry_in=delay)
+                self._claim_error = describe_error(failed)
+                self._claiming_starved(Starvation.CLAIM_FAILING)
+                self._log.warning("claim_failed", error=self._claim_error, retry_in=delay,
+                                  transient=isinstance(failed, TRANSIENT_DB_ERRORS))
                 await self._wait(set(), delay)
                 continue
+            if items:
+                self._claiming_fine()
             if len(items) < wanted:
                 if burst and not items:
                     if not self.in_flight:
                         return
                     await self._wait({self._slot_freed}, self.settings.poll_interval)
                     continue
-                await self._wait({self.wake, self._slot_freed} if burst else {self.wake},
-                                 await self._idle_timeout())
+                timeout, capped = await self._idle_timeout(claimed=len(items))
+                # Due items that this claim could not take (their organisations at
+                # MF_ORG_MAX_IN_FLIGHT, rows someone holds): claim again when a slot of ours
+                # frees (an organisation's cap with it), a notification comes, or the poll
+                # interval ends; not at once, which made an idle worker spin.
+                await self._wait({self.wake, self._slot_freed} if burst or capped
+                                 else {self.wake}, timeout)
 
     async def _give_back_requests(self, count: int) -> None:
         """Admitted requests no claimed item took go back to the key's bucket; if even that
@@ -329,23 +373,65 @@ class Worker:
 
     def _tick(self) -> None:
         self._last_tick = time.monotonic()
+        why, seconds = self.starved()
+        if (why is not None and not self._starving_reported
+                and seconds >= self.settings.health_starved_seconds):
+            self._starving_reported = True
+            self._log.error("claims_starving", reason=why.value, seconds=round(seconds, 1),
+                            in_flight=len(self.in_flight), error=self.starved_detail())
         self.events.publish(ClaimLoopTicked(len(self.in_flight)))
 
     def claim_loop_age(self) -> float:
         """Seconds since the claim loop last went round (for /healthz and the watchdog)."""
         return time.monotonic() - self._last_tick
 
-    async def _idle_timeout(self) -> float:
-        """Sleep until the next item is due, but never longer than the poll interval."""
+    def _claiming_fine(self) -> None:
+        """This round claimed, or had nothing it should claim: the liveness clock restarts."""
+        self._fine_at = time.monotonic()
+        if self._starving is not None and self._starving_reported:
+            self._log.info("claims_resumed", after=self._starving.value)
+        self._starving, self._starving_reported, self._claim_error = None, False, None
+
+    def _claiming_starved(self, why: Starvation) -> None:
+        """This round should have claimed and did not: the clock runs on from the last round
+        that was fine."""
+        self._starving = why
+
+    def starved(self) -> tuple[Starvation | None, float]:
+        """Why, and for how many seconds, this process has had room but claimed nothing it
+        should have (None, 0 while claiming is fine; and once stopping: a drain claims
+        nothing by design). /healthz, the watchdog and the metrics read it."""
+        if self._starving is None or self.stopping:
+            return None, 0.0
+        return self._starving, time.monotonic() - self._fine_at
+
+    def starved_detail(self) -> str | None:
+        """The last claim's error while claims fail (for /healthz)."""
+        return self._claim_error if self._starving is Starvation.CLAIM_FAILING else None
+
+    async def _idle_timeout(self, *, claimed: int) -> tuple[float, bool]:
+        """After a claim that came back short: how long to sleep (until the next item is due,
+        never longer than the poll interval), and whether items are due that the claim could
+        not take (then a freed slot is a reason to claim again too)."""
         timeout = self.settings.poll_interval
         try:
             async with self.pool.connection() as conn:
-                due = await queue.next_due_at(conn)
-        except TRANSIENT_DB_ERRORS:
-            return timeout
-        if due is not None:
-            timeout = min(timeout, max((due - self.clock()).total_seconds(), 0.0) + 0.005)
-        return timeout
+                due = await queue.read_due_state(
+                    conn, org_max_in_flight=self.settings.org_max_in_flight)
+        except CLAIM_ERRORS:
+            return timeout, False
+        if due.due_in_seconds is None or due.due_in_seconds > 0:
+            if not claimed:
+                self._claiming_fine()  # nothing due: nothing to claim
+            return (timeout if due.due_in_seconds is None
+                    else min(timeout, due.due_in_seconds + 0.005)), False
+        if claimed:
+            return 0.005, False  # a short claim (others took the rest): look again at once
+        if due.claimable:
+            self._claiming_starved(Starvation.CLAIMS_EMPTY)
+        else:
+            self._claiming_fine()  # every due item's organisation is at its cap
+        return timeout, True
 
     async def _wait(self, events: set[asyncio.Event], timeout: float | None) -> None:  # noqa: ASYNC109
         waiters = [asyncio.ensure_future(e.wait()) for e in (*events, self._stopping)]

@@ -7,6 +7,7 @@ Workers pace their calls through per-key token buckets in PostgreSQL, share a co
 from .control import INITIAL_WINDOW, FlowControl, FlowEvent, KeyCoolingDown
 from .limiter import (
     BURST_SECONDS,
+    CONFIGURED_TTL_SECONDS,
     PACE,
     CoolDown,
     Grant,
@@ -20,6 +21,7 @@ from .limiter import (
 
 __all__ = [
     "BURST_SECONDS",
+    "CONFIGURED_TTL_SECONDS",
     "INITIAL_WINDOW",
     "PACE",
     "CoolDown",

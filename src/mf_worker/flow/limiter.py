@@ -9,6 +9,14 @@ The buckets refill continuously at `PACE` (95 %) of the configured limits and ho
 provider that measures over shorter windows, one paced a little under it draws none. After the
 call, `correct` gives back what the real usage did not need.
 
+Rates come from two places and are kept apart in the key's row. A replica with configured limits
+(``MF_LLM_REQUESTS_PER_MINUTE``, ``MF_LLM_TOKENS_PER_MINUTE``) paces at them and stores them
+with the time at every take; replicas without any use the stored ones while they are fresh, and
+they lapse `CONFIGURED_TTL_SECONDS` after the last replica sent them (a rate removed from the
+settings stops pacing the fleet). A 429 that states the provider's limits
+(``x-ratelimit-limit-*``) replaces the learned rate of each dimension it states. Where both are
+known, the smaller applies.
+
 A 429 calls `cool_down`: every worker's new calls under the key wait until the provider's reset,
 and the buckets restart empty from then on. An exhausted quota does the same for
 `QUOTA_PAUSE_SECONDS` (then one round of calls probes whether it was topped up). Both work with
@@ -29,6 +37,7 @@ from ..db.sql import load_queries
 
 __all__ = [
     "BURST_SECONDS",
+    "CONFIGURED_TTL_SECONDS",
     "PACE",
     "CoolDown",
     "Grant",
@@ -47,6 +56,11 @@ PACE: Final = 0.95
 """Share of the configured limit the fleet paces itself at."""
 BURST_SECONDS: Final = 2.0
 """Seconds of the paced rate a bucket holds: the most the fleet sends at once after a pause."""
+CONFIGURED_TTL_SECONDS: Final = 300.0
+"""How long a configured rate stored by one replica paces the replicas that have none after it
+was last sent (every take of a replica with configured limits sends them). An idle worker takes
+about once per poll interval, a busy one at every call; five minutes covers long generations
+that fill a replica's window."""
 
 CoolDownReason = Literal["rate_limited", "quota_exhausted"]
 
@@ -107,13 +121,22 @@ class KeyState:
     cooldown_reason: CoolDownReason | None
     rate_limited_count: int
     quota_pauses: int
+    # Where the rates come from: configured by a replica within CONFIGURED_TTL_SECONDS (None
+    # when none sent one), and learned from the provider's last 429 that stated them.
+    configured_requests_per_second: float | None = None
+    configured_tokens_per_second: float | None = None
+    configured_at: datetime | None = None
+    learned_requests_per_second: float | None = None
+    learned_tokens_per_second: float | None = None
+    learned_at: datetime | None = None
 
 
 def _params(key: str, limits: Limits, now: datetime | None) -> dict[str, Any]:
     # A bucket holds BURST_SECONDS of its rate, and at least one whole request (or token), so
     # a tiny limit still admits a call at a time.
     return {"key": key, "now": now, "rps": limits.requests_per_second,
-            "tps": limits.tokens_per_second, "burst": BURST_SECONDS}
+            "tps": limits.tokens_per_second, "burst": BURST_SECONDS,
+            "ttl": CONFIGURED_TTL_SECONDS}
 
 
 async def acquire(
@@ -153,14 +176,14 @@ async def cool_down(
 ) -> CoolDown:
     """Hold every worker's new calls under ``key`` for ``seconds`` (a longer hold already set
     stays), and restart its buckets empty when the hold ends. ``stated`` is what the provider
-    said its limits are (``x-ratelimit-limit-*``): it becomes the key's pace where no rate is
-    known yet."""
+    said its limits are (``x-ratelimit-limit-*``): each limit it states replaces the key's learned
+    rate of that dimension."""
     if reason not in ("rate_limited", "quota_exhausted"):
         raise ValueError(f"cool_down: unknown reason {reason!r}")
     stated = stated or Limits()
     params = {"key": key, "now": now, "seconds": max(seconds, 0.0), "reason": reason,
               "learned_rps": stated.requests_per_second,
-              "learned_tps": stated.tokens_per_second}
+              "learned_tps": stated.tokens_per_second, "ttl": CONFIGURED_TTL_SECONDS}
     for _ in range(2):
         cur = await conn.execute(_Q["cool_down"], params)
         row = await cur.fetchone()
@@ -173,13 +196,19 @@ async def cool_down(
 
 async def read_limits(conn: Connection, *, now: datetime | None = None) -> list[KeyState]:
     """Every limit key's state (cooldowns that have ended read as none)."""
-    cur = await conn.execute(_Q["read_limits"], {"now": now})
+    cur = await conn.execute(_Q["read_limits"], {"now": now, "ttl": CONFIGURED_TTL_SECONDS})
     return [
         KeyState(limit_key=r["limit_key"], requests_per_second=r["requests_per_second"],
                  tokens_per_second=r["tokens_per_second"], request_level=r["request_level"],
                  token_level=r["token_level"], cooldown_until=r["cooldown_until"],
                  cooldown_reason=r["cooldown_reason"],
-                 rate_limited_count=r["rate_limited_count"], quota_pauses=r["quota_pauses"])
+                 rate_limited_count=r["rate_limited_count"], quota_pauses=r["quota_pauses"],
+                 configured_requests_per_second=r["configured_requests_per_second"],
+                 configured_tokens_per_second=r["configured_tokens_per_second"],
+                 configured_at=r["configured_at"],
+                 learned_requests_per_second=r["learned_requests_per_second"],
+                 learned_tokens_per_second=r["learned_tokens_per_second"],
+                 learned_at=r["learned_at"])
         for r in await cur.fetchall()
     ]
 

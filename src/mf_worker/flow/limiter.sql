@@ -2,7 +2,11 @@
 -- requests and one for tokens, in public.provider_limits, shared by every worker on every host.
 -- Each statement locks the key's one row, so takes from many processes serialise on it and
 -- none is lost. `now` is a parameter (NULL = the database clock, which every host shares).
--- A NULL level is a full bucket; a rate of NULL means no configured limit on that dimension.
+-- A NULL level is a full bucket; a rate of NULL means no limit known on that dimension.
+-- Rates come from two places, kept apart: the configured ones (`rps`, `tps`: the calling
+-- replica's MF_LLM_*_PER_MINUTE, paced), stored with the time a replica last sent them and
+-- lapsing `ttl` seconds later; and the learned ones, which each 429 stating a limit replaces.
+-- The key's rate is the smaller of the two where both are known.
 
 -- name: ensure_limit
 INSERT INTO public.provider_limits (limit_key, refilled_at)
@@ -14,20 +18,35 @@ ON CONFLICT (limit_key) DO NOTHING;
 -- take `requests` and `tokens` if the key is not cooling down and both buckets hold what is
 -- asked (an amount above a bucket's capacity needs a full bucket and leaves it in debt, which
 -- the refill pays off, so the average rate holds even for calls bigger than the burst).
--- The rate is the configured one (`rps`, `tps`, already paced) or else the one the provider
--- told us in its last 429 (stored by cool_down); none means no bucket on that dimension.
--- Returns whether it was granted and, if not, how long until it would be.
+-- The configured rate is this replica's (`rps`, `tps`, already paced) if it has one, which is
+-- stored as the key's configured rate with the time; else the stored one while it is fresh
+-- (another replica sent it within `ttl` seconds). The rate is the smaller of that and the one
+-- the provider stated in its last 429 (stored by cool_down); none means no bucket on that
+-- dimension. Returns whether it was granted and, if not, how long until it would be.
 WITH p AS (
     SELECT coalesce(%(now)s::timestamptz, clock_timestamp()) AS now,
            %(rps)s::float8 AS rps, %(tps)s::float8 AS tps, %(burst)s::float8 AS burst,
-           %(requests)s::float8 AS want_r, %(tokens)s::float8 AS want_t
+           %(requests)s::float8 AS want_r, %(tokens)s::float8 AS want_t,
+           %(rps)s::float8 IS NOT NULL OR %(tps)s::float8 IS NOT NULL AS sends,
+           %(ttl)s::float8 AS ttl
+), cfg AS (
+    SELECT l.limit_key,
+           CASE WHEN p.sends THEN p.rps
+                WHEN l.configured_at > p.now - make_interval(secs => p.ttl)
+                THEN l.configured_requests_per_second END AS rps,
+           CASE WHEN p.sends THEN p.tps
+                WHEN l.configured_at > p.now - make_interval(secs => p.ttl)
+                THEN l.configured_tokens_per_second END AS tps
+    FROM public.provider_limits AS l, p
+    WHERE l.limit_key = %(key)s
 ), cur AS (
     SELECT l.limit_key, l.request_level, l.token_level, l.refilled_at, l.cooldown_until,
            l.cooldown_reason,
-           coalesce(p.rps, l.requests_per_second) AS rps,
-           coalesce(p.tps, l.tokens_per_second) AS tps,
+           least(cfg.rps, l.learned_requests_per_second) AS rps,
+           least(cfg.tps, l.learned_tokens_per_second) AS tps,
            greatest(extract(epoch FROM (p.now - l.refilled_at))::float8, 0) AS elapsed
-    FROM public.provider_limits AS l, p
+    FROM public.provider_limits AS l
+    JOIN cfg ON cfg.limit_key = l.limit_key, p
     WHERE l.limit_key = %(key)s
     FOR UPDATE OF l
 ), cap AS (
@@ -54,6 +73,11 @@ SET request_level       = CASE WHEN d.granted THEN d.requests - p.want_r ELSE d.
     refilled_at         = greatest(l.refilled_at, p.now),
     requests_per_second = d.rps,
     tokens_per_second   = d.tps,
+    configured_requests_per_second = CASE WHEN p.sends THEN p.rps
+                                          ELSE l.configured_requests_per_second END,
+    configured_tokens_per_second   = CASE WHEN p.sends THEN p.tps
+                                          ELSE l.configured_tokens_per_second END,
+    configured_at       = CASE WHEN p.sends THEN p.now ELSE l.configured_at END,
     cooldown_until      = CASE WHEN coalesce(d.cooling, 0) = 0 THEN NULL
                                ELSE l.cooldown_until END,
     cooldown_reason     = CASE WHEN coalesce(d.cooling, 0) = 0 THEN NULL
@@ -91,19 +115,25 @@ RETURNING l.request_level, l.token_level;
 -- The provider refused a call (429) or the quota is exhausted: hold every worker's new calls
 -- under the key until `seconds` from now (a later hold already set wins), and empty both
 -- buckets from then on, since the provider's own window is full. A rate the provider stated
--- (x-ratelimit-limit-*, paced) becomes the key's rate where none is configured or known, so a
--- fleet without configured limits paces itself after the first 429. An exhausted quota outranks a
--- rate limit while it lasts. `started` says whether this statement began the hold of this
+-- (x-ratelimit-limit-*, paced) replaces the key's learned rate of that dimension (a dimension
+-- it does not state keeps what was learned), so a fleet without configured limits paces itself
+-- after the first 429, and a limit the provider lowered or raised is followed; the key's rate
+-- becomes the smaller of it and a configured rate still fresh (`ttl`). An exhausted quota
+-- outranks a rate limit while it lasts. `started` says whether this statement began the hold of this
 -- reason (so the first worker to see an exhausted quota notifies, not all of them).
 WITH p AS (
     SELECT coalesce(%(now)s::timestamptz, clock_timestamp()) AS now,
            %(seconds)s::float8 AS seconds, %(reason)s::text AS reason,
-           %(learned_rps)s::float8 AS learned_rps, %(learned_tps)s::float8 AS learned_tps
+           %(learned_rps)s::float8 AS learned_rps, %(learned_tps)s::float8 AS learned_tps,
+           %(ttl)s::float8 AS ttl
 ), cur AS (
-    SELECT l.limit_key, l.cooldown_until, l.cooldown_reason
-    FROM public.provider_limits AS l
+    SELECT l.limit_key, l.cooldown_until, l.cooldown_reason,
+           coalesce(p.learned_rps, l.learned_requests_per_second) AS learned_rps,
+           coalesce(p.learned_tps, l.learned_tokens_per_second) AS learned_tps,
+           l.configured_at > p.now - make_interval(secs => p.ttl) AS configured_fresh
+    FROM public.provider_limits AS l, p
     WHERE l.limit_key = %(key)s
-    FOR UPDATE
+    FOR UPDATE OF l
 ), d AS (
     SELECT cur.*,
            p.now + make_interval(secs => p.seconds) AS until,
@@ -117,8 +147,14 @@ UPDATE public.provider_limits AS l
 SET cooldown_until     = greatest(CASE WHEN l.cooldown_until > p.now THEN l.cooldown_until END,
                                   d.until),
     cooldown_reason    = d.reason,
-    requests_per_second = coalesce(l.requests_per_second, p.learned_rps),
-    tokens_per_second  = coalesce(l.tokens_per_second, p.learned_tps),
+    learned_requests_per_second = d.learned_rps,
+    learned_tokens_per_second   = d.learned_tps,
+    learned_at         = CASE WHEN p.learned_rps IS NOT NULL OR p.learned_tps IS NOT NULL
+                              THEN p.now ELSE l.learned_at END,
+    requests_per_second = least(CASE WHEN d.configured_fresh
+                                     THEN l.configured_requests_per_second END, d.learned_rps),
+    tokens_per_second  = least(CASE WHEN d.configured_fresh
+                                    THEN l.configured_tokens_per_second END, d.learned_tps),
     request_level      = least(coalesce(l.request_level, 0), 0),
     token_level        = least(coalesce(l.token_level, 0), 0),
     refilled_at        = greatest(l.refilled_at, d.until),
@@ -131,9 +167,19 @@ WHERE l.limit_key = d.limit_key
 RETURNING d.started AND d.reason = p.reason AS started, l.cooldown_until, l.cooldown_reason;
 
 -- name: read_limits
--- Every key with its state as of now (for `mf-worker status` and the metrics).
+-- Every key with its state as of now (for `mf-worker status` and the metrics): the rates in
+-- force at the last take, and where they come from (a configured rate no replica sent within
+-- `ttl` seconds reads as none).
 SELECT l.limit_key, l.requests_per_second, l.tokens_per_second, l.request_level,
        l.token_level, l.refilled_at,
+       CASE WHEN l.configured_at > coalesce(%(now)s::timestamptz, clock_timestamp())
+                                   - make_interval(secs => %(ttl)s::float8)
+            THEN l.configured_requests_per_second END AS configured_requests_per_second,
+       CASE WHEN l.configured_at > coalesce(%(now)s::timestamptz, clock_timestamp())
+                                   - make_interval(secs => %(ttl)s::float8)
+            THEN l.configured_tokens_per_second END AS configured_tokens_per_second,
+       l.configured_at, l.learned_requests_per_second, l.learned_tokens_per_second,
+       l.learned_at,
        CASE WHEN l.cooldown_until > coalesce(%(now)s::timestamptz, clock_timestamp())
             THEN l.cooldown_until END AS cooldown_until,
        CASE WHEN l.cooldown_until > coalesce(%(now)s::timestamptz, clock_timestamp())
@@ -144,8 +190,8 @@ ORDER BY l.limit_key;
 
 -- name: reset_limit
 -- An operator's reset of a key (the console): end its cooldown, refill both buckets and forget
--- the rates learnt from the provider's headers (configured rates are passed at every take, so
--- they still apply). For after a quota top-up, or a learnt rate that was wrong. Returns the
+-- the rates learnt from the provider's headers (configured rates are sent by every replica that
+-- has one, so they still apply) and the quota notice (the next exhaustion is notified anew). For after a quota top-up, or a learnt rate that was wrong. Returns the
 -- state before, for the audit row; no row when the key does not exist.
 WITH old AS (
     SELECT limit_key, cooldown_reason, cooldown_until
@@ -156,6 +202,8 @@ WITH old AS (
 UPDATE public.provider_limits AS l
 SET cooldown_until = NULL, cooldown_reason = NULL, request_level = NULL, token_level = NULL,
     requests_per_second = NULL, tokens_per_second = NULL,
+    learned_requests_per_second = NULL, learned_tokens_per_second = NULL, learned_at = NULL,
+    quota_noticed_at = NULL,
     refilled_at = coalesce(%(now)s::timestamptz, clock_timestamp()),
     updated_at = coalesce(%(now)s::timestamptz, clock_timestamp())
 FROM old

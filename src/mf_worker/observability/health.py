@@ -1,10 +1,15 @@
 """The daemon's HTTP endpoints: ``/metrics``, ``/healthz`` and ``/readyz``.
 
 A small threaded server (stdlib) so a wedged event loop cannot also silence the endpoint that
-reports it: ``/healthz`` answers from the last tick of the claim loop, without touching the
-loop. ``/readyz`` asks the event loop to reach the database and check that migrations are
-current, with a short timeout — a loop that cannot answer is not ready either. Both return
-200 or 503 with a small JSON body.
+reports it: ``/healthz`` answers from what the claim loop last recorded, without touching the
+loop. It fails when the loop has not gone round for ``MF_HEALTH_STALL_SECONDS`` (wedged), and
+when the worker has had room for ``MF_HEALTH_STARVED_SECONDS`` without claiming what it should
+(its claims fail, or come back empty while items it may take are due, or flow control admits
+none while it holds nothing): a worker that cannot do its work says so, and the service manager
+restarts it. ``/readyz`` asks the event loop to reach the database, check that migrations are
+current and that the server takes writes (not a standby in recovery, not read-only), with a short
+timeout — a loop that cannot answer is not ready either. Both return 200 or 503 with a small
+JSON body.
 """
 
 from __future__ import annotations
@@ -19,7 +24,36 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ..errors import ConfigError, describe_error
+from ..db import Connection
+from ..db.sql import load_queries
+from ..errors import ConfigError, MfWorkerError, describe_error
+
+_Q = load_queries(__package__ or "mf_worker.observability", "health.sql")
+
+# What the claim loop reports about itself: why it is starved (None: it is not), for how many
+# seconds, and the last claim error if its claims fail.
+Starved = Callable[[], tuple[str | None, float, str | None]]
+
+
+def _never_starved() -> tuple[str | None, float, str | None]:
+    return None, 0.0, None
+
+
+class ServerNotWritable(MfWorkerError):
+    """The database server does not take writes (a standby in recovery, or read-only)."""
+
+
+async def check_writable(conn: Connection) -> None:
+    """Raise `ServerNotWritable` unless the server behind ``conn`` takes writes: during a
+    failover a connection may reach the standby before its promotion."""
+    cur = await conn.execute(_Q["read_server_role"])
+    row = await cur.fetchone()
+    assert row is not None
+    if row["in_recovery"]:
+        raise ServerNotWritable("the database server is a standby in recovery (read-only)")
+    if row["read_only"]:
+        raise ServerNotWritable("the database server's transactions are read-only "
+                                "(default_transaction_read_only)")
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -43,9 +77,12 @@ class HealthServer:
         stall_seconds: float,
         ready_check: Callable[[], Coroutine[Any, Any, None]],
         ready_timeout: float = 3.0,
+        starved: Starved = _never_starved,
+        starved_seconds: float = 60.0,
     ) -> None:
         self._registry, self._loop = registry, loop
         self._claim_loop_age, self._stall_seconds = claim_loop_age, stall_seconds
+        self._starved, self._starved_seconds = starved, starved_seconds
         self._ready_check, self._ready_timeout = ready_check, ready_timeout
         host, port = parse_addr(addr)
         self._server = ThreadingHTTPServer((host, port), self._handler())
@@ -70,7 +107,16 @@ class HealthServer:
         if age > self._stall_seconds:
             return 503, {"status": "stalled", "claim_loop_age_seconds": round(age, 3),
                          "threshold_seconds": self._stall_seconds}
-        return 200, {"status": "ok", "claim_loop_age_seconds": round(age, 3)}
+        why, starved, error = self._starved()
+        if why is not None and starved >= self._starved_seconds:
+            body: dict[str, Any] = {
+                "status": "not claiming", "reason": why, "starved_seconds": round(starved, 3),
+                "threshold_seconds": self._starved_seconds}
+            if error:
+                body["error"] = error
+            return 503, body
+        return 200, {"status": "ok", "claim_loop_age_seconds": round(age, 3),
+                     "starved_seconds": round(starved, 3)}
 
     def readyz(self) -> tuple[int, dict[str, Any]]:
         started = time.monotonic()

@@ -40,7 +40,7 @@ from ..engine.events import (
     SchedulerPassed,
     TripNotified,
 )
-from ..engine.worker import AttemptReport, FailureReason, Outcome
+from ..engine.worker import AttemptReport, FailureReason, Outcome, Starvation
 from ..flow import FlowEvent
 from ..maintenance.publisher import ON_TIME_SECONDS, Publication, Withdrawal
 from ..queue import ReapedItem
@@ -57,6 +57,7 @@ LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 TIMINGS = ("on_time", "late")
 
 QueueReader = Callable[[], dict[str, Any]]
+StarvedReader = Callable[[], tuple[Starvation | None, float]]
 
 
 class Metrics:
@@ -157,6 +158,15 @@ class Metrics:
         self.claim_loop_tick = Gauge(
             "mf_worker_claim_loop_last_tick_timestamp_seconds",
             "When the claim loop last went round (a stuck loop stops moving this).", registry=r)
+        self.claim_starved = Gauge(
+            "mf_worker_claim_starved_seconds",
+            "Seconds this process has had free slots without claiming what it should, by "
+            "why: claim_failing (its claims fail), claims_empty (they come back empty while "
+            "items it may take are due), flow_blocked (flow control admits none while it "
+            "holds nothing); 0 while claiming is fine. /healthz fails past "
+            "MF_HEALTH_STARVED_SECONDS.", ["reason"], registry=r)
+        for why in Starvation:
+            self.claim_starved.labels(why.value)
         for outcome in Outcome:
             self.attempts.labels(outcome.value)
         for reason in FailureReason:
@@ -245,9 +255,22 @@ class Metrics:
         self.claim_loop_tick.set(time.time())
         self.in_flight.set(event.in_flight)
 
+    def watch_claims(self, starved: StarvedReader) -> None:
+        """Export the claim loop's starvation (`Worker.starved`), read at scrape time."""
+        for why in Starvation:
+            self.claim_starved.labels(why.value).set_function(_starved_for(starved, why))
+
     def watch_queue(self, read: QueueReader, *, cache_seconds: float = 5.0) -> None:
         """Export queue depth and oldest-due age, read by ``read`` at scrape time (cached)."""
         self.registry.register(_QueueCollector(read, cache_seconds))
+
+
+def _starved_for(starved: StarvedReader, why: Starvation) -> Callable[[], float]:
+    def read() -> float:
+        reason, seconds = starved()
+        return seconds if reason is why else 0.0
+
+    return read
 
 
 class _QueueCollector(Collector):

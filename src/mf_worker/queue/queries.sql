@@ -366,9 +366,34 @@ WHERE id IN (
     FOR UPDATE SKIP LOCKED
 );
 
--- name: next_due_at
--- When the earliest pending item becomes due, so an idle worker can sleep exactly until then.
-SELECT min(run_after) AS due_at FROM episode_schedule_queue WHERE status = 'pending';
+-- name: read_due_state
+-- What an idle worker reads after a claim that came back short: in how many seconds the
+-- earliest pending item becomes due (on the database's clock, the one claims use; negative when
+-- it is due already; NULL when nothing is pending), so it sleeps exactly until then; and whether
+-- any due item is one a claim may take now, i.e. its organisation has fewer than
+-- `org_max_in_flight` items processing (NULL: no cap). Due items that no claim may take (every
+-- one of their organisations at its cap) are no reason to claim again before a slot frees, a
+-- notification arrives or the poll interval ends, and no sign of a worker that cannot claim.
+WITH p AS (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now, %(org_max_in_flight)s::int AS cap
+), capped AS (
+    -- Organisations at their cap: the fleet's processing items (a small set, by its index).
+    SELECT q.organization_id
+    FROM public.episode_schedule_queue AS q, p
+    WHERE q.status = 'processing' AND p.cap IS NOT NULL
+    GROUP BY q.organization_id, p.cap
+    HAVING count(*) >= p.cap
+)
+SELECT extract(epoch FROM (
+           (SELECT min(q.run_after) FROM public.episode_schedule_queue AS q
+            WHERE q.status = 'pending') - p.now))::float8 AS due_in_seconds,
+       EXISTS (
+           SELECT 1 FROM public.episode_schedule_queue AS q
+           WHERE q.status = 'pending' AND q.run_after <= p.now
+             AND NOT EXISTS (SELECT 1 FROM capped AS c
+                             WHERE c.organization_id = q.organization_id)
+       ) AS claimable
+FROM p;
 
 -- name: defer_item
 -- A call that must not fail the item: a rate limit or an exhausted quota (the provider's

@@ -360,11 +360,25 @@ async def prune_finished_items(
     return cur.rowcount
 
 
-async def next_due_at(conn: Connection) -> datetime | None:
-    """When the earliest pending item becomes due (None when nothing is pending)."""
-    cur = await conn.execute(_Q["next_due_at"])
+@dataclass(frozen=True, slots=True)
+class DueState:
+    """What an idle worker reads after a short claim (`read_due_state`)."""
+
+    due_in_seconds: float | None  # until the earliest pending item is due (<= 0: due now)
+    claimable: bool  # some due item's organisation is below MF_ORG_MAX_IN_FLIGHT
+
+
+async def read_due_state(
+    conn: Connection, *, org_max_in_flight: int | None = None, now: datetime | None = None,
+) -> DueState:
+    """When the earliest pending item becomes due (by the database's clock, like the claim),
+    and whether a due item is one a claim may take now (its organisation below
+    ``org_max_in_flight`` items processing; None: no cap)."""
+    cur = await conn.execute(_Q["read_due_state"],
+                             {"org_max_in_flight": org_max_in_flight, "now": now})
     row = await cur.fetchone()
-    return row["due_at"] if row else None
+    assert row is not None
+    return DueState(due_in_seconds=row["due_in_seconds"], claimable=bool(row["claimable"]))
 
 
 async def get_item(conn: Connection, item_id: str) -> dict[str, Any] | None:
