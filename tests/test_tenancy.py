@@ -401,7 +401,12 @@ def _scope(db: Conn, table: str, role: str, command: str) -> str:
     cross = db.execute("SELECT pg_has_role(%s, 'mf_cross_org', 'MEMBER') AS m",
                        [role]).fetchone()
     exprs = [p["expr"] for p in policies]
-    if cross and cross["m"] and any("mf_has_cross_org_access" in e for e in exprs):
+    cross_exprs = [e for e in exprs if "mf_has_cross_org_access" in e]
+    if cross and cross["m"] and cross_exprs:
+        # A cross-organisation policy limited to rows of no organisation (the console's
+        # fleet-wide audit rows, migration 0016) adds those to the organisation's own.
+        if all("organization_id IS NULL" in e for e in cross_exprs):
+            return "its organisation's rows and fleet-wide rows"
         return "all rows"
     if any("mf_current_org_id" in e for e in exprs):
         return "its organisation's rows"

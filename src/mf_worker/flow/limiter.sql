@@ -191,8 +191,9 @@ ORDER BY l.limit_key;
 -- name: reset_limit
 -- An operator's reset of a key (the console): end its cooldown, refill both buckets and forget
 -- the rates learnt from the provider's headers (configured rates are sent by every replica that
--- has one, so they still apply) and the quota notice (the next exhaustion is notified anew). For after a quota top-up, or a learnt rate that was wrong. Returns the
--- state before, for the audit row; no row when the key does not exist.
+-- has one, so they still apply) and the quota notice (the next exhaustion is notified anew).
+-- For after a quota top-up, or a learnt rate that was wrong. Returns the state before, for the
+-- audit row; no row when the key does not exist.
 WITH old AS (
     SELECT limit_key, cooldown_reason, cooldown_until
     FROM public.provider_limits
