@@ -126,7 +126,10 @@ def captured_logs() -> Iterator[io.StringIO]:
     buffer = io.StringIO()
     configure_logging("json", "debug", stream=buffer)
     yield buffer
-    configure_logging("json", "warning", stream=sys.stderr)
+    # The process's own stderr: pytest's sys.stderr at this point is this test's capture file,
+    # which pytest closes, and a later test's log line would then raise "I/O operation on
+    # closed file".
+    configure_logging("json", "warning", stream=sys.__stderr__)
 
 
 ROLES_SQL = Path(__file__).resolve().parent.parent / "docs" / "database-roles.sql"
