@@ -59,8 +59,10 @@ def statuses(db: Conn) -> dict[str, int]:
 
 
 def booked(db: Conn) -> list[dict[str, Any]]:
+    """The usage rows, answered before estimated: one statement books an attempt's rows at
+    one instant, and ids drawn in the same millisecond do not keep their order."""
     return db.execute("SELECT model, prompt_tokens, completion_tokens, cost_gbp, estimated"
-                      " FROM token_usage ORDER BY created_at, id").fetchall()
+                      " FROM token_usage ORDER BY created_at, estimated, id").fetchall()
 
 
 def day_totals(db: Conn) -> dict[str, Decimal]:
