@@ -413,7 +413,7 @@ def test_healthz_answers_without_sign_in(server: ConsoleServer) -> None:
 
 def test_fleet_audit_rows_are_hidden_from_an_organisations_own_view(db_url: str,
                                                                     db: Conn) -> None:
-    """A key reset's audit row has no organisation (migration 0016): a role that is not a
+    """A key reset's audit row has no organisation (migration 0015): a role that is not a
     member of mf_cross_org neither sees such rows, acting for any organisation, nor writes
     one."""
     import uuid

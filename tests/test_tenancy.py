@@ -404,7 +404,7 @@ def _scope(db: Conn, table: str, role: str, command: str) -> str:
     cross_exprs = [e for e in exprs if "mf_has_cross_org_access" in e]
     if cross and cross["m"] and cross_exprs:
         # A cross-organisation policy limited to rows of no organisation (the console's
-        # fleet-wide audit rows, migration 0016) adds those to the organisation's own.
+        # fleet-wide audit rows, migration 0015) adds those to the organisation's own.
         if all("organization_id IS NULL" in e for e in cross_exprs):
             return "its organisation's rows and fleet-wide rows"
         return "all rows"

@@ -60,7 +60,7 @@ async def record_fleet_action(
 ) -> None:
     """The audit row of an action on the whole fleet (a provider limit key), which belongs to
     no organisation (organization_id NULL: only members of mf_cross_org see or write such
-    rows, migration 0016). Inside the caller's open transaction."""
+    rows, migration 0015). Inside the caller's open transaction."""
     await conn.execute(_Q["insert_fleet_action"], {
         "id": new_id("aud"), "action": action, "resource_id": resource_id,
         "old_value": old_value, "new_value": new_value, "actor": actor,
