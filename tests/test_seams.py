@@ -15,7 +15,6 @@ import psycopg.rows
 import pytest
 
 from mf_worker.engine.worker import Outcome
-
 from mf_worker.generation import GenerationRequest, GenerationResult, TokenUsage
 from mf_worker.generators.template import TemplateGenerator
 
