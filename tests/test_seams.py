@@ -174,3 +174,61 @@ def test_a_paused_projects_two_calls_are_booked_and_count_one_episode(
     assert (daily["reserved_gbp"], daily["estimated_cost_gbp"]) == (0, 0)
     assert daily["total_cost_gbp"] == sum(u["cost_gbp"] for u in usage)
     assert daily["episode_count"] == 1
+
+
+def test_an_item_cancelled_by_an_operator_before_its_prepare_gives_its_request_back(
+    db_url: str, db: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#23/#24.1: the claim loop takes one provider request per item it claims, and an item that
+    ends before any call hands it back. #27: an operator cancels a processing item from the
+    console (the same transition as `mf-worker cancel`). Cancelled between the claim and the
+    prepare, the item's prepare finds its claim gone (LeaseLost): its request must go back to
+    the key's bucket like any item that made no call."""
+    import asyncio
+
+    from mf_worker import queue
+    from mf_worker.daemon import build, shutdown
+    from mf_worker.engine.worker import InFlight
+    from mf_worker.generation import load_generator
+    from mf_worker.status import cancel_queue_item
+
+    from .conftest import settings_for
+    from .provider import ProviderServer
+    from .workers import llm_settings
+
+    make_queue_item(db, make_tenant(db)["project"])
+    with ProviderServer(lifetime=60) as server:
+        for name in ("MF_LLM_API_KEY", "MF_LLM_API_KEY_FILE", "CREDENTIALS_DIRECTORY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("MF_LLM_BASE_URL", server.base_url)
+        monkeypatch.setenv("MF_LLM_MODEL", "gpt-4o-mini")
+        monkeypatch.setenv("MF_LLM_REQUESTS_PER_MINUTE", "60")
+        settings = settings_for(db_url, llm_requests_per_minute=60.0)
+
+        def level() -> float:
+            row = db.execute("SELECT request_level FROM provider_limits").fetchone()
+            assert row is not None and row["request_level"] is not None
+            return float(row["request_level"])
+
+        async def main() -> tuple[Outcome, float]:
+            components = await build(settings, generator=load_generator("openai", llm_settings()),
+                                     scheduler=False)
+            worker = components.worker
+            try:
+                assert worker.flow.enabled
+                admitted, _ = await worker.flow.admit(1, in_use=0)
+                assert admitted == 1
+                after_admit = level()
+                async with components.pool.connection() as conn:
+                    [item] = await queue.claim_due_items(
+                        conn, worker=worker.worker_id, limit=1,
+                        lease_seconds=settings.lease_seconds)
+                    await cancel_queue_item(conn, item.id, "support ticket 7", actor="ops")
+                outcome = await worker.process(InFlight(item=item, admitted=True))
+                return outcome, after_admit
+            finally:
+                await shutdown(components)
+
+        outcome, after_admit = asyncio.run(main())
+    assert outcome is Outcome.LEASE_LOST
+    assert level() == pytest.approx(after_admit + 1)

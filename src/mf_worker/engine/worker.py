@@ -490,6 +490,9 @@ class Worker:
                 self._log.exception("item_crashed", error=describe_error(exc))
                 report.reason, report.error = FailureReason.LOST_WORKER, describe_error(exc)
                 report.outcome = Outcome.LEASE_LOST
+            # However it ended before any call (its claim gone before the prepare, an
+            # operator's cancel, the database away, a bug): the claim's request goes back.
+            await self._give_back_flow(entry)
             report.item_seconds = time.monotonic() - started
             # Within the item's bind_item context: metrics, the log (observability.event_log:
             # item_completed, lease_lost, …) and the publisher's timer subscribe.
@@ -736,7 +739,7 @@ class Worker:
         entry.flow_settled = True
         try:
             await self.flow.unused(1)
-        except TRANSIENT_DB_ERRORS as exc:
+        except CLAIM_ERRORS as exc:  # any database error: the bucket's refill makes up for it
             self._log.warning("flow_correction_failed", error=describe_error(exc))
 
     async def _notify_paused(self, event: ProviderPaused) -> None:
