@@ -19,6 +19,7 @@ from mf_worker.generation import GenerationRequest, GenerationResult, TokenUsage
 from mf_worker.generators.template import TemplateGenerator
 
 from .factories import make_queue_item, make_tenant
+from .test_console import console_role_url  # noqa: F401  (a fixture of its own module)
 from .test_planning import DAILY, ChangesTheProject
 from .workers import run_burst
 
@@ -232,3 +233,46 @@ def test_an_item_cancelled_by_an_operator_before_its_prepare_gives_its_request_b
         outcome, after_admit = asyncio.run(main())
     assert outcome is Outcome.LEASE_LOST
     assert level() == pytest.approx(after_admit + 1)
+
+
+def test_the_console_role_cancels_a_processing_item_with_its_reservation_settled_at_commit(
+    console_role_url: str, db: Conn,  # noqa: F811  (the fixture imported above)
+) -> None:
+    """#27's console cancels a processing item as its least-privilege role; #28 moved the
+    reservation's release and the estimate's aggregation to deferred triggers that run at that
+    commit, as that role. The worst case is booked as an estimate once, the day's reservation
+    given back, the slot skipped (#24), and the audit row written."""
+    import asyncio
+
+    from mf_worker.db import connect
+    from mf_worker.status import cancel_queue_item
+
+    from .conftest import settings_for
+
+    t = make_tenant(db)
+    day = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date AS d").fetchone()
+    assert day is not None
+    item = make_queue_item(db, t["project"], status="processing", locked_by="w:1",
+                           lease_expires_at=datetime.now(UTC), claim_token=1,
+                           reserved_cost_gbp=Decimal("0.5"), reserved_on=day["d"])
+    db.execute("INSERT INTO token_usage_daily (organization_id, date, reserved_gbp)"
+               " VALUES (%s, %s, 0.5)", [t["org"]["id"], day["d"]])
+
+    async def cancel() -> None:
+        conn = await connect(settings_for(console_role_url))
+        try:
+            await cancel_queue_item(conn, item["id"], "support ticket 9", actor="ana (console)")
+        finally:
+            await conn.close()
+
+    asyncio.run(cancel())
+    done = db.execute("SELECT * FROM episode_schedule_queue WHERE id = %s",
+                      [item["id"]]).fetchone()
+    assert done is not None
+    assert (done["status"], done["reserved_cost_gbp"], done["metadata"]["skipped"]) == (
+        "cancelled", None, True)
+    daily = _daily(db, t["org"]["id"])
+    assert (daily["reserved_gbp"], daily["estimated_cost_gbp"], daily["total_cost_gbp"]) == (
+        0, Decimal("0.5"), Decimal("0.5"))
+    assert [r["action"] for r in db.execute("SELECT action FROM audit_log")] == [
+        "queue_item.cancel"]
