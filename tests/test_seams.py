@@ -276,3 +276,75 @@ def test_the_console_role_cancels_a_processing_item_with_its_reservation_settled
         0, Decimal("0.5"), Decimal("0.5"))
     assert [r["action"] for r in db.execute("SELECT action FROM audit_log")] == [
         "queue_item.cancel"]
+
+
+def test_an_item_handed_back_by_a_drain_while_preparing_gives_its_request_back(
+    db_url: str, db: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#24.1: an item that ends before any call hands its provider request back; #24's
+    shutdown drains in-flight items. One still preparing when the grace ends (its row held by
+    someone else) is handed back to the queue whole, and its request to the key's bucket."""
+    import asyncio
+    import threading
+
+    from mf_worker import queue
+    from mf_worker.daemon import build, shutdown
+    from mf_worker.generation import load_generator
+
+    from .conftest import settings_for
+    from .provider import ProviderServer
+    from .workers import llm_settings
+
+    made = make_queue_item(db, make_tenant(db)["project"])
+    with ProviderServer(lifetime=60) as server:
+        for name in ("MF_LLM_API_KEY", "MF_LLM_API_KEY_FILE", "CREDENTIALS_DIRECTORY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("MF_LLM_BASE_URL", server.base_url)
+        monkeypatch.setenv("MF_LLM_MODEL", "gpt-4o-mini")
+        monkeypatch.setenv("MF_LLM_REQUESTS_PER_MINUTE", "60")
+        settings = settings_for(db_url, llm_requests_per_minute=60.0, db_lock_timeout=20.0)
+        held, release = threading.Event(), threading.Event()
+
+        def hold_the_row() -> None:
+            with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+                conn.execute("SELECT 1 FROM episode_schedule_queue WHERE id = %s FOR UPDATE",
+                             [made["id"]])
+                held.set()
+                release.wait(30)
+
+        def level() -> float:
+            row = db.execute("SELECT request_level FROM provider_limits").fetchone()
+            assert row is not None and row["request_level"] is not None
+            return float(row["request_level"])
+
+        async def main() -> tuple[int, float]:
+            components = await build(settings, generator=load_generator("openai", llm_settings()),
+                                     scheduler=False)
+            worker = components.worker
+            holder = threading.Thread(target=hold_the_row)
+            try:
+                admitted, _ = await worker.flow.admit(1, in_use=0)
+                assert admitted == 1
+                after_admit = level()
+                async with components.pool.connection() as conn:
+                    [item] = await queue.claim_due_items(
+                        conn, worker=worker.worker_id, limit=1,
+                        lease_seconds=settings.lease_seconds)
+                holder.start()
+                held.wait(10)
+                worker._start(item, admitted=True)
+                await asyncio.sleep(0.5)  # the prepare waits for the row
+                worker.stop()
+                asyncio.get_running_loop().call_later(1.0, release.set)
+                released = await worker.drain(0.2)
+                return released, after_admit
+            finally:
+                release.set()
+                holder.join()
+                await shutdown(components)
+
+        released, after_admit = asyncio.run(main())
+    assert released == 1
+    row = db.execute("SELECT status, attempt_count FROM episode_schedule_queue").fetchone()
+    assert row == {"status": "pending", "attempt_count": 0}
+    assert level() == pytest.approx(after_admit + 1)

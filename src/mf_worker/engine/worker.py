@@ -841,6 +841,9 @@ class Worker:
                 continue
             if held:
                 released += 1
+                # Stopped before any call: the request the claim took for it goes back too
+                # (only when the database answered the release: a drain does not wait twice).
+                await self._give_back_flow(entry)
                 with bind_item(queue_id=entry.item.id, project_id=entry.item.project_id,
                                organization_id=entry.item.organization_id,
                                attempt=entry.item.attempt):
