@@ -135,10 +135,6 @@ def test_the_console_role_reaches_no_address_of_any_organisation(db_url: str, db
             db.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the usage trigger (migrations 0008, 0014) counts every usage row of no episode as an "
-    "episode, and the deleted-project cancel books one such row per call; the episode's id "
-    "cannot be kept (token_usage's key to episodes). Needs a migration: see the review report"))
 def test_a_deleted_projects_two_calls_are_booked_once_each_and_count_one_episode(
     db_url: str, db: Conn
 ) -> None:

@@ -184,9 +184,20 @@ BEGIN
     -- it. Rows of other transactions visible here committed first; among this transaction's
     -- rows (same xmin; all visible at commit, later statements' too) the earlier command
     -- (cmin, which has no ordering operator: compared as a number) is first, and within one
-    -- statement the smallest id.
-    IF NEW.operation = 'episode_generation' THEN
-        new_episode := CASE WHEN NEW.episode_id IS NULL OR NOT EXISTS (
+    -- statement the smallest id. Rows of no episode (an attempt whose project, and episode
+    -- with it, was deleted while it generated) count one episode per statement: the attempt's
+    -- calls are booked together (cost.settle), one row per call.
+    IF NEW.operation = 'episode_generation' AND NEW.episode_id IS NULL THEN
+        new_episode := CASE WHEN EXISTS (
+            SELECT 1
+            FROM public.token_usage t, public.token_usage me
+            WHERE me.id = NEW.id
+              AND t.organization_id = NEW.organization_id AND t.created_at = NEW.created_at
+              AND t.episode_id IS NULL AND t.operation = 'episode_generation'
+              AND t.id < NEW.id AND t.xmin = me.xmin AND t.cmin = me.cmin)
+        THEN 0 ELSE 1 END;
+    ELSIF NEW.operation = 'episode_generation' THEN
+        new_episode := CASE WHEN NOT EXISTS (
             SELECT 1
             FROM public.token_usage t, public.token_usage me
             WHERE me.id = NEW.id
