@@ -192,23 +192,24 @@ def test_run_once_with_a_real_model_stores_an_episode_with_the_servers_token_cou
     assert blocks and all(b["content"].strip() for b in blocks)
     assert all(b["confidence"] is None or 0 <= b["confidence"] <= 1 for b in blocks)
 
-    # Accounting: one usage row under the configured model, with the server's own counts —
-    # the sum of what the server reported for the draft (and the repair, if there was one).
-    (usage,) = db.execute("SELECT * FROM token_usage WHERE episode_id = %s",
-                          [episode["id"]]).fetchall()
-    assert usage["model"] == MODEL and usage["operation"] == "episode_generation"
-    assert usage["prompt_tokens"] > 50 and usage["completion_tokens"] > 0
+    # Accounting: one usage row per call under the configured model (the draft, and the repair
+    # if there was one: #23 books call by call), each with the server's own counts.
+    usages = db.execute("SELECT * FROM token_usage WHERE episode_id = %s ORDER BY created_at, id",
+                        [episode["id"]]).fetchall()
     reported = [e for e in events if e["event"] == "llm_usage"]
     assert reported and all(e["source"] == "server" for e in reported)
-    assert usage["prompt_tokens"] == sum(e["prompt_tokens"] for e in reported)
-    assert usage["completion_tokens"] == sum(e["completion_tokens"] for e in reported)
+    assert len(usages) == len(reported) <= 2  # the draft, and at most one repair turn
+    for usage in usages:
+        assert usage["model"] == MODEL and usage["operation"] == "episode_generation"
+        assert usage["prompt_tokens"] > 50 and usage["completion_tokens"] > 0
+        assert usage["cost_gbp"] > 0 and not usage["estimated"]
+    assert sorted((u["prompt_tokens"], u["completion_tokens"]) for u in usages) == sorted(
+        (e["prompt_tokens"], e["completion_tokens"]) for e in reported)
     assert all(e["completion_tokens"] <= MAX_TOKENS for e in reported)
     assert not [e for e in events if e["event"] == "usage_estimated"]
-    assert len(reported) <= 2  # the draft, and at most one repair turn
-    assert usage["cost_gbp"] > 0
     daily = db.execute("SELECT total_tokens FROM token_usage_daily WHERE organization_id = %s",
                        [t["org"]["id"]]).fetchone()
-    assert daily is not None and daily["total_tokens"] == usage["total_tokens"]
+    assert daily is not None and daily["total_tokens"] == sum(u["total_tokens"] for u in usages)
 
     # Notes the model claims to have used are real pending notes of this project (or none).
     used = db.execute("SELECT project_id FROM planning_notes WHERE episode_id = %s",
