@@ -3,14 +3,29 @@ it shows."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import psycopg
+import pytest
+
+from mf_worker.engine.worker import AttemptReport, Outcome, Role
 from mf_worker.generation import load_fallback_generator
-from mf_worker.generators.openai import OpenAICompatibleGenerator
+from mf_worker.generators.openai import LLMConfig, OpenAICompatibleGenerator
 from mf_worker.settings import load_settings
+
+from .factories import make_queue_item, make_tenant
+from .provider import ProviderServer
+from .workers import run_burst, run_single
+
+Conn = psycopg.Connection[dict[str, Any]]
 
 _BOTH = {
     "MF_LLM_BASE_URL": "http://127.0.0.1:9/v1", "MF_LLM_MODEL": "primary-model",
@@ -72,3 +87,149 @@ def test_a_bad_fallback_setting_stops_start_up_with_exit_2_naming_it() -> None:
     result = _cli(["run"], {**missing, "MF_DATABASE_URL": "postgresql://u@127.0.0.1:1/db"})
     assert result.returncode == 2
     assert "MF_LLM_FALLBACK_MODEL is not set" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Through the engine: two fake providers, the primary down across the lead window.
+
+PRIMARY_MODEL = "gpt-4o-mini"
+BACKUP_MODEL = "gpt-4o"  # priced in the shipped table too, differently
+
+
+@pytest.fixture
+def providers() -> Iterator[tuple[ProviderServer, ProviderServer]]:
+    with ProviderServer(lifetime=240) as primary, ProviderServer(lifetime=240) as backup:
+        yield primary, backup
+
+
+def _generators(primary: ProviderServer, backup: ProviderServer
+                ) -> tuple[OpenAICompatibleGenerator, OpenAICompatibleGenerator]:
+    return (OpenAICompatibleGenerator(LLMConfig(primary.base_url, PRIMARY_MODEL, timeout=10)),
+            OpenAICompatibleGenerator(LLMConfig(backup.base_url, BACKUP_MODEL, timeout=10)))
+
+
+def _due_soon(db: Conn, count: int, *, due_in: float) -> list[str]:
+    """``count`` items due ``due_in`` seconds from now, claimable at once (in the lead
+    window)."""
+    now = datetime.now(UTC)
+    return [make_queue_item(db, make_tenant(db)["project"], run_after=now,
+                            scheduled_for=now + timedelta(seconds=due_in))["id"]
+            for _ in range(count)]
+
+
+def _written(db: Conn, ids: list[str]) -> list[dict[str, Any]]:
+    return db.execute(
+        "SELECT q.status, q.completed_at <= q.scheduled_for AS on_time,"
+        " split_part(e.generator, ':', 1) AS generator, e.model"
+        " FROM episode_schedule_queue AS q LEFT JOIN episodes AS e ON e.id = q.episode_id"
+        " WHERE q.id = ANY(%s) ORDER BY q.id", (ids,)).fetchall()
+
+
+def _run(db_url: str, db: Conn, ids: list[str], primary: OpenAICompatibleGenerator,
+         fallback: OpenAICompatibleGenerator | None, timeout: float = 90, **overrides: Any
+         ) -> list[AttemptReport]:
+    """Bursts of the in-process worker until the items are completed (or the time is up)."""
+    reports: list[AttemptReport] = []
+    named = {"fallback_generator": "openai"} if fallback is not None else {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reports += run_burst(db_url, primary, fallback=fallback, **named, **overrides)
+        if all(r["status"] == "completed" for r in _written(db, ids)):
+            break
+        time.sleep(0.2)
+    return reports
+
+
+def _fault(server: ProviderServer, fault: str, on: bool = True) -> None:
+    if fault == "outage":
+        server.outage(600 if on else 0)
+    elif fault == "rate_limited":
+        server.rate_limit(600 if on else 0, retry_after=3600)
+    else:
+        server.exhaust_quota(on)
+
+
+@pytest.mark.parametrize("fault", ["outage", "rate_limited", "quota"])
+def test_every_item_due_in_an_outage_is_written_on_time_by_the_fallback(
+    db_url: str, db: Conn, providers: tuple[ProviderServer, ProviderServer], fault: str,
+    captured_logs: io.StringIO,
+) -> None:
+    """The primary answers 503 / 429 with a 1-hour Retry-After / insufficient_quota for the
+    whole lead window: every item due in it is finished before its instant, written by the
+    fallback (its model recorded on the episode, its usage booked under that model); the
+    primary is not called again once it is known to be held or failing."""
+    primary_server, backup_server = providers
+    primary, backup = _generators(primary_server, backup_server)
+    _fault(primary_server, fault)
+    ids = _due_soon(db, 3, due_in=60)
+    reports = _run(db_url, db, ids, primary, backup)
+    assert _written(db, ids) == [
+        {"status": "completed", "on_time": True, "generator": "fallback",
+         "model": BACKUP_MODEL}] * 3
+    assert backup_server.counts()["accepted"] == 3 and primary_server.counts()["accepted"] == 0
+    # Each item tries the primary once at most (the first wave, before the failure is
+    # known); after that a held key is read, not called, and a failing one is left alone.
+    assert primary_server.calls <= len(ids)
+    models = {r["model"] for r in db.execute(
+        "SELECT model FROM token_usage WHERE episode_id IS NOT NULL")}
+    assert models == {BACKUP_MODEL}
+    assert sum(r.role is Role.FALLBACK and r.outcome is Outcome.SUCCESS for r in reports) == 3
+    lines = [json.loads(line) for line in captured_logs.getvalue().splitlines()
+             if '"item_moved_to_fallback"' in line]
+    assert len(lines) == 3 and all(line["due_in_seconds"] <= 300 for line in lines)
+
+
+def test_when_the_primary_recovers_the_next_items_go_to_it(
+    db_url: str, db: Conn, providers: tuple[ProviderServer, ProviderServer]
+) -> None:
+    primary_server, backup_server = providers
+    primary, backup = _generators(primary_server, backup_server)
+    primary_server.outage(600)
+    first = _due_soon(db, 2, due_in=60)
+    _run(db_url, db, first, primary, backup)
+    assert {r["generator"] for r in _written(db, first)} == {"fallback"}
+    primary_server.outage(0)
+    after = _due_soon(db, 2, due_in=60)
+    _run(db_url, db, after, primary, backup)
+    assert _written(db, after) == [
+        {"status": "completed", "on_time": True, "generator": "primary",
+         "model": PRIMARY_MODEL}] * 2
+    assert backup_server.counts()["accepted"] == 2
+
+
+def test_items_with_time_to_spare_wait_for_the_primary_until_their_decision_point(
+    db_url: str, db: Conn, providers: tuple[ProviderServer, ProviderServer]
+) -> None:
+    """An item due in 20 minutes is not moved: held by a 1-hour Retry-After, it comes back
+    at its decision point (MF_FALLBACK_BEFORE before its instant), not after the hour."""
+    primary_server, backup_server = providers
+    primary, backup = _generators(primary_server, backup_server)
+    primary_server.rate_limit(600, retry_after=3600)
+    [item] = _due_soon(db, 1, due_in=1200)
+    run_burst(db_url, primary, fallback=backup, fallback_generator="openai")
+    row = db.execute("SELECT status, run_after, scheduled_for FROM episode_schedule_queue"
+                     " WHERE id = %s", (item,)).fetchone()
+    assert row is not None and row["status"] == "pending"
+    # (its delay is counted from the worker's clock; the database adds it to its own, a few
+    # milliseconds later)
+    assert row["run_after"] <= row["scheduled_for"] - timedelta(seconds=299)
+    assert backup_server.counts()["accepted"] == 0
+
+
+def test_without_a_fallback_an_item_waits_for_the_provider_as_before(
+    db_url: str, db: Conn, providers: tuple[ProviderServer, ProviderServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No MF_FALLBACK_GENERATOR: an item due in a minute, refused with a long Retry-After,
+    waits for the provider's reset (late), exactly as before."""
+    primary_server, backup_server = providers
+    monkeypatch.setenv("MF_LLM_BASE_URL", primary_server.base_url)
+    monkeypatch.setenv("MF_LLM_MODEL", PRIMARY_MODEL)
+    primary_server.rate_limit(600, retry_after=3600)
+    [item] = _due_soon(db, 1, due_in=60)
+    assert run_single(db_url, item, generator="openai") is Outcome.DEFERRED
+    row = db.execute("SELECT status, run_after, scheduled_for"
+                     " FROM episode_schedule_queue WHERE id = %s", (item,)).fetchone()
+    assert row is not None and row["status"] == "pending"
+    assert row["run_after"] > row["scheduled_for"]  # late: the provider's reset decides
+    assert backup_server.calls == 0

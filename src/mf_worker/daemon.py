@@ -109,8 +109,10 @@ async def build(
     for observer in observers or []:
         events.subscribe(AttemptReport, observer)
     worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
-                    events=events)
+                    events=events, fallback=fallback)
     worker.flow.listeners.append(events.publish)
+    if worker.fallback_flow is not None:
+        worker.fallback_flow.listeners.append(events.publish)
     metrics.watch_claims(worker.starved)
     loops: list[PeriodicLoop[Any]] = [
         Heartbeat(worker),
