@@ -3,6 +3,7 @@ it shows."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -11,16 +12,20 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
 
+from mf_worker.db import connect
 from mf_worker.engine.worker import AttemptReport, Outcome, Role
 from mf_worker.generation import load_fallback_generator
 from mf_worker.generators.openai import LLMConfig, OpenAICompatibleGenerator
 from mf_worker.settings import load_settings
+from mf_worker.status import read_snapshot, render_snapshot
 
+from .conftest import settings_for
 from .factories import make_queue_item, make_tenant
 from .provider import ProviderServer
 from .workers import run_burst, run_single
@@ -177,6 +182,21 @@ def test_every_item_due_in_an_outage_is_written_on_time_by_the_fallback(
     lines = [json.loads(line) for line in captured_logs.getvalue().splitlines()
              if '"item_moved_to_fallback"' in line]
     assert len(lines) == 3 and all(line["due_in_seconds"] <= 300 for line in lines)
+    completed = [json.loads(line) for line in captured_logs.getvalue().splitlines()
+                 if '"item_completed"' in line]
+    assert {(line["generator"], line["model"]) for line in completed} == {
+        ("fallback", BACKUP_MODEL)}
+    status = _status(db_url)
+    assert f"fallback:openai  {BACKUP_MODEL}       3" in status, status
+
+
+def _status(db_url: str) -> str:
+    """What `mf-worker status` prints."""
+    async def snapshot() -> str:
+        conn = await connect(settings_for(db_url))
+        async with conn:
+            return render_snapshot(await read_snapshot(conn, default_limit_gbp=Decimal(50)))
+    return asyncio.run(snapshot())
 
 
 def test_when_the_primary_recovers_the_next_items_go_to_it(

@@ -121,6 +121,9 @@ DB_RETRY = Backoff(initial=0.2, factor=2.0, cap=5.0, jitter_seconds=1.0)
 # go to the fallback without calling it for this long; then one such item tries it again (a
 # success sends the next items back to it). Items with time to spare always try it.
 PRIMARY_PROBE_SECONDS = 30.0
+# Why an item moves to the fallback: the primary's key is held (the limiter's cooldown
+# reasons), or its calls fail transiently.
+FALLBACK_REASONS = ("rate_limited", "quota_exhausted", "transient")
 
 
 class Role(enum.StrEnum):
