@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -253,3 +254,60 @@ def test_without_a_fallback_an_item_waits_for_the_provider_as_before(
     assert row is not None and row["status"] == "pending"
     assert row["run_after"] > row["scheduled_for"]  # late: the provider's reset decides
     assert backup_server.calls == 0
+
+
+def test_the_daily_limit_holds_across_both_providers_when_workers_race(
+    db_url: str, db: Conn
+) -> None:
+    """Two workers race for one organisation's items while the primary is down: every item
+    goes to the fallback, whose model (gpt-4o) costs 17 times the primary's. Each attempt
+    reserves the fallback's own worst case, so the day's spend never passes the limit (with
+    the primary's estimate, the reservations would let about 17 times too many start)."""
+    from .factories import make_org, make_project, make_user
+
+    limit = Decimal("0.05")
+    org = make_org(db, daily_cost_limit_gbp=str(limit))
+    user = make_user(db, org)
+    now = datetime.now(UTC)
+    for _ in range(12):
+        make_queue_item(db, make_project(db, user), run_after=now,
+                        scheduled_for=now + timedelta(seconds=120))
+    # Long replies: each answered call costs about £0.012 at the fallback's prices.
+    with ProviderServer(lifetime=240) as primary_server, \
+            ProviderServer(lifetime=240, completion_tokens=1400) as backup_server:
+        primary, backup = _generators(primary_server, backup_server)
+        primary_server.outage(600)
+
+        def burst() -> None:
+            run_burst(db_url, primary, fallback=backup, fallback_generator="openai",
+                      concurrency=3)
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            racers = [threading.Thread(target=burst) for _ in range(2)]
+            for racer in racers:
+                racer.start()
+            for racer in racers:
+                racer.join()
+            # Items refused only by reservations in flight wait a little: bring them forward.
+            waiting = db.execute(
+                "UPDATE episode_schedule_queue SET run_after = now() WHERE status = 'pending'"
+                " AND organization_id = %s AND scheduled_for <= now() + interval '5 minutes'"
+                " RETURNING id", (org["id"],)).fetchall()
+            if not waiting:
+                break
+    statuses = {r["status"]: r["n"] for r in db.execute(
+        "SELECT status, count(*) AS n FROM episode_schedule_queue WHERE organization_id = %s"
+        " AND scheduled_for <= now() + interval '5 minutes' GROUP BY status", (org["id"],))}
+    assert statuses.get("completed", 0) >= 1 and statuses.get("blocked", 0) >= 1, statuses
+    daily = db.execute("SELECT * FROM token_usage_daily WHERE organization_id = %s",
+                       (org["id"],)).fetchone()
+    assert daily is not None
+    assert 0 < daily["total_cost_gbp"] <= limit
+    assert daily["reserved_gbp"] == 0
+    assert daily["total_cost_gbp"] == db.execute(
+        "SELECT sum(cost_gbp) AS s FROM token_usage WHERE organization_id = %s",
+        (org["id"],)).fetchone()["s"]  # type: ignore[index]
+    assert {r["model"] for r in db.execute(
+        "SELECT DISTINCT model FROM token_usage WHERE organization_id = %s",
+        (org["id"],))} == {BACKUP_MODEL}
