@@ -580,7 +580,7 @@ class Worker:
         entry.admitted = False  # the fallback's calls take their own requests
         entry.role = report.role = Role.FALLBACK
         due_in = (item.scheduled_for - self.clock()).total_seconds()
-        self._log.warning("item_moved_to_fallback", reason=reason,
+        self._log.info("item_moved_to_fallback", reason=reason,
                           due_in_seconds=round(due_in, 3),
                           generator=self.settings.fallback_generator)
         self.events.publish(ItemMovedToFallback(item, reason, due_in))
