@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -29,7 +30,7 @@ from mf_worker.status import read_snapshot, render_snapshot
 from .conftest import settings_for
 from .factories import make_queue_item, make_tenant
 from .provider import ProviderServer
-from .workers import run_burst, run_single
+from .workers import run_burst, run_single, start_worker
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -60,9 +61,8 @@ def test_the_openai_fallback_instance_reads_the_MF_LLM_FALLBACK_variables() -> N
     assert load_fallback_generator(load_settings(environ={})[0]) is None
 
 
-def test_the_fallback_key_comes_from_its_own_credential(tmp_path: object) -> None:
-    from pathlib import Path
-    creds = Path(str(tmp_path))
+def test_the_fallback_key_comes_from_its_own_credential(tmp_path: Path) -> None:
+    creds = tmp_path
     (creds / "mf_llm_api_key").write_text("primary-key\n")
     (creds / "mf_llm_fallback_api_key").write_text("backup-key\n")
     settings, _ = load_settings(environ={**_BOTH, "CREDENTIALS_DIRECTORY": str(creds)})
@@ -311,3 +311,30 @@ def test_the_daily_limit_holds_across_both_providers_when_workers_race(
     assert {r["model"] for r in db.execute(
         "SELECT DISTINCT model FROM token_usage WHERE organization_id = %s",
         (org["id"],))} == {BACKUP_MODEL}
+
+
+@pytest.mark.xdist_group("processes")
+def test_a_worker_process_configured_by_its_environment_uses_the_fallback(
+    db_url: str, db: Conn, providers: tuple[ProviderServer, ProviderServer], tmp_path: Path
+) -> None:
+    """`mf-worker run --burst` with MF_FALLBACK_GENERATOR=openai and MF_LLM_FALLBACK_*: the
+    primary is down, the item due in a minute is written by the fallback's model, and the
+    log says why it moved."""
+    primary_server, backup_server = providers
+    primary_server.outage(600)
+    [item] = _due_soon(db, 1, due_in=60)
+    log = tmp_path / "worker.log"
+    worker = start_worker(
+        db_url, "--burst", log=log, MF_GENERATOR="openai",
+        MF_LLM_BASE_URL=primary_server.base_url, MF_LLM_MODEL=PRIMARY_MODEL,
+        MF_FALLBACK_GENERATOR="openai", MF_LLM_FALLBACK_BASE_URL=backup_server.base_url,
+        MF_LLM_FALLBACK_MODEL=BACKUP_MODEL, MF_LLM_FALLBACK_TIMEOUT="10")
+    assert worker.wait(timeout=120) == 0, log.read_text()
+    assert _written(db, [item]) == [{"status": "completed", "on_time": True,
+                                     "generator": "fallback", "model": BACKUP_MODEL}]
+    full = db.execute("SELECT e.generator FROM episodes AS e JOIN episode_schedule_queue AS q"
+                      " ON q.episode_id = e.id WHERE q.id = %s", (item,)).fetchone()
+    assert full == {"generator": "fallback:openai"}
+    moves = [json.loads(line) for line in log.read_text().splitlines()
+             if '"item_moved_to_fallback"' in line]
+    assert [m["reason"] for m in moves] == ["transient"]
