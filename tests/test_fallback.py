@@ -221,12 +221,13 @@ def test_when_the_primary_recovers_the_next_items_go_to_it(
 def test_items_with_time_to_spare_wait_for_the_primary_until_their_decision_point(
     db_url: str, db: Conn, providers: tuple[ProviderServer, ProviderServer]
 ) -> None:
-    """An item due in 20 minutes is not moved: held by a 1-hour Retry-After, it comes back
-    at its decision point (MF_FALLBACK_BEFORE before its instant), not after the hour."""
+    """An item due in 10 minutes is not moved: held by a 1-hour Retry-After (clamped to 15
+    minutes), it comes back at its decision point (MF_FALLBACK_BEFORE before its instant, in 5
+    minutes), not after the provider's reset, which is past its instant."""
     primary_server, backup_server = providers
     primary, backup = _generators(primary_server, backup_server)
     primary_server.rate_limit(600, retry_after=3600)
-    [item] = _due_soon(db, 1, due_in=1200)
+    [item] = _due_soon(db, 1, due_in=600)
     run_burst(db_url, primary, fallback=backup, fallback_generator="openai")
     row = db.execute("SELECT status, run_after, scheduled_for FROM episode_schedule_queue"
                      " WHERE id = %s", (item,)).fetchone()
