@@ -26,12 +26,18 @@ the queue rows:
 Target: ≥ 99 % on time whenever N ÷ R ≤ 0.8 × L, and nothing visible before T. With
 ``--compare`` the same burst also runs with L = 0 (work starts at T, as before issue #15).
 
+With ``--outage`` (issue #26) the primary provider is down for the whole window (every call a
+503, a transient failure) and the burst runs twice: without a fallback generator (items retry
+with backoff and every episode is late) and with one (``MF_FALLBACK_GENERATOR``: the paced
+provider above takes the items due within ``MF_FALLBACK_BEFORE``, the default 300 s, i.e. the
+whole window). Target with the fallback: ≥ 99 % on time.
+
 Real time, small figures (the defaults take about 40 s per run). The script creates a
 throwaway database on ``MF_BENCH_DATABASE_URL`` (default ``postgresql:///postgres``), migrates
 it and drops it at the end. Figures only: nothing asserts on time.
 
     .venv/bin/python bench/bench_deadline.py [--items 200] [--rate 600] [--latency 1.0]
-        [--lead 30] [--concurrency 32] [--orgs 10] [--compare]
+        [--lead 30] [--concurrency 32] [--orgs 10] [--compare | --outage]
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from mf_worker.daemon import build, serve
 from mf_worker.db import connect
 from mf_worker.db.migrate import apply_migrations
 from mf_worker.engine.events import ItemsClaimed
-from mf_worker.generation import GenerationRequest, GenerationResult
+from mf_worker.generation import GenerationRequest, GenerationResult, RetryableGenerationError
 from mf_worker.generators.template import TemplateGenerator
 from mf_worker.logs import configure_logging
 from mf_worker.settings import Settings, load_settings
@@ -120,6 +126,17 @@ class PacedProvider:
         return self._template.write(request)
 
 
+class DownProvider:
+    """A provider in an outage: every call is refused at once with a 503 (transient)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.calls += 1
+        raise RetryableGenerationError("LLM server error (HTTP 503: the bench's outage)")
+
+
 def seed(url: str, *, items: int, orgs: int, instant: datetime, lead: float) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         p = {"orgs": orgs, "items": items, "t": instant, "lead": lead}
@@ -144,6 +161,7 @@ def seed(url: str, *, items: int, orgs: int, instant: datetime, lead: float) -> 
 @dataclasses.dataclass
 class Run:
     lead: float
+    label: str
     on_time: float
     generated_by_t: float
     p50: float
@@ -174,13 +192,17 @@ async def _sample_until(url: str, instant: datetime) -> int:
             await asyncio.sleep(SAMPLE_SECONDS)
 
 
-async def _run(url: str, args: argparse.Namespace, lead: float) -> Run:
+async def _run(url: str, args: argparse.Namespace, lead: float, *, outage: bool = False,
+               fallback: bool = False) -> Run:
     instant = (datetime.now(UTC) + timedelta(seconds=lead + START_MARGIN + 1.0))
     seed(url, items=args.items, orgs=args.orgs, instant=instant, lead=lead)
     provider = PacedProvider(args.rate, args.latency)
+    primary: DownProvider | PacedProvider = DownProvider() if outage else provider
+    extra: dict[str, Any] = {"fallback_generator": "bench:paced"} if fallback else {}
     settings = _settings(url, concurrency=args.concurrency, lead_seconds=lead,
-                         poll_interval=1.0)
-    components = await build(settings, generator=provider, scheduler=False)
+                         poll_interval=1.0, **extra)
+    components = await build(settings, generator=primary,
+                             fallback=provider if fallback else None, scheduler=False)
     claims: list[float] = []
 
     def on_claim(claimed: ItemsClaimed) -> None:
@@ -191,6 +213,8 @@ async def _run(url: str, args: argparse.Namespace, lead: float) -> Run:
     daemon = asyncio.create_task(serve(components, install_signals=False))
     sampler = asyncio.create_task(_sample_until(url, instant))
     budget = lead + START_MARGIN + 30 + 3 * args.items * 60 / args.rate
+    if outage and not fallback:
+        budget = lead + START_MARGIN + 10  # nothing can be published: T, and a little more
     conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
     async with conn:
         while time.perf_counter() - started < budget:
@@ -215,8 +239,11 @@ async def _run(url: str, args: argparse.Namespace, lead: float) -> Run:
     lateness = sorted(r[0] if r[0] is not None else float("inf") for r in rows)
     t = instant.timestamp()
     claim_offsets = sorted(c - t for c in claims)
+    label = ("outage, no fallback" if outage and not fallback
+             else "outage, fallback" if outage else "")
     return Run(
         lead=lead,
+        label=label,
         on_time=sum(1 for x in lateness if x <= ON_TIME_SECONDS) / len(lateness),
         generated_by_t=sum(1 for r in rows if r[1]) / len(rows),
         p50=_pct(lateness, 0.50), p99=_pct(lateness, 0.99), worst=lateness[-1],
@@ -246,6 +273,9 @@ def main() -> int:
     parser.add_argument("--orgs", type=int, default=10, help="organisations the items span")
     parser.add_argument("--compare", action="store_true",
                         help="also run the same burst with no lead window (L = 0)")
+    parser.add_argument("--outage", action="store_true",
+                        help="the primary is down for the whole window: run without and with a "
+                             "fallback generator")
     args = parser.parse_args()
     configure_logging("console", "warning")
     admin = os.environ.get("MF_BENCH_DATABASE_URL", "postgresql:///postgres")
@@ -257,16 +287,22 @@ def main() -> int:
           f"= {0.8 * args.lead:.1f} s: {'yes' if need <= 0.8 * args.lead else 'no'}\n",
           flush=True)
     results = []
-    for lead in ([args.lead, 0.0] if args.compare else [args.lead]):
+    if args.outage:
+        for fallback in (False, True):
+            with bench_database(admin) as url:
+                results.append(asyncio.run(_run(url, args, args.lead, outage=True,
+                                                fallback=fallback)))
+    for lead in ([] if args.outage else [args.lead, 0.0] if args.compare else [args.lead]):
         with bench_database(admin) as url:
             results.append(asyncio.run(_run(url, args, lead)))
-    header = ["L", "on time (<=1 s)", "generated by T", "lateness p50", "p99", "max",
+    header = ["run", "L", "on time (<=1 s)", "generated by T", "lateness p50", "p99", "max",
               "first claim", "median claim", "visible before T", "published", "verdict"]
     rows = []
     for r in results:
-        applies = need <= 0.8 * r.lead
+        applies = need <= 0.8 * r.lead and r.label != "outage, no fallback"
         ok = r.visible_early == 0 and (not applies or r.on_time >= TARGET_SHARE)
-        rows.append([f"{r.lead:g} s", f"{r.on_time:.1%}", f"{r.generated_by_t:.1%}",
+        rows.append([r.label or "normal", f"{r.lead:g} s", f"{r.on_time:.1%}",
+                     f"{r.generated_by_t:.1%}",
                      _s(r.p50), _s(r.p99), _s(r.worst), _s(r.first_claim),
                      _s(r.median_claim), str(r.visible_early),
                      f"{r.published}/{args.items}",

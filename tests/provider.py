@@ -129,6 +129,8 @@ class ProviderServer:
         self.hang_seconds = 0.0
         self._hang_until = 0.0
         self._outage_until = 0.0
+        self._limited_until = 0.0
+        self._limited_retry_after = "1"
         self._quota_exhausted = False
         self.started_at = time.monotonic()
         server = self
@@ -226,6 +228,13 @@ class ProviderServer:
             else:
                 self._outage_until = time.monotonic() + seconds
 
+    def rate_limit(self, seconds: float, *, retry_after: float = 3600.0) -> None:
+        """Answer every call of the next ``seconds`` with a 429 whose ``Retry-After`` is
+        ``retry_after`` (a provider that holds the account for a long while)."""
+        with self.lock:
+            self._limited_until = time.monotonic() + seconds
+            self._limited_retry_after = str(max(math.ceil(retry_after), 1))
+
     def exhaust_quota(self, exhausted: bool = True) -> None:
         """Answer every call with the ``insufficient_quota`` 429 (or stop doing so)."""
         with self.lock:
@@ -265,6 +274,11 @@ class ProviderServer:
                 self.unavailable += 1
                 return 503, _error("The server is overloaded or not ready yet.",
                                    kind="server_error"), {}
+            if now < self._limited_until:
+                self.rate_limited += 1
+                return 429, _error("Rate limit reached for requests per min (RPM).",
+                                   kind="requests", code="rate_limit_exceeded"), {
+                                       "retry-after": self._limited_retry_after}
             repair = item_id.endswith(":repair")
             if repair and self.repair_fault == "rate_limited":
                 self.rate_limited += 1

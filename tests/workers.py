@@ -35,16 +35,18 @@ def llm_settings() -> Settings:
     return settings
 
 
-def run_burst(db_url: str, generator: str | Generator = SCRIPTED, **overrides: Any
-              ) -> list[AttemptReport]:
-    """Run a worker in this process until nothing is due; return every attempt's report."""
+def run_burst(db_url: str, generator: str | Generator = SCRIPTED, *,
+              fallback: Generator | None = None, **overrides: Any) -> list[AttemptReport]:
+    """Run a worker in this process until nothing is due; return every attempt's report.
+    ``fallback``: the fallback generator (with ``fallback_generator`` naming it in the
+    settings, for the episodes' records)."""
     reports: list[AttemptReport] = []
     gen = load_generator(generator, llm_settings()) if isinstance(generator, str) else generator
     settings = settings_for(db_url, **{"poll_interval": 0.05, **overrides})
 
     async def main() -> None:
-        components = await build(settings, generator=gen, observers=[reports.append],
-                                 scheduler=False)
+        components = await build(settings, generator=gen, fallback=fallback,
+                                 observers=[reports.append], scheduler=False)
         await serve(components, burst=True, install_signals=False)
 
     asyncio.run(main())

@@ -33,7 +33,7 @@ from .db.migrate import ensure_schema_current
 from .engine.events import ClaimLoopTicked, EventHub
 from .engine.worker import AttemptReport, InFlight, Outcome, Worker
 from .errors import ConfigError, MfWorkerError, describe_error
-from .generation import Generator, load_generator
+from .generation import Generator, load_fallback_generator, load_generator
 from .logs import get_logger
 from .maintenance.budget import BudgetConfig, BudgetLoop
 from .maintenance.heartbeat import Heartbeat
@@ -72,6 +72,7 @@ async def build(
     settings: Settings,
     *,
     generator: Generator | None = None,
+    fallback: Generator | None = None,
     prices: PriceTable | None = None,
     observers: list[Callable[[AttemptReport], None]] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -80,6 +81,7 @@ async def build(
     """Open the pool, check the schema, and assemble the worker and its loops (not started).
     ``observers`` are subscribed to every attempt's report."""
     generator = generator or load_generator(settings.generator, settings)
+    fallback = fallback or load_fallback_generator(settings)
     prices = prices or load_price_table(settings.pricing_file)
     budget = Budget(prices=prices, default_limit=settings.daily_cost_limit_gbp,
                     reserve_per_item=settings.cost_reserve_gbp)
@@ -107,8 +109,10 @@ async def build(
     for observer in observers or []:
         events.subscribe(AttemptReport, observer)
     worker = Worker(settings, pool, generator, budget, notifier=notifier, clock=clock,
-                    events=events)
+                    events=events, fallback=fallback)
     worker.flow.listeners.append(events.publish)
+    if worker.fallback_flow is not None:
+        worker.fallback_flow.listeners.append(events.publish)
     metrics.watch_claims(worker.starved)
     loops: list[PeriodicLoop[Any]] = [
         Heartbeat(worker),

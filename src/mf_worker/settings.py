@@ -15,6 +15,13 @@ the ``mf_worker.settings`` entry-point group; `load_settings` then parses and va
 start-up with the core settings (a bad value stops the process, naming the variable), `config`
 shows it and the README documents it. The plugin reads its values with `Settings.plugin(spec)`;
 see docs/plugins.md.
+
+A plugin can be configured twice: as the generator and as the fallback generator
+(``MF_FALLBACK_GENERATOR``). A spec that declares its variables' common prefix
+(``ENV_PREFIX = "MF_LLM_"``, a class attribute) gets a second set of the same variables with
+``FALLBACK_`` after that prefix (``MF_LLM_FALLBACK_MODEL``; its credential likewise), parsed,
+validated, shown and documented like the first; the fallback instance is handed
+`Settings.as_fallback()`, whose `Settings.plugin` reads that set.
 """
 
 from __future__ import annotations
@@ -43,6 +50,10 @@ T = TypeVar("T")
 
 PLUGIN_SETTINGS_GROUP: Final = "mf_worker.settings"
 """The entry-point group a plugin registers its settings spec (a `setting` dataclass) under."""
+
+FALLBACK_ROLE: Final = "fallback"
+"""The role of the fallback generator's instance (`Settings.as_fallback`)."""
+_FALLBACK_INFIX: Final = "FALLBACK_"
 
 # Variables that are not settings but are legitimately MF_-prefixed (used by the test harness).
 _KNOWN_NON_SETTINGS: Final = frozenset({"MF_TEST_DATABASE_URL", "MF_TEST_REQUIRE_ALL"})
@@ -421,6 +432,24 @@ class Settings:
         "Generator plugin: an entry-point name (`template`, …) or `package.module:attr`.",
         flag="--generator",
     )
+    fallback_generator: str | None = _setting(
+        "MF_FALLBACK_GENERATOR",
+        None,
+        _text,
+        "Fallback generator plugin (entry-point name or `package.module:attr`), used for an "
+        "item only when the generator cannot serve it in time: its limit key is in a cooldown "
+        "or a quota pause, or the item's last attempt failed transiently, and the item is due "
+        "within `MF_FALLBACK_BEFORE`. The built-in `openai` reads its settings from the "
+        "`MF_LLM_FALLBACK_*` variables. Unset: no fallback (docs/operations.md).",
+    )
+    fallback_before: float = _setting(
+        "MF_FALLBACK_BEFORE",
+        300.0,
+        _float(0.0),
+        "Seconds before an item's delivery instant from which it may go to the fallback "
+        "generator (0: only once the instant has passed); an item with more time keeps "
+        "waiting for the generator.",
+    )
     pricing_file: Path | None = _setting(
         "MF_PRICING_FILE",
         None,
@@ -517,6 +546,14 @@ class Settings:
         "shared like `MF_LLM_REQUESTS_PER_MINUTE`; each call is charged its worst case "
         "(`estimate_max_usage`) and corrected with its real usage. Unset: not known.",
     )
+    llm_fallback_requests_per_minute: float | None = _setting(
+        "MF_LLM_FALLBACK_REQUESTS_PER_MINUTE", None, _float(0.0, exclusive=True),
+        "Like `MF_LLM_REQUESTS_PER_MINUTE`, for the fallback generator's own limit key.",
+    )
+    llm_fallback_tokens_per_minute: float | None = _setting(
+        "MF_LLM_FALLBACK_TOKENS_PER_MINUTE", None, _float(0.0, exclusive=True),
+        "Like `MF_LLM_TOKENS_PER_MINUTE`, for the fallback generator's own limit key.",
+    )
     retry_deadline: float = _setting(
         "MF_RETRY_DEADLINE", 4 * 3600.0, _float(0.0),
         "Seconds after an item was first picked up during which transient failures (timeouts, "
@@ -607,6 +644,10 @@ class Settings:
     # is not registered. Neither shows in a repr.
     plugins: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     plugin_environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # The same for the fallback instance (specs with an ``ENV_PREFIX`` only), and the role a
+    # plugin given these settings plays (None: the generator; `FALLBACK_ROLE`: the fallback).
+    fallback_plugins: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    plugin_role: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def notifiers(self) -> tuple[str, ...]:
@@ -640,10 +681,24 @@ class Settings:
         `load_settings`; any other is parsed now, from the same variables, by the same parser.
         Raises ConfigError naming the variable and the bad value.
         """
-        for parsed in self.plugins.values():
+        parsed_specs = self.fallback_plugins if self.plugin_role else self.plugins
+        for parsed in parsed_specs.values():
             if type(parsed) is spec:
                 return parsed
-        return parse_plugin_settings(spec, self.plugin_environ)
+        return parse_plugin_settings(spec, self.plugin_environ, role=self.plugin_role)
+
+    def as_fallback(self) -> Settings:
+        """These settings as the fallback generator's instance sees them: `plugin` reads the
+        spec's ``FALLBACK_`` variables (``MF_LLM_FALLBACK_MODEL`` for ``MF_LLM_MODEL``)."""
+        return dataclasses.replace(self, plugin_role=FALLBACK_ROLE)
+
+    def plugin_variable(self, spec: type[Any], name: str) -> str:
+        """The variable that the setting ``name`` of ``spec`` is read from in this role (for
+        messages: ``MF_LLM_FALLBACK_MODEL is not set``)."""
+        for f in dataclasses.fields(spec):
+            if f.name == name and _is_setting(f):
+                return str(_role_meta(spec, f, self.plugin_role)["env"])
+        raise KeyError(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -659,12 +714,19 @@ class SettingInfo:
     fallback_env: str | None
     plugin: str | None = None
     """The entry-point name of the plugin whose setting this is; None for a core setting."""
+    role: str | None = None
+    """`FALLBACK_ROLE` for the fallback instance's copy of a plugin setting."""
     show: Callable[[str], str] | None = None
     """How the value is shown (`setting`'s ``show``)."""
 
     def value_in(self, settings: Settings) -> Any:
         """This setting's value in ``settings``."""
-        owner = settings if self.plugin is None else settings.plugins[self.plugin]
+        if self.plugin is None:
+            owner: Any = settings
+        elif self.role is not None:
+            owner = settings.fallback_plugins[self.plugin]
+        else:
+            owner = settings.plugins[self.plugin]
         return getattr(owner, self.name)
 
     def shown_in(self, settings: Settings) -> Any:
@@ -702,30 +764,70 @@ def _is_setting(f: dataclasses.Field[Any]) -> bool:
     return "env" in f.metadata
 
 
-def _infos(spec: type[Any], plugin: str | None) -> list[SettingInfo]:
-    return [
-        SettingInfo(
+def _infos(spec: type[Any], plugin: str | None, role: str | None = None) -> list[SettingInfo]:
+    infos = []
+    for f in dataclasses.fields(spec):
+        if not _is_setting(f):
+            continue
+        meta = _role_meta(spec, f, role)
+        infos.append(SettingInfo(
             name=f.name,
-            env=f.metadata["env"],
+            env=meta["env"],
             default=f.default,
-            doc=f.metadata["doc"],
-            flag=f.metadata["flag"],
-            secret=f.metadata["secret"],
-            fallback_env=f.metadata["fallback_env"],
+            doc=(meta["doc"] if role is None else
+                 f"Fallback generator (`MF_FALLBACK_GENERATOR={plugin}`): like "
+                 f"`{f.metadata['env']}`, for the fallback instance."),
+            flag=meta["flag"],
+            secret=meta["secret"],
+            fallback_env=meta["fallback_env"],
             plugin=plugin,
-            show=f.metadata.get("show"),
-        )
-        for f in dataclasses.fields(spec)
-        if _is_setting(f)
-    ]
+            role=role,
+            show=meta.get("show"),
+        ))
+    return infos
+
+
+def _fallback_prefix(spec: type[Any]) -> str | None:
+    """The prefix a spec declares for its variables (``ENV_PREFIX``), if any: then it has a
+    fallback set of them."""
+    prefix = getattr(spec, "ENV_PREFIX", None)
+    return prefix if isinstance(prefix, str) and prefix else None
+
+
+def _role_name(prefix: str, name: str | None) -> str | None:
+    """``MF_LLM_MODEL`` → ``MF_LLM_FALLBACK_MODEL`` (``mf_llm_api_key`` likewise, in lower
+    case); a name without the prefix is kept."""
+    if name is None:
+        return None
+    for pre, infix in ((prefix, _FALLBACK_INFIX), (prefix.lower(), _FALLBACK_INFIX.lower())):
+        if name.startswith(pre):
+            return pre + infix + name[len(pre):]
+    return name
+
+
+def _role_meta(spec: type[Any], f: dataclasses.Field[Any], role: str | None
+               ) -> Mapping[str, Any]:
+    """A field's metadata as the instance of ``role`` reads it: the fallback's variables,
+    credential and excluded variable carry ``FALLBACK_`` after the spec's prefix."""
+    prefix = _fallback_prefix(spec)
+    if role is None or prefix is None:
+        return f.metadata
+    meta = dict(f.metadata)
+    for key in ("env", "fallback_env", "credential", "excludes"):
+        meta[key] = _role_name(prefix, meta.get(key))
+    return meta
 
 
 def describe_settings() -> list[SettingInfo]:
     """Every setting with its variable, default and documentation: the core settings in
     declaration order, then each registered plugin's, by plugin name."""
     infos = _infos(Settings, None)
-    for name, spec in registered_plugin_settings().items():
+    specs = registered_plugin_settings()
+    for name, spec in specs.items():
         infos += _infos(spec, name)
+    for name, spec in specs.items():
+        if _fallback_prefix(spec) is not None:
+            infos += _infos(spec, name, FALLBACK_ROLE)
     return infos
 
 
@@ -746,12 +848,14 @@ def registered_plugin_settings() -> dict[str, type[Any]]:
     return specs
 
 
-def parse_plugin_settings(spec: type[T], environ: Mapping[str, str]) -> T:
+def parse_plugin_settings(spec: type[T], environ: Mapping[str, str], *,
+                          role: str | None = None) -> T:
     """An instance of the plugin settings ``spec`` from ``environ``, parsed like a core
-    setting. Raises ConfigError naming the variable and the bad value."""
+    setting (``role``: `FALLBACK_ROLE` reads the fallback's variables, when the spec declares
+    an ``ENV_PREFIX``). Raises ConfigError naming the variable and the bad value."""
     if not dataclasses.is_dataclass(spec):
         raise TypeError(f"{spec!r} is not a dataclass of setting() fields")
-    return spec(**_read_fields(spec, dict(environ), {}))
+    return spec(**_read_fields(spec, dict(environ), {}, role=role))
 
 
 def _flag_or_env(f: dataclasses.Field[Any], from_flag: bool) -> str:
@@ -779,7 +883,8 @@ def _credential(name: str, env: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 def _read_fields(
-    spec: type[Any], env: Mapping[str, str], overrides: Mapping[str, Any]
+    spec: type[Any], env: Mapping[str, str], overrides: Mapping[str, Any], *,
+    role: str | None = None,
 ) -> dict[str, Any]:
     """The values of ``spec``'s `setting` fields that are given (flag, variable, fallback
     variable or credential), parsed: the one parser of core and plugin settings alike."""
@@ -787,7 +892,7 @@ def _read_fields(
     for f in dataclasses.fields(spec):
         if not _is_setting(f):
             continue
-        name, meta = f.name, f.metadata
+        name, meta = f.name, _role_meta(spec, f, role)
         own = env.get(meta["env"], "") != "" or (meta["env"] in env and meta.get("empty_ok"))
         excluded = meta.get("excludes") and env.get(meta["excludes"], "") != ""
         if own and excluded and name not in overrides:
@@ -841,9 +946,13 @@ def load_settings(
     plugin_environ = dict(env)
     specs = registered_plugin_settings()
     plugins = {name: parse_plugin_settings(spec, plugin_environ) for name, spec in specs.items()}
+    fallback_plugins = {
+        name: parse_plugin_settings(spec, plugin_environ, role=FALLBACK_ROLE)
+        for name, spec in specs.items() if _fallback_prefix(spec) is not None}
 
     known_env = {f.metadata["env"] for f in fields.values()} | _KNOWN_NON_SETTINGS
-    known_env |= {f.metadata["env"] for spec in specs.values()
+    known_env |= {_role_meta(spec, f, role)["env"] for spec in specs.values()
+                  for role in (None, FALLBACK_ROLE)
                   for f in dataclasses.fields(spec) if _is_setting(f)}
     warnings = [
         f"unknown variable {key} is ignored (known: see `mf-worker config`)"
@@ -851,4 +960,5 @@ def load_settings(
         if key.startswith(ENV_PREFIX) and key not in known_env
     ]
     return Settings(**values, plugins=MappingProxyType(plugins),
-                    plugin_environ=MappingProxyType(plugin_environ)), warnings
+                    plugin_environ=MappingProxyType(plugin_environ),
+                    fallback_plugins=MappingProxyType(fallback_plugins)), warnings

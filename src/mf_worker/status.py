@@ -43,6 +43,7 @@ class Snapshot:
     memory_migration: dict[str, Any] = field(default_factory=dict)
     deferred: list[dict[str, Any]] = field(default_factory=list)
     provider_limits: list[dict[str, Any]] = field(default_factory=list)
+    fallback_episodes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +76,7 @@ async def read_snapshot(conn: Connection, *, default_limit_gbp: Decimal, limit: 
         memory_migration=await read_migration_triggers(conn, now=now, limit=limit),
         deferred=await rows("count_deferred_items"),
         provider_limits=[_plain(k) for k in depth["limits"]],
+        fallback_episodes=await rows("count_fallback_episodes"),
     )
 
 
@@ -143,6 +145,11 @@ def render_snapshot(snapshot: Snapshot) -> str:
                   + ("  (the provider's quota is exhausted: top up the account)"
                      if k["cooldown_reason"] == "quota_exhausted" else "")
                   for k in cooling]
+    if snapshot.fallback_episodes:
+        lines.append("episodes written by the fallback generator in the last hour (the "
+                     "primary could not serve them in time):")
+        lines += [f"  {f['generator']}  {f['model']}  {f['episodes']:>6}  last at "
+                  f"{f['last_at']}" for f in snapshot.fallback_episodes]
     sections = (("expired leases (worker lost; the reaper will return them)",
                  snapshot.expired_leases, "locked_by"),
                 ("failed items", snapshot.failed, "last_error"),

@@ -77,3 +77,15 @@ FROM episode_schedule_queue
 WHERE status = 'pending' AND deferred_reason IS NOT NULL AND run_after > now()
 GROUP BY deferred_reason
 ORDER BY deferred_reason;
+
+-- name: count_fallback_episodes
+-- Episodes the fallback generator (MF_FALLBACK_GENERATOR) wrote in the last hour, by
+-- generator and model: items the primary could not serve in time. Reads the last hour's
+-- completed items (episode_schedule_queue_finished) and their episodes by key.
+SELECT e.generator, e.model, count(*) AS episodes, max(q.completed_at) AS last_at
+FROM episode_schedule_queue AS q
+JOIN episodes AS e ON e.id = q.episode_id
+WHERE q.status = 'completed' AND q.completed_at > now() - interval '1 hour'
+  AND e.generator LIKE 'fallback:%%'
+GROUP BY e.generator, e.model
+ORDER BY e.generator, e.model;

@@ -405,6 +405,8 @@ CREATE TABLE public.episodes (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     published_at timestamp with time zone,
     withdrawn_reason text,
+    generator text,
+    model text,
     CONSTRAINT episodes_check CHECK (((status <> 'ready'::text) OR (title IS NOT NULL))),
     CONSTRAINT episodes_generation_attempts_check CHECK ((generation_attempts >= 0)),
     CONSTRAINT episodes_sequence_number_check CHECK ((sequence_number > 0)),

@@ -30,8 +30,8 @@ from ..logs import get_logger
 from ..queue import ClaimedItem
 
 __all__ = [
-    "ClaimLoopTicked", "EventHub", "ItemsClaimed", "ProjectInvalid", "SchedulerPassed",
-    "TripNotified",
+    "ClaimLoopTicked", "EventHub", "ItemMovedToFallback", "ItemsClaimed", "ProjectInvalid",
+    "SchedulerPassed", "TripNotified",
 ]
 
 E = TypeVar("E")
@@ -43,6 +43,16 @@ class ItemsClaimed:
 
     items: Sequence[ClaimedItem]
     claimed_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ItemMovedToFallback:
+    """An item due soon went to the fallback generator: ``reason`` is ``rate_limited`` or
+    ``quota_exhausted`` (the generator's key is held) or ``transient`` (its calls failing)."""
+
+    item: ClaimedItem
+    reason: str
+    due_in_seconds: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,7 +73,7 @@ from ..queue import ClaimedItem
 from ..scheduling.cadence import next_occurrence
 from ..settings import Settings
 from .batching import Batcher
-from .events import ClaimLoopTicked, EventHub, ItemsClaimed, TripNotified
+from .events import ClaimLoopTicked, EventHub, ItemMovedToFallback, ItemsClaimed, TripNotified
 from .failures import cancel_item, write_deferral, write_failure, write_release
 from .prepare import ItemUnavailable, Prepared, PrepareOutcome, prepare_generations
 from .write import Delivery, EpisodeWrite, WriteOutcome, write_episodes
@@ -117,6 +117,20 @@ MAX_CLAIM = 16
 # A unit of database work retried while the database is away (a restart, a failover): about
 # 0.2 s · 2^n plus up to a second of jitter, at most 5 s apart, for up to one lease.
 DB_RETRY = Backoff(initial=0.2, factor=2.0, cap=5.0, jitter_seconds=1.0)
+# With a fallback generator: after a call to the generator failed transiently, items due soon
+# go to the fallback without calling it for this long; then one such item tries it again (a
+# success sends the next items back to it). Items with time to spare always try it.
+PRIMARY_PROBE_SECONDS = 30.0
+# Why an item moves to the fallback: the primary's key is held (the limiter's cooldown
+# reasons), or its calls fail transiently.
+FALLBACK_REASONS = ("rate_limited", "quota_exhausted", "transient")
+
+
+class Role(enum.StrEnum):
+    """Which generator wrote an episode (the ``generator`` label of the episodes metric)."""
+
+    PRIMARY = "primary"
+    FALLBACK = "fallback"
 
 
 class Outcome(enum.StrEnum):
@@ -166,6 +180,7 @@ class InFlight:
     admitted: bool = False  # the claim loop took a request for it (its first call's)
     flow_settled: bool = False  # that request was used by a call, or handed back
     prepared: Prepared | None = None
+    role: Role = Role.PRIMARY  # which generator the attempt uses (decided before preparing)
     calls: CallLedger | None = None  # the attempt's provider calls
     first_charge: int = 0  # tokens flow control took before the first call
     bookings: tuple[Booking, ...] | None = None  # what the calls owe, once generate ended
@@ -187,6 +202,7 @@ class AttemptReport:
     reserved_gbp: Decimal = Decimal(0)  # the worst case the attempt reserved
     delivery: Delivery | None = None  # a success: due when, and visible since when (if yet)
     flow_wait_seconds: float = 0.0  # waited on the provider limiter's tokens
+    role: Role = Role.PRIMARY  # the generator the attempt used
 
 
 @dataclass
@@ -228,6 +244,8 @@ class Worker:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         events: EventHub | None = None,
         flow: FlowControl | None = None,
+        fallback: Generator | None = None,
+        fallback_flow: FlowControl | None = None,
     ) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
@@ -243,6 +261,17 @@ class Worker:
             pool, limit_key_of(generator),
             Limits(settings.llm_requests_per_minute, settings.llm_tokens_per_minute),
             concurrency=settings.concurrency)
+        # The fallback generator (MF_FALLBACK_GENERATOR), paced by its own limit key.
+        self.fallback = fallback
+        self.fallback_flow = fallback_flow or (None if fallback is None else FlowControl(
+            pool, limit_key_of(fallback),
+            Limits(settings.llm_fallback_requests_per_minute,
+                   settings.llm_fallback_tokens_per_minute),
+            concurrency=settings.concurrency))
+        # The last outcome of a call to the generator that this process saw (None: none yet),
+        # and when it last failed transiently (monotonic): the fallback decision's input.
+        self._primary_ok: bool | None = None
+        self._primary_failed_at = -float("inf")
         # Keyed by claim token, never by item id: the same item can be claimed again by this
         # very worker (reaped, or cancelled and retried) while its old attempt still runs.
         self.in_flight: dict[int, InFlight] = {}
@@ -260,6 +289,10 @@ class Worker:
             self._prepare_batch, name="prepare", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
             item_errors=ITEM_DB_ERRORS)
+        self._fallback_prepares: Batcher[ClaimedItem, Prepared] = Batcher(
+            partial(self._prepare_batch, role=Role.FALLBACK), name="prepare (fallback)",
+            max_batch=MAX_BATCH, max_flushes=FLUSHES, min_share=MIN_SHARE,
+            shared_errors=TRANSIENT_DB_ERRORS, item_errors=ITEM_DB_ERRORS)
         self._writes: Batcher[EpisodeWrite, Delivery] = Batcher(
             self._write_batch, name="final write", max_batch=MAX_BATCH, max_flushes=FLUSHES,
             min_share=MIN_SHARE, shared_errors=TRANSIENT_DB_ERRORS,
@@ -300,7 +333,13 @@ class Worker:
                 # must not keep taking (and giving back) the fleet's budget at every poll.
                 admitted, flow_wait = await self.flow.admit(
                     1 if drained and self.flow.enabled else wanted, in_use=len(self.in_flight))
-                if admitted == 0:
+                unadmitted = 0
+                if admitted == 0 and flow_wait is not None and self.fallback is not None:
+                    # The generator's key is held or paced: with a fallback, items due soon
+                    # must still be claimed (each decides; one with time to spare goes back
+                    # for the decision point, the rest take their requests one by one).
+                    unadmitted = 1 if drained else wanted
+                if admitted == 0 and unadmitted == 0:
                     # Held by the provider's pace or cooldown, or a window full of this
                     # process's own items: fine. A window full with nothing held is not.
                     if flow_wait is not None or self.in_flight:
@@ -311,15 +350,15 @@ class Worker:
                                      self.settings.poll_interval if flow_wait is None
                                      else min(flow_wait, self.settings.poll_interval))
                     continue
-                wanted = admitted
+                wanted = admitted or unadmitted
                 try:
                     items = await self._claim(wanted)
                 finally:
                     # Whatever happened: every claimed item runs, and every admitted request
                     # that no item took goes back (a failed claim, a short one).
                     for item in items:
-                        self._start(item, admitted=self.flow.enabled)
-                    if len(items) < wanted:
+                        self._start(item, admitted=self.flow.enabled and admitted > 0)
+                    if admitted and len(items) < wanted:
                         await self._give_back_requests(wanted - len(items))
                 drained = not items
                 failures = 0
@@ -499,10 +538,72 @@ class Worker:
             self.events.publish(report)
             return report.outcome
 
+    def _generator(self, entry: InFlight) -> Generator:
+        if entry.role is Role.FALLBACK:
+            assert self.fallback is not None
+            return self.fallback
+        return self.generator
+
+    def _flow(self, entry: InFlight) -> FlowControl:
+        if entry.role is Role.FALLBACK:
+            assert self.fallback_flow is not None
+            return self.fallback_flow
+        return self.flow
+
+    async def _fallback_reason(self, item: ClaimedItem) -> str | None:
+        """Why this item should go to the fallback generator, or None (no fallback, time to
+        spare, or the generator can serve it): only an item due within MF_FALLBACK_BEFORE
+        moves, when the generator's key is held (a cooldown, a quota pause: read, not probed)
+        or its calls fail transiently (the item's own last attempt, or any call of this
+        process in the last PRIMARY_PROBE_SECONDS with no success since)."""
+        if self.fallback is None:
+            return None
+        due_in = (item.scheduled_for - self.clock()).total_seconds()
+        if due_in > self.settings.fallback_before:
+            return None
+        if item.deferred_reason == "transient" and self._primary_ok is not True:
+            return "transient"
+        if (self._primary_ok is False
+                and time.monotonic() - self._primary_failed_at < PRIMARY_PROBE_SECONDS):
+            return "transient"
+        try:
+            hold = await self.flow.held()
+        except TRANSIENT_DB_ERRORS:
+            return None
+        return None if hold is None else hold[0]
+
+    async def _route(self, entry: InFlight, report: AttemptReport) -> None:
+        """Decide, once per attempt and before anything is reserved, which generator serves
+        the item; a move gives the generator's request back and says so."""
+        item = entry.item
+        reason = await self._fallback_reason(item)
+        if reason is None:
+            return
+        await self._give_back_flow(entry)
+        entry.admitted = False  # the fallback's calls take their own requests
+        entry.role = report.role = Role.FALLBACK
+        due_in = (item.scheduled_for - self.clock()).total_seconds()
+        self._log.info("item_moved_to_fallback", reason=reason,
+                          due_in_seconds=round(due_in, 3),
+                          generator=self.settings.fallback_generator)
+        self.events.publish(ItemMovedToFallback(item, reason, due_in))
+
+    def _decision_in(self, entry: InFlight) -> float | None:
+        """With a fallback, how long until an item on the generator reaches its fallback
+        decision point (MF_FALLBACK_BEFORE before its instant, at least 0): a deferral must
+        not put it back later than that. None: no fallback, or the item is on it already."""
+        if self.fallback is None or entry.role is Role.FALLBACK:
+            return None
+        before = entry.item.scheduled_for - self.clock()
+        return max(before.total_seconds() - self.settings.fallback_before, 0.0)
+
     async def _process(self, entry: InFlight, report: AttemptReport) -> None:
         item = entry.item
+        await self._route(entry, report)
+        prepares = self._fallback_prepares if entry.role is Role.FALLBACK else self._prepares
+        flow, generator = self._flow(entry), self._generator(entry)
         try:
-            prepared = await self._prepares.submit(item)
+            prepared = await prepares.submit(item)
         except CostLimitReached as exc:
             await self._give_back_flow(entry)
             await self._trip(item, exc, report)
@@ -530,11 +631,11 @@ class Worker:
         # estimate; the request is the one the claim took), corrected with the real usage
         # afterwards. A generator that reports no calls makes this one implied call.
         charged = 0
-        if self.flow.enabled:
-            estimate = estimate_max_usage(self.generator, request)
+        if flow.enabled:
+            estimate = estimate_max_usage(generator, request)
             charged = estimate.total_tokens if estimate is not None else 0
             try:
-                report.flow_wait_seconds = await self.flow.take_tokens(
+                report.flow_wait_seconds = await flow.take_tokens(
                     charged, requests=0 if entry.admitted else 1)
             except KeyCoolingDown as held:
                 # No call was made: the request goes back, and so does the item, for when
@@ -552,26 +653,43 @@ class Worker:
         report.reserved_gbp = prepared.reserved_gbp
         self._log.debug("generation_started", episode_id=prepared.episode_id)
         gen_started = time.monotonic()
-        result, failure = await self._generate(prepared, request)
+        result, failure = await self._generate(generator, prepared, request)
         report.generation_seconds = time.monotonic() - gen_started
         entry.phase = "writing"
         calls = entry.calls.calls or _implied_calls(result, failure)
         entry.bookings = bookings = settlement(
             calls, reserved=prepared.reserved_gbp, prices=self.budget.prices)
         await self._flow_after_calls(entry, calls)
+        if entry.role is Role.PRIMARY:
+            self._primary_outcome(calls, failure)
         if failure is not None:
             await self._record_failure(entry, prepared, failure, report, bookings)
             return
         assert result is not None
         costs = tuple(self.budget.prices.cost(u) for u in result.usages)
+        written_by = (self.settings.fallback_generator if entry.role is Role.FALLBACK
+                      else self.settings.generator)
         try:
             report.delivery = await self._writes.submit(EpisodeWrite(
                 item=item, prepared=prepared, result=result, costs=costs, now=self.clock(),
-                lead_seconds=self.settings.lead_seconds, bookings=bookings))
+                lead_seconds=self.settings.lead_seconds, bookings=bookings,
+                generator=f"{entry.role.value}:{written_by}", model=_models(result)))
         except ItemUnavailable as exc:  # the project was deleted while it generated
             report.outcome, report.error, report.costs = Outcome.CANCELLED, str(exc), costs
             return
         report.outcome, report.result, report.costs = Outcome.SUCCESS, result, costs
+
+    def _primary_outcome(self, calls: Sequence[ProviderCall],
+                         failure: _Failure | None) -> None:
+        """What the generator's calls showed: an answered call means it serves again (items
+        go back to it); a transient failure sends items due soon to the fallback for a while."""
+        if any(c.outcome is CallOutcome.ANSWERED for c in calls) or failure is None:
+            if self._primary_ok is False:
+                self._log.info("generator_recovered")
+            self._primary_ok = True
+        elif failure.reason in (FailureReason.GENERATOR_RETRYABLE, FailureReason.TIMEOUT):
+            self._primary_ok = False
+            self._primary_failed_at = time.monotonic()
 
     async def _admit_call(self, entry: InFlight, report: AttemptReport, call: ProviderCall,
                           index: int) -> None:
@@ -584,7 +702,7 @@ class Worker:
             return
         tokens = call.max_usage.total_tokens if call.max_usage is not None else 0
         try:
-            report.flow_wait_seconds += await self.flow.take_tokens(tokens, requests=1)
+            report.flow_wait_seconds += await self._flow(entry).take_tokens(tokens, requests=1)
         except KeyCoolingDown as held:
             raise CallsPaused(str(held), held.seconds, reason=held.reason) from None
         call.charged_tokens = tokens
@@ -593,22 +711,26 @@ class Worker:
         """Give back the tokens answered calls did not use (and grow the window); an answered
         call also shows the key's quota works (the next exhaustion is notified anew)."""
         answered = [c for c in calls if c.outcome is CallOutcome.ANSWERED and c.usage]
-        if not answered or not self.flow.enabled:
+        flow = self._flow(entry)
+        if not answered or not flow.enabled:
             return
         implied = not (entry.calls and entry.calls.calls)
         charged = entry.first_charge if implied else sum(c.charged_tokens for c in answered)
         used = sum(c.usage.total_tokens for c in answered if c.usage is not None)
         try:
-            await self.flow.succeeded(charged, used)
-            await self.flow.quota_recovered()
+            await flow.succeeded(charged, used)
+            await flow.quota_recovered()
         except TRANSIENT_DB_ERRORS as exc:  # the episode matters more than the correction
             self._log.warning("flow_correction_failed", error=describe_error(exc))
 
-    async def _prepare_batch(self, items: list[ClaimedItem]) -> list[PrepareOutcome]:
+    async def _prepare_batch(self, items: list[ClaimedItem], *, role: Role = Role.PRIMARY
+                             ) -> list[PrepareOutcome]:
         # now=None: the billing day is the database's UTC day, whatever this host's clock says.
+        # Each generator reserves its own worst case, priced by its own model.
+        generator = self.fallback if role is Role.FALLBACK and self.fallback else self.generator
         return await self._db(partial(
             prepare_generations, items=items, now=None,
-            worst_case=partial(self.budget.worst_case, self.generator),
+            worst_case=partial(self.budget.worst_case, generator),
             default_limit=self.budget.default_limit,
         ), alone=len(items) == 1)
 
@@ -616,12 +738,12 @@ class Worker:
         return await self._db(partial(write_episodes, writes=writes), alone=len(writes) == 1)
 
     async def _generate(
-        self, prepared: Prepared, request: GenerationRequest
+        self, generator: Generator, prepared: Prepared, request: GenerationRequest
     ) -> tuple[GenerationResult | None, _Failure | None]:
         timeout = self.settings.generation_timeout
         raw: object = None
         try:
-            raw = await asyncio.wait_for(self.generator.generate(request), timeout)
+            raw = await asyncio.wait_for(generator.generate(request), timeout)
             return validate_result(raw, prepared.request,
                                    max_episode_bytes=self.settings.max_episode_bytes), None
         except CallsPaused as exc:
@@ -688,30 +810,38 @@ class Worker:
         MF_RETRY_DEADLINE or the project's next occurrence. Whatever the kind, ``bookings``
         (what the attempt's calls owe) are booked."""
         item = entry.item
+        flow = self._flow(entry)
         retry_after = failure.retry_after
         feedback = feedback and not failure.paused
         kind = "transient"
         if failure.reason is FailureReason.RATE_LIMITED:
             kind = "rate_limited"
             if feedback:
-                await self._flow_feedback(self.flow.rate_limited(retry_after or 1.0,
-                                                                 failure.stated or Limits()))
+                await self._flow_feedback(flow.rate_limited(retry_after or 1.0,
+                                                            failure.stated or Limits()))
         elif failure.reason is FailureReason.QUOTA_EXHAUSTED and not feedback:
             kind = "quota_exhausted"
         elif failure.reason is FailureReason.QUOTA_EXHAUSTED:
             kind = "quota_exhausted"
-            hold = await self._flow_feedback(self.flow.quota_exhausted(retry_after or 600.0))
+            hold = await self._flow_feedback(flow.quota_exhausted(retry_after or 600.0))
             if hold is not None:
                 retry_after = max((hold.until - self.clock()).total_seconds(), 0.0)
-                if (self.flow.key is not None
-                        and await self._flow_feedback(self.flow.claim_quota_notice())):
+                if (flow.key is not None
+                        and await self._flow_feedback(flow.claim_quota_notice())):
                     await self._notify_paused(ProviderPaused(
-                        limit_key=self.flow.key, reason=kind, paused_until=hold.until,
+                        limit_key=flow.key, reason=kind, paused_until=hold.until,
                         error=message))
+        backoff = _item_backoff()
+        decision_in = self._decision_in(entry)
+        if decision_in is not None:
+            # Back in time for the fallback decision, whatever the provider's wait or the
+            # backoff would say (it then goes to the fallback, or waits again).
+            retry_after = None if retry_after is None else min(retry_after, decision_in)
+            backoff = (backoff[0], min(backoff[1], decision_in), backoff[2])
         deferral = await self._db(partial(
             write_deferral, item=item, prepared=prepared, reason=kind, error=message,
             retry_after=retry_after, deadline_seconds=self.settings.retry_deadline,
-            not_after=_next_occurrence(item), backoff=_item_backoff(), bookings=bookings))
+            not_after=_next_occurrence(item), backoff=backoff, bookings=bookings))
         report.costs = tuple(b.cost for b in bookings or ())
         failed = deferral.status == "failed"
         if failed:
@@ -872,6 +1002,11 @@ def _implied_calls(result: GenerationResult | None, failure: _Failure | None
         call.answered(usage)
         calls.append(call)
     return tuple(calls)
+
+
+def _models(result: GenerationResult) -> str | None:
+    """The model(s) a result says wrote it, comma-separated in order of use."""
+    return ",".join(dict.fromkeys(u.model for u in result.usages)) or None
 
 
 def _item_backoff() -> tuple[float, float, float]:

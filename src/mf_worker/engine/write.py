@@ -50,6 +50,9 @@ class EpisodeWrite:
     lead_seconds: float = 0.0  # the next item is claimable this long before it is due
     # What to book, call by call (cost.settlement); None: ``result``'s usages priced as ``costs``.
     bookings: tuple[cost.Booking, ...] | None = None
+    # Who wrote it (``primary:openai``, ``fallback:openai``) and with which model.
+    generator: str | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,8 @@ def _episode_params(write: EpisodeWrite, project: dict[str, Any]) -> dict[str, A
         **queue.fence(item),
         "episode_id": episode_id,
         "title": result.title,
+        "generator": write.generator,
+        "model": write.model,
         "organization_id": org,
         "project_id": project_id,
         "user_id": prepared.user_id,

@@ -61,7 +61,8 @@ WITH fence AS (
                                      WHEN 'withdrawn' THEN 'withdrawn' ELSE 'ready' END,
         withdrawn_reason = %(withdrawn_reason)s,
         published_at = fence.published_at,
-        title = %(title)s, generation_attempts = generation_attempts + 1
+        title = %(title)s, generation_attempts = generation_attempts + 1,
+        generator = %(generator)s, model = %(model)s
     FROM fence
     WHERE episodes.id = %(episode_id)s
 ), new_blocks AS (

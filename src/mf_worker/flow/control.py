@@ -205,6 +205,17 @@ class FlowControl:
             cur = await conn.execute(_Q["claim_quota_notice"], {"key": self.key})
             return await cur.fetchone() is not None
 
+    async def held(self) -> tuple[str, float] | None:
+        """Whether the key is held fleet-wide now: its reason (``rate_limited``,
+        ``quota_exhausted``) and the seconds left, or None (also for no key). One read, no
+        call: the fallback decision asks it instead of probing a held provider."""
+        if self.key is None:
+            return None
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_Q["read_key_hold"], {"key": self.key})
+            row = await cur.fetchone()
+        return None if row is None else (str(row["reason"]), float(row["seconds"]))
+
     async def quota_recovered(self) -> None:
         """A call under the key was answered: the quota works again, so the next exhaustion is
         a new one and is notified. Costs a statement only after this process started or saw

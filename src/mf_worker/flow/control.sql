@@ -15,3 +15,11 @@ RETURNING limit_key;
 UPDATE public.provider_limits
 SET quota_noticed_at = NULL
 WHERE limit_key = %(key)s AND quota_noticed_at IS NOT NULL;
+
+-- name: read_key_hold
+-- Whether the key is held now (a cooldown after a 429, a quota pause), why, and for how many
+-- more seconds: the fallback decision of an item due soon reads it instead of calling.
+SELECT cooldown_reason AS reason,
+       extract(epoch FROM (cooldown_until - clock_timestamp()))::float8 AS seconds
+FROM public.provider_limits
+WHERE limit_key = %(key)s AND cooldown_until > clock_timestamp();

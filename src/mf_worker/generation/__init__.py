@@ -39,6 +39,7 @@ from mf_worker.generation.loader import (
     ENTRY_POINT_GROUP,
     FunctionGenerator,
     available_generators,
+    load_fallback_generator,
     load_generator,
 )
 from mf_worker.generation.validate import MAX_TITLE_CHARS, validate_result
@@ -89,6 +90,7 @@ __all__ = [
     "choice",
     "estimate_max_usage",
     "limit_key_of",
+    "load_fallback_generator",
     "load_generator",
     "number",
     "secret_text",

@@ -22,7 +22,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-from mf_worker.errors import PluginLoadError
+from mf_worker.errors import ConfigError, PluginLoadError
 from mf_worker.generation.api import GenerationRequest, GenerationResult, Generator, GeneratorFn
 from mf_worker.plugins import (
     describe_exception,
@@ -32,7 +32,8 @@ from mf_worker.plugins import (
 )
 from mf_worker.settings import Settings
 
-__all__ = ["ENTRY_POINT_GROUP", "FunctionGenerator", "available_generators", "load_generator"]
+__all__ = ["ENTRY_POINT_GROUP", "FunctionGenerator", "available_generators",
+           "load_fallback_generator", "load_generator"]
 
 ENTRY_POINT_GROUP = "mf_worker.generators"
 """The entry-point group other distributions publish generators under."""
@@ -68,6 +69,20 @@ def load_generator(spec: str, settings: Settings | None = None) -> Generator:
         raise PluginLoadError("generator spec is empty; set MF_GENERATOR or --generator")
     obj = import_target(spec, spec, kind="generator") if ":" in spec else _load_named(spec)
     return _as_generator(spec, obj, settings)
+
+
+def load_fallback_generator(settings: Settings) -> Generator | None:
+    """The fallback generator ``MF_FALLBACK_GENERATOR`` names (None when unset), loaded like
+    `load_generator` but handed `Settings.as_fallback()`: a plugin reading its section with
+    `Settings.plugin` gets its fallback variables (``MF_LLM_FALLBACK_*`` for ``openai``).
+    Raises `ConfigError` (exit 2) naming the setting when it cannot be loaded."""
+    spec = settings.fallback_generator
+    if spec is None:
+        return None
+    try:
+        return load_generator(spec, settings.as_fallback())
+    except PluginLoadError as exc:
+        raise ConfigError(f"MF_FALLBACK_GENERATOR={spec!r}: {exc}") from None
 
 
 class FunctionGenerator:

@@ -44,6 +44,10 @@ class EventLog:
         fields: dict[str, Any] = {"outcome": report.outcome.value,
                                   "seconds": round(report.item_seconds, 4)}
         if report.outcome is Outcome.SUCCESS:
+            # Which generator wrote it (``fallback`` during a provider outage) and its model.
+            fields["generator"] = report.role.value
+            if report.result is not None and report.result.usages:
+                fields["model"] = report.result.usages[0].model
             if report.delivery is not None and report.delivery.withdrawn_reason is not None:
                 # Its project was paused or archived while it was generated.
                 fields["withdrawn"] = report.delivery.withdrawn_reason

@@ -36,11 +36,19 @@ from .. import __version__
 from ..engine.events import (
     ClaimLoopTicked,
     EventHub,
+    ItemMovedToFallback,
     ItemsClaimed,
     SchedulerPassed,
     TripNotified,
 )
-from ..engine.worker import AttemptReport, FailureReason, Outcome, Starvation
+from ..engine.worker import (
+    FALLBACK_REASONS,
+    AttemptReport,
+    FailureReason,
+    Outcome,
+    Role,
+    Starvation,
+)
 from ..flow import FlowEvent
 from ..maintenance.publisher import ON_TIME_SECONDS, Publication, Withdrawal
 from ..queue import ReapedItem
@@ -99,6 +107,19 @@ class Metrics:
             "mf_worker_episodes_withdrawn_total",
             "Episodes generated early but withdrawn before their instant (project paused, "
             "archived, deleted or rescheduled).", registry=r)
+        self.episodes_by_generator = Counter(
+            "mf_worker_episodes_generated_total",
+            "Episodes written, by the generator that wrote them: primary (MF_GENERATOR) or "
+            "fallback (MF_FALLBACK_GENERATOR).", ["generator"], registry=r)
+        for role in Role:
+            self.episodes_by_generator.labels(role.value)
+        self.fallback_moves = Counter(
+            "mf_worker_fallback_moves_total",
+            "Items due soon moved to the fallback generator, by why the primary could not "
+            "serve them: rate_limited, quota_exhausted (its key held), transient (failing).",
+            ["reason"], registry=r)
+        for reason in FALLBACK_REASONS:
+            self.fallback_moves.labels(reason)
         self.in_flight = Gauge(
             "mf_worker_in_flight_items", "Items this process is working on.", registry=r)
         self.concurrency = Gauge(
@@ -192,6 +213,7 @@ class Metrics:
         events.subscribe(ReapedItem, self.on_reaped)
         events.subscribe(SchedulerPassed, self.on_scheduled)
         events.subscribe(ClaimLoopTicked, self.on_claim_loop_tick)
+        events.subscribe(ItemMovedToFallback, self.on_moved_to_fallback)
 
     def on_attempt(self, report: AttemptReport) -> None:
         """Observer for the worker's attempt reports."""
@@ -209,11 +231,16 @@ class Metrics:
             self.cost_overrun.inc(float(overrun))
         if report.delivery is not None and report.delivery.lateness_seconds is not None:
             self._delivered(report.delivery.lateness_seconds)  # finished after its instant
+        if report.outcome is Outcome.SUCCESS:
+            self.episodes_by_generator.labels(report.role.value).inc()
         if report.outcome is Outcome.SUCCESS and report.result is not None:
             for usage, cost in zip(report.result.usages, report.costs, strict=False):
                 self.tokens.labels(usage.model, "prompt").inc(usage.prompt_tokens)
                 self.tokens.labels(usage.model, "completion").inc(usage.completion_tokens)
                 self.cost.labels(usage.model).inc(float(cost))
+
+    def on_moved_to_fallback(self, event: ItemMovedToFallback) -> None:
+        self.fallback_moves.labels(event.reason).inc()
 
     def on_published(self, publication: Publication) -> None:
         """Observer for the publisher: an episode made visible at (or after) its instant."""

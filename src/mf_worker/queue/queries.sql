@@ -184,7 +184,7 @@ SET status           = 'processing',
 FROM due
 WHERE q.id = due.id
 RETURNING q.id, q.claim_token, q.project_id, q.organization_id, q.scheduled_for, q.run_after,
-          q.attempt_count, q.episode_id, q.metadata, q.lease_expires_at;
+          q.attempt_count, q.episode_id, q.metadata, q.lease_expires_at, q.deferred_reason;
 
 -- name: claim_item_by_id
 -- `run-once --id`: claim one named item even if it is not due yet (pending only).
@@ -199,7 +199,7 @@ SET status           = 'processing',
 WHERE q.id = (SELECT id FROM episode_schedule_queue
               WHERE id = %(id)s AND status = 'pending' FOR UPDATE SKIP LOCKED)
 RETURNING q.id, q.claim_token, q.project_id, q.organization_id, q.scheduled_for, q.run_after,
-          q.attempt_count, q.episode_id, q.metadata, q.lease_expires_at;
+          q.attempt_count, q.episode_id, q.metadata, q.lease_expires_at, q.deferred_reason;
 
 -- name: extend_leases
 -- The heartbeat: one statement for all of this worker's in-flight claims. It skips rows that

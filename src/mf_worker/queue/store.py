@@ -34,6 +34,9 @@ class ClaimedItem:
     episode_id: str | None
     metadata: dict[str, Any]
     lease_expires_at: datetime
+    # Why the item was last put back (``transient``, ``rate_limited``, ``quota_exhausted``),
+    # if ever: a last attempt that failed transiently may move it to the fallback generator.
+    deferred_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedItem:
@@ -48,6 +51,7 @@ class ClaimedItem:
             episode_id=row["episode_id"],
             metadata=row["metadata"],
             lease_expires_at=row["lease_expires_at"],
+            deferred_reason=row.get("deferred_reason"),
         )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 from urllib.parse import urlsplit
 
 from mf_worker.errors import ConfigError
@@ -74,8 +74,12 @@ class OpenAISettings:
     """The ``MF_LLM_*`` variables of the `openai` generator, parsed like every setting.
 
     Optional here (so `config` works without them); `LLMConfig.from_settings` requires the
-    base URL and the model when the generator is actually used.
+    base URL and the model when the generator is actually used. ``ENV_PREFIX`` gives the
+    fallback instance (``MF_FALLBACK_GENERATOR=openai``) the same variables as
+    ``MF_LLM_FALLBACK_*`` (its key's credential: ``mf_llm_fallback_api_key``).
     """
+
+    ENV_PREFIX: ClassVar[str] = "MF_LLM_"
 
     base_url: str | None = setting(
         "MF_LLM_BASE_URL", None, _base_url,
@@ -145,20 +149,25 @@ class LLMConfig:
         Raises `ConfigError` naming the variable and the problem; the key is never shown.
         """
         section = settings.plugin(OpenAISettings)
+
+        def variable(name: str) -> str:  # MF_LLM_… or, for the fallback, MF_LLM_FALLBACK_…
+            return settings.plugin_variable(OpenAISettings, name)
+
         if section.base_url is None:
             raise ConfigError(
-                "MF_LLM_BASE_URL is not set: give the OpenAI-compatible API's base URL, "
-                "e.g. http://127.0.0.1:8080/v1"
+                f"{variable('base_url')} is not set: give the OpenAI-compatible API's base "
+                "URL, e.g. http://127.0.0.1:8080/v1"
             )
         if section.model is None:
-            raise ConfigError("MF_LLM_MODEL is not set: give the model name the server expects")
+            raise ConfigError(
+                f"{variable('model')} is not set: give the model name the server expects")
         api_key = section.api_key
         if api_key is None and section.api_key_file is not None:
             try:
                 api_key = Secret(_read_key(section.api_key_file))
             except ValueError as exc:  # changed since start-up
                 raise ConfigError(
-                    f"MF_LLM_API_KEY_FILE={str(section.api_key_file)!r}: {exc}"
+                    f"{variable('api_key_file')}={str(section.api_key_file)!r}: {exc}"
                 ) from None
         return cls(
             base_url=section.base_url,
