@@ -89,3 +89,15 @@ def make_tenant(conn: Conn, **project_kw: Any) -> dict[str, dict[str, Any]]:
     org = make_org(conn)
     user = make_user(conn, org)
     return {"org": org, "user": user, "project": make_project(conn, user, **project_kw)}
+
+
+def one(conn: Conn, sql: str, *params: Any) -> dict[str, Any]:
+    """The one row ``sql`` returns (a test that expects a row fails here, naming the query)."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None, sql
+    return dict(row) if not isinstance(row, dict) else row
+
+
+def item_state(conn: Conn, item_id: str) -> dict[str, Any]:
+    """A queue item's row as it is now."""
+    return one(conn, "SELECT * FROM episode_schedule_queue WHERE id = %s", item_id)

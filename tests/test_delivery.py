@@ -28,36 +28,17 @@ from mf_worker.maintenance.publisher import (
     PublisherConfig,
     PublishResult,
 )
-from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
 from mf_worker.observability.metrics import Metrics
 from mf_worker.scheduling.cadence import next_occurrence
 from mf_worker.scheduling.scheduler import enqueue_item
 from mf_worker.status import read_snapshot, render_snapshot
 
 from .conftest import settings_for
-from .factories import make_note, make_queue_item, make_tenant
-from .workers import SCRIPTED, run_burst
+from .factories import make_note, make_queue_item, make_tenant, one
+from .workers import SCRIPTED, run_burst, scheduler_pass
 
 Conn = psycopg.Connection[dict[str, Any]]
 LEAD = timedelta(minutes=15)
-
-
-def one(conn: Conn, sql: str, *params: Any) -> dict[str, Any]:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None, sql
-    return row
-
-
-def scheduler_pass(db_url: str, now: datetime, lead_seconds: float = 900.0) -> None:
-    async def main() -> None:
-        pool = await open_pool(settings_for(db_url), max_size=2)
-        try:
-            config = SchedulerConfig(interval=1.0, lead_seconds=lead_seconds)
-            await Scheduler(pool, config).run_once(now=now)
-        finally:
-            await pool.close()
-
-    asyncio.run(main())
 
 
 # -- the lead window ---------------------------------------------------------------------------

@@ -16,7 +16,15 @@ from psycopg.types.json import Jsonb
 from mf_worker.backoff import ITEM_RETRY
 from mf_worker.engine.worker import Outcome
 
-from .factories import make_note, make_project, make_queue_item, make_tenant, make_user
+from .factories import (
+    item_state,
+    make_note,
+    make_project,
+    make_queue_item,
+    make_tenant,
+    make_user,
+    one,
+)
 from .workers import ROOT, run_burst, run_single, worker_env
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -26,16 +34,6 @@ def utcnow() -> datetime:
     """Read the clock inside each test, never at import: collection and run can be minutes
     apart (a whole suite on a busy machine), across 09:00 London or midnight."""
     return datetime.now(UTC)
-
-
-def one(conn: Conn, sql: str, *params: Any) -> dict[str, Any]:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None, sql
-    return row
-
-
-def item_state(conn: Conn, item_id: str) -> dict[str, Any]:
-    return one(conn, "SELECT * FROM episode_schedule_queue WHERE id = %s", item_id)
 
 
 def make_due(conn: Conn) -> None:

@@ -27,16 +27,10 @@ from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
 from mf_worker.observability.metrics import Metrics
 
 from .conftest import settings_for
-from .factories import make_project, make_queue_item, make_tenant, make_user
+from .factories import make_project, make_queue_item, make_tenant, make_user, one
 from .workers import ROOT, SCRIPTED, run_burst, worker_env
 
 Conn = psycopg.Connection[dict[str, Any]]
-
-
-def one(conn: Conn, sql: str, *params: Any) -> dict[str, Any]:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None, sql
-    return row
 
 
 def cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:

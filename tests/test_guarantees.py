@@ -35,16 +35,10 @@ from mf_worker.scheduling.scheduler import enqueue_item
 from mf_worker.status import cancel_queue_item, retry_queue_item
 
 from .conftest import settings_for
-from .factories import make_episode, make_queue_item, make_tenant
+from .factories import make_episode, make_queue_item, make_tenant, one
 from .workers import run_burst
 
 Conn = psycopg.Connection[dict[str, Any]]
-
-
-def one(conn: Conn, query: str, *params: Any) -> dict[str, Any]:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None, query
-    return row
 
 
 # -- an engine in this process, driven step by step ---------------------------------------------
@@ -521,8 +515,6 @@ def test_the_workers_connections_carry_lock_and_statement_timeouts(db_url: str) 
             await pool.close()
 
     assert asyncio.run(go()) == {"lock": "3s", "statement": "40s", "idle": "40s"}
-
-
 
 
 # -- one fence for every transition -------------------------------------------------------------

@@ -28,17 +28,11 @@ from mf_worker.engine.worker import Outcome
 from mf_worker.maintenance.reaper import Reaper, ReaperConfig
 
 from .conftest import settings_for
-from .factories import make_episode, make_project, make_queue_item, make_tenant
+from .factories import make_episode, make_project, make_queue_item, make_tenant, one
 from .workers import run_burst
 
 Conn = psycopg.Connection[dict[str, Any]]
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-
-
-def one(conn: Conn, query: str, *params: Any) -> dict[str, Any]:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None, query
-    return row
 
 
 async def _connect(url: str) -> psycopg.AsyncConnection[dict[str, Any]]:

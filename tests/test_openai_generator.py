@@ -57,7 +57,7 @@ from mf_worker.generators.template import TemplateGenerator
 from mf_worker.settings import load_settings
 
 from .conftest import settings_for
-from .factories import make_episode, make_note, make_queue_item, make_tenant
+from .factories import item_state, make_episode, make_note, make_queue_item, make_tenant, one
 from .workers import ROOT, llm_settings, run_single, worker_env
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -826,16 +826,6 @@ def test_estimate_max_usage_bounds_both_calls_of_a_repaired_generation(
 
 # --------------------------------------------------------------------------------------------
 # Through the engine and the CLI
-
-
-def one(conn: Conn, sql: str, *params: Any) -> dict[str, Any]:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None, sql
-    return row
-
-
-def item_state(conn: Conn, item_id: str) -> dict[str, Any]:
-    return one(conn, "SELECT * FROM episode_schedule_queue WHERE id = %s", item_id)
 
 
 def test_engine_stores_the_episode_with_the_servers_token_counts(

@@ -24,44 +24,30 @@ from mf_worker.engine.worker import Outcome
 from mf_worker.generation import GenerationRequest, GenerationResult
 from mf_worker.generators.template import TemplateGenerator
 from mf_worker.maintenance.pruner import Pruner, PrunerConfig
-from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
 from mf_worker.scheduling.cadence import next_occurrence
 from mf_worker.status import cancel_queue_item
 
 from .conftest import settings_for
-from .factories import make_note, make_org, make_project, make_queue_item, make_tenant, make_user
-from .workers import ROOT, run_burst, worker_env
+from .factories import (
+    item_state,
+    make_note,
+    make_org,
+    make_project,
+    make_queue_item,
+    make_tenant,
+    make_user,
+    one,
+)
+from .workers import ROOT, run_burst, scheduler_pass, worker_env
 
 Conn = psycopg.Connection[dict[str, Any]]
 DAILY = {"mode": "daily", "days": []}
 LONDON = "Europe/London"
 
 
-def one(conn: Conn, sql: str, *params: Any) -> dict[str, Any]:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None, sql
-    return row
-
-
-def item_state(conn: Conn, item_id: str) -> dict[str, Any]:
-    return one(conn, "SELECT * FROM episode_schedule_queue WHERE id = %s", item_id)
-
-
 def open_items(conn: Conn, project_id: str) -> list[dict[str, Any]]:
     return conn.execute("SELECT * FROM episode_schedule_queue WHERE project_id = %s AND status"
                         " IN ('pending', 'processing', 'blocked')", [project_id]).fetchall()
-
-
-def scheduler_pass(db_url: str, now: datetime, lead_seconds: float = 900.0) -> None:
-    async def main() -> None:
-        pool = await open_pool(settings_for(db_url), max_size=2)
-        try:
-            config = SchedulerConfig(interval=1.0, lead_seconds=lead_seconds)
-            await Scheduler(pool, config).run_once(now=now)
-        finally:
-            await pool.close()
-
-    asyncio.run(main())
 
 
 def cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -11,12 +11,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from mf_worker.daemon import build, run_one, serve, shutdown
+from mf_worker.db import open_pool
 from mf_worker.engine.worker import AttemptReport, Outcome
 from mf_worker.generation import Generator, load_generator
+from mf_worker.maintenance.scheduler import Scheduler, SchedulerConfig
 from mf_worker.settings import Settings, load_settings
 
 from .conftest import settings_for
@@ -127,3 +130,16 @@ def port_of(log: Path, timeout: float = 30) -> int:
 
     wait_until(listening, timeout, "the daemon to report its HTTP port")
     return found[0]
+
+
+def scheduler_pass(db_url: str, now: datetime, lead_seconds: float = 900.0) -> None:
+    """One scheduler pass at ``now`` (the loop's run_once, time as an input)."""
+    async def main() -> None:
+        pool = await open_pool(settings_for(db_url), max_size=2)
+        try:
+            config = SchedulerConfig(interval=1.0, lead_seconds=lead_seconds)
+            await Scheduler(pool, config).run_once(now=now)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
